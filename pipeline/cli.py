@@ -1,0 +1,72 @@
+"""The `deit-pipeline` command line: thin click wrappers over the library functions.
+
+Each stage registers its commands from its own module (imported at the bottom), so
+this file only holds the group and the shared error handling.
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from data_shards import SourceError, make_shards
+from data_shards.shards import ShardsError
+
+
+class UserError(click.ClickException):
+    """A problem with the user's input: printed as one clear line, exit code 2."""
+    exit_code = 2
+
+
+# Errors raised by the library for bad input; the CLI shows their message without a traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (SourceError, ShardsError, FileNotFoundError)
+
+
+def register_user_errors(*types: type[BaseException]) -> None:
+    global USER_ERRORS
+    USER_ERRORS = USER_ERRORS + tuple(types)
+
+
+def run_or_explain(fn, *args, **kwargs):
+    """Call a library function; turn known input errors into a clean CLI error."""
+    try:
+        return fn(*args, **kwargs)
+    except USER_ERRORS as exc:
+        raise UserError(str(exc)) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Distil DeiT students from a teacher whose predictions are cached once and replayed."""
+
+
+@main.command("make-shards")
+@click.option("--source", required=True, help="ImageFolder root (one sub-folder per class) or the word 'digits'.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder for this split's shards.")
+@click.option("--split", type=click.Choice(["train", "val"]), default="train", show_default=True)
+@click.option("--shard-size", type=int, default=1000, show_default=True, help="Samples per shard.")
+@click.option("--val-fraction", type=float, default=None,
+              help="Carve a deterministic val split (by key hash) out of SOURCE. Default: 0.2 for digits, 0 (whole folder) otherwise.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--allow-empty-classes", is_flag=True, help="Keep class folders with no usable image (index kept, no samples).")
+def make_shards_cmd(source, out, split, shard_size, val_fraction, overwrite, allow_empty_classes):
+    """Write SOURCE as WebDataset shards + Parquet manifest + metadata.json."""
+    meta = run_or_explain(make_shards, source, out, split=split, shard_size=shard_size, val_fraction=val_fraction,
+                          overwrite=overwrite, allow_empty_classes=allow_empty_classes)
+    click.echo(f"wrote {meta['num_samples']} images of {meta['num_classes']} classes in {len(meta['shards'])} "
+               f"shard(s) to {out} (content hash {meta['content_hash'][:12]}); skipped {len(meta['skipped'])}")
+    for s in meta["skipped"]:
+        click.echo(f"  skipped {s['path']}: {s['reason']}")
+
+
+def echo_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=True))
+
+
+# Stage commands register themselves on `main`.
+from . import cache_commands, student_commands, demo_commands  # noqa: E402,F401
+
+
+if __name__ == "__main__":
+    sys.exit(main())
