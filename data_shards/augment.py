@@ -50,7 +50,15 @@ _INTERPOLATION = {"bicubic": (InterpolationMode.BICUBIC, Image.Resampling.BICUBI
                   "bilinear": (InterpolationMode.BILINEAR, Image.Resampling.BILINEAR)}
 # RandAugment ops whose timm level function flips the sign at random with the global RNG;
 # we take the magnitude from timm and draw the sign from our own generator.
-_SIGNED_OPS = {"Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "TranslateXRel", "TranslateYRel"}
+_SIGNED_LEVEL = {  # unsigned part of timm's _rotate/_shear/_translate_*_level_to_arg (level in [0, 1])
+    "Rotate": lambda level, hp: level * 30.0,
+    "ShearX": lambda level, hp: level * 0.3,
+    "ShearY": lambda level, hp: level * 0.3,
+    "TranslateX": lambda level, hp: level * float(hp["translate_const"]),
+    "TranslateY": lambda level, hp: level * float(hp["translate_const"]),
+    "TranslateXRel": lambda level, hp: level * hp.get("translate_pct", 0.45),
+    "TranslateYRel": lambda level, hp: level * hp.get("translate_pct", 0.45),
+}
 _SIGNED_ENHANCE_OPS = {"ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing"}
 
 
@@ -214,14 +222,19 @@ def _rand_augment(img: Image.Image, rng: np.random.Generator, recipe: AugRecipe)
         elif cfg["mstd"] > 0:
             magnitude = magnitude + cfg["mstd"] * noise
         magnitude = max(0.0, min(magnitude, cfg["mmax"]))
-        level_fn = LEVEL_TO_ARG[name]
-        args = tuple(level_fn(magnitude, hparams)) if level_fn is not None else ()
-        negate = sign_draw > 0.5
-        if name in _SIGNED_OPS:
-            args = ((-1 if negate else 1) * abs(args[0]),)
+        sign = -1.0 if sign_draw > 0.5 else 1.0
+        if name in _SIGNED_LEVEL:
+            # timm's level functions for these negate with the global RNG; same maths, our sign.
+            args = (sign * _SIGNED_LEVEL[name](magnitude / 10.0, hparams),)
         elif name in _SIGNED_ENHANCE_OPS:
-            delta = (magnitude / 10.0) * 0.9   # timm _enhance_increasing_level_to_arg
-            args = (max(0.1, 1.0 + (-delta if negate else delta)),)
+            args = (max(0.1, 1.0 + sign * (magnitude / 10.0) * 0.9),)  # _enhance_increasing_level_to_arg
+        else:
+            level_fn = LEVEL_TO_ARG[name]
+            args = tuple(level_fn(magnitude, hparams)) if level_fn is not None else ()
+        if name.startswith("Posterize") and args[0] <= 0:
+            # Pillow >= 12 refuses 0 bits; older Pillow (which timm targets) gave a black image.
+            img = Image.new(img.mode, img.size)
+            continue
         img = NAME_TO_OP[name](img, *args, fillcolor=hparams["img_mean"], resample=resample)
     return img
 
@@ -374,7 +387,9 @@ def replay_shard(samples: Sequence, aug_seed: int, recipe: AugRecipe,
     `samples` are ShardSample-like (key, label, data, shard, position) in shard order.
     `decoded` may hold already-decoded images by key (decode once for many seeds).
     Each sample is augmented exactly once; the first one is kept to close the cycle.
+    The result does not depend on the order of `samples` (they are sorted by position).
     """
+    samples = sorted(samples, key=lambda s: (s.position, s.key))
     n = len(samples)
     if n == 0:
         return

@@ -1,0 +1,130 @@
+"""make-shards on real data: round trip, determinism, bad input."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from conftest import sample_photo_paths
+from data_shards import ShardSet, SourceError, make_shards
+
+
+def all_samples(shard_set: ShardSet):
+    return [s for i in range(shard_set.num_shards) for s in shard_set.read_shard(i)]
+
+
+def test_digits_round_trip(digits_shards):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    train, val = ShardSet.open(digits_shards["train"]), ShardSet.open(digits_shards["val"])
+    samples = all_samples(train) + all_samples(val)
+    assert len(samples) == len(digits.images) == 1797
+    assert train.metadata["num_samples"] + val.metadata["num_samples"] == 1797
+    assert 0.15 < val.metadata["num_samples"] / 1797 < 0.25
+    keys = [s.key for s in samples]
+    assert len(set(keys)) == len(keys) and all("." not in k for k in keys)
+    for s in samples:
+        index = int(s.key.split("_")[1])
+        assert s.label == digits.target[index]
+        decoded = np.asarray(Image.open(io.BytesIO(s.data)))
+        np.testing.assert_array_equal(decoded, np.round(digits.images[index] * 255 / 16).astype(np.uint8))
+    # Manifest agrees with the shards, row by row.
+    manifest = pq.read_table(digits_shards["train"] / "manifest.parquet").to_pylist()
+    by_key = {s.key: s for s in all_samples(train)}
+    for row in manifest:
+        s = by_key[row["key"]]
+        assert (row["label"], row["shard"], row["position"], row["nbytes"]) == (s.label, s.shard, s.position, len(s.data))
+        assert row["sha256"] == hashlib.sha256(s.data).hexdigest()
+    assert train.shard_counts == [250] * (train.num_shards - 1) + [len(manifest) - 250 * (train.num_shards - 1)]
+    assert sum(train.metadata["counts_per_class"]) == len(manifest)
+
+
+def test_shards_mix_classes(digits_shards):
+    first = ShardSet.open(digits_shards["train"]).read_shard(0)
+    assert len({s.label for s in first}) == 10  # ordered by key hash, not by class
+
+
+def test_photos_keep_original_bytes(photo_folder):
+    out = photo_folder.parent / "shards"
+    meta = make_shards(str(photo_folder), out, progress=False)
+    assert meta["classes"] == ["china", "flower"] and meta["num_samples"] == 2
+    samples = {s.label: s for s in all_samples(ShardSet.open(out))}
+    for label, photo in enumerate(sample_photo_paths()):
+        assert samples[label].data == photo.read_bytes()
+
+
+def test_deterministic_bytes(tmp_path, photo_folder):
+    def digest_folder(folder: Path) -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+    make_shards("digits", tmp_path / "a", shard_size=400, progress=False)
+    make_shards("digits", tmp_path / "b", shard_size=400, progress=False)
+    assert digest_folder(tmp_path / "a") == digest_folder(tmp_path / "b")
+    make_shards(str(photo_folder), tmp_path / "c", progress=False)
+    make_shards(str(photo_folder), tmp_path / "d", progress=False)
+    assert digest_folder(tmp_path / "c") == digest_folder(tmp_path / "d")
+
+
+def test_bad_files_are_skipped_and_listed(photo_folder, capsys):
+    china = (photo_folder / "china" / "china.jpg").read_bytes()
+    (photo_folder / "china" / "truncated.jpg").write_bytes(china[: len(china) // 3])
+    (photo_folder / "china" / "empty.jpg").write_bytes(b"")
+    (photo_folder / "flower" / "notes.jpg").write_text("this is not an image\n")
+    out = photo_folder.parent / "shards"
+    meta = make_shards(str(photo_folder), out, progress=False)
+    assert meta["num_samples"] == 2 and meta["counts_per_class"] == [1, 1]
+    reasons = {Path(s["path"]).name: s["reason"] for s in meta["skipped"]}
+    assert set(reasons) == {"truncated.jpg", "empty.jpg", "notes.jpg"}
+    assert "0 bytes" in reasons["empty.jpg"]
+    assert json.loads((out / "metadata.json").read_text())["skipped"] == meta["skipped"]
+    err = capsys.readouterr().err
+    assert "truncated.jpg" in err and "notes.jpg" in err
+
+
+def test_empty_source_and_empty_class_refused(tmp_path, photo_folder):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SourceError, match="no class sub-folders"):
+        make_shards(str(tmp_path / "empty"), tmp_path / "out", progress=False)
+    (tmp_path / "empty" / "cat").mkdir()
+    with pytest.raises(SourceError, match="no image files"):
+        make_shards(str(tmp_path / "empty"), tmp_path / "out", progress=False)
+    (photo_folder / "zebra").mkdir()
+    (photo_folder / "zebra" / "bad.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(SourceError, match="zebra"):
+        make_shards(str(photo_folder), tmp_path / "out2", progress=False)
+    assert not (tmp_path / "out2").exists()  # nothing half-written
+    meta = make_shards(str(photo_folder), tmp_path / "out3", allow_empty_classes=True, progress=False)
+    assert meta["classes"] == ["china", "flower", "zebra"] and meta["counts_per_class"] == [1, 1, 0]
+
+
+def test_existing_output_refused_unless_overwrite(tmp_path, photo_folder):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(SourceError, match="--overwrite"):
+        make_shards(str(photo_folder), out, progress=False)
+    assert (out / "precious.txt").read_text() == "keep me"
+    make_shards(str(photo_folder), out, overwrite=True, progress=False)
+    assert not (out / "precious.txt").exists() and (out / "metadata.json").exists()
+
+
+def test_cli_exit_codes(tmp_path, photo_folder):
+    exe = [sys.executable, "-m", "pipeline.cli"]
+    ok = subprocess.run(exe + ["make-shards", "--source", str(photo_folder), "--out", str(tmp_path / "s")],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "wrote 2 images of 2 classes" in ok.stdout
+    bad = subprocess.run(exe + ["make-shards", "--source", str(tmp_path / "missing"), "--out", str(tmp_path / "t")],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
