@@ -116,6 +116,8 @@ class ImageFolderSource:
         return out
 
     def read(self, rel: str, label: int, path: Path) -> SourceImage:
+        if not path.is_file():  # a FIFO or device would block or never end; a broken link has no data
+            raise ValueError("cannot read file (not a regular file, or a broken link)")
         try:
             data = path.read_bytes()
         except OSError as exc:
