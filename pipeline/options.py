@@ -1,0 +1,44 @@
+"""Click options shared by several commands (the augmentation recipe)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from data_shards import AugRecipe
+
+
+def recipe_options(fn):
+    """--input-size, --recipe FILE|JSON and repeatable --aug KEY=VALUE, DeiT's defaults otherwise."""
+    fn = click.option("--aug", "aug_overrides", multiple=True, metavar="KEY=VALUE",
+                      help="Override one recipe field, e.g. --aug hflip=0 --aug scale=[0.35,1] "
+                           "--aug rand_augment=null (values are JSON).")(fn)
+    fn = click.option("--recipe", "recipe_source", default=None, metavar="FILE|JSON",
+                      help="Augmentation recipe as a JSON file or string (fields of AugRecipe).")(fn)
+    fn = click.option("--input-size", type=int, default=None, help="Training input size (default 224).")(fn)
+    return fn
+
+
+def recipe_from_options(input_size: int | None, recipe_source: str | None, aug_overrides: tuple[str, ...]) -> AugRecipe:
+    fields: dict = {}
+    if recipe_source:
+        text = Path(recipe_source).read_text() if Path(recipe_source).is_file() else recipe_source
+        try:
+            fields.update(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise click.BadParameter(f"not a JSON file or JSON object: {exc}", param_hint="--recipe") from None
+    for item in aug_overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--aug")
+        try:
+            fields[key] = json.loads(value)
+        except json.JSONDecodeError:
+            fields[key] = value  # bare strings such as bilinear
+    if input_size is not None:
+        fields["input_size"] = input_size
+    try:
+        return AugRecipe.from_dict(fields)
+    except (TypeError, ValueError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--recipe/--aug") from None
