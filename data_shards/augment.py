@@ -84,6 +84,15 @@ class AugRecipe:
     eval_crop_pct: float = 224 / 256                     # eval: resize to size/crop_pct, centre crop
 
     def __post_init__(self):
+        # Normalise numbers so that (0.35, 1) and (0.35, 1.0) are the same recipe (same fingerprint).
+        for f in self.__dataclass_fields__.values():
+            value = getattr(self, f.name)
+            if isinstance(f.default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+                object.__setattr__(self, f.name, float(value))
+            elif isinstance(f.default, tuple) and isinstance(value, (tuple, list)):
+                object.__setattr__(self, f.name, tuple(float(v) for v in value))
+        if self.rand_augment == "":
+            object.__setattr__(self, "rand_augment", None)
         if self.interpolation not in _INTERPOLATION:
             raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATION)}, got {self.interpolation!r}")
         for name in ("hflip", "reprob", "mix_prob", "switch_prob", "smoothing"):

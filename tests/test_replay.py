@@ -180,3 +180,12 @@ def test_decode_handles_odd_modes(tmp_path):
         assert out.mode == "RGB" and out.size == photo.size
         if mode == "I;16":  # 16-bit scaled back to 8 bits, not clipped to white
             np.testing.assert_array_equal(np.asarray(out)[..., 0], np.asarray(photo.convert("L")))
+
+
+def test_equal_recipes_written_differently_share_a_fingerprint():
+    assert AugRecipe(scale=(0.35, 1), hflip=0).fingerprint() == AugRecipe(scale=[0.35, 1.0], hflip=0.0).fingerprint()
+    assert AugRecipe(rand_augment="").fingerprint() == AugRecipe(rand_augment=None).fingerprint()
+    with pytest.raises(ValueError, match="unknown recipe field"):
+        AugRecipe.from_dict({"hflp": 0.5})
+    with pytest.raises(ValueError, match="hflip"):
+        AugRecipe(hflip=1.5)
