@@ -1,0 +1,179 @@
+"""Top-1 / top-5 of the class head, the distillation head and their late fusion (the default
+prediction: the average of the two heads' logits, as timm / DeiT at inference), with the
+evaluation transform; plus the student-teacher agreement when a teacher or a cache is given.
+
+    deit-pipeline evaluate --checkpoint RUN/checkpoint.pt --shards VAL [--teacher T | --cache C] [--json]
+
+With --teacher the teacher runs on the same evaluation images: its accuracy, the agreement of
+each head with it, and the disagreement table (who is right when they differ) are reported.
+With --cache (whose shards are --shards, usually the training split) the student runs on the
+replayed training images of one augmentation seed and is compared with the cached teacher
+argmax: how closely the student mimics the teacher where it was taught.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from data_shards import AugRecipe, ShardSet
+
+from .checkpoint import load_checkpoint
+from .data import eval_batches, iter_units
+from .distributed import resolve_device
+from .models import StudentConfig, create_student, student_heads
+
+HEADS = ("class", "distillation", "fused")
+
+
+def head_logits(model, images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Logits per head; a one-head model has only 'class'."""
+    cls_logits, dist_logits = student_heads(model, images)
+    if dist_logits is None:
+        return {"class": cls_logits.float()}
+    return {"class": cls_logits.float(), "distillation": dist_logits.float(),
+            "fused": ((cls_logits + dist_logits) / 2).float()}
+
+
+def _topk_hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
+    return (top == labels.view(-1, 1)).any(dim=1)
+
+
+@torch.no_grad()
+def evaluate_heads(model, shard_set: ShardSet, recipe: AugRecipe, batch_size: int, device: torch.device,
+                   shards: list[int] | None = None, amp_dtype: torch.dtype | None = None):
+    """-> (counts (H, 3): top-1 hits, top-5 hits, samples; head names). Restores train mode."""
+    was_training = model.training
+    model.eval()
+    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
+    counts, names = None, None
+    try:
+        for images, labels, _ in eval_batches(shard_set, recipe, batch_size, shards):
+            with autocast:
+                logits = head_logits(model, images.to(device))
+            labels = labels.to(device)
+            if counts is None:
+                names = list(logits)
+                counts = torch.zeros(len(names), 3, dtype=torch.float64, device=device)
+            for i, name in enumerate(names):
+                counts[i, 0] += _topk_hits(logits[name], labels, 1).sum()
+                counts[i, 1] += _topk_hits(logits[name], labels, 5).sum()
+                counts[i, 2] += len(labels)
+    finally:
+        model.train(was_training)
+    if counts is None:   # a rank with no val shard still takes part in the sum
+        names = list(head_logits(model.eval(), torch.zeros(1, 3, recipe.input_size, recipe.input_size,
+                                                           device=device)))
+        model.train(was_training)
+        counts = torch.zeros(len(names), 3, dtype=torch.float64, device=device)
+    return counts.cpu(), names
+
+
+def load_student(checkpoint, device: torch.device, use_ema: bool = False):
+    """A checkpoint of train-student -> (model in eval mode, recipe, checkpoint dict)."""
+    ckpt = load_checkpoint(checkpoint)
+    model = create_student(StudentConfig.from_dict(ckpt["student"]), distilled_training=False)
+    state = ckpt["model"]
+    if use_ema:
+        if ckpt.get("ema") is None:
+            raise ValueError(f"{checkpoint} has no EMA weights (train with --ema-decay to keep them)")
+        state = {k.removeprefix("module."): v for k, v in ckpt["ema"].items()}
+    model.load_state_dict(state)
+    return model.to(device).eval(), AugRecipe.from_dict(ckpt["recipe"]), ckpt
+
+
+@torch.no_grad()
+def evaluate_checkpoint(checkpoint: str, shards: str, batch_size: int = 128, teacher: str | None = None,
+                        teacher_model: str | None = None, cache: str | None = None, aug_seed: int = 0,
+                        use_ema: bool = False, device: str = "auto") -> dict:
+    dev = resolve_device(device)
+    model, recipe, ckpt = load_student(checkpoint, dev, use_ema)
+    shard_set = ShardSet.open(shards)
+    num_classes = ckpt["student"]["num_classes"]
+    if shard_set.num_classes != num_classes:
+        raise ValueError(f"{shards} has {shard_set.num_classes} classes, the student {num_classes}; "
+                         "evaluate on shards of the training classes")
+    if teacher and cache:
+        raise ValueError("give either --teacher or --cache, not both")
+    teacher_model_ = _load_teacher(teacher, teacher_model, num_classes, dev) if teacher else None
+
+    hits: dict[str, list[int]] = {}
+    agree: dict[str, int] = {}
+    teacher_hits = [0, 0]
+    table = {"both_correct": 0, "student_only": 0, "teacher_only": 0, "both_wrong": 0}
+    n = 0
+    for images, labels, _ in eval_batches(shard_set, recipe, batch_size):
+        images, labels = images.to(dev), labels.to(dev)
+        logits = head_logits(model, images)
+        for name, out in logits.items():
+            h = hits.setdefault(name, [0, 0])
+            h[0] += int(_topk_hits(out, labels, 1).sum())
+            h[1] += int(_topk_hits(out, labels, 5).sum())
+        if teacher_model_ is not None:
+            t_logits = teacher_model_(images).float()
+            t_pred = t_logits.argmax(dim=1)
+            teacher_hits[0] += int(_topk_hits(t_logits, labels, 1).sum())
+            teacher_hits[1] += int(_topk_hits(t_logits, labels, 5).sum())
+            for name, out in logits.items():
+                agree[name] = agree.get(name, 0) + int((out.argmax(dim=1) == t_pred).sum())
+            s_ok = logits[default_head(logits)].argmax(dim=1) == labels
+            t_ok = t_pred == labels
+            table["both_correct"] += int((s_ok & t_ok).sum())
+            table["student_only"] += int((s_ok & ~t_ok).sum())
+            table["teacher_only"] += int((~s_ok & t_ok).sum())
+            table["both_wrong"] += int((~s_ok & ~t_ok).sum())
+        n += len(labels)
+    if n == 0:
+        raise ValueError(f"{shards} holds no samples")
+    report = {"checkpoint": str(checkpoint), "shards": str(shards), "num_samples": n, "epoch": ckpt["epoch"],
+              "weights": "ema" if use_ema else "model", "transform": "eval", "default_head": default_head(hits),
+              "heads": {name: {"top1": h[0] / n, "top5": h[1] / n} for name, h in hits.items()}}
+    if teacher_model_ is not None:
+        report["teacher"] = {"source": teacher, "name": teacher_model_.teacher_info["name"],
+                             "top1": teacher_hits[0] / n, "top5": teacher_hits[1] / n,
+                             "agreement": {name: a / n for name, a in agree.items()},
+                             "disagreement": {"head": report["default_head"], **table}}
+    if cache:
+        report["cache_agreement"] = cache_agreement(model, shard_set, cache, aug_seed, batch_size, dev)
+    return report
+
+
+def default_head(logits: dict) -> str:
+    return "fused" if "fused" in logits else "class"
+
+
+def _load_teacher(teacher: str, teacher_model: str | None, num_classes: int, device):
+    from pathlib import Path
+
+    from teacher_cache.teacher import load_teacher
+    if Path(teacher).is_file():
+        return load_teacher(teacher_model, teacher, num_classes=num_classes, device=device)
+    return load_teacher(teacher, None, num_classes=num_classes, device=device)
+
+
+@torch.no_grad()
+def cache_agreement(model, shard_set: ShardSet, cache_path: str, aug_seed: int, batch_size: int, device) -> dict:
+    """Student heads vs the cached teacher on the replayed training images of one seed."""
+    from teacher_cache.store import TeacherCache
+    cache = TeacherCache.open(cache_path)
+    cache.check_compatible(shard_set, cache.recipe)
+    if not 0 <= aug_seed < cache.num_seeds:
+        raise ValueError(f"--aug-seed {aug_seed} is not cached (the cache holds seeds 0..{cache.num_seeds - 1})")
+    agree: dict[str, int] = {}
+    in_topk: dict[str, int] = {}
+    n = 0
+    units = [(shard, aug_seed) for shard in range(shard_set.num_shards)]
+    for unit in iter_units(shard_set, units, cache.recipe):
+        targets = cache.read(unit.shard, unit.aug_seed).select(unit.positions)
+        for start in range(0, len(unit.keys), batch_size):
+            logits = head_logits(model, unit.images[start:start + batch_size].to(device))
+            t = targets.select(slice(start, start + batch_size)).to(device)
+            for name, out in logits.items():
+                pred = out.argmax(dim=1)
+                agree[name] = agree.get(name, 0) + int((pred == t.label).sum())
+                in_topk[name] = in_topk.get(name, 0) + int((pred.view(-1, 1) == t.topk_indices).any(dim=1).sum())
+        n += len(unit.keys)
+    return {"cache": str(cache_path), "aug_seed": aug_seed, "num_samples": n, "topk": cache.topk,
+            "agreement": {name: a / n for name, a in agree.items()},
+            "student_top1_in_teacher_topk": {name: a / n for name, a in in_topk.items()}}

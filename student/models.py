@@ -1,0 +1,156 @@
+"""Students from the timm registry, sized for the data, and initialised from checkpoints.
+
+Any timm model name works (`--model`); the DeiT family is the main case. Size overrides
+(img_size, patch_size, embed_dim, depth, num_heads, other keyword args) are passed to the
+model constructor only when given, so convnets keep working without them.
+
+A distilled DeiT (`VisionTransformerDistilled`) has two heads: `head` on the class token and
+`head_dist` on the distillation token. `student_heads` returns both; a model with one head
+returns (logits, None) and distils through that head (see losses.py).
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+
+import timm
+import torch
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or does not fit the model."""
+
+
+@dataclass
+class StudentConfig:
+    """Everything needed to rebuild a student; stored (as plain primitives) in every checkpoint."""
+    model: str = "deit_small_distilled_patch16_224"
+    num_classes: int = 1000
+    img_size: int | None = None
+    patch_size: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    drop_path_rate: float = 0.1
+    model_kwargs: dict = field(default_factory=dict)   # any other timm constructor argument
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StudentConfig":
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def timm_kwargs(self) -> dict:
+        sizes = {"img_size": self.img_size, "patch_size": self.patch_size, "embed_dim": self.embed_dim,
+                 "depth": self.depth, "num_heads": self.num_heads}
+        kwargs = {k: v for k, v in sizes.items() if v is not None}
+        kwargs.update(self.model_kwargs)
+        return kwargs
+
+
+def create_student(config: StudentConfig, distilled_training: bool = True) -> nn.Module:
+    """timm.create_model(config.model, ...) with no pretrained download.
+
+    `distilled_training` puts a distilled DeiT in the mode where a training forward returns
+    (class logits, distillation logits); without it timm averages the two heads.
+    """
+    if not timm.is_model(config.model):
+        close = timm.list_models(f"*{config.model.split('_')[0]}*")[:8]
+        raise ValueError(f"unknown timm model {config.model!r}" + (f"; similar: {', '.join(close)}" if close else ""))
+    try:
+        model = timm.create_model(config.model, pretrained=False, num_classes=config.num_classes,
+                                  drop_path_rate=config.drop_path_rate, **config.timm_kwargs())
+    except TypeError as exc:  # e.g. a convnet given --patch-size
+        raise ValueError(f"model {config.model!r} does not accept these options "
+                         f"{config.timm_kwargs()}: {exc}") from None
+    if is_distilled(model):
+        model.set_distilled_training(distilled_training)
+    return model
+
+
+def is_distilled(model: nn.Module) -> bool:
+    """True for a model with a distillation token and head (DeiT distilled)."""
+    model = getattr(model, "module", model)   # DDP / EMA wrappers
+    return hasattr(model, "set_distilled_training") and hasattr(model, "head_dist")
+
+
+def student_heads(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(class-head logits, distillation-head logits or None), in train or eval mode alike."""
+    model = getattr(model, "module", model)
+    if not is_distilled(model):
+        return model(images), None
+    tokens = model.forward_features(images)
+    return model.head(model.head_drop(tokens[:, 0])), model.head_dist(model.head_drop(tokens[:, 1]))
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The model weights of a checkpoint: ours (key 'model'), DeiT's ('model') or a bare state dict."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for non-checkpoints / pickled objects
+        raise CheckpointError(f"cannot load {path} with torch.load(weights_only=True): {exc}. "
+                              "Only plain tensor checkpoints are accepted (no pickled objects).") from None
+    state = ckpt
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} holds no state dict (looked at the top level and keys 'model', 'state_dict')")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def adapt_pos_embed(state: dict[str, torch.Tensor], model: nn.Module) -> list[str]:
+    """Resample an absolute position embedding to the model's patch grid (timm's helper).
+
+    The class/distillation token rows (model.num_prefix_tokens) are kept as they are.
+    Returns a note per change for the log.
+    """
+    if "pos_embed" not in state or not hasattr(model, "pos_embed"):
+        return []
+    old, new = state["pos_embed"], model.pos_embed
+    if old.shape == new.shape:
+        return []
+    prefix = 0 if getattr(model, "no_embed_class", False) else int(getattr(model, "num_prefix_tokens", 1))
+    old_grid = int(math.isqrt(old.shape[1] - prefix))
+    if old_grid * old_grid != old.shape[1] - prefix:
+        raise CheckpointError(f"pos_embed of shape {tuple(old.shape)} is not a square grid plus {prefix} token row(s)")
+    new_grid = list(model.patch_embed.grid_size)
+    state["pos_embed"] = resample_abs_pos_embed(old, new_size=new_grid, old_size=[old_grid, old_grid],
+                                                num_prefix_tokens=prefix)
+    return [f"pos_embed resampled from {old_grid}x{old_grid} to {new_grid[0]}x{new_grid[1]} patches"]
+
+
+def init_from_checkpoint(model: nn.Module, path: str | os.PathLike) -> list[str]:
+    """Load weights for fine-tuning: pos_embed resampled; heads of another class count left fresh.
+
+    Everything else must match (a missing or misshapen weight is an error naming it).
+    """
+    state = read_state_dict(path)
+    notes = adapt_pos_embed(state, model)
+    own = model.state_dict()
+    for name in ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias"):
+        if name in state and name in own and state[name].shape != own[name].shape:
+            notes.append(f"{name} not loaded: {tuple(state[name].shape)} in checkpoint, "
+                         f"{tuple(own[name].shape)} in model (different class count; trained from scratch)")
+            del state[name]
+    heads = {"head.weight", "head.bias", "head_dist.weight", "head_dist.bias"}
+    misshapen = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
+                 if k in own and v.shape != own[k].shape]
+    if misshapen:
+        raise CheckpointError(f"{path} does not fit model: " + "; ".join(misshapen[:5]) +
+                              " (check --model and the size options against the checkpoint's)")
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if k not in heads]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"{path} does not fit model: missing {missing[:5]}, unexpected "
+                              f"{result.unexpected_keys[:5]} (check --model against the checkpoint's)")
+    return notes

@@ -1,0 +1,427 @@
+"""Train a student (stage two): DeiT's recipe through timm, one readable loop.
+
+    deit-pipeline train-student --shards TRAIN --cache CACHE --out RUN --distillation-type hard
+    torchrun --nproc_per_node 8 -m pipeline.cli train-student ...        (DDP, same options)
+
+Teacher targets come from a cache (`--cache`), from a teacher run live on the same replayed
+batches (`--teacher-online`), or nowhere (`--distillation-type none`: plain supervised
+training, e.g. of a teacher). Images always come from `data_shards.replay_shard`.
+
+Every epoch ends with an atomic checkpoint RUN/checkpoint.pt (see checkpoint.py) and a JSON
+line in RUN/metrics.jsonl; `--resume` continues from it exactly (optimizer, scheduler, EMA,
+RNG of every rank, next epoch).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from timm.utils import ModelEmaV3
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from data_shards import AugRecipe, ShardSet
+from teacher_cache.errors import CacheError
+
+from . import distributed as D
+from .checkpoint import LAST_CHECKPOINT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .data import DataPlanError, check_seed_budget, plan_epoch, train_batches
+from .evaluate import evaluate_heads
+from .losses import DistillationLoss
+from .models import StudentConfig, create_student, init_from_checkpoint, is_distilled
+from .teachers import CachedTeacher, OnlineTeacher
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss, ...); the message says what to do."""
+
+
+@dataclass
+class TrainConfig:
+    """Every option of train-student; stored as plain primitives in each checkpoint."""
+    shards: str
+    out: str
+    # teacher
+    cache: str | None = None
+    teacher_online: str | None = None          # timm name or checkpoint path
+    teacher_model: str | None = None           # architecture of a checkpoint that does not record it
+    teacher_topk: int = 10                     # online only (a cache brings its own K / full mode)
+    teacher_full_logits: bool = False
+    teacher_precision: str = "fp32"
+    teacher_batch_size: int = 256
+    recipe: dict | None = None                 # AugRecipe fields (a cache brings its own)
+    num_seeds: int | None = None               # without a cache: seeds cycle every S epochs if given
+    # student
+    model: str = "deit_small_distilled_patch16_224"
+    img_size: int | None = None
+    patch_size: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    model_kwargs: dict = field(default_factory=dict)
+    drop_path: float = 0.1
+    init_from: str | None = None
+    # loss
+    distillation_type: str = "hard"
+    distillation_alpha: float = 0.5
+    distillation_tau: float = 1.0
+    # optimisation (DeiT defaults)
+    epochs: int = 300
+    batch_size: int = 64                       # per process
+    lr: float | None = None                    # default 5e-4 * global batch / 512
+    min_lr: float = 1e-5
+    warmup_epochs: int = 5
+    warmup_lr: float = 1e-6
+    weight_decay: float = 0.05
+    opt: str = "adamw"
+    opt_eps: float = 1e-8
+    clip_grad: float | None = None
+    ema_decay: float | None = None             # DeiT: 0.99996 (kept, not used for eval)
+    amp: str = "auto"                          # auto (bf16 on GPU, none on CPU) | none | bf16 | fp16
+    seed: int = 0
+    repeated_aug: int = 1
+    reuse_seeds: bool = False
+    max_steps_per_epoch: int | None = None     # cap for smoke runs and benchmarks
+    # run
+    workers: int = 2
+    val_shards: str | None = None
+    eval_batch_size: int = 128
+    resume: bool = False
+    log_interval: int = 20
+    device: str = "auto"
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# Options that change what an epoch computes: a resumed run must keep them.
+TRAJECTORY_OPTIONS = ("shards", "cache", "teacher_online", "teacher_topk", "teacher_full_logits", "teacher_precision",
+                      "recipe", "num_seeds", "model", "img_size", "patch_size", "embed_dim", "depth", "num_heads",
+                      "model_kwargs", "drop_path", "init_from", "distillation_type", "distillation_alpha",
+                      "distillation_tau", "epochs", "batch_size", "lr", "min_lr", "warmup_epochs", "warmup_lr",
+                      "weight_decay", "opt", "opt_eps", "clip_grad", "ema_decay", "amp", "seed", "repeated_aug",
+                      "reuse_seeds", "max_steps_per_epoch")
+
+
+def _derived_seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "none"
+    if amp not in ("none", "bf16", "fp16"):
+        raise ValueError(f"--amp must be auto, none, bf16 or fp16, got {amp!r}")
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError("--amp fp16 needs a GPU; use --amp bf16 or none on the CPU")
+    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+class Logger:
+    """JSON lines to RUN/metrics.jsonl and notes to stderr, from rank 0 only."""
+
+    def __init__(self, out: Path, enabled: bool):
+        self.path, self.enabled = out / METRICS_FILE, enabled
+
+    def metrics(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def note(self, message: str) -> None:
+        if self.enabled:
+            print(f"train-student: {message}", file=sys.stderr, flush=True)
+            self.metrics({"event": "note", "message": message})
+
+    def truncate_from_epoch(self, epoch: int) -> None:
+        """On resume, drop the lines of the epochs that are about to be run again."""
+        if not self.enabled or not self.path.exists():
+            return
+        kept = [line for line in self.path.read_text().splitlines()
+                if line and json.loads(line).get("epoch", -1) < epoch]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        tmp.replace(self.path)
+
+
+# ----------------------------------------------------------------------------- setup
+
+def resolve_teacher(cfg: TrainConfig, shard_set: ShardSet, device: torch.device, log: Logger):
+    """-> (recipe, teacher source or None, number of seeds or None)."""
+    wants_teacher = cfg.distillation_type != "none"
+    if cfg.cache and cfg.teacher_online:
+        raise ValueError("give either --cache or --teacher-online, not both")
+    if wants_teacher and not (cfg.cache or cfg.teacher_online):
+        raise ValueError(f"--distillation-type {cfg.distillation_type} needs teacher targets: pass --cache CACHE "
+                         "(from cache-teacher) or --teacher-online NAME_OR_CHECKPOINT; or use --distillation-type none")
+    if cfg.cache:
+        from teacher_cache.store import TeacherCache
+        cache = TeacherCache.open(cfg.cache)
+        recipe = cache.recipe
+        if cfg.recipe is not None:     # the user asked for a recipe: it has to be the cache's
+            recipe = AugRecipe.from_dict(cfg.recipe)
+        cache.check_compatible(shard_set, recipe)
+        if cfg.num_seeds is not None and cfg.num_seeds != cache.num_seeds:
+            raise ValueError(f"--num-seeds {cfg.num_seeds} differs from the cache's {cache.num_seeds} seeds; "
+                             "drop --num-seeds (a cache decides it)")
+        if not wants_teacher:
+            log.note("--distillation-type none: the cache only decides the recipe and seeds; its targets are unused")
+        return recipe, (CachedTeacher(cache) if wants_teacher else None), cache.num_seeds
+    recipe = AugRecipe.from_dict(cfg.recipe) if cfg.recipe is not None else AugRecipe(input_size=cfg.img_size or 224)
+    if not wants_teacher:
+        if cfg.teacher_online:
+            log.note("--distillation-type none: --teacher-online is not used")
+        return recipe, None, cfg.num_seeds
+    from teacher_cache.teacher import load_teacher
+    path = Path(cfg.teacher_online)
+    checkpoint = path if path.is_file() else None
+    name = cfg.teacher_model if checkpoint is not None else cfg.teacher_online
+    teacher = load_teacher(name, checkpoint, num_classes=shard_set.num_classes, device=device)
+    log.note(f"online teacher {teacher.teacher_info['name']} (weights sha256 {teacher.teacher_info['weights_sha256'][:12]}), "
+             f"top-{cfg.teacher_topk}{' + full logits' if cfg.teacher_full_logits else ''}, {cfg.teacher_precision}")
+    return recipe, OnlineTeacher(teacher, cfg.teacher_topk, cfg.teacher_full_logits, cfg.teacher_precision,
+                                 cfg.teacher_batch_size), cfg.num_seeds
+
+
+def build_student(cfg: TrainConfig, num_classes: int, recipe: AugRecipe, log: Logger):
+    config = StudentConfig(cfg.model, num_classes, cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth,
+                           cfg.num_heads, cfg.drop_path, dict(cfg.model_kwargs))
+    distilled_training = cfg.distillation_type != "none"
+    model = create_student(config, distilled_training)
+    # A ViT is built for one input size: follow the recipe's unless --img-size says otherwise.
+    grid_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if grid_size is not None and cfg.img_size is None and tuple(grid_size) != (recipe.input_size,) * 2:
+        config.img_size = recipe.input_size
+        model = create_student(config, distilled_training)
+    if grid_size is not None and config.img_size not in (None, recipe.input_size):
+        raise ValueError(f"--img-size {config.img_size} differs from the recipe's input size {recipe.input_size}; "
+                         "make them equal (--input-size sets the recipe's)")
+    if cfg.init_from:
+        for note in init_from_checkpoint(model, cfg.init_from):
+            log.note(f"--init-from {cfg.init_from}: {note}")
+    if cfg.distillation_type != "none" and not is_distilled(model):
+        log.note(f"{cfg.model} has no distillation token: it distils through its only head")
+    return model, config
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) a training; returns a summary. Works under torchrun or as one process."""
+    ctx = D.init_distributed(cfg.device)
+    try:
+        return _train(cfg, ctx)
+    finally:
+        D.close_distributed()
+
+
+def _train(cfg: TrainConfig, ctx: D.DistContext) -> dict:
+    device = ctx.device
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = Logger(out, ctx.is_main)
+    ckpt_path = out / LAST_CHECKPOINT
+    if ckpt_path.exists() and not cfg.resume:
+        raise ValueError(f"{out} already holds a checkpoint ({ckpt_path}); pass --resume to continue it "
+                         "or choose another --out")
+
+    shard_set = ShardSet.open(cfg.shards)
+    recipe, teacher, num_seeds = resolve_teacher(cfg, shard_set, device, log)
+    if cfg.repeated_aug < 1:
+        raise ValueError(f"--repeated-aug must be >= 1, got {cfg.repeated_aug}")
+    seed_note = check_seed_budget(cfg.epochs, num_seeds, cfg.repeated_aug, cfg.reuse_seeds)
+    if seed_note:
+        log.note(seed_note)
+    val_set = ShardSet.open(cfg.val_shards) if cfg.val_shards else None
+
+    torch.manual_seed(cfg.seed)            # same initial weights on every rank
+    model, student_config = build_student(cfg, shard_set.num_classes, recipe, log)
+    model.to(device)
+    amp_dtype = _amp_dtype(cfg.amp, device)
+    global_batch = cfg.batch_size * ctx.world_size
+    lr = cfg.lr if cfg.lr is not None else 5e-4 * global_batch / 512
+    # timm: no weight decay on 1-D params (biases, norms) nor on model.no_weight_decay() (pos_embed, tokens)
+    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, eps=cfg.opt_eps)
+    scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs, lr_min=cfg.min_lr, warmup_t=cfg.warmup_epochs,
+                                  warmup_lr_init=cfg.warmup_lr, t_in_epochs=True)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
+    criterion = DistillationLoss(cfg.distillation_type, cfg.distillation_alpha, cfg.distillation_tau)
+
+    start_epoch, global_step = 0, 0
+    torch.manual_seed(_derived_seed(cfg.seed, "rank", ctx.rank))   # drop path differs across ranks
+    if cfg.resume and ckpt_path.exists():
+        start_epoch, global_step = _restore(ckpt_path, cfg, ctx, model, optimizer, scheduler, scaler, ema, log)
+        log.truncate_from_epoch(start_epoch)
+        log.metrics({"event": "resume", "epoch": start_epoch, "global_step": global_step})
+    elif cfg.resume:
+        log.note(f"--resume: no checkpoint in {out} yet, starting from epoch 0")
+    ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if ctx.distributed else model
+    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
+                else contextlib.nullcontext())
+    if ctx.is_main and start_epoch == 0:
+        log.metrics({"event": "start", "world_size": ctx.world_size, "device": str(device), "lr": lr,
+                     "global_batch": global_batch, "recipe_fingerprint": recipe.fingerprint(),
+                     "student": student_config.to_dict(), "num_seeds": num_seeds})
+
+    last_metrics: dict = {}
+    for epoch in range(start_epoch, cfg.epochs):
+        plan = plan_epoch(shard_set, epoch, cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed, num_seeds,
+                          cfg.repeated_aug, cfg.max_steps_per_epoch)
+        steps = plan.steps
+        scheduler.step(epoch)              # lr of this epoch (timm: per-epoch cosine with warm-up)
+        current_lr = optimizer.param_groups[0]["lr"]
+        model.train()
+        sums = torch.zeros(3, device=device)           # total, base, distill over the log window
+        window_sums = torch.zeros(3, device=device)
+        first_bad = torch.full((), 2**62, dtype=torch.int64, device=device)
+        window_start, window_steps = time.perf_counter(), 0
+        epoch_start = time.perf_counter()
+        batches = train_batches(shard_set, plan, recipe, cfg.batch_size, teacher, cfg.workers)
+        bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="step", disable=not (ctx.is_main and cfg.progress),
+                   file=sys.stderr, leave=False)
+        done = 0
+        for step, batch in enumerate(batches):
+            images = batch.images.to(device, non_blocking=True)
+            targets = batch.targets.to(device, non_blocking=True)
+            teacher_targets = batch.teacher.to(device) if batch.teacher is not None else None
+            with autocast:
+                outputs = ddp_model(images)
+            loss = criterion(outputs, targets, teacher_targets)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss.total).backward()
+            if cfg.clip_grad is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+            scaler.step(optimizer)
+            scaler.update()
+            if ema is not None:
+                ema.update(model, step=global_step)
+            global_step += 1
+            done += 1
+            # No host sync per step: finiteness and sums stay on the device until the log point.
+            parts = torch.stack([loss.total.detach(), loss.base.detach(), loss.distill.detach()])
+            window_sums += parts
+            first_bad = torch.where(torch.isfinite(loss.total.detach()), first_bad,
+                                    torch.minimum(first_bad, torch.tensor(step, device=device)))
+            window_steps += 1
+            bar.update(1)
+            if (step + 1) % cfg.log_interval == 0 or step + 1 == steps:
+                stats = D.all_reduce_sum(torch.cat([window_sums, (first_bad < 2**62).float().view(1)]), ctx)
+                if stats[3].item() > 0:
+                    _stop_non_finite(epoch, step, first_bad, global_step, ckpt_path, log)
+                sums += window_sums
+                elapsed = time.perf_counter() - window_start
+                mean = (stats[:3] / (window_steps * ctx.world_size)).tolist()
+                record = {"event": "train", "epoch": epoch, "step": step + 1, "global_step": global_step,
+                          "lr": current_lr, "loss": mean[0], "loss_base": mean[1], "loss_distill": mean[2],
+                          "samples_per_s": window_steps * global_batch / max(elapsed, 1e-9)}
+                log.metrics(record)
+                bar.set_postfix(loss=f"{mean[0]:.4f}", lr=f"{current_lr:.2e}")
+                window_sums.zero_()
+                window_start, window_steps = time.perf_counter(), 0
+        bar.close()
+        epoch_time = time.perf_counter() - epoch_start
+        steps_per_rank = D.all_gather_rows(torch.tensor([done], dtype=torch.int64), ctx)[:, 0].tolist()
+        totals = (D.all_reduce_sum(sums.clone(), ctx) / max(done * ctx.world_size, 1)).tolist()
+        last_metrics = {"event": "epoch", "epoch": epoch, "steps": done, "steps_per_rank": steps_per_rank,
+                        "samples_per_rank": plan.samples_per_rank, "aug_seeds": plan.aug_seeds,
+                        "lr": current_lr, "loss": totals[0], "loss_base": totals[1], "loss_distill": totals[2],
+                        "epoch_time_s": epoch_time, "samples_per_s": done * global_batch / max(epoch_time, 1e-9)}
+        if val_set is not None:
+            last_metrics["val"] = _distributed_eval(model, val_set, recipe, cfg, ctx, amp_dtype)
+        _save(ckpt_path, cfg, ctx, model, optimizer, scheduler, scaler, ema, epoch + 1, global_step, recipe,
+              student_config, shard_set, last_metrics)
+        log.metrics(last_metrics)
+    if teacher is not None and isinstance(teacher, CachedTeacher):
+        log.note(f"cache: {teacher.units_read} batched unit reads, {teacher.digests_checked} image digests verified")
+    return {"checkpoint": str(ckpt_path), "epochs": cfg.epochs, "global_step": global_step,
+            "metrics": last_metrics, "world_size": ctx.world_size}
+
+
+def _stop_non_finite(epoch, step, first_bad, global_step, ckpt_path, log) -> None:
+    bad = int(first_bad.item())
+    where = f"epoch {epoch}, step {bad + 1}" if bad < 2**62 else f"epoch {epoch}, at or before step {step + 1} (another rank)"
+    kept = (f"the last good checkpoint {ckpt_path} is kept (resume with --resume)" if ckpt_path.exists()
+            else "no checkpoint was written yet")
+    message = (f"loss became NaN/inf at {where}; training stopped without saving - {kept}. "
+               "Lower --lr, set --clip-grad 1.0, or use --amp bf16 instead of fp16")
+    log.metrics({"event": "error", "epoch": epoch, "message": message})
+    raise TrainingError(message)
+
+
+def _distributed_eval(model, val_set: ShardSet, recipe: AugRecipe, cfg: TrainConfig, ctx: D.DistContext,
+                      amp_dtype) -> dict:
+    """Val accuracy per head; shards dealt to ranks, counts summed."""
+    shards = list(range(ctx.rank, val_set.num_shards, ctx.world_size))
+    counts, names = evaluate_heads(model, val_set, recipe, cfg.eval_batch_size, ctx.device, shards, amp_dtype)
+    counts = D.all_reduce_sum(counts.to(ctx.device), ctx).cpu()
+    n = max(int(counts[0, 2].item()), 1)
+    return {name: {"top1": counts[i, 0].item() / n, "top5": counts[i, 1].item() / n} for i, name in enumerate(names)} \
+        | {"num_samples": int(counts[0, 2].item())}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _save(path, cfg, ctx, model, optimizer, scheduler, scaler, ema, next_epoch, global_step, recipe,
+          student_config, shard_set, metrics) -> None:
+    rng = rng_state(ctx.device)       # every rank's state, so drop path continues exactly
+    rng_rows = {"torch": D.all_gather_rows(rng["torch"], ctx),
+                "cuda": None if rng["cuda"] is None else D.all_gather_rows(rng["cuda"], ctx)}
+    if ctx.is_main:
+        save_checkpoint(path, {
+            "model": model.state_dict(), "student": student_config.to_dict(), "args": cfg.to_dict(),
+            "recipe": recipe.to_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+            "ema": ema.state_dict() if ema is not None else None,
+            "epoch": next_epoch, "global_step": global_step, "rng": rng_rows,
+            "data": {"next_epoch": next_epoch, "world_size": ctx.world_size,
+                     "shards_content_hash": shard_set.content_hash, "cache": cfg.cache},
+            "metrics": json.loads(json.dumps(metrics)),
+        })
+    D.barrier(ctx)
+
+
+def _restore(path, cfg, ctx, model, optimizer, scheduler, scaler, ema, log) -> tuple[int, int]:
+    ckpt = load_checkpoint(path)
+    saved = ckpt["args"]
+    changed = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r}" for k in TRAJECTORY_OPTIONS
+               if saved.get(k) != getattr(cfg, k)]
+    if changed:
+        raise ValueError(f"--resume from {path}: these options differ from the checkpoint's run:\n  " +
+                         "\n  ".join(changed) + "\nrerun with the checkpoint's options or use another --out")
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt["scaler"] is not None:
+        scaler.load_state_dict(ckpt["scaler"])
+    if ema is not None and ckpt["ema"] is not None:
+        ema.load_state_dict(ckpt["ema"])
+    rows = ckpt["rng"]
+    if ckpt["data"]["world_size"] == ctx.world_size:
+        set_rng_state({"torch": rows["torch"][ctx.rank],
+                       "cuda": None if rows["cuda"] is None else rows["cuda"][ctx.rank]}, ctx.device)
+    else:
+        log.note(f"--resume: world size {ckpt['data']['world_size']} -> {ctx.world_size}; the data is dealt "
+                 "differently and RNG reseeded, so the run will not match an uninterrupted one")
+        torch.manual_seed(_derived_seed(cfg.seed, "resume", ckpt["epoch"], ctx.rank))
+    log.note(f"resumed from {path}: epoch {ckpt['epoch']}, step {ckpt['global_step']}")
+    return int(ckpt["epoch"]), int(ckpt["global_step"])
