@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import StudentError
+
 CHECKPOINT_FORMAT = "deit-pipeline/student-checkpoint/1"
 LAST_CHECKPOINT = "checkpoint.pt"
 _PRIMITIVES = (str, int, float, bool, type(None), torch.Tensor, torch.dtype, torch.device)
@@ -60,10 +62,10 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors come in several types
-        raise ValueError(f"cannot read checkpoint {path} with torch.load(weights_only=True): {exc}") from None
+        raise StudentError(f"cannot read checkpoint {path} with torch.load(weights_only=True): {exc}") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise ValueError(f"{path} is not a train-student checkpoint (format {found!r}, expected "
+        raise StudentError(f"{path} is not a train-student checkpoint (format {found!r}, expected "
                          f"{CHECKPOINT_FORMAT!r}); for plain weights use --init-from")
     return state
 

@@ -26,8 +26,10 @@ from torch.utils.data import DataLoader, Dataset
 from data_shards import AugRecipe, ShardSet, decode_image, eval_image, mixed_targets, replay_shard
 from teacher_cache.targets import TeacherTargets
 
+from .errors import StudentError
 
-class DataPlanError(ValueError):
+
+class DataPlanError(StudentError):
     """The requested epochs / ranks / batch size do not fit the shards or the cache."""
 
 

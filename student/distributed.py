@@ -7,6 +7,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .errors import StudentError
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -30,7 +32,7 @@ def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
     dev = torch.device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError("--device cuda asked but CUDA is not available; use --device cpu or auto")
+            raise StudentError("--device cuda asked but CUDA is not available; use --device cpu or auto")
         dev = torch.device("cuda", dev.index if dev.index is not None else local_rank)
     return dev
 

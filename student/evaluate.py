@@ -21,6 +21,7 @@ from data_shards import AugRecipe, ShardSet
 from .checkpoint import load_checkpoint
 from .data import eval_batches, iter_units
 from .distributed import resolve_device
+from .errors import StudentError
 from .models import StudentConfig, create_student, student_heads
 
 HEADS = ("class", "distillation", "fused")
@@ -77,7 +78,7 @@ def load_student(checkpoint, device: torch.device, use_ema: bool = False):
     state = ckpt["model"]
     if use_ema:
         if ckpt.get("ema") is None:
-            raise ValueError(f"{checkpoint} has no EMA weights (train with --ema-decay to keep them)")
+            raise StudentError(f"{checkpoint} has no EMA weights (train with --ema-decay to keep them)")
         state = {k.removeprefix("module."): v for k, v in ckpt["ema"].items()}
     model.load_state_dict(state)
     return model.to(device).eval(), AugRecipe.from_dict(ckpt["recipe"]), ckpt
@@ -92,10 +93,10 @@ def evaluate_checkpoint(checkpoint: str, shards: str, batch_size: int = 128, tea
     shard_set = ShardSet.open(shards)
     num_classes = ckpt["student"]["num_classes"]
     if shard_set.num_classes != num_classes:
-        raise ValueError(f"{shards} has {shard_set.num_classes} classes, the student {num_classes}; "
+        raise StudentError(f"{shards} has {shard_set.num_classes} classes, the student {num_classes}; "
                          "evaluate on shards of the training classes")
     if teacher and cache:
-        raise ValueError("give either --teacher or --cache, not both")
+        raise StudentError("give either --teacher or --cache, not both")
     teacher_model_ = _load_teacher(teacher, teacher_model, num_classes, dev) if teacher else None
 
     hits: dict[str, list[int]] = {}
@@ -125,7 +126,7 @@ def evaluate_checkpoint(checkpoint: str, shards: str, batch_size: int = 128, tea
             table["both_wrong"] += int((~s_ok & ~t_ok).sum())
         n += len(labels)
     if n == 0:
-        raise ValueError(f"{shards} holds no samples")
+        raise StudentError(f"{shards} holds no samples")
     report = {"checkpoint": str(checkpoint), "shards": str(shards), "num_samples": n, "epoch": ckpt["epoch"],
               "weights": "ema" if use_ema else "model", "transform": "eval", "default_head": default_head(hits),
               "heads": {name: {"top1": h[0] / n, "top5": h[1] / n} for name, h in hits.items()}}
@@ -144,22 +145,18 @@ def default_head(logits: dict) -> str:
 
 
 def _load_teacher(teacher: str, teacher_model: str | None, num_classes: int, device):
-    from pathlib import Path
-
-    from teacher_cache.teacher import load_teacher
-    if Path(teacher).is_file():
-        return load_teacher(teacher_model, teacher, num_classes=num_classes, device=device)
-    return load_teacher(teacher, None, num_classes=num_classes, device=device)
+    from .teachers import load_online_teacher
+    return load_online_teacher(teacher, num_classes, device, teacher_model)
 
 
 @torch.no_grad()
 def cache_agreement(model, shard_set: ShardSet, cache_path: str, aug_seed: int, batch_size: int, device) -> dict:
     """Student heads vs the cached teacher on the replayed training images of one seed."""
-    from teacher_cache.store import TeacherCache
+    from teacher_cache.cache import TeacherCache
     cache = TeacherCache.open(cache_path)
     cache.check_compatible(shard_set, cache.recipe)
     if not 0 <= aug_seed < cache.num_seeds:
-        raise ValueError(f"--aug-seed {aug_seed} is not cached (the cache holds seeds 0..{cache.num_seeds - 1})")
+        raise StudentError(f"--aug-seed {aug_seed} is not cached (the cache holds seeds 0..{cache.num_seeds - 1})")
     agree: dict[str, int] = {}
     in_topk: dict[str, int] = {}
     n = 0

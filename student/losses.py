@@ -19,6 +19,8 @@ from torch import nn
 
 from teacher_cache.targets import TeacherTargets
 
+from .errors import StudentError
+
 DISTILLATION_TYPES = ("none", "soft", "hard")
 
 
@@ -47,9 +49,9 @@ class DistillationLoss(nn.Module):
     def __init__(self, distillation_type: str = "none", alpha: float = 0.5, tau: float = 1.0):
         super().__init__()
         if distillation_type not in DISTILLATION_TYPES:
-            raise ValueError(f"distillation type must be one of {DISTILLATION_TYPES}, got {distillation_type!r}")
+            raise StudentError(f"distillation type must be one of {DISTILLATION_TYPES}, got {distillation_type!r}")
         if not 0.0 <= alpha <= 1.0 or tau <= 0:
-            raise ValueError(f"need 0 <= alpha <= 1 and tau > 0, got alpha={alpha}, tau={tau}")
+            raise StudentError(f"need 0 <= alpha <= 1 and tau > 0, got alpha={alpha}, tau={tau}")
         self.distillation_type, self.alpha, self.tau = distillation_type, alpha, tau
 
     def forward(self, outputs, targets: torch.Tensor, teacher: TeacherTargets | None = None) -> LossParts:
@@ -60,7 +62,7 @@ class DistillationLoss(nn.Module):
         if self.distillation_type == "none":
             return LossParts(base, base, torch.zeros_like(base))
         if teacher is None:
-            raise ValueError(f"distillation type {self.distillation_type!r} needs teacher targets")
+            raise StudentError(f"distillation type {self.distillation_type!r} needs teacher targets")
         dist_logits = dist_logits.float()
         if self.distillation_type == "hard":
             distill = F.cross_entropy(dist_logits, teacher.label)

@@ -19,8 +19,10 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from .errors import StudentError
 
-class CheckpointError(ValueError):
+
+class CheckpointError(StudentError):
     """A checkpoint cannot be read or does not fit the model."""
 
 
@@ -61,12 +63,12 @@ def create_student(config: StudentConfig, distilled_training: bool = True) -> nn
     """
     if not timm.is_model(config.model):
         close = timm.list_models(f"*{config.model.split('_')[0]}*")[:8]
-        raise ValueError(f"unknown timm model {config.model!r}" + (f"; similar: {', '.join(close)}" if close else ""))
+        raise StudentError(f"unknown timm model {config.model!r}" + (f"; similar: {', '.join(close)}" if close else ""))
     try:
         model = timm.create_model(config.model, pretrained=False, num_classes=config.num_classes,
                                   drop_path_rate=config.drop_path_rate, **config.timm_kwargs())
     except TypeError as exc:  # e.g. a convnet given --patch-size
-        raise ValueError(f"model {config.model!r} does not accept these options "
+        raise StudentError(f"model {config.model!r} does not accept these options "
                          f"{config.timm_kwargs()}: {exc}") from None
     if is_distilled(model):
         model.set_distilled_training(distilled_training)

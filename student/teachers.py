@@ -6,12 +6,18 @@ both go through `teacher_cache.targets.encode_teacher_logits` (via stage one's
 """
 from __future__ import annotations
 
+from pathlib import Path
+
+import torch
+
 from data_shards import tensor_digest
 from teacher_cache.errors import CacheError
 from teacher_cache.targets import TeacherTargets
-from teacher_cache.teacher import teacher_forward
+from teacher_cache.teacher import load_teacher, teacher_forward
 
+from .checkpoint import CHECKPOINT_FORMAT
 from .data import ReplayedUnit
+from .models import StudentConfig
 
 
 class ReplayMismatchError(CacheError):
@@ -53,13 +59,44 @@ class CachedTeacher:
 
 
 class OnlineTeacher:
-    """The teacher run live on the unit's replayed images, batched as stage one batches them."""
+    """The teacher run live on the unit's replayed images, batched exactly as cache-teacher does.
 
-    def __init__(self, model, topk: int, store_full: bool = False, precision: str = "fp32", batch_size: int = 256):
+    Why per unit and not per training batch: a convnet's fp32 output for one image changes in
+    the last bits with the batch it is computed in (other GEMM/conv blocking), and a flipped
+    low bit can change a rounded top-k value or even the argmax. Stage one runs each
+    (shard, seed) in mixing order in consecutive batches of its --batch-size; doing the same
+    here (same batch size, same precision) gives bit-identical targets.
+    """
+
+    def __init__(self, model, topk: int, store_full: bool = False, precision: str = "fp32", batch_size: int = 64):
         self.model, self.topk, self.store_full = model, topk, store_full
         self.precision, self.batch_size = precision, batch_size
+        self.channels_last = next(model.parameters()).device.type == "cuda"   # as stage one on GPUs
+        if self.channels_last:
+            self.model = model.to(memory_format=torch.channels_last)
 
     def unit_targets(self, unit: ReplayedUnit) -> TeacherTargets:
         parts = [teacher_forward(self.model, unit.images[i:i + self.batch_size], self.topk, self.store_full,
-                                 self.precision) for i in range(0, len(unit.keys), self.batch_size)]
+                                 self.precision, self.channels_last)
+                 for i in range(0, len(unit.keys), self.batch_size)]
         return TeacherTargets.cat(parts)
+
+
+def load_online_teacher(spec: str, num_classes: int, device, teacher_model: str | None = None):
+    """NAME_OR_CHECKPOINT -> teacher in eval mode (stage one's load_teacher).
+
+    A train-student checkpoint (e.g. a teacher trained with --distillation-type none) brings its
+    own architecture and size options; other checkpoints name it inside or need `teacher_model`.
+    """
+    path = Path(spec)
+    if not path.is_file():
+        return load_teacher(spec, None, num_classes=num_classes, device=device)
+    try:
+        peek = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:       # load_teacher explains unreadable files
+        peek = None
+    if isinstance(peek, dict) and peek.get("format") == CHECKPOINT_FORMAT:
+        config = StudentConfig.from_dict(peek["student"])
+        return load_teacher(teacher_model or config.model, path, num_classes=num_classes, device=device,
+                            model_kwargs=config.timm_kwargs())
+    return load_teacher(teacher_model, path, num_classes=num_classes, device=device)

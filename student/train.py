@@ -35,15 +35,16 @@ from teacher_cache.errors import CacheError
 from . import distributed as D
 from .checkpoint import LAST_CHECKPOINT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import DataPlanError, check_seed_budget, plan_epoch, train_batches
+from .errors import StudentError
 from .evaluate import evaluate_heads
 from .losses import DistillationLoss
 from .models import StudentConfig, create_student, init_from_checkpoint, is_distilled
-from .teachers import CachedTeacher, OnlineTeacher
+from .teachers import CachedTeacher, OnlineTeacher, load_online_teacher
 
 METRICS_FILE = "metrics.jsonl"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(StudentError):
     """Training cannot go on (non-finite loss, ...); the message says what to do."""
 
 
@@ -59,7 +60,7 @@ class TrainConfig:
     teacher_topk: int = 10                     # online only (a cache brings its own K / full mode)
     teacher_full_logits: bool = False
     teacher_precision: str = "fp32"
-    teacher_batch_size: int = 256
+    teacher_batch_size: int = 64               # online: cache-teacher's --batch-size, for identical targets
     recipe: dict | None = None                 # AugRecipe fields (a cache brings its own)
     num_seeds: int | None = None               # without a cache: seeds cycle every S epochs if given
     # student
@@ -128,9 +129,9 @@ def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "auto":
         amp = "bf16" if device.type == "cuda" else "none"
     if amp not in ("none", "bf16", "fp16"):
-        raise ValueError(f"--amp must be auto, none, bf16 or fp16, got {amp!r}")
+        raise StudentError(f"--amp must be auto, none, bf16 or fp16, got {amp!r}")
     if amp == "fp16" and device.type != "cuda":
-        raise ValueError("--amp fp16 needs a GPU; use --amp bf16 or none on the CPU")
+        raise StudentError("--amp fp16 needs a GPU; use --amp bf16 or none on the CPU")
     return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 
 
@@ -167,19 +168,19 @@ def resolve_teacher(cfg: TrainConfig, shard_set: ShardSet, device: torch.device,
     """-> (recipe, teacher source or None, number of seeds or None)."""
     wants_teacher = cfg.distillation_type != "none"
     if cfg.cache and cfg.teacher_online:
-        raise ValueError("give either --cache or --teacher-online, not both")
+        raise StudentError("give either --cache or --teacher-online, not both")
     if wants_teacher and not (cfg.cache or cfg.teacher_online):
-        raise ValueError(f"--distillation-type {cfg.distillation_type} needs teacher targets: pass --cache CACHE "
+        raise StudentError(f"--distillation-type {cfg.distillation_type} needs teacher targets: pass --cache CACHE "
                          "(from cache-teacher) or --teacher-online NAME_OR_CHECKPOINT; or use --distillation-type none")
     if cfg.cache:
-        from teacher_cache.store import TeacherCache
+        from teacher_cache.cache import TeacherCache
         cache = TeacherCache.open(cfg.cache)
         recipe = cache.recipe
         if cfg.recipe is not None:     # the user asked for a recipe: it has to be the cache's
             recipe = AugRecipe.from_dict(cfg.recipe)
         cache.check_compatible(shard_set, recipe)
         if cfg.num_seeds is not None and cfg.num_seeds != cache.num_seeds:
-            raise ValueError(f"--num-seeds {cfg.num_seeds} differs from the cache's {cache.num_seeds} seeds; "
+            raise StudentError(f"--num-seeds {cfg.num_seeds} differs from the cache's {cache.num_seeds} seeds; "
                              "drop --num-seeds (a cache decides it)")
         if not wants_teacher:
             log.note("--distillation-type none: the cache only decides the recipe and seeds; its targets are unused")
@@ -189,11 +190,7 @@ def resolve_teacher(cfg: TrainConfig, shard_set: ShardSet, device: torch.device,
         if cfg.teacher_online:
             log.note("--distillation-type none: --teacher-online is not used")
         return recipe, None, cfg.num_seeds
-    from teacher_cache.teacher import load_teacher
-    path = Path(cfg.teacher_online)
-    checkpoint = path if path.is_file() else None
-    name = cfg.teacher_model if checkpoint is not None else cfg.teacher_online
-    teacher = load_teacher(name, checkpoint, num_classes=shard_set.num_classes, device=device)
+    teacher = load_online_teacher(cfg.teacher_online, shard_set.num_classes, device, cfg.teacher_model)
     log.note(f"online teacher {teacher.teacher_info['name']} (weights sha256 {teacher.teacher_info['weights_sha256'][:12]}), "
              f"top-{cfg.teacher_topk}{' + full logits' if cfg.teacher_full_logits else ''}, {cfg.teacher_precision}")
     return recipe, OnlineTeacher(teacher, cfg.teacher_topk, cfg.teacher_full_logits, cfg.teacher_precision,
@@ -211,7 +208,7 @@ def build_student(cfg: TrainConfig, num_classes: int, recipe: AugRecipe, log: Lo
         config.img_size = recipe.input_size
         model = create_student(config, distilled_training)
     if grid_size is not None and config.img_size not in (None, recipe.input_size):
-        raise ValueError(f"--img-size {config.img_size} differs from the recipe's input size {recipe.input_size}; "
+        raise StudentError(f"--img-size {config.img_size} differs from the recipe's input size {recipe.input_size}; "
                          "make them equal (--input-size sets the recipe's)")
     if cfg.init_from:
         for note in init_from_checkpoint(model, cfg.init_from):
@@ -239,13 +236,13 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> dict:
     log = Logger(out, ctx.is_main)
     ckpt_path = out / LAST_CHECKPOINT
     if ckpt_path.exists() and not cfg.resume:
-        raise ValueError(f"{out} already holds a checkpoint ({ckpt_path}); pass --resume to continue it "
+        raise StudentError(f"{out} already holds a checkpoint ({ckpt_path}); pass --resume to continue it "
                          "or choose another --out")
 
     shard_set = ShardSet.open(cfg.shards)
     recipe, teacher, num_seeds = resolve_teacher(cfg, shard_set, device, log)
     if cfg.repeated_aug < 1:
-        raise ValueError(f"--repeated-aug must be >= 1, got {cfg.repeated_aug}")
+        raise StudentError(f"--repeated-aug must be >= 1, got {cfg.repeated_aug}")
     seed_note = check_seed_budget(cfg.epochs, num_seeds, cfg.repeated_aug, cfg.reuse_seeds)
     if seed_note:
         log.note(seed_note)
@@ -388,7 +385,7 @@ def _save(path, cfg, ctx, model, optimizer, scheduler, scaler, ema, next_epoch, 
                 "cuda": None if rng["cuda"] is None else D.all_gather_rows(rng["cuda"], ctx)}
     if ctx.is_main:
         save_checkpoint(path, {
-            "model": model.state_dict(), "student": student_config.to_dict(), "args": cfg.to_dict(),
+            "model": model.state_dict(), "arch": student_config.model, "student": student_config.to_dict(), "args": cfg.to_dict(),
             "recipe": recipe.to_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "ema": ema.state_dict() if ema is not None else None,
@@ -406,7 +403,7 @@ def _restore(path, cfg, ctx, model, optimizer, scheduler, scaler, ema, log) -> t
     changed = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r}" for k in TRAJECTORY_OPTIONS
                if saved.get(k) != getattr(cfg, k)]
     if changed:
-        raise ValueError(f"--resume from {path}: these options differ from the checkpoint's run:\n  " +
+        raise StudentError(f"--resume from {path}: these options differ from the checkpoint's run:\n  " +
                          "\n  ".join(changed) + "\nrerun with the checkpoint's options or use another --out")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
