@@ -1,0 +1,450 @@
+"""cache_teacher: compute the teacher's outputs for every (sample, aug seed) as resumable jobs.
+
+Work is cut into units (one shard × `seeds_per_unit` seeds, see layout.py). A job takes
+its round-robin share of the units, skips the ones already done, locks each one it
+computes (locks.py), and commits it atomically (store.py). Rerunning the same command
+resumes; running N jobs with different indices fills the cache N times faster.
+
+Determinism: a batch never spans two (shard, seed) pairs and always holds the same
+consecutive replayed images (mixing order), so the numbers of a unit do not depend on
+which job, worker or rerun computed it; committing a unit twice writes the same bytes.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from tqdm import tqdm
+
+from data_shards import AugRecipe, ShardSet, decode_image, replay_shard, tensor_digest
+
+from .errors import CacheError
+from .jobs import JobSlot, resolve_job
+from .layout import (INDEX_FILE, LOGITS, MANIFEST_FILE, TOPK_INDICES, TOPK_LOGPROBS, Unit, all_units,
+                     array_specs, select_units, unit_json_path, UNITS_DIR)
+from .locks import DEFAULT_STALE_AFTER, LockKeeper, try_lock
+from .manifest import build_manifest, create_or_match_manifest, manifest_differences, read_manifest
+from .store import clean_stale_scratch, commit_unit, ensure_arrays
+from .teacher import DEFAULT_TEACHER, check_precision, load_teacher, resolve_device, teacher_forward
+
+DIGESTS_PER_SEED = 2       # replayed images per (shard, seed) whose digest goes into the unit JSON
+DEFAULT_TOPK = 10
+DEFAULT_SEEDS_PER_UNIT = 10
+
+
+# ----------------------------------------------------------------------------- settings
+
+@dataclass
+class CacheSettings:
+    """Everything that decides the cache's numbers (resolved against an existing manifest)."""
+    seeds: int
+    topk: int
+    store_full: bool
+    seeds_per_unit: int
+    precision: str
+    recipe: AugRecipe
+    teacher: str | None
+    teacher_checkpoint: str | None
+    teacher_kwargs: dict | None
+
+
+def resolve_settings(shard_set: ShardSet, existing: dict | None, *, seeds, topk, store_logits, seeds_per_unit,
+                     precision, recipe, teacher, teacher_checkpoint, teacher_kwargs=None) -> CacheSettings:
+    """Options left unset take the existing cache's values (so resuming needs only --shards/--out),
+    or the defaults for a new cache. Checked before any work starts."""
+    def pick(value, key, default):
+        if value is not None:
+            return value
+        return existing[key] if existing is not None else default
+
+    seeds = pick(seeds, "seeds", None)
+    if seeds is None:
+        raise CacheError("--seeds S is required to create a cache (the number of augmentation seeds, "
+                         "e.g. one per student epoch)")
+    store_logits = pick(store_logits, "store_logits", "topk")
+    if store_logits not in ("topk", "full"):
+        raise CacheError(f"--store-logits must be 'topk' or 'full', got {store_logits!r}")
+    settings = CacheSettings(
+        seeds=int(seeds), topk=int(pick(topk, "topk", DEFAULT_TOPK)), store_full=store_logits == "full",
+        seeds_per_unit=int(pick(seeds_per_unit, "seeds_per_unit", min(int(seeds), DEFAULT_SEEDS_PER_UNIT))),
+        precision=pick(precision, "precision", "fp32"),
+        recipe=recipe if recipe is not None else (AugRecipe.from_dict(existing["recipe"]) if existing else AugRecipe()),
+        teacher=teacher, teacher_checkpoint=None if teacher_checkpoint is None else str(teacher_checkpoint),
+        teacher_kwargs=teacher_kwargs)
+    if teacher is None and teacher_checkpoint is None and existing is not None:
+        settings.teacher = existing["teacher"]["name"]
+        settings.teacher_checkpoint = existing["teacher"].get("checkpoint")
+        if settings.teacher_kwargs is None:
+            settings.teacher_kwargs = existing["teacher"].get("model_kwargs")
+        if settings.teacher_checkpoint and not Path(settings.teacher_checkpoint).is_file():
+            raise CacheError(f"the cache's teacher checkpoint {settings.teacher_checkpoint} is gone; "
+                             "pass --teacher-checkpoint PATH (the same weights)")
+    elif teacher is None and existing is not None:
+        settings.teacher = existing["teacher"]["name"]
+    elif teacher is None and teacher_checkpoint is None:
+        settings.teacher = DEFAULT_TEACHER
+    if settings.seeds < 1:
+        raise CacheError(f"--seeds must be >= 1, got {settings.seeds}")
+    if not 1 <= settings.topk <= shard_set.num_classes:
+        raise CacheError(f"--topk {settings.topk} must be between 1 and the class count {shard_set.num_classes}")
+    if settings.seeds_per_unit < 1:
+        raise CacheError(f"--seeds-per-unit must be >= 1, got {settings.seeds_per_unit}")
+    settings.seeds_per_unit = min(settings.seeds_per_unit, settings.seeds)
+    return settings
+
+
+def load_recipe(path: str | os.PathLike | None, input_size: int | None = None) -> AugRecipe | None:
+    """A recipe from a JSON file (a recipe dict, partial dicts fill in DeiT defaults, or a cache
+    manifest.json whose recipe is reused); `input_size` overrides. None when neither is given."""
+    import json
+    if path is None and input_size is None:
+        return None
+    base = {}
+    if path is not None:
+        try:
+            base = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise CacheError(f"recipe file {path} not found") from None
+        except ValueError as exc:
+            raise CacheError(f"recipe file {path} is not valid JSON: {exc}") from None
+        if isinstance(base, dict) and isinstance(base.get("recipe"), dict):
+            base = base["recipe"]
+    try:
+        recipe = AugRecipe.from_dict({**AugRecipe().to_dict(), **base})
+        return recipe.with_overrides(input_size=input_size)
+    except (TypeError, ValueError) as exc:
+        raise CacheError(f"bad recipe in {path}: {exc}") from None
+
+
+# ----------------------------------------------------------------------------- producing images
+
+@dataclass
+class UnitBatch:
+    """Consecutive replayed images of one (shard, seed) of one unit."""
+    unit_slot: int
+    aug_seed: int
+    positions: torch.Tensor          # (n,) int64 shard positions
+    images: torch.Tensor             # (n, 3, H, W) float32
+    digests: dict[str, str] = field(default_factory=dict)
+
+
+def unit_batches(shard_set: ShardSet, unit: Unit, unit_slot: int, recipe: AugRecipe,
+                 batch_size: int) -> Iterator[UnitBatch]:
+    """Decode the unit's shard once, then replay it for each seed of the unit, in batches."""
+    samples = shard_set.read_shard(unit.shard)
+    decoded = {s.key: decode_image(s.data) for s in samples}
+    for seed in unit.seeds:
+        images, positions, digests = [], [], {}
+        for i, rs in enumerate(replay_shard(samples, seed, recipe, decoded=decoded)):
+            if i < DIGESTS_PER_SEED:
+                digests[rs.key] = tensor_digest(rs.image)
+            images.append(rs.image)
+            positions.append(rs.position)
+            if len(images) == batch_size:
+                yield UnitBatch(unit_slot, seed, torch.tensor(positions), torch.stack(images), digests)
+                images, positions, digests = [], [], {}
+        if images:
+            yield UnitBatch(unit_slot, seed, torch.tensor(positions), torch.stack(images), digests)
+
+
+class _QueuedUnits(torch.utils.data.IterableDataset):
+    """DataLoader workers take units from a queue fed by the main process (which holds the locks)."""
+
+    def __init__(self, shards_root: str, recipe: dict, batch_size: int, tasks):
+        self.shards_root, self.recipe, self.batch_size, self.tasks = shards_root, recipe, batch_size, tasks
+
+    def __iter__(self):
+        shard_set = ShardSet.open(self.shards_root)
+        recipe = AugRecipe.from_dict(self.recipe)
+        while (task := self.tasks.get()) is not None:
+            slot, unit = task
+            yield from unit_batches(shard_set, unit, slot, recipe, self.batch_size)
+
+
+# ----------------------------------------------------------------------------- accumulating and committing
+
+class UnitAccumulator:
+    """In-memory targets of one unit until every record has arrived."""
+
+    def __init__(self, unit: Unit, count: int, rows_per_shard: int, specs: dict[str, dict]):
+        self.unit, self.count = unit, count
+        self.expected = count * len(unit.seeds)
+        self.received = 0
+        self.digests: dict[str, dict[str, str]] = {}
+        self.started = time.time()
+        n = len(unit.seeds)
+        self.buffers = {}
+        for name, spec in specs.items():
+            width = spec["shape"][2]
+            if spec["fill_value"] == "NaN":
+                self.buffers[name] = np.full((n, rows_per_shard, width), np.nan, dtype=spec["dtype"])
+            else:
+                self.buffers[name] = np.zeros((n, rows_per_shard, width), dtype=spec["dtype"])
+
+    def add(self, batch: UnitBatch, targets) -> None:
+        s = batch.aug_seed - self.unit.seed_start
+        pos = batch.positions.numpy()
+        self.buffers[TOPK_INDICES][s, pos] = targets.topk_indices.numpy().astype(self.buffers[TOPK_INDICES].dtype)
+        self.buffers[TOPK_LOGPROBS][s, pos] = targets.topk_logprobs.numpy().astype(np.float16)
+        if LOGITS in self.buffers:
+            self.buffers[LOGITS][s, pos] = targets.logits.numpy().astype(np.float16)
+        if batch.digests:
+            self.digests.setdefault(str(batch.aug_seed), {}).update(batch.digests)
+        self.received += len(pos)
+
+    @property
+    def complete(self) -> bool:
+        return self.received == self.expected
+
+
+def write_index(root: Path, shard_set: ShardSet) -> None:
+    """index.parquet: key, label, shard, position, row (row = shard * rows_per_shard + position)."""
+    path = root / INDEX_FILE
+    if path.exists():
+        try:
+            if pq.read_metadata(path).num_rows == shard_set.manifest.num_rows:
+                return
+        except (OSError, pa.ArrowException):
+            pass                                    # damaged: rewrite below
+    m = shard_set.manifest
+    shard = np.asarray(m.column("shard").to_numpy(), dtype=np.int64)
+    position = np.asarray(m.column("position").to_numpy(), dtype=np.int64)
+    table = pa.table({"key": m.column("key"), "label": m.column("label"), "shard": m.column("shard"),
+                      "position": m.column("position"),
+                      "row": pa.array(shard * shard_set.rows_per_shard + position, pa.int64())})
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- the job
+
+def cache_teacher(shards: str | os.PathLike, out: str | os.PathLike, *, teacher: str | None = None,
+                  teacher_checkpoint: str | os.PathLike | None = None, teacher_kwargs: dict | None = None,
+                  seeds: int | None = None,
+                  topk: int | None = None, store_logits: str | None = None, seeds_per_unit: int | None = None,
+                  recipe: AugRecipe | None = None, batch_size: int = 64, device: str = "auto",
+                  precision: str | None = None, num_jobs: int | None = None, job_index: int | None = None,
+                  workers: int = 0, max_units: int | None = None, lock_stale_after: float = DEFAULT_STALE_AFTER,
+                  progress: bool = True, log: Callable[[str], None] = print,
+                  on_commit: Callable[[Unit], None] | None = None) -> dict:
+    """Compute this job's share of the cache at `out`; returns a summary dict.
+
+    Options left as None take the existing cache's values (or defaults for a new cache).
+    `on_commit` is called after each unit is committed (used by tests to simulate crashes).
+    """
+    if batch_size < 1:
+        raise CacheError(f"--batch-size must be >= 1, got {batch_size}")
+    if workers < 0:
+        raise CacheError(f"--workers must be >= 0, got {workers}")
+    root = Path(out)
+    if root.exists() and not root.is_dir():
+        raise CacheError(f"--out {root} exists and is not a folder")
+    shard_set = ShardSet.open(shards)
+    existing = read_manifest(root) if (root / MANIFEST_FILE).exists() else None
+    s = resolve_settings(shard_set, existing, seeds=seeds, topk=topk, store_logits=store_logits,
+                         seeds_per_unit=seeds_per_unit, precision=precision, recipe=recipe,
+                         teacher=teacher, teacher_checkpoint=teacher_checkpoint, teacher_kwargs=teacher_kwargs)
+    job = resolve_job(num_jobs, job_index)
+    torch_device = resolve_device(device)
+    check_precision(s.precision, torch_device)
+    units = all_units(shard_set.num_shards, s.seeds, s.seeds_per_unit)
+    specs = array_specs(s.seeds, shard_set.num_shards, shard_set.rows_per_shard, shard_set.num_classes, s.topk,
+                        s.seeds_per_unit, s.store_full)
+
+    def manifest_for(teacher_info: dict) -> dict:
+        return build_manifest(shard_set=shard_set, recipe=s.recipe, teacher_info=teacher_info, num_seeds=s.seeds,
+                              seeds_per_unit=s.seeds_per_unit, topk=s.topk, store_full=s.store_full,
+                              precision=s.precision, arrays=specs, num_units=len(units))
+
+    if existing is not None:
+        # Refuse early (before loading the teacher) on anything but the teacher weights.
+        known = {**existing["teacher"], "name": s.teacher or existing["teacher"]["name"]}
+        diffs = [d for d in manifest_differences(existing, manifest_for(known))]
+        if diffs:
+            raise CacheError(f"{root} already holds a cache computed differently:\n  " + "\n  ".join(diffs) +
+                             "\nUse another --out folder, or rerun with the cache's settings "
+                             f"(`deit-pipeline inspect-cache {root}` shows them)")
+
+    log(f"cache-teacher: loading teacher {s.teacher or '(from checkpoint)'}"
+        f"{' from ' + s.teacher_checkpoint if s.teacher_checkpoint else ' (timm pretrained)'} on {torch_device}")
+    model = load_teacher(s.teacher, s.teacher_checkpoint, num_classes=shard_set.num_classes, device=torch_device,
+                         model_kwargs=s.teacher_kwargs)
+    channels_last = torch_device.type == "cuda"
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    manifest, created = create_or_match_manifest(root, manifest_for(model.teacher_info))
+    write_index(root, shard_set)
+    ensure_arrays(root, specs)
+    (root / UNITS_DIR).mkdir(exist_ok=True)
+    clean_stale_scratch(root, lock_stale_after)
+
+    mine = select_units(units, job.count, job.index)
+    todo = [u for u in mine if not unit_json_path(root, u).exists()]
+    if max_units is not None:
+        todo = todo[:max(0, max_units)]
+    counts = shard_set.shard_counts
+    log(f"cache-teacher: {job}: {len(mine)} of {len(units)} units are this job's, "
+        f"{len(mine) - len([u for u in mine if not unit_json_path(root, u).exists()])} already done, "
+        f"{len(todo)} to compute ({sum(counts[u.shard] * len(u.seeds) for u in todo)} images x seeds)"
+        f"{' [new cache]' if created else ''}")
+
+    run = _JobRun(root=root, shard_set=shard_set, settings=s, specs=specs, model=model, device=torch_device,
+                  channels_last=channels_last, job=job, batch_size=batch_size, workers=workers,
+                  lock_stale_after=lock_stale_after, on_commit=on_commit)
+    started = time.time()
+    bar = tqdm(total=sum(counts[u.shard] * len(u.seeds) for u in todo), unit="img", unit_scale=True,
+               desc=f"cache-teacher {job.index}/{job.count}", disable=not progress, smoothing=0.1)
+    try:
+        run.execute(todo, bar)
+    finally:
+        bar.close()
+    seconds = time.time() - started
+    done_mine = sum(unit_json_path(root, u).exists() for u in mine)
+    summary = {
+        "cache": str(root), "job_index": job.index, "num_jobs": job.count, "job_source": job.source,
+        "units_total": len(units), "units_this_job": len(mine), "units_computed": run.committed,
+        "units_skipped_locked": [u.name for u in run.skipped_locked], "units_lost_lock": [u.name for u in run.lost],
+        "units_this_job_done": done_mine, "units_this_job_missing": len(mine) - done_mine,
+        "records_computed": run.records, "seconds": round(seconds, 3),
+        "records_per_s": round(run.records / seconds, 1) if seconds > 0 else None,
+        "teacher_seconds": round(run.teacher_seconds, 3), "device": str(torch_device), "precision": s.precision,
+        "cache_units_done": sum(unit_json_path(root, u).exists() for u in units),
+    }
+    log(f"cache-teacher: {job}: computed {run.committed} unit(s), {run.records} images x seeds in {seconds:.1f}s "
+        f"({summary['records_per_s']} /s; teacher forward {run.teacher_seconds:.1f}s); this job's units done "
+        f"{done_mine}/{len(mine)}; whole cache {summary['cache_units_done']}/{len(units)} units"
+        + (f"; {len(run.skipped_locked)} unit(s) held by another live job" if run.skipped_locked else ""))
+    return summary
+
+
+@dataclass
+class _JobRun:
+    root: Path
+    shard_set: ShardSet
+    settings: CacheSettings
+    specs: dict
+    model: torch.nn.Module
+    device: torch.device
+    channels_last: bool
+    job: JobSlot
+    batch_size: int
+    workers: int
+    lock_stale_after: float
+    on_commit: Callable[[Unit], None] | None
+    committed: int = 0
+    records: int = 0
+    teacher_seconds: float = 0.0
+    skipped_locked: list = field(default_factory=list)
+    lost: list = field(default_factory=list)
+
+    def execute(self, todo: list[Unit], bar) -> None:
+        keeper = LockKeeper(interval=min(20.0, self.lock_stale_after / 4))
+        self._keeper, self._pending, self._active, self._bar = keeper, list(todo), {}, bar
+        self._slots, self._tasks, self._sentinels_sent = 0, None, False
+        try:
+            if self.workers == 0:
+                self._consume(self._inline_batches())
+            else:
+                self._run_with_workers()
+        finally:
+            keeper.close()           # releases the locks of units not committed (error / interrupt)
+
+    def _next_locked(self) -> tuple[int, Unit] | None:
+        """Lock the next pending unit; units done or held elsewhere meanwhile are skipped."""
+        while self._pending:
+            unit = self._pending.pop(0)
+            lock = try_lock(self.root, unit, self.lock_stale_after, job=f"{self.job.index}/{self.job.count}")
+            if lock is None:
+                if not unit_json_path(self.root, unit).exists():
+                    self.skipped_locked.append(unit)
+                continue
+            self._keeper.add(lock)
+            self._slots += 1
+            slot = self._slots
+            self._active[slot] = (unit, lock, UnitAccumulator(unit, self.shard_set.shard_counts[unit.shard],
+                                                              self.shard_set.rows_per_shard, self.specs))
+            return slot, unit
+        return None
+
+    def _inline_batches(self) -> Iterator[UnitBatch]:
+        recipe = self.settings.recipe
+        while (task := self._next_locked()) is not None:
+            slot, unit = task
+            yield from unit_batches(self.shard_set, unit, slot, recipe, self.batch_size)
+
+    def _run_with_workers(self) -> None:
+        ctx = torch.multiprocessing.get_context("fork" if "fork" in torch.multiprocessing.get_all_start_methods()
+                                                else "spawn")
+        tasks = ctx.Queue()
+        window = 2 * self.workers            # units in flight: keeps every worker busy
+        fed = 0
+        for _ in range(window):
+            task = self._next_locked()
+            if task is None:
+                break
+            tasks.put(task)
+            fed += 1
+        if fed < window:
+            for _ in range(self.workers):
+                tasks.put(None)
+        self._tasks, self._sentinels_sent = tasks, fed < window
+        dataset = _QueuedUnits(str(self.shard_set.root), self.settings.recipe.to_dict(), self.batch_size, tasks)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.workers, in_order=False,
+                                             multiprocessing_context=ctx, pin_memory=self.device.type == "cuda",
+                                             prefetch_factor=2)
+        self._consume(loader)
+
+    def _feed_one(self) -> None:
+        """With workers: after a unit completes, queue the next (or tell the workers to stop)."""
+        if self._tasks is None or self._sentinels_sent:
+            return
+        task = self._next_locked()
+        if task is not None:
+            self._tasks.put(task)
+        else:
+            for _ in range(self.workers):
+                self._tasks.put(None)
+            self._sentinels_sent = True
+
+    def _consume(self, batches) -> None:
+        s = self.settings
+        for batch in batches:
+            unit, lock, acc = self._active[batch.unit_slot]
+            t0 = time.perf_counter()
+            targets = teacher_forward(self.model, batch.images, s.topk, s.store_full, s.precision, self.channels_last)
+            self.teacher_seconds += time.perf_counter() - t0
+            acc.add(batch, targets)
+            self._bar.update(len(batch.positions))
+            if acc.complete:
+                self._finish(batch.unit_slot)
+
+    def _finish(self, slot) -> None:
+        unit, lock, acc = self._active.pop(slot)
+        if lock.still_held():
+            record = {"unit": unit.name, "shard": unit.shard, "seeds": [unit.seed_start, unit.seed_stop - 1],
+                      "status": "done", "count": acc.count, "records": acc.expected, "digests": acc.digests,
+                      "job": f"{self.job.index}/{self.job.count}", "host": socket.gethostname(), "pid": os.getpid(),
+                      "device": str(self.device), "precision": self.settings.precision,
+                      "batch_size": self.batch_size, "started": acc.started, "finished": time.time(),
+                      "seconds": round(time.time() - acc.started, 3)}
+            commit_unit(self.root, unit, self.shard_set.rows_per_shard, acc.buffers, record)
+            self.committed += 1
+            self.records += acc.expected
+            self._bar.set_postfix(units=self.committed, refresh=False)
+        else:
+            self.lost.append(unit)   # another job broke our lock (we looked dead): let it commit
+        self._keeper.discard(lock)
+        lock.release()
+        if self.on_commit is not None and unit not in self.lost:
+            self.on_commit(unit)
+        self._feed_one()

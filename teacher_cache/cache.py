@@ -1,0 +1,211 @@
+"""Reading a teacher cache: the API stage two uses.
+
+    cache = TeacherCache.open(path)
+    cache.check_compatible(shard_set, recipe)        # CacheError naming what differs
+    targets = cache.read(shard, aug_seed)            # TeacherTargets, position order, one read
+    cache.unit_digests(shard, aug_seed)              # {key: tensor_digest} recorded at compute time
+
+Every failure is a CacheError naming the unit and the command that fixes it; zarr's own
+exceptions never leave this module.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from data_shards import AugRecipe
+
+from .errors import CacheError
+from .layout import (INDEX_FILE, LOGITS, TOPK_INDICES, TOPK_LOGPROBS, Unit, all_units, storage_shard_path,
+                     unit_json_path, unit_of)
+from .manifest import read_manifest
+from .store import open_array
+from .targets import TeacherTargets
+
+
+class TeacherCache:
+    def __init__(self, root: Path, manifest: dict):
+        self.root = Path(root)
+        self.manifest = manifest
+        self._arrays: dict[str, object] = {}
+        self._arrays_pid = None
+        self._done: set[str] = set()
+        self._records: dict[str, dict] = {}
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "TeacherCache":
+        root = Path(path)
+        if not root.is_dir():
+            raise CacheError(f"teacher cache {root} not found (create it with `deit-pipeline cache-teacher`)")
+        return cls(root, read_manifest(root))
+
+    # ------------------------------------------------------------------ description
+    @property
+    def recipe(self) -> AugRecipe:
+        return AugRecipe.from_dict(self.manifest["recipe"])
+
+    @property
+    def num_seeds(self) -> int:
+        return int(self.manifest["seeds"])
+
+    @property
+    def seeds_per_unit(self) -> int:
+        return int(self.manifest["seeds_per_unit"])
+
+    @property
+    def topk(self) -> int:
+        return int(self.manifest["topk"])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.manifest["num_classes"])
+
+    @property
+    def has_logits(self) -> bool:
+        return self.manifest["store_logits"] == "full"
+
+    @property
+    def num_shards(self) -> int:
+        return int(self.manifest["shards"]["num_shards"])
+
+    @property
+    def shard_counts(self) -> list[int]:
+        return list(self.manifest["shards"]["shard_counts"])
+
+    @property
+    def rows_per_shard(self) -> int:
+        return int(self.manifest["shards"]["rows_per_shard"])
+
+    @property
+    def array_names(self) -> list[str]:
+        return [TOPK_INDICES, TOPK_LOGPROBS] + ([LOGITS] if self.has_logits else [])
+
+    def units(self) -> list[Unit]:
+        return all_units(self.num_shards, self.num_seeds, self.seeds_per_unit)
+
+    def unit_for(self, shard: int, aug_seed: int) -> Unit:
+        if not 0 <= shard < self.num_shards:
+            raise CacheError(f"shard {shard} is not in this cache (it has shards 0..{self.num_shards - 1})")
+        if not 0 <= aug_seed < self.num_seeds:
+            raise CacheError(f"aug seed {aug_seed} is not in this cache (it has seeds 0..{self.num_seeds - 1}); "
+                             "compute more seeds in a new cache with a larger --seeds")
+        return unit_of(shard, aug_seed, self.num_seeds, self.seeds_per_unit)
+
+    def is_done(self, unit: Unit) -> bool:
+        if unit.name in self._done:
+            return True
+        if unit_json_path(self.root, unit).exists():
+            self._done.add(unit.name)
+            return True
+        return False
+
+    def done_units(self) -> list[Unit]:
+        return [u for u in self.units() if self.is_done(u)]
+
+    def missing_units(self) -> list[Unit]:
+        return [u for u in self.units() if not self.is_done(u)]
+
+    def unit_record(self, unit: Unit) -> dict:
+        """The unit's JSON (status, digests, file hashes)."""
+        if unit.name not in self._records:
+            path = unit_json_path(self.root, unit)
+            try:
+                self._records[unit.name] = json.loads(path.read_text())
+            except FileNotFoundError:
+                raise self._not_done(unit) from None
+            except (OSError, ValueError) as exc:
+                raise CacheError(f"{path} is unreadable ({exc}); delete it and {self.fix_command()}") from None
+        return self._records[unit.name]
+
+    def fix_command(self) -> str:
+        """The command that completes this cache (unset options are taken from the manifest)."""
+        return (f"run `deit-pipeline cache-teacher --shards {shlex.quote(self.manifest['shards']['path'])} "
+                f"--out {shlex.quote(str(self.root))}` to compute it")
+
+    def _not_done(self, unit: Unit) -> CacheError:
+        return CacheError(f"teacher cache {self.root}: unit {unit} is not computed yet; {self.fix_command()}")
+
+    def _damaged(self, unit: Unit, what: str) -> CacheError:
+        return CacheError(f"teacher cache {self.root}: unit {unit} is damaged ({what}); delete "
+                          f"{unit_json_path(self.root, unit)} and {self.fix_command()}")
+
+    # ------------------------------------------------------------------ checks
+    def check_compatible(self, shard_set, recipe: AugRecipe | None = None) -> None:
+        """Raise CacheError naming every difference between this cache and (shard_set, recipe)."""
+        shards = self.manifest["shards"]
+        diffs = []
+        if shard_set.content_hash != shards["content_hash"]:
+            diffs.append(f"shards content hash: cache {shards['content_hash'][:12]}… "
+                         f"({shards.get('path')}), shards {shard_set.content_hash[:12]}… ({shard_set.root})")
+        if shard_set.num_classes != self.num_classes:
+            diffs.append(f"class count: cache {self.num_classes}, shards {shard_set.num_classes}")
+        if shard_set.num_shards != self.num_shards or shard_set.rows_per_shard != self.rows_per_shard:
+            diffs.append(f"shard layout: cache {self.num_shards} shards of {self.rows_per_shard}, "
+                         f"shards {shard_set.num_shards} of {shard_set.rows_per_shard}")
+        if recipe is not None and recipe.fingerprint() != self.manifest["recipe_fingerprint"]:
+            from .manifest import library_versions, recipe_differences
+            detail = recipe_differences(self.manifest, {"recipe": recipe.to_dict(),
+                                                        "library_versions": library_versions()})
+            diffs.append("augmentation recipe fingerprint: cache "
+                         f"{self.manifest['recipe_fingerprint'][:12]}…, this run {recipe.fingerprint()[:12]}…"
+                         + ("".join("\n  " + d.strip() for d in detail) if detail else ""))
+        if diffs:
+            raise CacheError(f"teacher cache {self.root} does not match:\n  " + "\n  ".join(diffs) +
+                             "\nUse the shards and recipe the cache was computed from, or compute a cache "
+                             "for these with `deit-pipeline cache-teacher`")
+
+    # ------------------------------------------------------------------ reading
+    def _array(self, name: str):
+        if self._arrays_pid != os.getpid():      # re-open after fork (DataLoader workers)
+            self._arrays, self._arrays_pid = {}, os.getpid()
+        if name not in self._arrays:
+            self._arrays[name] = open_array(self.root, name)
+        return self._arrays[name]
+
+    def read(self, shard: int, aug_seed: int) -> TeacherTargets:
+        """Teacher targets of every sample of `shard` for `aug_seed`, in shard position order."""
+        unit = self.unit_for(shard, aug_seed)
+        if not self.is_done(unit):
+            raise self._not_done(unit)
+        count = self.shard_counts[shard]
+        start = shard * self.rows_per_shard
+        data = {}
+        for name in self.array_names:
+            if not storage_shard_path(self.root, name, unit).is_file():
+                raise self._damaged(unit, f"{storage_shard_path(self.root, name, unit)} is missing")
+            try:
+                data[name] = np.asarray(self._array(name)[aug_seed, start:start + count])
+            except Exception as exc:  # zarr/numcodecs raise ValueError, RuntimeError, OSError...
+                raise self._damaged(unit, f"{name} chunk for seed {aug_seed} cannot be decoded: {exc}") from None
+        for name in (TOPK_LOGPROBS, LOGITS):
+            if name in data and not np.isfinite(data[name]).all():
+                raise self._damaged(unit, f"{name} for seed {aug_seed} holds unwritten (NaN) rows")
+        indices = torch.from_numpy(data[TOPK_INDICES].astype(np.int64))
+        if indices.numel() and int(indices.max()) >= self.num_classes:
+            raise self._damaged(unit, f"class index {int(indices.max())} >= {self.num_classes}")
+        logits = torch.from_numpy(data[LOGITS].astype(np.float32)) if LOGITS in data else None
+        return TeacherTargets(indices, torch.from_numpy(data[TOPK_LOGPROBS].astype(np.float32)), logits)
+
+    def unit_digests(self, shard: int, aug_seed: int) -> dict[str, str]:
+        """{key: tensor_digest(replayed image)} recorded for the first samples of (shard, seed)."""
+        unit = self.unit_for(shard, aug_seed)
+        return dict(self.unit_record(unit)["digests"][str(aug_seed)])
+
+    def read_index(self) -> pa.Table:
+        """key, label, shard, position, row for every sample."""
+        path = self.root / INDEX_FILE
+        try:
+            return pq.read_table(path)
+        except (OSError, pa.ArrowException) as exc:
+            raise CacheError(f"cannot read {path}: {exc}; {self.fix_command()} (it rewrites the index)") from None
+
+    def __repr__(self) -> str:
+        return (f"TeacherCache({str(self.root)!r}, teacher={self.manifest['teacher']['name']!r}, "
+                f"seeds={self.num_seeds}, topk={self.topk}, classes={self.num_classes})")

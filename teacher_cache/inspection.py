@@ -1,0 +1,196 @@
+"""inspect_cache: what a cache holds, how big it is, and how good its teacher looks.
+
+Teacher quality is measured without running the teacher: the cached argmax against the
+true label of the sample, and (the images are mixed) against the dominant label of the
+mixed pair, whose partner and λ come from the recipe's mixing rule at no image cost.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from data_shards.augment import mix_params, mixing_order
+
+from .cache import TeacherCache
+from .layout import ARRAYS_DIR, INDEX_FILE, MANIFEST_FILE, TMP_DIR, UNITS_DIR
+
+
+def disk_usage(root: Path) -> dict[str, dict[str, int]]:
+    """Bytes of regular files per part of the cache: apparent size and allocated blocks."""
+    parts = {}
+    for part in (ARRAYS_DIR, INDEX_FILE, MANIFEST_FILE, UNITS_DIR, TMP_DIR):
+        apparent = allocated = files = 0
+        path = Path(root) / part
+        walk = [(str(path.parent), [], [path.name])] if path.is_file() else os.walk(path)
+        for folder, _, names in walk:
+            for name in names:
+                try:
+                    st = os.stat(os.path.join(folder, name))
+                except FileNotFoundError:
+                    continue
+                apparent += st.st_size
+                allocated += st.st_blocks * 512
+                files += 1
+        parts[part] = {"bytes": apparent, "allocated_bytes": allocated, "files": files}
+    return parts
+
+
+def array_bytes(root: Path, names: list[str]) -> dict[str, int]:
+    out = {}
+    for name in names:
+        total = 0
+        for folder, _, files in os.walk(Path(root) / ARRAYS_DIR / name):
+            total += sum(os.path.getsize(os.path.join(folder, f)) for f in files if f != "zarr.json")
+        out[name] = total
+    return out
+
+
+def _label_stats(cache: TeacherCache, pairs: list[tuple[int, int]]) -> dict:
+    """top-1 against labels for the given (shard, seed) pairs, plus per-seed rows."""
+    index = cache.read_index().sort_by([("shard", "ascending"), ("position", "ascending")])
+    keys_all = index.column("key").to_pylist()
+    labels_all = np.asarray(index.column("label").to_numpy(), dtype=np.int64)
+    shard_col = np.asarray(index.column("shard").to_numpy())
+    starts = np.searchsorted(shard_col, np.arange(cache.num_shards + 1))
+    recipe = cache.recipe
+    fingerprint = recipe.fingerprint()
+    per_seed: dict[int, dict[str, float]] = {}
+    for shard, seed in pairs:
+        keys = keys_all[starts[shard]:starts[shard + 1]]
+        labels = labels_all[starts[shard]:starts[shard + 1]]
+        targets = cache.read(shard, seed)
+        pred = targets.label.numpy()
+        n = len(keys)
+        partner = np.arange(n)
+        lam = np.ones(n)
+        if recipe.mixing and n > 1:
+            order = mixing_order(keys, seed, recipe, fingerprint)
+            for k in range(n):
+                partner[order[k]] = order[(k + 1) % n]
+            lam = np.array([mix_params(keys[i], keys[partner[i]], seed, recipe, fingerprint).lam for i in range(n)])
+        partner_labels = labels[partner]
+        dominant = np.where(lam >= 0.5, labels, partner_labels)
+        unmixed = lam == 1.0
+        row = per_seed.setdefault(seed, {k: 0.0 for k in ("records", "top1", "dominant", "either", "mass",
+                                                           "unmixed", "unmixed_top1")})
+        row["records"] += n
+        row["top1"] += float((pred == labels).sum())
+        row["dominant"] += float((pred == dominant).sum())
+        row["either"] += float(((pred == labels) | (pred == partner_labels)).sum())
+        row["mass"] += float(np.exp(targets.topk_logprobs.numpy().astype(np.float64)).sum(axis=1).sum())
+        row["unmixed"] += float(unmixed.sum())
+        row["unmixed_top1"] += float((pred == labels)[unmixed].sum())
+    return per_seed
+
+
+def inspect_cache(path: str | os.PathLike, max_label_records: int = 200_000) -> dict:
+    """Units done / missing, records, bytes on disk and per record, teacher top-1, top-k mass, per seed."""
+    cache = TeacherCache.open(path)
+    m = cache.manifest
+    counts = cache.shard_counts
+    units = cache.units()
+    done = [u for u in units if cache.is_done(u)]
+    missing = [u for u in units if not cache.is_done(u)]
+    records_done = sum(counts[u.shard] * len(u.seeds) for u in done)
+    records_total = sum(counts) * cache.num_seeds
+    usage = disk_usage(cache.root)
+    arrays = array_bytes(cache.root, cache.array_names)
+    total_bytes = sum(part["bytes"] for part in usage.values())
+
+    # Teacher quality on a deterministic spread of done (shard, seed) pairs, up to max_label_records.
+    pairs = sorted({(u.shard, s) for u in done for s in u.seeds}, key=lambda p: (p[1], p[0]))
+    rng = np.random.default_rng(0)
+    rng.shuffle(pairs)
+    chosen, budget = [], max_label_records
+    for shard, seed in pairs:
+        if budget <= 0:
+            break
+        chosen.append((shard, seed))
+        budget -= counts[shard]
+    per_seed = _label_stats(cache, chosen)
+    tot = {k: sum(r[k] for r in per_seed.values()) for k in ("records", "top1", "dominant", "either", "mass",
+                                                              "unmixed", "unmixed_top1")}
+
+    def ratio(a, b):
+        return None if not b else round(a / b, 6)
+
+    locks = sorted(p.name for p in (cache.root / UNITS_DIR).glob("*.lock.*")) if (cache.root / UNITS_DIR).is_dir() else []
+    return {
+        "cache": str(cache.root),
+        "teacher": m["teacher"],
+        "num_classes": cache.num_classes, "topk": cache.topk, "store_logits": m["store_logits"],
+        "precision": m["precision"], "seeds": cache.num_seeds, "seeds_per_unit": cache.seeds_per_unit,
+        "recipe_fingerprint": m["recipe_fingerprint"], "shards": {k: m["shards"][k] for k in
+                                                                  ("path", "content_hash", "num_shards", "num_samples")},
+        "units": {"total": len(units), "done": len(done), "missing": len(missing),
+                  "missing_names": [u.name for u in missing[:20]], "locks_present": locks[:20]},
+        "records": {"done": records_done, "total": records_total},
+        "bytes": {"total": total_bytes, "arrays": sum(arrays.values()), "per_array": arrays,
+                  "parts": usage},
+        "bytes_per_record": {"arrays": ratio(sum(arrays.values()), records_done),
+                             "total": ratio(total_bytes, records_done),
+                             "per_array": {k: ratio(v, records_done) for k, v in arrays.items()}},
+        "teacher_quality": {
+            "records_checked": int(tot["records"]),
+            "top1_vs_label": ratio(tot["top1"], tot["records"]),
+            "unmixed_records": int(tot["unmixed"]),
+            "top1_vs_label_unmixed": ratio(tot["unmixed_top1"], tot["unmixed"]),
+            "agreement_with_dominant_label": ratio(tot["dominant"], tot["records"]),
+            "argmax_is_either_label": ratio(tot["either"], tot["records"]),
+            "mean_topk_mass": ratio(tot["mass"], tot["records"]),
+        },
+        "per_seed": [{"seed": seed,
+                      "units_done": sum(1 for u in done if seed in u.seeds),
+                      "units_total": cache.num_shards,
+                      "records_checked": int(r["records"]),
+                      "top1_vs_label": ratio(r["top1"], r["records"]),
+                      "agreement_with_dominant_label": ratio(r["dominant"], r["records"]),
+                      "mean_topk_mass": ratio(r["mass"], r["records"])}
+                     for seed, r in sorted(per_seed.items())] +
+                    [{"seed": seed, "units_done": 0, "units_total": cache.num_shards, "records_checked": 0}
+                     for seed in range(cache.num_seeds) if seed not in per_seed],
+    }
+
+
+def format_inspection(info: dict) -> str:
+    """The human-readable report of inspect_cache's dict."""
+    t, u, r, b, q = info["teacher"], info["units"], info["records"], info["bytes"], info["teacher_quality"]
+    bpr = info["bytes_per_record"]
+    lines = [
+        f"cache {info['cache']}",
+        f"  teacher      {t['name']}  weights {str(t.get('weights_sha256'))[:12]}…"
+        + (f"  checkpoint {t['checkpoint']}" if t.get("checkpoint") else "  (timm pretrained)"),
+        f"  classes {info['num_classes']}  top-k {info['topk']}  store {info['store_logits']}  "
+        f"precision {info['precision']}  seeds {info['seeds']} ({info['seeds_per_unit']} per unit)",
+        f"  shards       {info['shards']['path']}  ({info['shards']['num_shards']} shards, "
+        f"{info['shards']['num_samples']} samples, hash {info['shards']['content_hash'][:12]}…)",
+        f"  units        {u['done']}/{u['total']} done, {u['missing']} missing"
+        + (f" (e.g. {', '.join(u['missing_names'][:3])})" if u["missing"] else ""),
+        f"  records      {r['done']}/{r['total']} (sample x seed)",
+        f"  disk         {b['total']:,} B total, arrays {b['arrays']:,} B  ->  "
+        f"{_fmt(bpr['arrays'])} B/record (arrays), {_fmt(bpr['total'])} B/record (everything)",
+        "               " + ", ".join(f"{k} {_fmt(v)} B/rec" for k, v in bpr["per_array"].items()),
+        f"  teacher      top-1 vs label {_pct(q['top1_vs_label'])}, agreement with dominant mixed label "
+        f"{_pct(q['agreement_with_dominant_label'])}, argmax is either label {_pct(q['argmax_is_either_label'])}"
+        + (f", unmixed top-1 {_pct(q['top1_vs_label_unmixed'])} on {q['unmixed_records']}" if q["unmixed_records"] else "")
+        + f"; mean top-{info['topk']} mass {_fmt(q['mean_topk_mass'])} ({q['records_checked']} records checked)",
+        "  per seed     seed  units  top-1   dominant  top-k mass",
+    ]
+    for row in info["per_seed"]:
+        lines.append(f"               {row['seed']:>4}  {row['units_done']:>2}/{row['units_total']:<3}"
+                     f" {_pct(row.get('top1_vs_label')):>7}  {_pct(row.get('agreement_with_dominant_label')):>7}"
+                     f"  {_fmt(row.get('mean_topk_mass')):>6}")
+    if u["locks_present"]:
+        lines.append(f"  locks        {len(u['locks_present'])} lock file(s) present (running or crashed jobs): "
+                     + ", ".join(u["locks_present"][:3]))
+    return "\n".join(lines)
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"

@@ -1,0 +1,114 @@
+"""Where things live in a cache folder, and how the work is cut into units.
+
+A unit is one shard × one range of `seeds_per_unit` augmentation seeds. In every array it
+is exactly one storage shard of the zarr sharding codec, i.e. one file
+`arrays.zarr/<array>/c/<seed_block>/<shard>/0` (zarr 3 default chunk-key encoding, "/"
+separator; checked against the installed zarr by the tests), so a unit can be committed
+by renaming that one file per array into place.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from zarr.codecs import BloscCodec, Crc32cCodec
+
+MANIFEST_FILE = "manifest.json"
+INDEX_FILE = "index.parquet"
+ARRAYS_DIR = "arrays.zarr"
+UNITS_DIR = "units"
+TMP_DIR = "tmp"          # private scratch space of running jobs (same file system, for os.replace)
+
+TOPK_INDICES = "topk_indices"
+TOPK_LOGPROBS = "topk_logprobs"
+LOGITS = "logits"
+
+
+@dataclass(frozen=True, order=True)
+class Unit:
+    """One work unit: shard `shard`, aug seeds seed_start .. seed_stop-1 (sorted by seed block first)."""
+    seed_block: int
+    shard: int
+    seed_start: int
+    seed_stop: int
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.shard:06d}_seeds-{self.seed_start:06d}-{self.seed_stop - 1:06d}"
+
+    @property
+    def seeds(self) -> range:
+        return range(self.seed_start, self.seed_stop)
+
+    def __str__(self) -> str:
+        return f"{self.name} (shard {self.shard}, seeds {self.seed_start}..{self.seed_stop - 1})"
+
+
+def all_units(num_shards: int, num_seeds: int, seeds_per_unit: int) -> list[Unit]:
+    """Every unit, sorted by (seed block, shard): early seeds finish first, so stage two can start."""
+    units = []
+    for block, start in enumerate(range(0, num_seeds, seeds_per_unit)):
+        stop = min(start + seeds_per_unit, num_seeds)
+        units.extend(Unit(block, shard, start, stop) for shard in range(num_shards))
+    return units
+
+
+def unit_of(shard: int, aug_seed: int, num_seeds: int, seeds_per_unit: int) -> Unit:
+    block = aug_seed // seeds_per_unit
+    start = block * seeds_per_unit
+    return Unit(block, shard, start, min(start + seeds_per_unit, num_seeds))
+
+
+def select_units(units: list[Unit], num_jobs: int, job_index: int) -> list[Unit]:
+    """Job `job_index` of `num_jobs` takes every num_jobs-th unit of the sorted list (round-robin).
+
+    Round-robin rather than contiguous blocks: every job gets early seed blocks first, and the
+    last shard (often shorter) does not all land on one job.
+    """
+    if num_jobs < 1 or not 0 <= job_index < num_jobs:
+        raise ValueError(f"job index {job_index} is not in 0..{num_jobs - 1}")
+    return sorted(units)[job_index::num_jobs]
+
+
+def storage_shard_path(root: Path, array: str, unit: Unit) -> Path:
+    """The one file holding `unit` in `array` (chunk grid = storage shards (seeds_per_unit, rows, K|C))."""
+    return Path(root) / ARRAYS_DIR / array / "c" / str(unit.seed_block) / str(unit.shard) / "0"
+
+
+def unit_json_path(root: Path, unit: Unit) -> Path:
+    return Path(root) / UNITS_DIR / f"{unit.name}.json"
+
+
+def index_dtype(num_classes: int) -> np.dtype:
+    """Smallest unsigned type that holds every class index (uint8 up to 256 classes)."""
+    for dtype in (np.uint8, np.uint16, np.uint32):
+        if num_classes - 1 <= np.iinfo(dtype).max:
+            return np.dtype(dtype)
+    raise ValueError(f"{num_classes} classes do not fit a uint32 index")
+
+
+def array_specs(num_seeds: int, num_shards: int, rows_per_shard: int, num_classes: int, topk: int,
+                seeds_per_unit: int, store_full: bool) -> dict[str, dict]:
+    """Shape, dtype, inner chunk and storage shard of each array (see DESIGN.md)."""
+    rows = num_shards * rows_per_shard
+    specs = {
+        TOPK_INDICES: dict(dtype=index_dtype(num_classes).name, width=topk, fill_value=0),
+        # NaN fill: a chunk that was never written reads as NaN, which the reader refuses.
+        TOPK_LOGPROBS: dict(dtype="float16", width=topk, fill_value="NaN"),
+    }
+    if store_full:
+        specs[LOGITS] = dict(dtype="float16", width=num_classes, fill_value="NaN")
+    for spec in specs.values():
+        width = spec.pop("width")
+        spec.update(shape=[num_seeds, rows, width], chunks=[1, rows_per_shard, width],
+                    shards=[seeds_per_unit, rows_per_shard, width])
+    return specs
+
+
+def compressors(dtype: str) -> list:
+    """Per inner chunk: blosc-zstd level 9 with byte shuffle (groups the fp16 high bytes; a no-op
+    for uint8), then crc32c so a damaged chunk raises instead of decoding to wrong numbers.
+    Chosen by measurement on digits (bench/bench_cache_teacher.py --codecs): 21.4 B/record at
+    K=10 against 22.4 (zstd level 5), 23.3 (bitshuffle) and 23.1 (plain zstd, no blosc)."""
+    return [BloscCodec(cname="zstd", clevel=9, shuffle="shuffle", typesize=np.dtype(dtype).itemsize), Crc32cCodec()]

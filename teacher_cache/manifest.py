@@ -1,0 +1,205 @@
+"""The cache's manifest.json: what was computed, from what, and how it is laid out.
+
+Written once, by whichever job gets there first, atomically: each job writes its own
+candidate aside and hard-links it to manifest.json (os.link fails if the name exists, so
+exactly one job wins); every other job reads the winner's and checks it matches its own
+settings. The fields that decide the numbers (IDENTITY_FIELDS) must match for any job to
+add to the cache; the rest is description.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import platform
+import socket
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numcodecs
+import pyarrow
+import zarr
+
+from data_shards.augment import pixel_library_versions
+
+from .errors import CacheError
+from .layout import MANIFEST_FILE
+
+FORMAT = "deit-pipeline teacher cache"
+FORMAT_VERSION = 1
+
+# (dotted path in the manifest, what to call it in messages)
+IDENTITY_FIELDS = (
+    ("format_version", "cache format version"),
+    ("shards.content_hash", "shards content hash"),
+    ("shards.num_shards", "number of shards"),
+    ("shards.rows_per_shard", "shard size"),
+    ("num_classes", "class count"),
+    ("recipe_fingerprint", "augmentation recipe fingerprint"),
+    ("teacher.name", "teacher"),
+    ("teacher.weights_sha256", "teacher weights (sha256 of the state dict)"),
+    ("teacher.model_kwargs", "teacher constructor arguments"),
+    ("precision", "teacher precision"),
+    ("seeds", "number of augmentation seeds"),
+    ("seeds_per_unit", "seeds per unit"),
+    ("topk", "top-k K"),
+    ("store_logits", "--store-logits"),
+)
+
+
+def library_versions() -> dict[str, str]:
+    return {**pixel_library_versions(), "zarr": zarr.__version__, "numcodecs": numcodecs.__version__,
+            "pyarrow": pyarrow.__version__, "python": platform.python_version()}
+
+
+def build_manifest(*, shard_set, recipe, teacher_info: dict, num_seeds: int, seeds_per_unit: int, topk: int,
+                   store_full: bool, precision: str, arrays: dict, num_units: int) -> dict:
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "created_by": {"host": socket.gethostname(), "pid": os.getpid(), "argv": sys.argv},
+        "teacher": {k: teacher_info.get(k) for k in ("name", "checkpoint", "checkpoint_sha256",
+                                                     "weights_sha256", "pretrained", "model_kwargs")},
+        "num_classes": shard_set.num_classes,
+        "classes": shard_set.metadata.get("classes"),
+        "topk": topk,
+        "store_logits": "full" if store_full else "topk",
+        "precision": precision,
+        "seeds": num_seeds,
+        "seeds_per_unit": seeds_per_unit,
+        "recipe": recipe.to_dict(),
+        "recipe_fingerprint": recipe.fingerprint(),
+        "shards": {"path": str(Path(shard_set.root).resolve()), "content_hash": shard_set.content_hash,
+                   "num_shards": shard_set.num_shards, "shard_counts": shard_set.shard_counts,
+                   "rows_per_shard": shard_set.rows_per_shard, "num_samples": sum(shard_set.shard_counts),
+                   "split": shard_set.metadata.get("split")},
+        "arrays": arrays,
+        "units": {"count": num_units, "dir": "units",
+                  "status": "a unit is done when units/<unit>.json exists; see `deit-pipeline inspect-cache`"},
+        "library_versions": library_versions(),
+    }
+
+
+def _get(manifest: dict, dotted: str):
+    value = manifest
+    for part in dotted.split("."):
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def manifest_differences(existing: dict, wanted: dict) -> list[str]:
+    """Human-readable list of the identity fields that differ (empty when compatible)."""
+    diffs = []
+    for path, label in IDENTITY_FIELDS:
+        old, new = _get(existing, path), _get(wanted, path)
+        if old != new:
+            diffs.append(f"{label}: cache has {_short(old)}, this run has {_short(new)}")
+            if path == "recipe_fingerprint":
+                diffs.extend(recipe_differences(existing, wanted))
+    return diffs
+
+
+def recipe_differences(existing: dict, wanted: dict) -> list[str]:
+    """Which recipe fields or pixel libraries explain a fingerprint difference."""
+    out = []
+    old_recipe, new_recipe = existing.get("recipe") or {}, wanted.get("recipe") or {}
+    for key in sorted(set(old_recipe) | set(new_recipe)):
+        if old_recipe.get(key) != new_recipe.get(key):
+            out.append(f"  recipe {key}: cache {old_recipe.get(key)!r}, this run {new_recipe.get(key)!r}")
+    old_lib, new_lib = existing.get("library_versions") or {}, wanted.get("library_versions") or {}
+    for key in sorted(pixel_library_versions()):
+        if old_lib.get(key) != new_lib.get(key):
+            out.append(f"  library {key}: cache {old_lib.get(key)}, this run {new_lib.get(key)} "
+                       "(the augmented pixels may differ)")
+    return out
+
+
+def _short(value) -> str:
+    if isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value):
+        return value[:12] + "…"
+    return repr(value)
+
+
+def read_manifest(root: str | os.PathLike, retries: int = 20) -> dict:
+    path = Path(root) / MANIFEST_FILE
+    for attempt in range(retries):
+        try:
+            text = path.read_text()
+            manifest = json.loads(text)
+            break
+        except FileNotFoundError:
+            raise CacheError(f"{path} not found: {root} is not a teacher cache "
+                             "(create one with `deit-pipeline cache-teacher`)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            # Only the fallback writer (no hard links) can expose a half-written file: wait.
+            if attempt + 1 == retries:
+                raise CacheError(f"{path} is not valid JSON ({exc}); the cache is damaged - "
+                                 "recreate it in a new folder") from None
+            time.sleep(0.1)
+    if manifest.get("format") != FORMAT:
+        raise CacheError(f"{path} is not a teacher-cache manifest (format {manifest.get('format')!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CacheError(f"{path}: cache format version {manifest.get('format_version')} is not "
+                         f"{FORMAT_VERSION}; recreate the cache with this version of deit-pipeline")
+    return manifest
+
+
+def write_json_atomic(path: Path, obj: dict) -> None:
+    """Write aside, fsync, rename: readers see the old file or the whole new one."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def create_or_match_manifest(root: Path, wanted: dict) -> tuple[dict, bool]:
+    """Install `wanted` as root/manifest.json unless one exists; return (manifest in force, created).
+
+    Raises CacheError naming every identity field that differs from an existing manifest.
+    """
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / MANIFEST_FILE
+    if not path.exists():
+        tmp = root / f".{MANIFEST_FILE}.{uuid.uuid4().hex}.tmp"
+        with open(tmp, "w") as f:
+            f.write(json.dumps(wanted, indent=1, sort_keys=True) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)           # atomic "create if absent": exactly one job wins
+            return wanted, True
+        except FileExistsError:
+            pass                         # another job was first: check it below
+        except OSError as exc:           # file systems without hard links
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                raise
+            if _create_exclusive(path, tmp):
+                return wanted, True
+        finally:
+            tmp.unlink(missing_ok=True)
+    existing = read_manifest(root)
+    diffs = manifest_differences(existing, wanted)
+    if diffs:
+        raise CacheError(f"{root} already holds a cache computed differently:\n  " + "\n  ".join(diffs) +
+                         "\nUse another --out folder, or rerun with the cache's settings "
+                         "(`deit-pipeline inspect-cache " + str(root) + "` shows them)")
+    return existing, False
+
+
+def _create_exclusive(path: Path, tmp: Path) -> bool:
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(tmp.read_text())
+        f.flush()
+        os.fsync(f.fileno())
+    return True

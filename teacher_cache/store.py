@@ -1,0 +1,147 @@
+"""Zarr storage of a cache: creating the arrays, committing one unit atomically, reading a chunk.
+
+Commit protocol of a unit (see DESIGN.md):
+  1. write the unit's region into a private zarr array under CACHE/tmp/ whose zarr.json is
+     a copy of the real array's (same metadata -> same chunk grid and encoding), so zarr
+     writes exactly one storage-shard file per array;
+  2. fsync it and os.replace it onto arrays.zarr/<array>/c/<block>/<shard>/0 (atomic);
+  3. write units/<unit>.json aside and rename it: from this moment the unit exists.
+A job killed anywhere before 3 leaves a unit that is simply not done; the rerun
+overwrites whatever files it had renamed.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import zarr
+from zarr.storage import LocalStore
+
+from .errors import CacheError
+from .layout import ARRAYS_DIR, TMP_DIR, UNITS_DIR, Unit, compressors, storage_shard_path, unit_json_path
+from .locks import pid_alive
+from .manifest import write_json_atomic
+
+
+def ensure_arrays(root: Path, specs: dict[str, dict]) -> None:
+    """Create arrays.zarr and its arrays (metadata only) unless present; idempotent across jobs.
+
+    Each job builds the metadata in private scratch space and renames the zarr.json files
+    into place; all jobs produce the same bytes, so the last rename wins harmlessly.
+    """
+    arrays_root = Path(root) / ARRAYS_DIR
+    if all((arrays_root / name / "zarr.json").exists() for name in specs) and (arrays_root / "zarr.json").exists():
+        check_array_metadata(root, specs)
+        return
+    scratch = private_dir(root, "create-arrays")
+    try:
+        group = zarr.open_group(LocalStore(scratch / ARRAYS_DIR), mode="w", zarr_format=3)
+        for name, spec in specs.items():
+            group.create_array(name, shape=tuple(spec["shape"]), dtype=spec["dtype"], chunks=tuple(spec["chunks"]),
+                               shards=tuple(spec["shards"]), compressors=compressors(spec["dtype"]),
+                               fill_value=float("nan") if spec["fill_value"] == "NaN" else spec["fill_value"],
+                               dimension_names=("aug_seed", "row", "class" if name == "logits" else "rank"))
+        for rel in ["zarr.json", *(f"{name}/zarr.json" for name in specs)]:
+            dest = arrays_root / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(scratch / ARRAYS_DIR / rel, dest)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    check_array_metadata(root, specs)
+
+
+def check_array_metadata(root: Path, specs: dict[str, dict]) -> None:
+    for name, spec in specs.items():
+        path = Path(root) / ARRAYS_DIR / name / "zarr.json"
+        try:
+            meta = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise CacheError(f"cannot read {path}: {exc}; the cache is damaged - recreate it") from None
+        inner = meta["codecs"][0]["configuration"]["chunk_shape"] if meta.get("codecs") else None
+        got = (meta.get("shape"), meta.get("data_type"), meta["chunk_grid"]["configuration"]["chunk_shape"], inner)
+        want = (spec["shape"], spec["dtype"], spec["shards"], spec["chunks"])
+        if [list(x) if isinstance(x, (list, tuple)) else x for x in got] != [list(x) if isinstance(x, (list, tuple)) else x for x in want]:
+            raise CacheError(f"{path} describes shape/dtype/shards/chunks {got}, the manifest implies {want}; "
+                             "the cache is damaged - recreate it")
+
+
+def private_dir(root: Path, purpose: str) -> Path:
+    """A scratch folder under CACHE/tmp named after its owner (host, pid), for cleanup."""
+    path = Path(root) / TMP_DIR / f"{purpose}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    path.mkdir(parents=True)
+    return path
+
+
+def clean_stale_scratch(root: Path, stale_after: float) -> int:
+    """Remove scratch folders of dead jobs on this host, or older than `stale_after` (any host)."""
+    tmp = Path(root) / TMP_DIR
+    if not tmp.is_dir():
+        return 0
+    removed, host, now = 0, socket.gethostname(), time.time()
+    for entry in tmp.iterdir():
+        parts = entry.name.split(".")
+        try:
+            dead = parts[-3] == host and not pid_alive(int(parts[-2]))
+            old = now - entry.stat().st_mtime > stale_after
+        except (IndexError, ValueError, FileNotFoundError):
+            continue
+        if dead or old:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def _fsync_sha256(path: Path) -> tuple[str, int]:
+    h = hashlib.sha256()
+    with open(path, "rb+") as f:
+        data = f.read()
+        os.fsync(f.fileno())
+    h.update(data)
+    return h.hexdigest(), len(data)
+
+
+def commit_unit(root: Path, unit: Unit, rows_per_shard: int, buffers: dict[str, np.ndarray], record: dict) -> dict:
+    """Atomically add `unit` (buffers[array] has shape (len(unit.seeds), rows_per_shard, width)) to the cache.
+
+    Returns the unit record written to units/<unit>.json (with the file digests added).
+    """
+    root = Path(root)
+    scratch = private_dir(root, unit.name)
+    try:
+        files = {}
+        staged = {}
+        for name, data in buffers.items():
+            meta = root / ARRAYS_DIR / name / "zarr.json"
+            (scratch / name).mkdir()
+            shutil.copyfile(meta, scratch / name / "zarr.json")
+            arr = zarr.open_array(LocalStore(scratch / name), mode="r+")
+            rows = slice(unit.shard * rows_per_shard, (unit.shard + 1) * rows_per_shard)
+            arr[unit.seed_start:unit.seed_stop, rows] = data
+            rel = storage_shard_path(Path("."), name, unit).relative_to(Path(ARRAYS_DIR) / name)
+            staged[name] = scratch / name / rel
+            if not staged[name].is_file():
+                raise CacheError(f"zarr did not write the expected storage shard {rel} for {unit}; "
+                                 f"this zarr ({zarr.__version__}) lays files out differently")
+            sha, nbytes = _fsync_sha256(staged[name])
+            files[name] = {"path": str(storage_shard_path(Path("."), name, unit)), "sha256": sha, "bytes": nbytes}
+        for name, src in staged.items():
+            dest = storage_shard_path(root, name, unit)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dest)
+        record = {**record, "files": files}
+        (root / UNITS_DIR).mkdir(exist_ok=True)
+        write_json_atomic(unit_json_path(root, unit), record)   # the commit point
+        return record
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def open_array(root: Path, name: str) -> zarr.Array:
+    return zarr.open_array(LocalStore(Path(root) / ARRAYS_DIR / name, read_only=True), mode="r")

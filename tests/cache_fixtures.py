@@ -1,0 +1,127 @@
+"""Fixtures and helpers for the stage-one tests (imported by tests/test_cache_*.py).
+
+Real data only: scikit-learn's digits as shards, and small timm teachers that the tests
+build and save themselves (no downloads). Input size 32 and shards of 40 images keep a
+whole cache under a couple of seconds while giving many units (a partial last shard and
+a partial last seed block included).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data_shards import AugRecipe, make_shards
+
+TEACHER_ARCH = "test_efficientnet"
+RECIPE = AugRecipe(input_size=32)
+SEEDS = 3
+SEEDS_PER_UNIT = 2
+REPO = Path(__file__).resolve().parents[1]
+CLI = str(Path(sys.executable).with_name("deit-pipeline"))
+
+
+def make_teacher(seed: int = 0, arch: str = TEACHER_ARCH, num_classes: int = 10) -> torch.nn.Module:
+    """A randomly initialised small timm convnet; the head is scaled so its predictions vary."""
+    import timm
+    torch.manual_seed(seed)
+    model = timm.create_model(arch, num_classes=num_classes).eval()
+    with torch.no_grad():
+        model.get_classifier().weight.mul_(30.0)
+    return model
+
+
+def cache_kwargs(**overrides) -> dict:
+    base = dict(teacher=TEACHER_ARCH, seeds=SEEDS, seeds_per_unit=SEEDS_PER_UNIT, recipe=RECIPE, batch_size=16,
+                device="cpu", progress=False, log=lambda msg: None)
+    base.update(overrides)
+    return base
+
+
+def cli_args(shards, out, checkpoint, *extra) -> list[str]:
+    """The cache-teacher command line equivalent to cache_kwargs()."""
+    return [CLI, "cache-teacher", "--shards", str(shards), "--out", str(out), "--teacher", TEACHER_ARCH,
+            "--teacher-checkpoint", str(checkpoint), "--seeds", str(SEEDS), "--seeds-per-unit", str(SEEDS_PER_UNIT),
+            "--input-size", "32", "--batch-size", "16", "--device", "cpu", "--no-progress", *extra]
+
+
+def run_cli(args, env_extra: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def cache_snapshot(root: Path) -> dict:
+    """Everything that must be identical between two computations of the same cache:
+    the storage files' bytes, the arrays' values, and each unit's digests and file hashes."""
+    import zarr
+    root = Path(root)
+    files = {}
+    for folder, _, names in os.walk(root / "arrays.zarr"):
+        for name in names:
+            path = Path(folder) / name
+            files[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    arrays = {}
+    for name in ("topk_indices", "topk_logprobs", "logits"):
+        if (root / "arrays.zarr" / name).is_dir():
+            arrays[name] = np.asarray(zarr.open_array(str(root / "arrays.zarr" / name), mode="r")[:])
+    units = {}
+    for path in sorted((root / "units").glob("*.json")):
+        record = json.loads(path.read_text())
+        units[path.stem] = {"digests": record["digests"], "files": record["files"], "count": record["count"]}
+    return {"files": files, "arrays": arrays, "units": units}
+
+
+def assert_same_cache(a: Path, b: Path) -> None:
+    sa, sb = cache_snapshot(a), cache_snapshot(b)
+    assert sa["units"].keys() == sb["units"].keys()
+    assert sa["units"] == sb["units"]
+    assert sa["files"] == sb["files"]
+    assert sa["arrays"].keys() == sb["arrays"].keys()
+    for name in sa["arrays"]:
+        np.testing.assert_array_equal(sa["arrays"][name], sb["arrays"][name])
+
+
+def leftovers(root: Path) -> list[str]:
+    """Scratch folders and lock files a finished run should not leave."""
+    out = [str(p) for p in (Path(root) / "tmp").glob("*")] if (Path(root) / "tmp").is_dir() else []
+    return out + [str(p) for p in (Path(root) / "units").glob("*.lock.*")]
+
+
+@pytest.fixture(scope="session")
+def small_shards(tmp_path_factory) -> Path:
+    """Digits' val split (354 images) in shards of 40: 9 shards, the last one with 34."""
+    root = tmp_path_factory.mktemp("cache_shards") / "val"
+    make_shards("digits", root, split="val", shard_size=40, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def other_shards(tmp_path_factory) -> Path:
+    """Same images, other shard size: another content hash."""
+    root = tmp_path_factory.mktemp("cache_shards_other") / "val"
+    make_shards("digits", root, split="val", shard_size=50, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def teacher_checkpoint(tmp_path_factory) -> Path:
+    """The test teacher saved in DeiT's format: {'model': state_dict}."""
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
+    torch.save({"model": make_teacher().state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference_cache(tmp_path_factory, small_shards, teacher_checkpoint) -> Path:
+    """One uninterrupted single-job run: what every other way of computing must reproduce."""
+    from teacher_cache import cache_teacher
+    out = tmp_path_factory.mktemp("reference") / "cache"
+    cache_teacher(small_shards, out, teacher_checkpoint=teacher_checkpoint, **cache_kwargs())
+    return out

@@ -1,0 +1,146 @@
+"""Stage one computes exactly the teacher's outputs on the replayed images, laid out as designed."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import zarr
+
+from cache_fixtures import (RECIPE, SEEDS, SEEDS_PER_UNIT, cache_kwargs, leftovers, make_teacher, other_shards,  # noqa: F401
+                            reference_cache, small_shards, teacher_checkpoint)
+from data_shards import ShardSet, replay_shard, tensor_digest
+from teacher_cache import CacheError, TeacherCache, cache_teacher, encode_teacher_logits
+from teacher_cache.layout import all_units, storage_shard_path
+
+
+def teacher_on(replayed, model, store_full=False, topk=10, batch=16):
+    """Run the teacher on batches of `batch` consecutive replayed images (16 = the cache's
+    batching), encode; returned in shard position order."""
+    with torch.no_grad():
+        logits = torch.cat([model(torch.stack([r.image for r in replayed[i:i + batch]]))
+                            for i in range(0, len(replayed), batch)])
+    order = torch.tensor([r.position for r in replayed]).argsort()
+    return encode_teacher_logits(logits, topk, store_full).select(order)
+
+
+def direct_targets(shard_set, shard, seed, model, store_full=False, topk=10):
+    """The reference: replay the shard (the only image path), run the teacher, encode."""
+    replayed = list(replay_shard(shard_set.read_shard(shard), seed, RECIPE))
+    return teacher_on(replayed, model, store_full, topk), replayed
+
+
+def test_stored_targets_equal_a_direct_teacher_forward(reference_cache, small_shards):
+    cache = TeacherCache.open(reference_cache)
+    shard_set = ShardSet.open(small_shards)
+    model = make_teacher()
+    assert cache.missing_units() == []
+    labels_seen = set()
+    for shard in range(shard_set.num_shards):
+        for seed in range(SEEDS):
+            want, replayed = direct_targets(shard_set, shard, seed, model)
+            got = cache.read(shard, seed)
+            assert len(got) == shard_set.shard_counts[shard]
+            assert torch.equal(got.topk_indices, want.topk_indices)
+            assert torch.equal(got.topk_logprobs, want.topk_logprobs)
+            assert got.logits is None
+            if shard % 4 == 0:   # one image at a time: same argmax, log-probs within fp16 rounding
+                alone = teacher_on(replayed, model, batch=1)
+                assert torch.equal(got.label, alone.label)
+                torch.testing.assert_close(got.topk_logprobs, alone.topk_logprobs, rtol=0, atol=4e-3)
+            labels_seen.update(got.label.tolist())
+            # The digests recorded at compute time are those of the first replayed images.
+            expected = {r.key: tensor_digest(r.image) for r in replayed[:2]}
+            assert cache.unit_digests(shard, seed) == expected
+    assert len(labels_seen) > 3          # the teacher is not constant: the comparison means something
+
+
+def test_storage_layout_is_one_file_per_unit_and_array(reference_cache, small_shards):
+    """Verified against the installed zarr: each unit is exactly one storage-shard file per array."""
+    cache = TeacherCache.open(reference_cache)
+    units = all_units(cache.num_shards, SEEDS, SEEDS_PER_UNIT)
+    assert len(units) == 9 * 2                   # 9 shards x seed blocks {0,1}, {2}
+    expected = {storage_shard_path(reference_cache, name, u) for name in cache.array_names for u in units}
+    present = {p for p in (reference_cache / "arrays.zarr").rglob("*") if p.is_file() and p.name != "zarr.json"}
+    assert present == expected
+    meta = json.loads((reference_cache / "arrays.zarr" / "topk_indices" / "zarr.json").read_text())
+    assert meta["data_type"] == "uint8"
+    assert meta["chunk_grid"]["configuration"]["chunk_shape"] == [SEEDS_PER_UNIT, 40, 10]
+    sharding = meta["codecs"][0]
+    assert sharding["name"] == "sharding_indexed"
+    assert sharding["configuration"]["chunk_shape"] == [1, 40, 10]
+    arr = zarr.open_array(str(reference_cache / "arrays.zarr" / "topk_logprobs"), mode="r")
+    assert arr.dtype == np.float16 and arr.shape == (SEEDS, 9 * 40, 10)
+    # The partial last shard: rows past its 34 samples were never written.
+    assert np.isnan(arr[0, 8 * 40 + 34:]).all() and not np.isnan(arr[0, 8 * 40:8 * 40 + 34]).any()
+    assert leftovers(reference_cache) == []
+    index = cache.read_index()
+    assert index.num_rows == 354
+    rows = index.column("row").to_numpy()
+    np.testing.assert_array_equal(rows, index.column("shard").to_numpy() * 40 + index.column("position").to_numpy())
+
+
+def test_full_logit_mode_stores_fp16_logits(tmp_path, small_shards, teacher_checkpoint):
+    out = tmp_path / "full"
+    cache_teacher(small_shards, out, teacher_checkpoint=teacher_checkpoint,
+                  **cache_kwargs(seeds=1, store_logits="full", topk=3))
+    cache = TeacherCache.open(out)
+    assert cache.has_logits and cache.topk == 3
+    shard_set = ShardSet.open(small_shards)
+    model = make_teacher()
+    for shard in (0, 8):
+        want, _ = direct_targets(shard_set, shard, 0, model, store_full=True, topk=3)
+        got = cache.read(shard, 0)
+        assert got.logits.shape == (shard_set.shard_counts[shard], 10)
+        assert torch.equal(got.logits, want.logits)
+        assert torch.equal(got.topk_indices, want.topk_indices)
+        assert torch.equal(got.topk_logprobs, want.topk_logprobs)
+        assert torch.equal(got.logits.argmax(1), got.label)
+        # log-probs are consistent with the stored logits
+        lp = torch.log_softmax(got.logits, 1).gather(1, got.topk_indices)
+        torch.testing.assert_close(lp, got.topk_logprobs, rtol=0, atol=2e-2)
+
+
+def test_workers_produce_the_same_cache(tmp_path, small_shards, teacher_checkpoint, reference_cache):
+    from cache_fixtures import assert_same_cache
+    out = tmp_path / "workers"
+    summary = cache_teacher(small_shards, out, teacher_checkpoint=teacher_checkpoint, **cache_kwargs(workers=2))
+    assert summary["units_computed"] == 18
+    assert_same_cache(reference_cache, out)
+    assert leftovers(out) == []
+
+
+def test_read_refuses_missing_and_damaged_units(tmp_path, small_shards, teacher_checkpoint):
+    out = tmp_path / "partial"
+    cache_teacher(small_shards, out, teacher_checkpoint=teacher_checkpoint, **cache_kwargs(max_units=3))
+    cache = TeacherCache.open(out)
+    missing = cache.missing_units()
+    assert len(missing) == 18 - 3
+    with pytest.raises(CacheError, match=r"shard-000003_seeds-000000-000001 .* not computed.*deit-pipeline cache-teacher"):
+        cache.read(3, 1)
+    with pytest.raises(CacheError, match="aug seed 7 is not in this cache"):
+        cache.read(0, 7)
+    done = [u for u in cache.units() if cache.is_done(u)]
+    first = done[0]
+    cache.read(first.shard, first.seed_start)            # fine before the damage
+    path = storage_shard_path(out, "topk_logprobs", first)
+    data = bytearray(path.read_bytes())
+    data[10] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match=rf"{first.name} .*damaged.*topk_logprobs.*delete .*{first.name}.json"):
+        TeacherCache.open(out).read(first.shard, first.seed_start)
+    second = done[1]
+    storage_shard_path(out, "topk_indices", second).unlink()
+    with pytest.raises(CacheError, match=rf"{second.name} .*damaged.*missing"):
+        TeacherCache.open(out).read(second.shard, second.seed_start)
+
+
+def test_check_compatible_names_what_differs(reference_cache, small_shards, other_shards):
+    cache = TeacherCache.open(reference_cache)
+    cache.check_compatible(ShardSet.open(small_shards), RECIPE)
+    with pytest.raises(CacheError, match="shards content hash"):
+        cache.check_compatible(ShardSet.open(other_shards), RECIPE)
+    with pytest.raises(CacheError, match=r"recipe fingerprint(.|\n)*recipe reprob: cache 0.25, this run 0.0"):
+        cache.check_compatible(ShardSet.open(small_shards), RECIPE.with_overrides(reprob=0.0))
+    assert cache.recipe == RECIPE and cache.num_seeds == SEEDS and cache.topk == 10 and cache.num_classes == 10
