@@ -1,2 +1,20 @@
-"""Commands of this stage (registered on pipeline.cli.main)."""
-from .cli import main  # noqa: F401
+"""`deit-pipeline demo`: the embedded two-stage demo on digits (a thin wrapper over pipeline.demo)."""
+from __future__ import annotations
+
+import click
+
+from .cli import main, run_or_explain
+
+
+@main.command("demo")
+@click.option("--out", default="demo_out", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for shards, checkpoints, the cache and the results (replaced if it exists).")
+@click.option("--device", default="auto", show_default=True, help="auto (GPU when there is one), cpu or cuda.")
+@click.option("--quick", is_flag=True, help="Two epochs per model: checks the wiring in about a minute.")
+def demo_cmd(out, device, quick):
+    """Whole two-stage flow on scikit-learn's digits: shards, teacher, cache, 3 students, results."""
+    from .demo import DemoSettings, run_demo
+
+    settings = DemoSettings.quick() if quick else DemoSettings()
+    settings.device = device
+    run_or_explain(run_demo, out, settings)
