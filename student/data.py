@@ -113,6 +113,11 @@ class ReplayedUnit:
     lam: torch.Tensor             # (n,) float32
     images: torch.Tensor          # (n, 3, H, W) float32, mixed and augmented
 
+    def pin_memory(self) -> "ReplayedUnit":
+        """Called by DataLoader(pin_memory=True): page-locked images copy to the GPU asynchronously."""
+        self.images = self.images.pin_memory()
+        return self
+
 
 def replay_unit(shard_set: ShardSet, shard: int, aug_seed: int, recipe: AugRecipe) -> ReplayedUnit:
     replayed = list(replay_shard(shard_set.read_shard(shard), aug_seed, recipe))
@@ -144,13 +149,14 @@ def _as_is(unit: ReplayedUnit) -> ReplayedUnit:
 
 
 def iter_units(shard_set: ShardSet, units: list[tuple[int, int]], recipe: AugRecipe,
-               workers: int = 0) -> Iterator[ReplayedUnit]:
+               workers: int = 0, pin_memory: bool = False) -> Iterator[ReplayedUnit]:
     if workers <= 0:
         for shard, aug_seed in units:
             yield replay_unit(shard_set, shard, aug_seed, recipe)
         return
     loader = DataLoader(_UnitDataset(shard_set, units, recipe), batch_size=None, shuffle=False,
-                        num_workers=min(workers, len(units)) or 1, collate_fn=_as_is, prefetch_factor=1)
+                        num_workers=min(workers, len(units)) or 1, collate_fn=_as_is, prefetch_factor=1,
+                        pin_memory=pin_memory)
     yield from loader
 
 
@@ -171,11 +177,12 @@ class TrainBatch:
 
 
 def train_batches(shard_set: ShardSet, plan: EpochPlan, recipe: AugRecipe, batch_size: int,
-                  teacher: TeacherSource | None = None, workers: int = 0) -> Iterator[TrainBatch]:
+                  teacher: TeacherSource | None = None, workers: int = 0,
+                  pin_memory: bool = False) -> Iterator[TrainBatch]:
     """Exactly plan.steps batches of batch_size samples for this rank."""
     pending: list[TrainBatch] = []
     held, done = 0, 0
-    for unit in iter_units(shard_set, plan.units, recipe, workers):
+    for unit in iter_units(shard_set, plan.units, recipe, workers, pin_memory):
         targets = mixed_targets(unit.labels, unit.partner_labels, unit.lam, shard_set.num_classes, recipe.smoothing)
         pending.append(TrainBatch(unit.images, targets, teacher.unit_targets(unit) if teacher else None, unit.keys))
         held += len(unit.keys)

@@ -292,7 +292,8 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> dict:
         first_bad = torch.full((), 2**62, dtype=torch.int64, device=device)
         window_start, window_steps = time.perf_counter(), 0
         epoch_start = time.perf_counter()
-        batches = train_batches(shard_set, plan, recipe, cfg.batch_size, teacher, cfg.workers)
+        batches = train_batches(shard_set, plan, recipe, cfg.batch_size, teacher, cfg.workers,
+                                pin_memory=device.type == "cuda")
         bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="step", disable=not (ctx.is_main and cfg.progress),
                    file=sys.stderr, leave=False)
         done = 0
@@ -317,8 +318,7 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> dict:
             # No host sync per step: finiteness and sums stay on the device until the log point.
             parts = torch.stack([loss.total.detach(), loss.base.detach(), loss.distill.detach()])
             window_sums += parts
-            first_bad = torch.where(torch.isfinite(loss.total.detach()), first_bad,
-                                    torch.minimum(first_bad, torch.tensor(step, device=device)))
+            first_bad = torch.where(torch.isfinite(loss.total.detach()), first_bad, first_bad.clamp(max=step))
             window_steps += 1
             bar.update(1)
             if (step + 1) % cfg.log_interval == 0 or step + 1 == steps:
