@@ -1,6 +1,7 @@
 """Stage two commands: train-student and evaluate (thin wrappers over student.train / student.evaluate)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import click
@@ -8,6 +9,7 @@ import click
 from data_shards.shards import ShardsError
 from student.errors import StudentError
 from student.train import TrainConfig
+from teacher_cache.cache import TeacherCache
 from teacher_cache.errors import CacheError
 
 from .cli import echo_json, main, register_user_errors, run_or_explain
@@ -97,7 +99,14 @@ def train_student_cmd(input_size, recipe_source, aug_overrides, model_kwargs, di
     """
     recipe = None
     if input_size is not None or recipe_source or aug_overrides:
-        recipe = recipe_from_options(input_size or options["img_size"], recipe_source, aug_overrides).to_dict()
+        parsed = recipe_from_options(input_size or options["img_size"], recipe_source, aug_overrides)
+        if options["cache"] and not recipe_source:
+            # With a cache, --input-size / --aug change the cache's recipe (and are then refused by
+            # the compatibility check, naming the field): the other fields stay the cache's.
+            given = {item.partition("=")[0] for item in aug_overrides} | ({"input_size"} if input_size else set())
+            base = run_or_explain(TeacherCache.open, options["cache"]).recipe
+            parsed = dataclasses.replace(base, **{k: getattr(parsed, k) for k in given})
+        recipe = parsed.to_dict()
     if distillation_type is None:
         distillation_type = "hard" if (options["cache"] or options["teacher_online"]) else "none"
     cfg = TrainConfig(**options, recipe=recipe, model_kwargs=_model_kwargs(model_kwargs),

@@ -156,7 +156,9 @@ def iter_units(shard_set: ShardSet, units: list[tuple[int, int]], recipe: AugRec
         return
     loader = DataLoader(_UnitDataset(shard_set, units, recipe), batch_size=None, shuffle=False,
                         num_workers=min(workers, len(units)) or 1, collate_fn=_as_is, prefetch_factor=1,
-                        pin_memory=pin_memory)
+                        pin_memory=pin_memory, generator=torch.Generator().manual_seed(0))
+    # (own generator: a DataLoader draws its worker base seed from the global RNG otherwise, which
+    # would shift drop path's random stream by the worker setting)
     yield from loader
 
 
