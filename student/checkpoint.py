@@ -66,7 +66,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise StudentError(f"{path} is not a train-student checkpoint (format {found!r}, expected "
-                         f"{CHECKPOINT_FORMAT!r}); for plain weights use --init-from")
+                           f"{CHECKPOINT_FORMAT!r}); for plain weights use --init-from")
     return state
 
 

@@ -94,7 +94,7 @@ def evaluate_checkpoint(checkpoint: str, shards: str, batch_size: int = 128, tea
     num_classes = ckpt["student"]["num_classes"]
     if shard_set.num_classes != num_classes:
         raise StudentError(f"{shards} has {shard_set.num_classes} classes, the student {num_classes}; "
-                         "evaluate on shards of the training classes")
+                           "evaluate on shards of the training classes")
     if teacher and cache:
         raise StudentError("give either --teacher or --cache, not both")
     teacher_model_ = _load_teacher(teacher, teacher_model, num_classes, dev) if teacher else None

@@ -69,7 +69,7 @@ def create_student(config: StudentConfig, distilled_training: bool = True) -> nn
                                   drop_path_rate=config.drop_path_rate, **config.timm_kwargs())
     except TypeError as exc:  # e.g. a convnet given --patch-size
         raise StudentError(f"model {config.model!r} does not accept these options "
-                         f"{config.timm_kwargs()}: {exc}") from None
+                           f"{config.timm_kwargs()}: {exc}") from None
     if is_distilled(model):
         model.set_distilled_training(distilled_training)
     return model

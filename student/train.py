@@ -1,7 +1,7 @@
 """Train a student (stage two): DeiT's recipe through timm, one readable loop.
 
     deit-pipeline train-student --shards TRAIN --cache CACHE --out RUN --distillation-type hard
-    torchrun --nproc_per_node 8 -m pipeline.cli train-student ...        (DDP, same options)
+    torchrun --standalone --nproc_per_node 8 -m pipeline train-student ...   (DDP, same options)
 
 Teacher targets come from a cache (`--cache`), from a teacher run live on the same replayed
 batches (`--teacher-online`), or nowhere (`--distillation-type none`: plain supervised
@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -30,11 +29,10 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data_shards import AugRecipe, ShardSet
-from teacher_cache.errors import CacheError
 
 from . import distributed as D
 from .checkpoint import LAST_CHECKPOINT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .data import DataPlanError, check_seed_budget, plan_epoch, train_batches
+from .data import check_seed_budget, plan_epoch, train_batches
 from .errors import StudentError
 from .evaluate import evaluate_heads
 from .losses import DistillationLoss
@@ -171,7 +169,7 @@ def resolve_teacher(cfg: TrainConfig, shard_set: ShardSet, device: torch.device,
         raise StudentError("give either --cache or --teacher-online, not both")
     if wants_teacher and not (cfg.cache or cfg.teacher_online):
         raise StudentError(f"--distillation-type {cfg.distillation_type} needs teacher targets: pass --cache CACHE "
-                         "(from cache-teacher) or --teacher-online NAME_OR_CHECKPOINT; or use --distillation-type none")
+                           "(from cache-teacher) or --teacher-online NAME_OR_CHECKPOINT; or use --distillation-type none")
     if cfg.cache:
         from teacher_cache.cache import TeacherCache
         cache = TeacherCache.open(cfg.cache)
@@ -181,7 +179,7 @@ def resolve_teacher(cfg: TrainConfig, shard_set: ShardSet, device: torch.device,
         cache.check_compatible(shard_set, recipe)
         if cfg.num_seeds is not None and cfg.num_seeds != cache.num_seeds:
             raise StudentError(f"--num-seeds {cfg.num_seeds} differs from the cache's {cache.num_seeds} seeds; "
-                             "drop --num-seeds (a cache decides it)")
+                               "drop --num-seeds (a cache decides it)")
         if not wants_teacher:
             log.note("--distillation-type none: the cache only decides the recipe and seeds; its targets are unused")
         return recipe, (CachedTeacher(cache) if wants_teacher else None), cache.num_seeds
@@ -209,7 +207,7 @@ def build_student(cfg: TrainConfig, num_classes: int, recipe: AugRecipe, log: Lo
         model = create_student(config, distilled_training)
     if grid_size is not None and config.img_size not in (None, recipe.input_size):
         raise StudentError(f"--img-size {config.img_size} differs from the recipe's input size {recipe.input_size}; "
-                         "make them equal (--input-size sets the recipe's)")
+                           "make them equal (--input-size sets the recipe's)")
     if cfg.init_from:
         for note in init_from_checkpoint(model, cfg.init_from):
             log.note(f"--init-from {cfg.init_from}: {note}")
@@ -237,7 +235,7 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> dict:
     ckpt_path = out / LAST_CHECKPOINT
     if ckpt_path.exists() and not cfg.resume:
         raise StudentError(f"{out} already holds a checkpoint ({ckpt_path}); pass --resume to continue it "
-                         "or choose another --out")
+                           "or choose another --out")
 
     shard_set = ShardSet.open(cfg.shards)
     recipe, teacher, num_seeds = resolve_teacher(cfg, shard_set, device, log)
@@ -262,10 +260,11 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> dict:
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
     criterion = DistillationLoss(cfg.distillation_type, cfg.distillation_alpha, cfg.distillation_tau)
 
-    start_epoch, global_step = 0, 0
+    start_epoch, global_step, last_metrics = 0, 0, {}
     torch.manual_seed(_derived_seed(cfg.seed, "rank", ctx.rank))   # drop path differs across ranks
     if cfg.resume and ckpt_path.exists():
-        start_epoch, global_step = _restore(ckpt_path, cfg, ctx, model, optimizer, scheduler, scaler, ema, log)
+        start_epoch, global_step, last_metrics = _restore(ckpt_path, cfg, ctx, model, optimizer, scheduler, scaler,
+                                                          ema, log)
         log.truncate_from_epoch(start_epoch)
         log.metrics({"event": "resume", "epoch": start_epoch, "global_step": global_step})
     elif cfg.resume:
@@ -279,7 +278,6 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> dict:
                      "global_batch": global_batch, "recipe_fingerprint": recipe.fingerprint(),
                      "student": student_config.to_dict(), "num_seeds": num_seeds})
 
-    last_metrics: dict = {}
     for epoch in range(start_epoch, cfg.epochs):
         plan = plan_epoch(shard_set, epoch, cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed, num_seeds,
                           cfg.repeated_aug, cfg.max_steps_per_epoch)
@@ -397,14 +395,14 @@ def _save(path, cfg, ctx, model, optimizer, scheduler, scaler, ema, next_epoch, 
     D.barrier(ctx)
 
 
-def _restore(path, cfg, ctx, model, optimizer, scheduler, scaler, ema, log) -> tuple[int, int]:
+def _restore(path, cfg, ctx, model, optimizer, scheduler, scaler, ema, log) -> tuple[int, int, dict]:
     ckpt = load_checkpoint(path)
     saved = ckpt["args"]
     changed = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r}" for k in TRAJECTORY_OPTIONS
                if saved.get(k) != getattr(cfg, k)]
     if changed:
         raise StudentError(f"--resume from {path}: these options differ from the checkpoint's run:\n  " +
-                         "\n  ".join(changed) + "\nrerun with the checkpoint's options or use another --out")
+                           "\n  ".join(changed) + "\nrerun with the checkpoint's options or use another --out")
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scheduler.load_state_dict(ckpt["scheduler"])
@@ -421,4 +419,4 @@ def _restore(path, cfg, ctx, model, optimizer, scheduler, scaler, ema, log) -> t
                  "differently and RNG reseeded, so the run will not match an uninterrupted one")
         torch.manual_seed(_derived_seed(cfg.seed, "resume", ckpt["epoch"], ctx.rank))
     log.note(f"resumed from {path}: epoch {ckpt['epoch']}, step {ckpt['global_step']}")
-    return int(ckpt["epoch"]), int(ckpt["global_step"])
+    return int(ckpt["epoch"]), int(ckpt["global_step"]), dict(ckpt["metrics"])

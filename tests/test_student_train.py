@@ -189,6 +189,10 @@ def test_cli_trains_a_one_head_teacher_and_evaluates_three_heads(setup, tmp_path
                                 "--shards", str(setup["val"]), "--device", "cpu"])
     assert "distillation" in text.output and "(default prediction)" in text.output
 
+    one_head = runner.invoke(main, ["evaluate", "--checkpoint", str(tmp_path / "t" / "checkpoint.pt"),
+                                    "--shards", str(setup["val"]), "--json", "--device", "cpu"])
+    assert set(json.loads(one_head.output)["heads"]) == {"class"}
+
     bad = runner.invoke(main, ["train-student", "--shards", str(setup["val"]), "--out", str(tmp_path / "x"),
                                "--cache", str(setup["cache"]), *tiny, *size])
     assert bad.exit_code == 2 and "shards content hash" in bad.output and "Traceback" not in bad.output
