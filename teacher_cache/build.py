@@ -12,7 +12,6 @@ which job, worker or rerun computed it; committing a unit twice writes the same 
 from __future__ import annotations
 
 import os
-import queue
 import socket
 import time
 from dataclasses import dataclass, field
@@ -31,9 +30,9 @@ from .errors import CacheError
 from .jobs import JobSlot, resolve_job
 from .layout import (INDEX_FILE, LOGITS, MANIFEST_FILE, TOPK_INDICES, TOPK_LOGPROBS, Unit, all_units,
                      array_specs, select_units, unit_json_path, UNITS_DIR)
-from .locks import DEFAULT_STALE_AFTER, LockKeeper, try_lock
+from .locks import DEFAULT_STALE_AFTER, LockKeeper, owned_name, try_lock
 from .manifest import build_manifest, create_or_match_manifest, manifest_differences, read_manifest
-from .store import clean_stale_scratch, commit_unit, ensure_arrays
+from .store import clean_leftovers, commit_unit, ensure_arrays
 from .teacher import DEFAULT_TEACHER, check_precision, load_teacher, resolve_device, teacher_forward
 
 DIGESTS_PER_SEED = 2       # replayed images per (shard, seed) whose digest goes into the unit JSON
@@ -92,6 +91,8 @@ def resolve_settings(shard_set: ShardSet, existing: dict | None, *, seeds, topk,
         settings.teacher = existing["teacher"]["name"]
     elif teacher is None and teacher_checkpoint is None:
         settings.teacher = DEFAULT_TEACHER
+    if teacher_checkpoint is not None and not Path(teacher_checkpoint).is_file():
+        raise CacheError(f"teacher checkpoint {teacher_checkpoint} not found")
     if settings.seeds < 1:
         raise CacheError(f"--seeds must be >= 1, got {settings.seeds}")
     if not 1 <= settings.topk <= shard_set.num_classes:
@@ -221,7 +222,7 @@ def write_index(root: Path, shard_set: ShardSet) -> None:
     table = pa.table({"key": m.column("key"), "label": m.column("label"), "shard": m.column("shard"),
                       "position": m.column("position"),
                       "row": pa.array(shard * shard_set.rows_per_shard + position, pa.int64())})
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    tmp = path.with_name(owned_name("." + path.name, ".tmp"))
     pq.write_table(table, tmp, compression="zstd")
     os.replace(tmp, path)
 
@@ -286,7 +287,7 @@ def cache_teacher(shards: str | os.PathLike, out: str | os.PathLike, *, teacher:
     write_index(root, shard_set)
     ensure_arrays(root, specs)
     (root / UNITS_DIR).mkdir(exist_ok=True)
-    clean_stale_scratch(root, lock_stale_after)
+    clean_leftovers(root, lock_stale_after)
 
     mine = select_units(units, job.count, job.index)
     todo = [u for u in mine if not unit_json_path(root, u).exists()]

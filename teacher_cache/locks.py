@@ -1,7 +1,7 @@
 """Per-unit locks so that two jobs never compute (and commit) the same unit at once.
 
-A lock is a file `units/<unit>.lock.<generation>` created with O_CREAT|O_EXCL (atomic on
-local and network file systems) holding {host, pid, token}. While a job holds it, a
+A lock is a file `units/<unit>.lock.<generation>` created exclusively and atomically
+(written aside, then hard-linked into place; see create_exclusive) holding {host, pid, token}. While a job holds it, a
 background thread refreshes its mtime (heartbeat). A lock is stale when its holder is
 gone: same host and the pid no longer exists, or no heartbeat for `stale_after` seconds.
 
@@ -16,6 +16,7 @@ holders of one unit would leave a whole, correct unit.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -45,6 +46,59 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def owned_name(stem: str, suffix: str = "") -> str:
+    """A name that records its creator, STEM@HOST@PID@TOKEN+SUFFIX, so leftovers of dead jobs
+    can be told from the files of running ones ('@' never appears in host names)."""
+    return f"{stem}@{socket.gethostname()}@{os.getpid()}@{uuid.uuid4().hex[:12]}{suffix}"
+
+
+def owner_gone(path: Path, stale_after: float, now: float | None = None) -> bool:
+    """True for an owned_name() whose creator is dead (same host) or that is older than stale_after."""
+    parts = path.name.removesuffix(".tmp").rsplit("@", 3)
+    if len(parts) != 4:
+        return False
+    _, host, pid, _ = parts
+    if host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
+        return True
+    try:
+        return (now or time.time()) - path.stat().st_mtime > stale_after
+    except FileNotFoundError:
+        return False
+
+
+def create_exclusive(path: Path, text: str) -> bool:
+    """Create `path` holding `text` unless it exists; atomic: readers never see it partly written.
+
+    Written aside, then hard-linked into place (link fails if the name exists: NFS-safe);
+    on file systems without hard links, falls back to O_CREAT|O_EXCL and a write.
+    """
+    path = Path(path)
+    tmp = path.with_name(owned_name("." + path.name, ".tmp"))
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)
+        return True
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+            raise
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _top_generation(root: Path, unit: Unit) -> int:
     """Highest existing generation, or -1."""
     g = -1
@@ -60,7 +114,7 @@ def lock_is_stale(path: Path, stale_after: float, now: float | None = None) -> b
     except FileNotFoundError:
         return True
     except (json.JSONDecodeError, UnicodeDecodeError):
-        info = {}                    # holder died between create and write: age decides
+        info = {}                    # only possible with the O_EXCL fallback: age decides
     if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
         if not pid_alive(info["pid"]):
             return True
@@ -110,13 +164,10 @@ def try_lock(root: Path, unit: Unit, stale_after: float = DEFAULT_STALE_AFTER, j
         if top >= 0 and not lock_is_stale(_lock_path(root, unit, top), stale_after):
             return None
         lock = UnitLock(root, unit, top + 1, uuid.uuid4().hex)
-        try:
-            fd = os.open(lock.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "token": lock.token, "job": job,
+                "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        if not create_exclusive(lock.path, json.dumps(info)):
             continue                  # another job took this generation first: look again
-        with os.fdopen(fd, "w") as f:
-            json.dump({"host": socket.gethostname(), "pid": os.getpid(), "token": lock.token, "job": job,
-                       "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, f)
         # The unit may have been committed between our check and the lock.
         if unit_json_path(root, unit).exists():
             lock.release()

@@ -2,20 +2,18 @@
 
 Written once, by whichever job gets there first, atomically: each job writes its own
 candidate aside and hard-links it to manifest.json (os.link fails if the name exists, so
-exactly one job wins); every other job reads the winner's and checks it matches its own
+exactly one job wins; locks.create_exclusive); every other job reads the winner's and checks it matches its own
 settings. The fields that decide the numbers (IDENTITY_FIELDS) must match for any job to
 add to the cache; the rest is description.
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import platform
 import socket
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import numcodecs
@@ -26,6 +24,7 @@ from data_shards.augment import pixel_library_versions
 
 from .errors import CacheError
 from .layout import MANIFEST_FILE
+from .locks import create_exclusive, owned_name
 
 FORMAT = "deit-pipeline teacher cache"
 FORMAT_VERSION = 1
@@ -151,7 +150,7 @@ def read_manifest(root: str | os.PathLike, retries: int = 20) -> dict:
 
 def write_json_atomic(path: Path, obj: dict) -> None:
     """Write aside, fsync, rename: readers see the old file or the whole new one."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp = path.with_name(owned_name("." + path.name, ".tmp"))
     with open(tmp, "w") as f:
         f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
         f.flush()
@@ -166,24 +165,8 @@ def create_or_match_manifest(root: Path, wanted: dict) -> tuple[dict, bool]:
     """
     root.mkdir(parents=True, exist_ok=True)
     path = root / MANIFEST_FILE
-    if not path.exists():
-        tmp = root / f".{MANIFEST_FILE}.{uuid.uuid4().hex}.tmp"
-        with open(tmp, "w") as f:
-            f.write(json.dumps(wanted, indent=1, sort_keys=True) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)           # atomic "create if absent": exactly one job wins
-            return wanted, True
-        except FileExistsError:
-            pass                         # another job was first: check it below
-        except OSError as exc:           # file systems without hard links
-            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
-                raise
-            if _create_exclusive(path, tmp):
-                return wanted, True
-        finally:
-            tmp.unlink(missing_ok=True)
+    if not path.exists() and create_exclusive(path, json.dumps(wanted, indent=1, sort_keys=True) + "\n"):
+        return wanted, True                # exactly one job wins; the others check theirs below
     existing = read_manifest(root)
     diffs = manifest_differences(existing, wanted)
     if diffs:
@@ -191,15 +174,3 @@ def create_or_match_manifest(root: Path, wanted: dict) -> tuple[dict, bool]:
                          "\nUse another --out folder, or rerun with the cache's settings "
                          "(`deit-pipeline inspect-cache " + str(root) + "` shows them)")
     return existing, False
-
-
-def _create_exclusive(path: Path, tmp: Path) -> bool:
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        return False
-    with os.fdopen(fd, "w") as f:
-        f.write(tmp.read_text())
-        f.flush()
-        os.fsync(f.fileno())
-    return True

@@ -15,9 +15,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
-import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +23,7 @@ from zarr.storage import LocalStore
 
 from .errors import CacheError
 from .layout import ARRAYS_DIR, TMP_DIR, UNITS_DIR, Unit, compressors, storage_shard_path, unit_json_path
-from .locks import pid_alive
+from .locks import owned_name, owner_gone
 from .manifest import write_json_atomic
 
 
@@ -74,26 +71,33 @@ def check_array_metadata(root: Path, specs: dict[str, dict]) -> None:
 
 def private_dir(root: Path, purpose: str) -> Path:
     """A scratch folder under CACHE/tmp named after its owner (host, pid), for cleanup."""
-    path = Path(root) / TMP_DIR / f"{purpose}.{socket.gethostname()}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
+    path = Path(root) / TMP_DIR / owned_name(purpose)
     path.mkdir(parents=True)
     return path
 
 
-def clean_stale_scratch(root: Path, stale_after: float) -> int:
-    """Remove scratch folders of dead jobs on this host, or older than `stale_after` (any host)."""
-    tmp = Path(root) / TMP_DIR
-    if not tmp.is_dir():
-        return 0
-    removed, host, now = 0, socket.gethostname(), time.time()
-    for entry in tmp.iterdir():
-        parts = entry.name.split(".")
-        try:
-            dead = parts[-3] == host and not pid_alive(int(parts[-2]))
-            old = now - entry.stat().st_mtime > stale_after
-        except (IndexError, ValueError, FileNotFoundError):
+def clean_leftovers(root: Path, stale_after: float) -> int:
+    """Remove what killed jobs left: scratch folders and half-written JSON of dead owners (same host)
+    or older than `stale_after`, and lock files of units that are done. Returns how many."""
+    root = Path(root)
+    removed = 0
+    candidates = list((root / TMP_DIR).iterdir()) if (root / TMP_DIR).is_dir() else []
+    candidates += [p for p in root.glob(".*.tmp")]
+    units_dir = root / UNITS_DIR
+    names = os.listdir(units_dir) if units_dir.is_dir() else []      # one listing, also for ImageNet
+    candidates += [units_dir / n for n in names if n.startswith(".") and n.endswith(".tmp")]
+    for path in candidates:
+        if not owner_gone(path, stale_after):
             continue
-        if dead or old:
-            shutil.rmtree(entry, ignore_errors=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed += 1
+    done = {n[:-len(".json")] for n in names if n.endswith(".json") and not n.startswith(".")}
+    for n in names:
+        if ".lock." in n and not n.startswith(".") and n.split(".lock.")[0] in done:
+            (units_dir / n).unlink(missing_ok=True)   # the unit was committed; its holder died before unlocking
             removed += 1
     return removed
 

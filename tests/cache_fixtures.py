@@ -89,9 +89,11 @@ def assert_same_cache(a: Path, b: Path) -> None:
 
 
 def leftovers(root: Path) -> list[str]:
-    """Scratch folders and lock files a finished run should not leave."""
-    out = [str(p) for p in (Path(root) / "tmp").glob("*")] if (Path(root) / "tmp").is_dir() else []
-    return out + [str(p) for p in (Path(root) / "units").glob("*.lock.*")]
+    """Scratch folders, half-written files and lock files a finished run should not leave."""
+    root = Path(root)
+    out = [p for p in (root / "tmp").glob("*")] if (root / "tmp").is_dir() else []
+    out += list(root.glob(".*")) + list((root / "units").glob(".*")) + list((root / "units").glob("*.lock.*"))
+    return sorted(str(p) for p in out)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,214 @@
+"""The stage-one commands: inspect-cache, verify-cache, refusals and bad input as one clear line."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cache_fixtures import (RECIPE, SEEDS, TEACHER_ARCH, cache_kwargs, make_teacher, other_shards,  # noqa: F401
+                            reference_cache, small_shards, teacher_checkpoint)
+from data_shards import ShardSet, replay_shard
+from pipeline.cli import main
+from teacher_cache import CacheError, TeacherCache, cache_teacher
+from teacher_cache.layout import LOGITS, TOPK_INDICES, TOPK_LOGPROBS, storage_shard_path
+from teacher_cache.store import commit_unit
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture
+def cache_copy(tmp_path, reference_cache):
+    dest = tmp_path / "copy"
+    shutil.copytree(reference_cache, dest)
+    return dest
+
+
+def test_inspect_cache_reports_units_bytes_and_teacher_quality(reference_cache, small_shards):
+    result = invoke("inspect-cache", reference_cache, "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["units"] == {"total": 18, "done": 18, "missing": 0, "missing_names": [], "locks_present": []}
+    assert info["records"] == {"done": 354 * SEEDS, "total": 354 * SEEDS}
+    bpr = info["bytes_per_record"]
+    assert 0 < bpr["arrays"] < bpr["total"] and bpr["arrays"] <= 32
+    assert info["bytes"]["arrays"] == sum(info["bytes"]["per_array"].values())
+
+    # Recompute the label statistics independently, from replay_shard's own partner and lambda.
+    cache = TeacherCache.open(reference_cache)
+    shard_set = ShardSet.open(small_shards)
+    top1 = dominant = mass = 0.0
+    for shard in range(shard_set.num_shards):
+        for seed in range(SEEDS):
+            pred = cache.read(shard, seed)
+            for r in replay_shard(shard_set.read_shard(shard), seed, RECIPE):
+                p = int(pred.label[r.position])
+                top1 += p == r.label
+                dominant += p == (r.label if r.lam >= 0.5 else r.partner_label)
+                mass += float(pred.topk_logprobs[r.position].double().exp().sum())
+    n = 354 * SEEDS
+    q = info["teacher_quality"]
+    assert q["records_checked"] == n
+    assert q["top1_vs_label"] == pytest.approx(top1 / n, abs=1e-6)
+    assert q["agreement_with_dominant_label"] == pytest.approx(dominant / n, abs=1e-6)
+    assert q["mean_topk_mass"] == pytest.approx(mass / n, abs=1e-5)
+    assert [row["seed"] for row in info["per_seed"]] == list(range(SEEDS))
+
+    text = invoke("inspect-cache", reference_cache)
+    assert text.exit_code == 0
+    assert "18/18 done" in text.output and "B/record" in text.output and "per seed" in text.output
+
+
+def test_inspect_cache_lists_missing_units(tmp_path, small_shards, teacher_checkpoint):
+    out = tmp_path / "partial"
+    cache_teacher(small_shards, out, teacher_checkpoint=teacher_checkpoint, **cache_kwargs(max_units=4))
+    info = json.loads(invoke("inspect-cache", out, "--json").output)
+    assert (info["units"]["done"], info["units"]["missing"]) == (4, 14)
+    assert info["records"]["done"] == 4 * 40 * 2          # the first four units: shards 0-3, seeds 0-1
+    assert "shard-000004_seeds-000000-000001" in info["units"]["missing_names"]
+
+
+def test_verify_cache_passes_on_a_good_cache(reference_cache, small_shards):
+    result = invoke("verify-cache", reference_cache, "--shards", small_shards, "--samples", 40, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["ok"] and report["records"] == 40 and report["argmax_agreement"] == 1.0
+    assert report["max_logprob_diff"] == 0.0            # same machine, same precision: bit-identical
+    assert report["digests_checked"] == 2 * report["pairs"] and not report["digest_mismatches"]
+    assert report["files_checked"] > 0 and not report["file_hash_mismatches"]
+
+
+def test_verify_cache_fails_when_stored_argmax_is_wrong(cache_copy, small_shards):
+    """Rewrite every unit properly (valid files, matching hashes) but with the top-2 swapped:
+    only the recomputation can notice, and it must fail."""
+    cache = TeacherCache.open(cache_copy)
+    for unit in cache.units():
+        record = cache.unit_record(unit)
+        rows = slice(unit.shard * 40, unit.shard * 40 + 40)
+        buffers = {}
+        for name in cache.array_names:
+            import zarr
+            arr = zarr.open_array(str(cache_copy / "arrays.zarr" / name), mode="r")
+            buffers[name] = np.asarray(arr[unit.seed_start:unit.seed_stop, rows])
+        buffers[TOPK_INDICES][..., [0, 1]] = buffers[TOPK_INDICES][..., [1, 0]]
+        commit_unit(cache_copy, unit, 40, buffers, {k: v for k, v in record.items() if k != "files"})
+    result = invoke("verify-cache", cache_copy, "--shards", small_shards, "--samples", 16)
+    assert result.exit_code == 1, result.output
+    assert "argmax agreement 0.00%" in result.output and "FAILED" in result.output
+    lenient = invoke("verify-cache", cache_copy, "--shards", small_shards, "--samples", 16, "--min-agreement", 0)
+    assert lenient.exit_code == 0
+
+
+def test_verify_cache_fails_on_a_changed_storage_file(cache_copy, small_shards):
+    cache = TeacherCache.open(cache_copy)
+    for unit in cache.units():                      # change every unit so any sample sees it
+        path = storage_shard_path(cache_copy, TOPK_LOGPROBS, unit)
+        data = bytearray(path.read_bytes())
+        data[-30] ^= 0x01                           # inside the shard index: crc catches it on read too
+        path.write_bytes(bytes(data))
+    result = invoke("verify-cache", cache_copy, "--shards", small_shards, "--samples", 8)
+    assert result.exit_code == 2, result.output           # the read refuses it: a clean error, no traceback
+    assert "damaged" in result.output and "Traceback" not in result.output
+
+
+def test_verify_cache_fails_on_a_storage_file_swapped_with_another_units(cache_copy, small_shards):
+    """A whole valid file in the wrong place decodes fine: only the recorded sha256 can tell."""
+    cache = TeacherCache.open(cache_copy)
+    for block in (0, 1):                            # rotate the files within each seed block
+        paths = [storage_shard_path(cache_copy, TOPK_LOGPROBS, u) for u in cache.units() if u.seed_block == block]
+        contents = [p.read_bytes() for p in paths]
+        for path, data in zip(paths, contents[1:] + contents[:1]):
+            path.write_bytes(data)
+    result = invoke("verify-cache", cache_copy, "--shards", small_shards, "--samples", 8)
+    assert result.exit_code == 1, result.output
+    assert "storage file changed since commit" in result.output and "FAILED" in result.output
+
+
+def test_verify_cache_refuses_other_weights(reference_cache, small_shards, tmp_path):
+    other = tmp_path / "other.pth"
+    torch.save({"model": make_teacher(seed=9).state_dict()}, other)
+    result = invoke("verify-cache", reference_cache, "--shards", small_shards, "--teacher-checkpoint", other)
+    assert result.exit_code == 2 and "teacher weights" in result.output and "differ" in result.output
+
+
+@pytest.mark.parametrize("change, expected", [
+    (dict(topk=5), r"top-k K: cache has 10, this run has 5"),
+    (dict(seeds=4), r"number of augmentation seeds: cache has 3, this run has 4"),
+    (dict(recipe=RECIPE.with_overrides(hflip=0.0)), r"recipe hflip: cache 0.5, this run 0.0"),
+    (dict(store_logits="full"), r"--store-logits: cache has 'topk', this run has 'full'"),
+    (dict(teacher_checkpoint="OTHER"), r"teacher weights \(sha256 of the state dict\): cache has"),
+    (dict(shards="OTHER"), r"shards content hash: cache has"),
+])
+def test_rerun_with_different_settings_is_refused(cache_copy, small_shards, other_shards, teacher_checkpoint,
+                                                  tmp_path, change, expected):
+    other = tmp_path / "other.pth"
+    torch.save({"model": make_teacher(seed=5).state_dict()}, other)
+    kwargs = cache_kwargs(teacher_checkpoint=teacher_checkpoint)
+    kwargs.update(change)
+    if kwargs["teacher_checkpoint"] == "OTHER":
+        kwargs["teacher_checkpoint"] = other
+    shards = other_shards if kwargs.pop("shards", None) == "OTHER" else small_shards
+    before = sorted(p.name for p in (cache_copy / "units").iterdir())
+    with pytest.raises(CacheError, match=expected):
+        cache_teacher(shards, cache_copy, **kwargs)
+    assert sorted(p.name for p in (cache_copy / "units").iterdir()) == before
+
+
+def test_cli_refusal_and_bad_arguments_are_one_clear_line(cache_copy, small_shards, teacher_checkpoint, tmp_path):
+    base = ["cache-teacher", "--shards", small_shards, "--teacher", TEACHER_ARCH, "--input-size", 32,
+            "--device", "cpu", "--no-progress"]
+    cases = [
+        ([*base, "--out", cache_copy, "--teacher-checkpoint", teacher_checkpoint, "--topk", 3],
+         "top-k K: cache has 10, this run has 3"),
+        ([*base, "--out", tmp_path / "a", "--teacher-checkpoint", teacher_checkpoint, "--seeds", 2, "--topk", 11],
+         "--topk 11 must be between 1 and the class count 10"),
+        ([*base, "--out", tmp_path / "b", "--teacher-checkpoint", teacher_checkpoint, "--seeds", 0],
+         "--seeds must be >= 1"),
+        ([*base, "--out", tmp_path / "c", "--teacher-checkpoint", teacher_checkpoint],
+         "--seeds S is required"),
+        ([*base, "--out", tmp_path / "d", "--teacher-checkpoint", tmp_path / "missing.pth", "--seeds", 2],
+         "missing.pth not found"),
+        (["cache-teacher", "--shards", small_shards, "--out", tmp_path / "e", "--teacher", "no_such_net",
+          "--teacher-checkpoint", teacher_checkpoint, "--seeds", 2, "--device", "cpu"], "unknown teacher 'no_such_net'"),
+        ([*base, "--out", tmp_path / "f", "--teacher-checkpoint", teacher_checkpoint, "--seeds", 2, "--precision", "fp16"],
+         "fp16 autocast needs a CUDA device"),
+        ([*base, "--out", tmp_path / "g", "--teacher-checkpoint", teacher_checkpoint, "--seeds", 2,
+          "--num-jobs", 2, "--job-index", 2], "job index 2 is not in 0..1"),
+        (["cache-teacher", "--shards", tmp_path / "nowhere", "--out", tmp_path / "h", "--seeds", 2],
+         "is not a shard folder"),
+        (["inspect-cache", tmp_path / "nowhere"], "not found"),
+        (["verify-cache", small_shards, "--shards", small_shards], "manifest.json not found"),
+    ]
+    for args, message in cases:
+        result = invoke(*args)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.output, (args, result.output)
+        assert "Traceback" not in result.output
+        assert result.output.count("Error: ") == 1
+    for name in "abcdefgh":                       # refused before creating anything
+        assert not (tmp_path / name).exists()
+
+
+def test_cli_creates_and_resumes_a_cache(tmp_path, small_shards, teacher_checkpoint, reference_cache):
+    from cache_fixtures import assert_same_cache
+    out = tmp_path / "cli"
+    args = ["cache-teacher", "--shards", small_shards, "--out", out, "--teacher", TEACHER_ARCH,
+            "--teacher-checkpoint", teacher_checkpoint, "--seeds", SEEDS, "--seeds-per-unit", 2, "--input-size", 32,
+            "--batch-size", 16, "--device", "cpu", "--no-progress"]
+    first = invoke(*args, "--max-units", 5, "--json")
+    assert first.exit_code == 0, first.output
+    summary = json.loads(first.output[first.output.index("{"):])
+    assert summary["units_computed"] == 5 and summary["units_this_job_missing"] == 13
+    second = invoke("cache-teacher", "--shards", small_shards, "--out", out, "--device", "cpu", "--no-progress")
+    assert second.exit_code == 0, second.output
+    assert "computed 13 unit(s)" in second.output and "whole cache 18/18 units" in second.output
+    assert_same_cache(reference_cache, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["teacher"]["checkpoint_sha256"] and manifest["recipe"] == RECIPE.to_dict()
+    assert {"torch", "timm", "zarr", "numpy"} <= set(manifest["library_versions"])
+    assert LOGITS not in manifest["arrays"]
