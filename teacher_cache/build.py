@@ -137,6 +137,11 @@ class UnitBatch:
     images: torch.Tensor             # (n, 3, H, W) float32
     digests: dict[str, str] = field(default_factory=dict)
 
+    def pin_memory(self) -> "UnitBatch":
+        """Called by the DataLoader (pin_memory=True on CUDA): faster host-to-GPU copies."""
+        self.images = self.images.pin_memory()
+        return self
+
 
 def unit_batches(shard_set: ShardSet, unit: Unit, unit_slot: int, recipe: AugRecipe,
                  batch_size: int) -> Iterator[UnitBatch]:

@@ -204,7 +204,9 @@ def test_cli_creates_and_resumes_a_cache(tmp_path, small_shards, teacher_checkpo
     assert first.exit_code == 0, first.output
     summary = json.loads(first.output[first.output.index("{"):])
     assert summary["units_computed"] == 5 and summary["units_this_job_missing"] == 13
-    second = invoke("cache-teacher", "--shards", small_shards, "--out", out, "--device", "cpu", "--no-progress")
+    # The rest: only --shards/--out (+ the recipe read back from the manifest, as a user may pass it).
+    second = invoke("cache-teacher", "--shards", small_shards, "--out", out, "--recipe", out / "manifest.json",
+                    "--device", "cpu", "--no-progress")
     assert second.exit_code == 0, second.output
     assert "computed 13 unit(s)" in second.output and "whole cache 18/18 units" in second.output
     assert_same_cache(reference_cache, out)
