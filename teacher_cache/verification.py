@@ -85,7 +85,11 @@ def verify_cache(path: str | os.PathLike, shards: str | os.PathLike, samples: in
             checked_units.add(unit.name)
             for name, info in cache.unit_record(unit)["files"].items():
                 files_checked += 1
-                if _file_sha256(storage_shard_path(cache.root, name, unit)) != info["sha256"]:
+                try:
+                    digest = _file_sha256(storage_shard_path(cache.root, name, unit))
+                except FileNotFoundError:
+                    digest = "missing"
+                if digest != info["sha256"]:
                     bad_files.append(f"{unit.name}:{name}")
         wanted = set(positions)
         recorded = cache.unit_digests(shard, aug_seed)
