@@ -245,4 +245,19 @@ class ShardSet:
         if len(samples) != expected:
             raise ShardsError(f"shard {path} holds {len(samples)} samples, metadata says {expected}; "
                               "the shard is truncated or was replaced - re-run make-shards")
+        manifest_keys = self.shard_keys(shard)
+        for sample, key in zip(samples, manifest_keys):
+            if sample.key != key:
+                raise ShardsError(f"shard {path}: sample {sample.position} is {sample.key!r}, the manifest says "
+                                  f"{key!r}; the shard was replaced or edited - re-run make-shards")
         return samples
+
+    def shard_keys(self, shard: int) -> list[str]:
+        """Keys of one shard in position order, from the manifest."""
+        if not hasattr(self, "_keys_by_shard"):
+            by_shard: dict[int, list[tuple[int, str]]] = {}
+            for key, s, pos in zip(self.manifest.column("key").to_pylist(), self.manifest.column("shard").to_pylist(),
+                                   self.manifest.column("position").to_pylist()):
+                by_shard.setdefault(s, []).append((pos, key))
+            self._keys_by_shard = {s: [k for _, k in sorted(v)] for s, v in by_shard.items()}
+        return self._keys_by_shard.get(shard, [])

@@ -1,0 +1,134 @@
+"""Bad arguments fail clearly before any work starts; nothing unsafe is ever loaded."""
+from __future__ import annotations
+
+import ast
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cache_fixtures import RECIPE, reference_cache, small_shards, teacher_checkpoint  # noqa: F401
+from data_shards import ShardSet, ShardsError
+from pipeline.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Payload:
+    """Stands for any object a malicious pickle would build."""
+
+
+def invoke(*args: str):
+    result = CliRunner().invoke(main, list(args), catch_exceptions=True)
+    crashed = result.exception is not None and not isinstance(result.exception, SystemExit)
+    assert not crashed, f"traceback instead of a message: {result.exception!r}\n{result.output}"
+    return result
+
+
+def cache_teacher_args(shards, out, checkpoint, *extra):
+    return ("cache-teacher", "--shards", str(shards), "--out", str(out), "--teacher", "test_efficientnet",
+            "--teacher-checkpoint", str(checkpoint), "--input-size", "32", "--device", "cpu", "--no-progress", *extra)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (("--seeds", "2", "--topk", "11"), "--topk 11"),
+    (("--seeds", "0"), "seeds"),
+])
+def test_cache_teacher_bad_numbers(tmp_path, small_shards, teacher_checkpoint, extra, needle):
+    out = tmp_path / "cache"
+    result = invoke(*cache_teacher_args(small_shards, out, teacher_checkpoint, *extra))
+    assert result.exit_code != 0 and needle in result.output.lower()
+    assert not (out / "units").exists() or not any((out / "units").iterdir())  # no work started
+
+
+def test_missing_checkpoint_and_unknown_model(tmp_path, small_shards, teacher_checkpoint):
+    result = invoke(*cache_teacher_args(small_shards, tmp_path / "c1", tmp_path / "nope.pth", "--seeds", "2"))
+    assert result.exit_code != 0 and "nope.pth" in result.output
+    result = invoke("cache-teacher", "--shards", str(small_shards), "--out", str(tmp_path / "c2"),
+                    "--teacher", "no_such_model_xyz", "--seeds", "2", "--device", "cpu")
+    assert result.exit_code != 0 and "no_such_model_xyz" in result.output
+    result = invoke("train-student", "--shards", str(small_shards), "--out", str(tmp_path / "run"),
+                    "--model", "no_such_model_xyz", "--distillation-type", "none", "--epochs", "1")
+    assert result.exit_code != 0 and "no_such_model_xyz" in result.output
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    result = invoke("evaluate", "--checkpoint", str(tmp_path / "missing.pt"), "--shards", str(small_shards))
+    assert result.exit_code != 0 and "missing.pt" in result.output
+
+
+def test_more_epochs_than_seeds_refused_unless_reuse(tmp_path, reference_cache, small_shards):
+    args = ["train-student", "--shards", str(small_shards), "--cache", str(reference_cache), "--out",
+            str(tmp_path / "run"), "--model", "deit_tiny_distilled_patch16_224", "--patch-size", "8", "--embed-dim",
+            "48", "--depth", "2", "--num-heads", "3", "--batch-size", "32", "--warmup-epochs", "0", "--workers", "0",
+            "--no-progress", "--device", "cpu", "--max-steps-per-epoch", "1"]
+    result = invoke(*args, "--epochs", "4")
+    assert result.exit_code != 0 and "--reuse-seeds" in result.output
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    result = invoke(*args, "--epochs", "4", "--reuse-seeds")
+    assert result.exit_code == 0, result.output
+    notes = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any("seed" in n.get("message", "") for n in notes if n.get("event") == "note")
+
+
+# ----------------------------------------------------------------------------- security
+
+def test_cache_holds_no_pickle(reference_cache):
+    """Every file of a cache is JSON, Parquet or a zarr chunk; none starts with a pickle opcode."""
+    for path in Path(reference_cache).rglob("*"):
+        if not path.is_file():
+            continue
+        head = path.read_bytes()[:2]
+        assert not (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")), f"pickle? {path}"
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".parquet":
+            assert path.read_bytes()[:4] == b"PAR1"
+
+
+def test_every_torch_load_is_weights_only():
+    """No torch.load in the package without weights_only=True (pickle would run code)."""
+    offenders = []
+    for package in ("data_shards", "teacher_cache", "student", "pipeline"):
+        for path in (REPO / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "load" and \
+                        getattr(node.func.value, "id", None) == "torch":
+                    kw = {k.arg: k.value for k in node.keywords}
+                    if not (isinstance(kw.get("weights_only"), ast.Constant) and kw["weights_only"].value is True):
+                        offenders.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert offenders == []
+
+
+def test_pickled_checkpoint_is_refused(tmp_path, small_shards):
+    """A checkpoint holding an arbitrary object (what a malicious file would carry) is refused."""
+    evil = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.zeros(1)}, "extra": Payload()}, evil)
+    result = invoke("cache-teacher", "--shards", str(small_shards), "--out", str(tmp_path / "c"),
+                    "--teacher", "test_efficientnet", "--teacher-checkpoint", str(evil), "--seeds", "1",
+                    "--device", "cpu")
+    assert result.exit_code != 0 and "evil.pth" in result.output
+
+
+def test_shard_member_names_are_never_paths(tmp_path, small_shards):
+    """A shard whose members try to escape (../, absolute) is read as data, never written anywhere."""
+    shard_set = ShardSet.open(small_shards)
+    bad_root = tmp_path / "bad"
+    import shutil
+
+    shutil.copytree(small_shards, bad_root)
+    shard_path = bad_root / shard_set.metadata["shards"][0]["name"]
+    samples = shard_set.read_shard(0)
+    with tarfile.open(shard_path, "w") as tar:
+        for i, s in enumerate(samples):
+            name = f"../../escape_{i}" if i == 0 else s.key
+            for suffix, data in (("png", s.data), ("cls", str(s.label).encode())):
+                info = tarfile.TarInfo(f"{name}.{suffix}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    before = set(tmp_path.parent.rglob("escape_*"))
+    with pytest.raises(ShardsError, match="escape_0"):  # read as a key string, checked against the manifest
+        ShardSet.open(bad_root).read_shard(0)
+    assert set(tmp_path.parent.rglob("escape_*")) == before
