@@ -23,7 +23,13 @@ def recipe_options(fn):
 def recipe_from_options(input_size: int | None, recipe_source: str | None, aug_overrides: tuple[str, ...]) -> AugRecipe:
     fields: dict = {}
     if recipe_source:
-        text = Path(recipe_source).read_text() if Path(recipe_source).is_file() else recipe_source
+        text = recipe_source
+        if not recipe_source.lstrip().startswith("{"):   # a JSON object is never a path; a long one is no valid file name
+            try:
+                text = Path(recipe_source).read_text()
+            except OSError as exc:
+                raise click.BadParameter(f"cannot read recipe file {recipe_source}: {exc.strerror or exc}",
+                                         param_hint="--recipe") from None
         try:
             fields.update(json.loads(text))
         except json.JSONDecodeError as exc:
