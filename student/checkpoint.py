@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from data_shards.faults import crash_point
+
 from .errors import StudentError
 
 CHECKPOINT_FORMAT = "deit-pipeline/student-checkpoint/1"
@@ -43,16 +45,35 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
     state = {"format": CHECKPOINT_FORMAT, **state}
     _check_plain(state)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        crash_point("checkpoint-written")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete half-written `.NAME.tmp-PID` files left by killed processes (never loaded anyway)."""
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        try:
+            os.kill(int(pid), 0)
+            continue                      # its writer is still alive
+        except ProcessLookupError:
+            pass
+        except (ValueError, PermissionError):
+            continue
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

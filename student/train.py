@@ -29,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data_shards import AugRecipe, ShardSet
+from data_shards.faults import crash_point
 
 from . import distributed as D
 from .checkpoint import LAST_CHECKPOINT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -313,6 +314,7 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> dict:
                 ema.update(model, step=global_step)
             global_step += 1
             done += 1
+            crash_point("train-step")
             # No host sync per step: finiteness and sums stay on the device until the log point.
             parts = torch.stack([loss.total.detach(), loss.base.detach(), loss.distill.detach()])
             window_sums += parts

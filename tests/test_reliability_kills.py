@@ -1,0 +1,61 @@
+"""Killed processes (a real SIGKILL at a known place) lose nothing: reruns complete the work and
+the result equals an uninterrupted run's."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cache_fixtures import (CLI, assert_same_cache, cli_args, leftovers, reference_cache, run_cli,  # noqa: F401
+                            small_shards, teacher_checkpoint)
+from data_shards.faults import ENV
+
+pytestmark = pytest.mark.slow
+
+
+# ----------------------------------------------------------------------------- stage two
+
+def train_args(shards, cache, out) -> list[str]:
+    return [CLI, "train-student", "--shards", str(shards), "--cache", str(cache), "--out", str(out),
+            "--distillation-type", "hard", "--model", "deit_tiny_distilled_patch16_224", "--patch-size", "8",
+            "--embed-dim", "48", "--depth", "2", "--num-heads", "3", "--epochs", "3", "--batch-size", "32",
+            "--lr", "1e-3", "--warmup-epochs", "1", "--workers", "1", "--log-interval", "2", "--no-progress",
+            "--device", "cpu", "--max-steps-per-epoch", "5"]
+
+
+def epoch_lines(run: Path) -> list[dict]:
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in x.items() if k not in ("samples_per_s", "epoch_time_s")}
+            for x in lines if x.get("event") == "epoch"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory, small_shards, reference_cache) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    result = run_cli(train_args(small_shards, reference_cache, out), {"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.mark.parametrize("crash_at", ["train-step:8", "checkpoint-written:2"])
+def test_killed_training_resumes_to_the_same_weights(tmp_path, small_shards, reference_cache, uninterrupted_run,
+                                                     crash_at):
+    """train-step:8 dies mid epoch 1; checkpoint-written:2 dies while writing epoch 1's checkpoint."""
+    out = tmp_path / "run"
+    args = train_args(small_shards, reference_cache, out)
+    killed = run_cli(args, {ENV: crash_at, "OMP_NUM_THREADS": "1"})
+    assert killed.returncode == -9, killed.stderr
+    saved = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert saved["epoch"] == 1                     # the last complete checkpoint, never the half-written one
+    if crash_at.startswith("checkpoint"):
+        assert list(out.glob(".checkpoint.pt.tmp-*")), "the killed writer's temporary file should be there"
+    resumed = run_cli(args + ["--resume"], {"OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0, resumed.stderr
+    assert not list(out.glob(".checkpoint.pt.tmp-*"))   # cleaned up
+    assert epoch_lines(out) == epoch_lines(uninterrupted_run)
+    final, reference = (torch.load(p / "checkpoint.pt", weights_only=True)["model"] for p in (out, uninterrupted_run))
+    assert final.keys() == reference.keys()
+    for name in final:
+        assert torch.equal(final[name], reference[name]), name
