@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from data_shards import AugRecipe, ShardSet, decode_image, replay_shard, tensor_digest
+from data_shards.faults import crash_point
 
 from .errors import CacheError
 from .jobs import JobSlot, resolve_job
@@ -429,6 +430,7 @@ class _JobRun:
             t0 = time.perf_counter()
             targets = teacher_forward(self.model, batch.images, s.topk, s.store_full, s.precision, self.channels_last)
             self.teacher_seconds += time.perf_counter() - t0
+            crash_point("teacher-batch")
             acc.add(batch, targets)
             self._bar.update(len(batch.positions))
             if acc.complete:

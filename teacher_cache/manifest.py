@@ -20,6 +20,8 @@ import numcodecs
 import pyarrow
 import zarr
 
+from data_shards.faults import crash_point
+
 from data_shards.augment import pixel_library_versions
 
 from .errors import CacheError
@@ -155,6 +157,7 @@ def write_json_atomic(path: Path, obj: dict) -> None:
         f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
         f.flush()
         os.fsync(f.fileno())
+    crash_point("json-written")
     os.replace(tmp, path)
 
 

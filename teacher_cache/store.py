@@ -21,6 +21,8 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
+from data_shards.faults import crash_point
+
 from .errors import CacheError
 from .layout import ARRAYS_DIR, TMP_DIR, UNITS_DIR, Unit, compressors, storage_shard_path, unit_json_path
 from .locks import owned_name, owner_gone
@@ -135,10 +137,13 @@ def commit_unit(root: Path, unit: Unit, rows_per_shard: int, buffers: dict[str, 
                                  f"this zarr ({zarr.__version__}) lays files out differently")
             sha, nbytes = _fsync_sha256(staged[name])
             files[name] = {"path": str(storage_shard_path(Path("."), name, unit)), "sha256": sha, "bytes": nbytes}
+        crash_point("commit-staged")
         for name, src in staged.items():
             dest = storage_shard_path(root, name, unit)
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(src, dest)
+            crash_point("commit-renamed-one")
+        crash_point("commit-renamed")
         record = {**record, "files": files}
         (root / UNITS_DIR).mkdir(exist_ok=True)
         write_json_atomic(unit_json_path(root, unit), record)   # the commit point

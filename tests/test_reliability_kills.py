@@ -59,3 +59,37 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path, small_shards, ref
     assert final.keys() == reference.keys()
     for name in final:
         assert torch.equal(final[name], reference[name]), name
+
+
+# ----------------------------------------------------------------------------- stage one
+
+# Three places cover the protocol (store.commit_unit): before anything is renamed, between the
+# renames of one unit's arrays, and between the unit record's write and its rename.
+@pytest.mark.parametrize("crash_at", [
+    "teacher-batch:5",          # mid-unit, between two teacher batches
+    "commit-renamed-one:3",     # one array's storage shard renamed in, the other not (a torn unit)
+    "json-written:2",           # unit record written aside, not yet renamed
+])
+def test_killed_cache_teacher_completes_identically(tmp_path, small_shards, teacher_checkpoint, reference_cache,
+                                                    crash_at):
+    from teacher_cache import TeacherCache
+
+    out = tmp_path / "cache"
+    killed = run_cli(cli_args(small_shards, out, teacher_checkpoint), {ENV: crash_at})
+    assert killed.returncode == -9, killed.stderr
+    cache = TeacherCache.open(out)
+    done, missing = cache.done_units(), cache.missing_units()
+    assert missing, "the crash should have left work undone"
+    for unit in done:                     # whatever a reader can see is complete and correct
+        for seed in unit.seeds:
+            reference = TeacherCache.open(reference_cache).read(unit.shard, seed)
+            got = cache.read(unit.shard, seed)
+            assert torch.equal(got.topk_indices, reference.topk_indices)
+            assert torch.equal(got.topk_logprobs, reference.topk_logprobs)
+    for unit in missing[:1]:
+        with pytest.raises(Exception, match="not computed yet"):
+            cache.read(unit.shard, unit.seed_start)
+    rerun = run_cli(cli_args(small_shards, out, teacher_checkpoint))
+    assert rerun.returncode == 0, rerun.stderr
+    assert_same_cache(reference_cache, out)
+    assert leftovers(out) == []
