@@ -1,0 +1,29 @@
+"""The README's main job: `deit-pipeline demo` end to end (quick settings)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import main
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_results(tmp_path):
+    out = tmp_path / "demo"
+    result = CliRunner().invoke(main, ["demo", "--out", str(out), "--quick", "--device", "cpu"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["students"]) == {"none", "soft", "hard"}
+    for report in results["students"].values():
+        assert set(report["heads"]) == {"class", "distillation", "fused"}
+        assert report["num_samples"] == results["teacher"]["num_samples"] > 300
+        assert 0.0 <= report["teacher"]["agreement"]["fused"] <= 1.0
+    train_samples = json.loads((out / "shards" / "train" / "metadata.json").read_text())["num_samples"]
+    assert results["cache"]["records_computed"] == 2 * train_samples  # 2 seeds x every training image
+    assert all(len(curve) == 2 for curve in results["val_curves"].values())
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = (out / "results.md").read_text()
+    assert "| student | hard |" in table and table in result.output
+
