@@ -109,6 +109,7 @@ def array_specs(num_seeds: int, num_shards: int, rows_per_shard: int, num_classe
 def compressors(dtype: str) -> list:
     """Per inner chunk: blosc-zstd level 9 with byte shuffle (groups the fp16 high bytes; a no-op
     for uint8), then crc32c so a damaged chunk raises instead of decoding to wrong numbers.
-    Chosen by measurement on digits (bench/bench_cache_teacher.py --codecs): 21.4 B/record at
-    K=10 against 22.4 (zstd level 5), 23.3 (bitshuffle) and 23.1 (plain zstd, no blosc)."""
+    Chosen by measurement on digits (bench/bench_cache_teacher.py --sections storage,codecs):
+    19.7 B/record at K=10 against 20.8 (zstd level 5), 22.2 (bitshuffle or no shuffle) and
+    22.2 (plain zstd, no blosc)."""
     return [BloscCodec(cname="zstd", clevel=9, shuffle="shuffle", typesize=np.dtype(dtype).itemsize), Crc32cCodec()]

@@ -36,3 +36,8 @@ def photo_folder(tmp_path) -> Path:
         (root / photo.stem).mkdir(parents=True)
         shutil.copyfile(photo, root / photo.stem / photo.name)
     return root
+
+
+# Stage one's session fixtures (tests/cache_fixtures.py: small_shards, other_shards,
+# teacher_checkpoint, reference_cache), registered here so every test_cache_* module shares one copy.
+from cache_fixtures import other_shards, reference_cache, small_shards, teacher_checkpoint  # noqa: E402,F401

@@ -8,8 +8,7 @@ import pytest
 import torch
 import zarr
 
-from cache_fixtures import (RECIPE, SEEDS, SEEDS_PER_UNIT, cache_kwargs, leftovers, make_teacher, other_shards,  # noqa: F401
-                            reference_cache, small_shards, teacher_checkpoint)
+from cache_fixtures import RECIPE, SEEDS, SEEDS_PER_UNIT, cache_kwargs, leftovers, make_teacher
 from data_shards import ShardSet, replay_shard, tensor_digest
 from teacher_cache import CacheError, TeacherCache, cache_teacher, encode_teacher_logits
 from teacher_cache.layout import all_units, storage_shard_path

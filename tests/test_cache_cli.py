@@ -9,8 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cache_fixtures import (RECIPE, SEEDS, TEACHER_ARCH, cache_kwargs, make_teacher, other_shards,  # noqa: F401
-                            reference_cache, small_shards, teacher_checkpoint)
+from cache_fixtures import RECIPE, SEEDS, TEACHER_ARCH, cache_kwargs, make_teacher
 from data_shards import ShardSet, replay_shard
 from pipeline.cli import main
 from teacher_cache import CacheError, TeacherCache, cache_teacher

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from cache_fixtures import (CLI, REPO, SEEDS, SEEDS_PER_UNIT, TEACHER_ARCH, assert_same_cache, cache_kwargs,  # noqa: F401
-                            cli_args, leftovers, reference_cache, run_cli, small_shards, teacher_checkpoint)
+from cache_fixtures import (CLI, REPO, SEEDS, SEEDS_PER_UNIT, TEACHER_ARCH, assert_same_cache, cache_kwargs,
+                            cli_args, leftovers, run_cli)
 from teacher_cache import CacheError, TeacherCache, cache_teacher
 from teacher_cache.jobs import resolve_job
 from teacher_cache.layout import Unit, all_units, select_units
