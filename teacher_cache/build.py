@@ -276,7 +276,7 @@ def cache_teacher(shards: str | os.PathLike, out: str | os.PathLike, *, teacher:
     if existing is not None:
         # Refuse early (before loading the teacher) on anything but the teacher weights.
         known = {**existing["teacher"], "name": s.teacher or existing["teacher"]["name"]}
-        diffs = [d for d in manifest_differences(existing, manifest_for(known))]
+        diffs = manifest_differences(existing, manifest_for(known))
         if diffs:
             raise CacheError(f"{root} already holds a cache computed differently:\n  " + "\n  ".join(diffs) +
                              "\nUse another --out folder, or rerun with the cache's settings "
@@ -289,19 +289,18 @@ def cache_teacher(shards: str | os.PathLike, out: str | os.PathLike, *, teacher:
     channels_last = torch_device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    manifest, created = create_or_match_manifest(root, manifest_for(model.teacher_info))
+    _, created = create_or_match_manifest(root, manifest_for(model.teacher_info))
     write_index(root, shard_set)
     ensure_arrays(root, specs)
     (root / UNITS_DIR).mkdir(exist_ok=True)
     clean_leftovers(root, lock_stale_after)
 
     mine = select_units(units, job.count, job.index)
-    todo = [u for u in mine if not unit_json_path(root, u).exists()]
-    if max_units is not None:
-        todo = todo[:max(0, max_units)]
+    pending = [u for u in mine if not unit_json_path(root, u).exists()]
+    todo = pending if max_units is None else pending[:max(0, max_units)]
     counts = shard_set.shard_counts
     log(f"cache-teacher: {job}: {len(mine)} of {len(units)} units are this job's, "
-        f"{len(mine) - len([u for u in mine if not unit_json_path(root, u).exists()])} already done, "
+        f"{len(mine) - len(pending)} already done, "
         f"{len(todo)} to compute ({sum(counts[u.shard] * len(u.seeds) for u in todo)} images x seeds)"
         f"{' [new cache]' if created else ''}")
 
