@@ -31,7 +31,6 @@ sys.path.insert(0, str(ROOT))
 
 from data_shards import AugRecipe, ShardSet, make_shards  # noqa: E402
 from teacher_cache.build import write_index  # noqa: E402
-from teacher_cache.cache import TeacherCache  # noqa: E402
 from teacher_cache.layout import TOPK_INDICES, TOPK_LOGPROBS, all_units, array_specs, index_dtype  # noqa: E402
 from teacher_cache.manifest import build_manifest, create_or_match_manifest  # noqa: E402
 from teacher_cache.store import commit_unit, ensure_arrays  # noqa: E402

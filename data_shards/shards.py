@@ -11,7 +11,6 @@ partners are drawn within a shard) and the order does not depend on the file sys
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import shutil

@@ -6,12 +6,13 @@ import sys
 
 import click
 
-from teacher_cache import CacheError, cache_teacher, load_recipe
+from teacher_cache import CacheError, cache_teacher
 from teacher_cache.inspection import format_inspection, inspect_cache
 from teacher_cache.locks import DEFAULT_STALE_AFTER
 from teacher_cache.verification import verify_cache
 
 from .cli import echo_json, main, register_user_errors, run_or_explain
+from .options import recipe_from_options, recipe_given, recipe_options
 
 register_user_errors(CacheError)
 
@@ -45,9 +46,7 @@ def parse_json_option(name: str, text: str | None) -> dict | None:
               help="Also store the full fp16 logits with 'full'. [default: topk]")
 @click.option("--seeds-per-unit", type=int, default=None,
               help="Seeds per work unit (one image decode serves them all). [default: min(S, 10)]")
-@click.option("--recipe", "recipe_path", type=click.Path(dir_okay=False), default=None,
-              help="Augmentation recipe JSON (fields of AugRecipe; missing ones are DeiT's), or a cache manifest.json.")
-@click.option("--input-size", type=int, default=None, help="Override the recipe's input size (e.g. 32 for digits).")
+@recipe_options
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
@@ -62,14 +61,16 @@ def parse_json_option(name: str, text: str | None) -> dict | None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def cache_teacher_cmd(shards, out, teacher, teacher_checkpoint, teacher_kwargs, seeds, topk, store_logits, seeds_per_unit,
-                      recipe_path, input_size, batch_size, device, precision, num_jobs, job_index, workers,
+                      input_size, recipe_source, aug_overrides, batch_size, device, precision, num_jobs, job_index, workers,
                       max_units, lock_stale_after, as_json, no_progress):
     """Run the teacher on every (sample, augmentation seed) and store its top-k in a Zarr cache.
 
     Resumable: rerunning skips finished units. Jobs split the units round-robin; several
     jobs (different --job-index, a SLURM array, or torchrun ranks) can fill one cache at once.
     """
-    recipe = run_or_explain(load_recipe, recipe_path, input_size)
+    # Unset recipe options mean: the existing cache's recipe (or DeiT's for a new cache).
+    recipe = (recipe_from_options(input_size, recipe_source, aug_overrides)
+              if recipe_given(input_size, recipe_source, aug_overrides) else None)
     kwargs = run_or_explain(parse_json_option, "--teacher-kwargs", teacher_kwargs)
     log = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
     summary = run_or_explain(cache_teacher, shards, out, teacher=teacher, teacher_checkpoint=teacher_checkpoint,

@@ -9,12 +9,14 @@ It only wires the library functions together; every number comes from the real c
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import click
+import torch
 
 from data_shards import AugRecipe, make_shards
 from student.evaluate import evaluate_checkpoint
@@ -63,6 +65,10 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), overwrite
             raise click.ClickException(f"{out} is not empty")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    if settings.device in ("auto", "cpu") and not torch.cuda.is_available():
+        # One core per replay worker, the rest for torch: oversubscribed OpenMP threads on a
+        # small machine spin against the workers and run many times slower.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - settings.workers))
     timings: dict[str, float] = {}
     started = time.time()
 

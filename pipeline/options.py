@@ -15,9 +15,14 @@ def recipe_options(fn):
                       help="Override one recipe field, e.g. --aug hflip=0 --aug scale=[0.35,1] "
                            "--aug rand_augment=null (values are JSON).")(fn)
     fn = click.option("--recipe", "recipe_source", default=None, metavar="FILE|JSON",
-                      help="Augmentation recipe as a JSON file or string (fields of AugRecipe).")(fn)
+                      help="Augmentation recipe as a JSON file or string (fields of AugRecipe; missing ones "
+                           "are DeiT's), or a cache's manifest.json to reuse its recipe.")(fn)
     fn = click.option("--input-size", type=int, default=None, help="Training input size (default 224).")(fn)
     return fn
+
+
+def recipe_given(input_size: int | None, recipe_source: str | None, aug_overrides: tuple[str, ...]) -> bool:
+    return input_size is not None or bool(recipe_source) or bool(aug_overrides)
 
 
 def recipe_from_options(input_size: int | None, recipe_source: str | None, aug_overrides: tuple[str, ...]) -> AugRecipe:
@@ -31,9 +36,14 @@ def recipe_from_options(input_size: int | None, recipe_source: str | None, aug_o
                 raise click.BadParameter(f"cannot read recipe file {recipe_source}: {exc.strerror or exc}",
                                          param_hint="--recipe") from None
         try:
-            fields.update(json.loads(text))
+            loaded = json.loads(text)
         except json.JSONDecodeError as exc:
             raise click.BadParameter(f"not a JSON file or JSON object: {exc}", param_hint="--recipe") from None
+        if isinstance(loaded, dict) and isinstance(loaded.get("recipe"), dict):
+            loaded = loaded["recipe"]          # a cache's manifest.json: reuse its recipe
+        if not isinstance(loaded, dict):
+            raise click.BadParameter("expected a JSON object of recipe fields", param_hint="--recipe")
+        fields.update(loaded)
     for item in aug_overrides:
         key, sep, value = item.partition("=")
         if not sep:

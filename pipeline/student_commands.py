@@ -13,7 +13,7 @@ from teacher_cache.cache import TeacherCache
 from teacher_cache.errors import CacheError
 
 from .cli import echo_json, main, register_user_errors, run_or_explain
-from .options import recipe_from_options, recipe_options
+from .options import recipe_from_options, recipe_given, recipe_options
 
 register_user_errors(CacheError, StudentError, ShardsError)
 
@@ -98,7 +98,7 @@ def train_student_cmd(input_size, recipe_source, aug_overrides, model_kwargs, di
     under torchrun (DDP: shards dealt to ranks, equal step counts on every rank).
     """
     recipe = None
-    if input_size is not None or recipe_source or aug_overrides:
+    if recipe_given(input_size, recipe_source, aug_overrides):
         parsed = recipe_from_options(input_size or options["img_size"], recipe_source, aug_overrides)
         if options["cache"] and not recipe_source:
             # With a cache, --input-size / --aug change the cache's recipe (and are then refused by

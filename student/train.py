@@ -385,7 +385,9 @@ def _save(path, cfg, ctx, model, optimizer, scheduler, scaler, ema, next_epoch, 
                 "cuda": None if rng["cuda"] is None else D.all_gather_rows(rng["cuda"], ctx)}
     if ctx.is_main:
         save_checkpoint(path, {
-            "model": model.state_dict(), "arch": student_config.model, "student": student_config.to_dict(), "args": cfg.to_dict(),
+            "model": model.state_dict(), "arch": student_config.model, "student": student_config.to_dict(),
+            # arch + model_kwargs let cache-teacher load a teacher trained here (sizes included)
+            "model_kwargs": student_config.timm_kwargs(), "args": cfg.to_dict(),
             "recipe": recipe.to_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else None,
             "ema": ema.state_dict() if ema is not None else None,

@@ -6,7 +6,7 @@ Public API (see DESIGN.md for the layout):
     load_teacher(...), teacher_forward(...)   shared with stage two's online teacher
     inspect_cache(path), verify_cache(path, shards)
 """
-from .build import cache_teacher, load_recipe
+from .build import cache_teacher
 from .cache import TeacherCache
 from .errors import CacheError
 from .layout import Unit
@@ -15,5 +15,5 @@ from .teacher import (DEFAULT_TEACHER, TeacherError, load_teacher, read_checkpoi
                       teacher_forward, teacher_logits, weights_sha256)
 
 __all__ = ["CacheError", "DEFAULT_TEACHER", "TeacherCache", "TeacherError", "TeacherTargets", "Unit",
-           "cache_teacher", "encode_teacher_logits", "load_recipe", "load_teacher", "read_checkpoint",
+           "cache_teacher", "encode_teacher_logits", "load_teacher", "read_checkpoint",
            "resolve_device", "teacher_forward", "teacher_logits", "weights_sha256"]

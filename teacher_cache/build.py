@@ -104,29 +104,6 @@ def resolve_settings(shard_set: ShardSet, existing: dict | None, *, seeds, topk,
     return settings
 
 
-def load_recipe(path: str | os.PathLike | None, input_size: int | None = None) -> AugRecipe | None:
-    """A recipe from a JSON file (a recipe dict, partial dicts fill in DeiT defaults, or a cache
-    manifest.json whose recipe is reused); `input_size` overrides. None when neither is given."""
-    import json
-    if path is None and input_size is None:
-        return None
-    base = {}
-    if path is not None:
-        try:
-            base = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise CacheError(f"recipe file {path} not found") from None
-        except ValueError as exc:
-            raise CacheError(f"recipe file {path} is not valid JSON: {exc}") from None
-        if isinstance(base, dict) and isinstance(base.get("recipe"), dict):
-            base = base["recipe"]
-    try:
-        recipe = AugRecipe.from_dict({**AugRecipe().to_dict(), **base})
-        return recipe.with_overrides(input_size=input_size)
-    except (TypeError, ValueError) as exc:
-        raise CacheError(f"bad recipe in {path}: {exc}") from None
-
-
 # ----------------------------------------------------------------------------- producing images
 
 @dataclass

@@ -1,7 +1,6 @@
 """make-shards on hostile sources: skip and list what cannot be used, handle what can."""
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 

@@ -10,8 +10,7 @@ import pytest
 
 from click.testing import CliRunner
 
-from cache_fixtures import (RECIPE, make_teacher, other_shards, reference_cache, small_shards,  # noqa: F401
-                            teacher_checkpoint)
+from cache_fixtures import RECIPE, make_teacher
 from pipeline.cli import main
 
 CLI = "deit-pipeline"

@@ -11,7 +11,6 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from cache_fixtures import RECIPE, reference_cache, small_shards, teacher_checkpoint  # noqa: F401
 from data_shards import ShardSet, ShardsError
 from pipeline.cli import main
 

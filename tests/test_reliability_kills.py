@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cache_fixtures import (CLI, assert_same_cache, cli_args, leftovers, reference_cache, run_cli,  # noqa: F401
-                            small_shards, teacher_checkpoint)
+from cache_fixtures import CLI, assert_same_cache, cli_args, leftovers, run_cli
 from data_shards.faults import ENV
 
 pytestmark = pytest.mark.slow

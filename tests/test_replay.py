@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from conftest import sample_photo_paths
 from data_shards import AugRecipe, ShardSet, augment_seeds, decode_image, mixed_targets, replay_shard, tensor_digest
-from data_shards.augment import mix_params, mixing_order
+from data_shards.augment import mix_params
 
 RECIPE_32 = AugRecipe(input_size=32)
 GOLDEN = Path(__file__).parent / "data" / "golden_digests.json"

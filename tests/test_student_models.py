@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import pytest
+from pathlib import Path
+
 import torch
 from _student_helpers import TINY_DEIT, single_thread
 
@@ -77,3 +79,17 @@ def test_checkpoint_is_atomic_plain_and_weights_only(tmp_path):
     torch.save({"model": {}}, tmp_path / "other.pt")
     with pytest.raises(StudentError, match="not a train-student checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
+
+
+def test_a_student_checkpoint_loads_as_a_teacher_with_its_sizes(tmp_path, digits_shards):
+    """A model trained by train-student (e.g. the demo's teacher) is a valid cache-teacher teacher."""
+    from _student_helpers import tiny_config
+    from student.train import train
+    from teacher_cache import load_teacher
+
+    train(tiny_config(digits_shards["val"], tmp_path / "run", epochs=1, max_steps_per_epoch=1))
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]
+    teacher = load_teacher(None, tmp_path / "run" / "checkpoint.pt", num_classes=10)
+    assert teacher.teacher_info["model_kwargs"]["img_size"] == 32
+    for name, value in teacher.state_dict().items():
+        assert torch.equal(value, state[name]), name
