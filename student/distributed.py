@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import StudentError
+from teacher_cache.teacher import resolve_device  # one device rule for both stages
 
 
 @dataclass(frozen=True)
@@ -26,22 +26,11 @@ class DistContext:
         return self.world_size > 1
 
 
-def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise StudentError("--device cuda asked but CUDA is not available; use --device cpu or auto")
-        dev = torch.device("cuda", dev.index if dev.index is not None else local_rank)
-    return dev
-
-
 def init_distributed(device: str = "auto") -> DistContext:
     """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; nccl on GPUs, gloo on CPUs."""
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    dev = resolve_device(device, local_rank)
+    dev = resolve_device(device)          # honours LOCAL_RANK like cache-teacher
     if world_size > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
