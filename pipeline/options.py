@@ -21,6 +21,20 @@ def recipe_options(fn):
     return fn
 
 
+def parse_key_values(items: tuple[str, ...], option: str) -> dict:
+    """Repeatable KEY=VALUE options; values are JSON, or bare strings such as bilinear."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint=option)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def recipe_given(input_size: int | None, recipe_source: str | None, aug_overrides: tuple[str, ...]) -> bool:
     return input_size is not None or bool(recipe_source) or bool(aug_overrides)
 
@@ -44,14 +58,7 @@ def recipe_from_options(input_size: int | None, recipe_source: str | None, aug_o
         if not isinstance(loaded, dict):
             raise click.BadParameter("expected a JSON object of recipe fields", param_hint="--recipe")
         fields.update(loaded)
-    for item in aug_overrides:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--aug")
-        try:
-            fields[key] = json.loads(value)
-        except json.JSONDecodeError:
-            fields[key] = value  # bare strings such as bilinear
+    fields.update(parse_key_values(aug_overrides, "--aug"))
     if input_size is not None:
         fields["input_size"] = input_size
     try:

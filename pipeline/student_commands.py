@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import click
 
@@ -13,22 +12,9 @@ from teacher_cache.cache import TeacherCache
 from teacher_cache.errors import CacheError
 
 from .cli import echo_json, main, register_user_errors, run_or_explain
-from .options import recipe_from_options, recipe_given, recipe_options
+from .options import parse_key_values, recipe_from_options, recipe_given, recipe_options
 
 register_user_errors(CacheError, StudentError, ShardsError)
-
-
-def _model_kwargs(items: tuple[str, ...]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--model-kwarg")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
 
 
 @main.command("train-student")
@@ -109,7 +95,7 @@ def train_student_cmd(input_size, recipe_source, aug_overrides, model_kwargs, di
         recipe = parsed.to_dict()
     if distillation_type is None:
         distillation_type = "hard" if (options["cache"] or options["teacher_online"]) else "none"
-    cfg = TrainConfig(**options, recipe=recipe, model_kwargs=_model_kwargs(model_kwargs),
+    cfg = TrainConfig(**options, recipe=recipe, model_kwargs=parse_key_values(model_kwargs, "--model-kwarg"),
                       distillation_type=distillation_type, progress=not no_progress)
     summary = run_or_explain(_train, cfg)
     if summary is None:        # not rank 0

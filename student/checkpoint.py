@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from data_shards.faults import crash_point
+from teacher_cache.locks import pid_alive
 
 from .errors import StudentError
 
@@ -64,13 +65,8 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
     removed = []
     for tmp in path.parent.glob(f".{path.name}.tmp-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
-        try:
-            os.kill(int(pid), 0)
-            continue                      # its writer is still alive
-        except ProcessLookupError:
-            pass
-        except (ValueError, PermissionError):
-            continue
+        if not pid.isdigit() or pid_alive(int(pid)):
+            continue                      # not ours to judge, or its writer is still alive
         tmp.unlink(missing_ok=True)
         removed.append(tmp)
     return removed

@@ -8,7 +8,6 @@ and the recomputed log-probabilities at the stored top-k classes (and logits in 
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from collections import defaultdict
@@ -21,14 +20,9 @@ from data_shards import ShardSet, replay_shard, tensor_digest
 from .cache import TeacherCache
 from .errors import CacheError
 from .layout import storage_shard_path
-from .teacher import check_precision, load_teacher, resolve_device, teacher_logits
+from .teacher import check_precision, file_sha256, load_teacher, resolve_device, teacher_logits
 
 RECORDS_PER_PAIR = 8       # sampled records per (shard, seed): replaying a shard costs, reuse it
-
-
-def _file_sha256(path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def sample_records(cache: TeacherCache, samples: int, seed: int = 0) -> dict[tuple[int, int], list[int]]:
@@ -86,7 +80,7 @@ def verify_cache(path: str | os.PathLike, shards: str | os.PathLike, samples: in
             for name, info in cache.unit_record(unit)["files"].items():
                 files_checked += 1
                 try:
-                    digest = _file_sha256(storage_shard_path(cache.root, name, unit))
+                    digest = file_sha256(storage_shard_path(cache.root, name, unit))
                 except FileNotFoundError:
                     digest = "missing"
                 if digest != info["sha256"]:
