@@ -1,9 +1,10 @@
 """Stage zero: WebDataset shards, their manifest, and the replayable DeiT augmentation."""
-from .augment import (AugRecipe, ReplayedSample, augment_image, augment_seeds, decode_image, eval_image,
-                      mixed_targets, recipe_fingerprint, replay_shard, tensor_digest)
+from .augment import (AugRecipe, ReplayItem, ReplayedSample, augment_seeds, decode_image, eval_image,
+                      finish_item, mixed_targets, recipe_fingerprint, replay_shard, replay_slice,
+                      slice_positions, tensor_digest)
 from .shards import ShardSample, ShardSet, ShardsError, make_shards
 from .sources import SourceError
 
-__all__ = ["AugRecipe", "ReplayedSample", "ShardSample", "ShardSet", "ShardsError", "SourceError",
-           "augment_image", "augment_seeds", "decode_image", "eval_image", "make_shards", "mixed_targets",
-           "recipe_fingerprint", "replay_shard", "tensor_digest"]
+__all__ = ["AugRecipe", "ReplayItem", "ReplayedSample", "ShardSample", "ShardSet", "ShardsError", "SourceError",
+           "augment_seeds", "decode_image", "eval_image", "finish_item", "make_shards", "mixed_targets",
+           "recipe_fingerprint", "replay_shard", "replay_slice", "slice_positions", "tensor_digest"]

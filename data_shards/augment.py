@@ -24,6 +24,7 @@ So the mixed image of (key, s) depends only on the recipe, the shard contents an
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -44,7 +45,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 # Bump when the parameter maths or the draw order changes: old caches must stop matching.
-REPLAY_ALGORITHM_VERSION = 1
+REPLAY_ALGORITHM_VERSION = 2   # 2: uint8 items finished on the device, noise-bank erasing fill, draft decoding
 
 _INTERPOLATION = {"bicubic": (InterpolationMode.BICUBIC, Image.Resampling.BICUBIC),
                   "bilinear": (InterpolationMode.BILINEAR, Image.Resampling.BILINEAR)}
@@ -82,6 +83,8 @@ class AugRecipe:
     switch_prob: float = 0.5
     smoothing: float = 0.1
     eval_crop_pct: float = 224 / 256                     # eval: resize to size/crop_pct, centre crop
+    decode_draft: bool = True                            # JPEG DCT-scaled decoding when the crop allows it
+    pairing_seeds: int = 3                               # seeds g*P..g*P+P-1 share one mixing order
 
     def __post_init__(self):
         # Normalise numbers so that (0.35, 1) and (0.35, 1.0) are the same recipe (same fingerprint).
@@ -99,6 +102,8 @@ class AugRecipe:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"recipe {name} must be in [0, 1], got {value}")
+        if self.pairing_seeds < 1:
+            raise ValueError(f"recipe pairing_seeds must be >= 1, got {self.pairing_seeds}")
         if self.input_size < 1:
             raise ValueError(f"recipe input_size must be >= 1, got {self.input_size}")
         if self.rand_augment:
@@ -123,7 +128,7 @@ class AugRecipe:
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
     def fingerprint(self) -> str:
-        return recipe_fingerprint(self)
+        return _cached_fingerprint(self)
 
 
 def pixel_library_versions() -> dict[str, str]:
@@ -136,6 +141,11 @@ def recipe_fingerprint(recipe: AugRecipe) -> str:
     blob = json.dumps({"recipe": recipe.to_dict(), "libraries": pixel_library_versions(),
                        "algorithm": REPLAY_ALGORITHM_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_fingerprint(recipe: AugRecipe) -> str:
+    return recipe_fingerprint(recipe)
 
 
 def make_rng(fingerprint: str, *parts: object) -> np.random.Generator:
@@ -151,23 +161,29 @@ def decode_image(data: bytes) -> Image.Image:
     """Encoded bytes -> 8-bit RGB PIL image (CMYK, palette, 16-bit and alpha handled)."""
     with Image.open(io.BytesIO(data)) as img:
         img.load()
-        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-            arr = np.asarray(img, dtype=np.float64)
-            top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-            img = Image.fromarray(np.clip(np.round(arr * (255.0 / top)), 0, 255).astype(np.uint8), "L")
-        elif img.mode == "F":
-            img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L")
-        if img.mode == "P":
-            img = img.convert("RGBA")
-        if img.mode in ("RGBA", "LA", "PA"):
-            img = img.convert("RGBA")
-            background = Image.new("RGBA", img.size, (0, 0, 0, 255))
-            img = Image.alpha_composite(background, img)
-        return img.convert("RGB")
+        return _to_rgb(img)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """A loaded PIL image of any mode -> 8-bit RGB (alpha composited on black)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(np.round(arr * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+    elif img.mode == "F":
+        img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, img)
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 # ----------------------------------------------------------------------------- one sample
 
+@functools.lru_cache(maxsize=16)
 def parse_rand_augment(config: str) -> dict:
     """timm's RandAugment config string -> {ops, num_layers, prob, magnitude, mstd, mmax}."""
     parts = config.split("-")
@@ -186,6 +202,12 @@ def parse_rand_augment(config: str) -> dict:
         out["mstd"] = float("inf")
     out["ops"] = list(rand_augment_choices("default", increasing=out["increasing"]))
     return out
+
+
+@functools.lru_cache(maxsize=16)
+def _rand_augment_hparams(recipe: AugRecipe) -> dict:
+    return {"translate_const": int(recipe.input_size * 0.45),
+            "img_mean": tuple(min(255, round(255 * x)) for x in recipe.mean)}
 
 
 def _rrc_params(rng: np.random.Generator, height: int, width: int,
@@ -214,9 +236,8 @@ def _rrc_params(rng: np.random.Generator, height: int, width: int,
 
 def _rand_augment(img: Image.Image, rng: np.random.Generator, recipe: AugRecipe) -> Image.Image:
     """timm RandAugment (AugmentOp.__call__ / RandAugment.__call__) with explicit draws."""
-    cfg = parse_rand_augment(recipe.rand_augment)
-    hparams = {"translate_const": int(recipe.input_size * 0.45),
-               "img_mean": tuple(min(255, round(255 * x)) for x in recipe.mean)}
+    cfg = parse_rand_augment(recipe.rand_augment)     # cached: parsed once per config
+    hparams = _rand_augment_hparams(recipe)
     resample = _INTERPOLATION[recipe.interpolation][1]
     chosen = rng.choice(len(cfg["ops"]), cfg["num_layers"], replace=True)
     for index in chosen:
@@ -248,11 +269,14 @@ def _rand_augment(img: Image.Image, rng: np.random.Generator, recipe: AugRecipe)
     return img
 
 
-def _random_erasing(x: torch.Tensor, rng: np.random.Generator, recipe: AugRecipe) -> torch.Tensor:
-    """timm RandomErasing(mode='pixel', count=1) maths, fill drawn from `rng`."""
+def _erasing_params(rng: np.random.Generator, recipe: AugRecipe) -> tuple[int, int, int, int, int]:
+    """timm RandomErasing(mode='pixel', count=1) maths -> (top, left, h, w, noise-bank offset); h=0: none.
+
+    The per-pixel fill is not drawn here: it is NOISE_BANK[offset : offset + 3*h*w], a fixed
+    bank of normal values built on whatever device finishes the image (no device RNG)."""
     if rng.random() > recipe.reprob:
-        return x
-    channels, height, width = x.shape
+        return (0, 0, 0, 0, 0)
+    height = width = recipe.input_size
     area = height * width
     log_aspect = (math.log(recipe.re_aspect), math.log(1 / recipe.re_aspect))
     for _ in range(10):
@@ -263,39 +287,100 @@ def _random_erasing(x: torch.Tensor, rng: np.random.Generator, recipe: AugRecipe
         if w < width and h < height:
             top = int(rng.integers(0, height - h + 1))
             left = int(rng.integers(0, width - w + 1))
-            fill = torch.from_numpy(rng.standard_normal((channels, h, w), dtype=np.float32))
-            return TF.erase(x, top, left, h, w, fill)
+            needed = 3 * h * w
+            if needed > NOISE_BANK_SIZE:
+                raise ValueError(f"random erasing of {h}x{w} pixels needs more than the noise bank's "
+                                 f"{NOISE_BANK_SIZE} values; lower input_size or re_area")
+            return (top, left, h, w, int(rng.integers(0, NOISE_BANK_SIZE - needed + 1)))
+    return (0, 0, 0, 0, 0)
+
+
+NOISE_BANK_SIZE = 1 << 21
+_NOISE_BANKS: dict[str, torch.Tensor] = {}
+
+
+def noise_bank(device: torch.device | str) -> torch.Tensor:
+    """float32 N(0, 1) values from a fixed-seed NumPy generator, built once per device."""
+    name = str(torch.device(device))
+    if name not in _NOISE_BANKS:
+        values = np.random.Generator(np.random.PCG64(20240521)).standard_normal(NOISE_BANK_SIZE, dtype=np.float32)
+        _NOISE_BANKS[name] = torch.from_numpy(values).to(device)
+    return _NOISE_BANKS[name]
+
+
+def _open_and_crop_box(data: bytes, rng: np.random.Generator, recipe: AugRecipe):
+    """Open the image, draw the crop from its full size (header only), then decode.
+
+    With recipe.decode_draft, a JPEG is decoded at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling)
+    when the crop stays at least input_size pixels wide and high there; the crop box is mapped
+    onto the reduced image as floats and resampled from it."""
+    img = Image.open(io.BytesIO(data))
+    width, height = img.size
+    i, j, h, w = _rrc_params(rng, height, width, recipe.scale, recipe.ratio)
+    box = (float(j), float(i), float(j + w), float(i + h))
+    if recipe.decode_draft and img.format == "JPEG":
+        size = recipe.input_size
+        drafted = img.draft(img.mode, (max(1, width * size // w), max(1, height * size // h)))
+        if drafted is not None:
+            scale = width / drafted[1][2]
+            box = tuple(v / scale for v in box)
+    img.load()
+    return _to_rgb(img), box
+
+
+def augment_uint8(data: bytes, key: str, aug_seed: int, recipe: AugRecipe, fingerprint: str | None = None,
+                  out: np.ndarray | None = None) -> tuple[np.ndarray, tuple[int, int, int, int, int]]:
+    """The PIL/uint8 part of the training augmentation of one image, and its erasing parameters.
+
+    Returns the (H, W, 3) uint8 image after crop-resize, flip and RandAugment (written into
+    `out` if given) and (top, left, h, w, bank offset) for `finish_images`."""
+    rng = make_rng(fingerprint or recipe.fingerprint(), "sample", key, int(aug_seed))
+    img, box = _open_and_crop_box(data, rng, recipe)
+    size = (recipe.input_size, recipe.input_size)
+    img = img.resize(size, _INTERPOLATION[recipe.interpolation][1], box=box)
+    if rng.random() < recipe.hflip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if recipe.rand_augment:
+        img = _rand_augment(img, rng, recipe)
+    erase = _erasing_params(rng, recipe) if recipe.reprob > 0 else (0, 0, 0, 0, 0)
+    pixels = np.asarray(img)
+    if out is None:
+        return pixels, erase
+    out[...] = pixels
+    return out, erase
+
+
+def finish_images(images: torch.Tensor, erase: torch.Tensor, recipe: AugRecipe) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32: scale, normalise, erase; on images.device.
+
+    Plain elementwise ops only, so CPU and CUDA give the same bits. `erase` is an (N, 5) CPU
+    int64 tensor of (top, left, h, w, bank offset) rows (h=0: no erasing)."""
+    device = images.device
+    x = images.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+    mean = torch.tensor(recipe.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(recipe.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    x = x.div_(255.0).sub_(mean).div_(std)          # torchvision to_dtype(scale=True) + normalize
+    bank = None
+    for index, (top, left, h, w, offset) in enumerate(erase.tolist()):
+        if h > 0:
+            bank = noise_bank(device) if bank is None else bank
+            x[index, :, top:top + h, left:left + w] = bank[offset:offset + 3 * h * w].view(3, h, w)
     return x
+
+
+def augment_seeds(data: bytes, key: str, aug_seeds: Iterable[int], recipe: AugRecipe) -> list[torch.Tensor]:
+    """The (unmixed) training augmentation of one image for each seed: float32 CHW, normalised."""
+    fingerprint = recipe.fingerprint()
+    out = []
+    for seed in aug_seeds:
+        pixels, erase = augment_uint8(data, key, seed, recipe, fingerprint)
+        out.append(finish_images(torch.from_numpy(pixels.copy())[None], torch.tensor([erase]), recipe)[0])
+    return out
 
 
 def to_normalized_tensor(img: Image.Image, recipe: AugRecipe) -> torch.Tensor:
     x = TF.to_dtype(TF.pil_to_tensor(img), torch.float32, scale=True)
     return TF.normalize(x, list(recipe.mean), list(recipe.std))
-
-
-def augment_image(img: Image.Image, key: str, aug_seed: int, recipe: AugRecipe,
-                  fingerprint: str | None = None) -> torch.Tensor:
-    """The (unmixed) training augmentation of one decoded image: float32 CHW, normalised."""
-    rng = make_rng(fingerprint or recipe.fingerprint(), "sample", key, int(aug_seed))
-    i, j, h, w = _rrc_params(rng, img.height, img.width, recipe.scale, recipe.ratio)
-    size = [recipe.input_size, recipe.input_size]
-    img = TF.resized_crop(img, i, j, h, w, size, interpolation=_INTERPOLATION[recipe.interpolation][0],
-                          antialias=True)
-    if rng.random() < recipe.hflip:
-        img = TF.horizontal_flip(img)
-    if recipe.rand_augment:
-        img = _rand_augment(img, rng, recipe)
-    x = to_normalized_tensor(img, recipe)
-    if recipe.reprob > 0:
-        x = _random_erasing(x, rng, recipe)
-    return x
-
-
-def augment_seeds(data: bytes, key: str, aug_seeds: Iterable[int], recipe: AugRecipe) -> list[torch.Tensor]:
-    """Decode once, augment for every seed (stage one avoids decoding per seed)."""
-    img = decode_image(data)
-    fingerprint = recipe.fingerprint()
-    return [augment_image(img, key, s, recipe, fingerprint) for s in aug_seeds]
 
 
 def eval_image(img: Image.Image, recipe: AugRecipe) -> torch.Tensor:
@@ -320,8 +405,11 @@ def shard_id(keys: Sequence[str]) -> str:
 
 
 def mixing_order(keys: Sequence[str], aug_seed: int, recipe: AugRecipe, fingerprint: str | None = None) -> list[int]:
-    """Seeded cyclic order of a shard: sample order[k] is mixed with order[(k+1) % n]."""
-    rng = make_rng(fingerprint or recipe.fingerprint(), "pairing", shard_id(keys), int(aug_seed))
+    """Seeded cyclic order of a shard: sample order[k] is mixed with order[(k+1) % n].
+
+    Seeds g*P .. g*P+P-1 (P = recipe.pairing_seeds) share one order (repeated augmentation)."""
+    group = int(aug_seed) // recipe.pairing_seeds
+    rng = make_rng(fingerprint or recipe.fingerprint(), "pairing", shard_id(keys), group)
     return [int(i) for i in rng.permutation(len(keys))]
 
 
@@ -352,17 +440,6 @@ def mix_params(key: str, partner_key: str, aug_seed: int, recipe: AugRecipe, fin
     return MixParams(lam, True, (yl, yh, xl, xh))
 
 
-def apply_mix(x: torch.Tensor, partner: torch.Tensor, params: MixParams) -> torch.Tensor:
-    if params.use_cutmix:
-        yl, yh, xl, xh = params.box
-        out = x.clone()
-        out[:, yl:yh, xl:xh] = partner[:, yl:yh, xl:xh]
-        return out
-    if params.lam == 1.0:
-        return x
-    return x * params.lam + partner * (1.0 - params.lam)
-
-
 def mixed_targets(labels: torch.Tensor, partner_labels: torch.Tensor, lam: torch.Tensor,
                   num_classes: int, smoothing: float) -> torch.Tensor:
     """λ·smooth(y) + (1-λ)·smooth(y_partner), timm's mixup_target maths per sample."""
@@ -374,7 +451,123 @@ def mixed_targets(labels: torch.Tensor, partner_labels: torch.Tensor, lam: torch
     return y1 * lam + y2 * (1.0 - lam)
 
 
-# ----------------------------------------------------------------------------- a shard
+# ----------------------------------------------------------------------------- work items
+
+@dataclass
+class ReplayItem:
+    """Samples order[start:stop] of a shard's mixing order for one seed, before finishing.
+
+    `images` holds one more image than samples when the recipe mixes: order[stop % n], the
+    last sample's partner. Everything random after the uint8 stage is in per-sample parameters
+    (erasing boxes, mix weights, CutMix boxes), so `finish_item` needs no generator.
+    """
+    shard: int
+    aug_seed: int
+    start: int
+    stop: int
+    keys: list[str]
+    partner_keys: list[str]
+    positions: torch.Tensor        # (m,) int64 shard positions
+    labels: torch.Tensor           # (m,) int64
+    partner_labels: torch.Tensor   # (m,) int64
+    lam: torch.Tensor              # (m,) float64 label weight of the primary (box-corrected)
+    mix_weights: torch.Tensor      # (m, 2) float32 pixel weights of (primary, partner); (1, 0) for CutMix
+    cut_boxes: torch.Tensor        # (m, 4) int64 (y_low, y_high, x_low, x_high) from the partner; zeros: none
+    erase: torch.Tensor            # (m or m+1, 5) int64 (top, left, h, w, bank offset); h=0: none
+    images: torch.Tensor           # (m or m+1, H, W, 3) uint8, after crop-resize, flip, RandAugment
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def pin_memory(self) -> "ReplayItem":
+        """Called by DataLoader(pin_memory=True): page-locked images copy to the GPU asynchronously."""
+        self.images = self.images.pin_memory()
+        return self
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.positions, self.labels, self.partner_labels,
+                                                           self.lam, self.mix_weights, self.cut_boxes,
+                                                           self.erase, self.images))
+
+
+def replay_slice(samples: Sequence, aug_seed: int, recipe: AugRecipe, start: int, stop: int,
+                 keys: Sequence[str] | None = None, order: Sequence[int] | None = None) -> ReplayItem:
+    """Replay samples order[start:stop] of one shard for `aug_seed` (uint8, not yet finished).
+
+    `samples` are ShardSample-like (key, label, data, shard, position) indexed by shard position
+    - either the whole shard, or a mapping/list holding at least the positions this slice needs
+    (`slice_positions`). `keys` are all the shard's keys in position order (from the manifest;
+    needed when `samples` is not the whole shard). Replaying (0, n) is the whole shard; any cut
+    into slices gives the same finished images.
+    """
+    if keys is None:
+        keys = [s.key for s in sorted(samples, key=lambda s: s.position)]
+    n = len(keys)
+    if not 0 <= start < stop <= n:
+        raise ValueError(f"slice {start}:{stop} is not within a shard of {n} samples")
+    fingerprint = recipe.fingerprint()
+    if order is None:
+        order = mixing_order(keys, aug_seed, recipe, fingerprint) if recipe.mixing else range(n)
+    by_position = samples if isinstance(samples, dict) else {s.position: s for s in samples}
+    primaries = [by_position[order[k]] for k in range(start, stop)]
+    augmented = primaries + ([by_position[order[stop % n]]] if recipe.mixing else [])
+    size = recipe.input_size
+    images = np.empty((len(augmented), size, size, 3), dtype=np.uint8)
+    erase = []
+    for i, sample in enumerate(augmented):
+        erase.append(augment_uint8(sample.data, sample.key, aug_seed, recipe, fingerprint, out=images[i])[1])
+    m = len(primaries)
+    partners = augmented[1:] if recipe.mixing else primaries
+    lam, weights, boxes = [], np.zeros((m, 2), dtype=np.float32), np.zeros((m, 4), dtype=np.int64)
+    for i, (primary, partner) in enumerate(zip(primaries, partners)):
+        params = mix_params(primary.key, partner.key, aug_seed, recipe, fingerprint)
+        lam.append(params.lam)
+        if params.use_cutmix:
+            weights[i] = (1.0, 0.0)
+            boxes[i] = params.box
+        else:
+            weights[i] = (params.lam, 1.0 - params.lam)    # rounded once to float32, on the host
+    return ReplayItem(
+        int(primaries[0].shard), int(aug_seed), start, stop, [s.key for s in primaries],
+        [s.key for s in partners], torch.tensor([s.position for s in primaries], dtype=torch.int64),
+        torch.tensor([s.label for s in primaries], dtype=torch.int64),
+        torch.tensor([s.label for s in partners], dtype=torch.int64), torch.tensor(lam, dtype=torch.float64),
+        torch.from_numpy(weights), torch.from_numpy(boxes), torch.tensor(erase, dtype=torch.int64).view(-1, 5),
+        torch.from_numpy(images))
+
+
+def slice_positions(keys: Sequence[str], aug_seed: int, recipe: AugRecipe, start: int, stop: int,
+                    order: Sequence[int] | None = None) -> list[int]:
+    """Shard positions a slice reads: order[start..stop] (the last one wraps at n)."""
+    n = len(keys)
+    if not recipe.mixing:
+        return list(range(start, stop))
+    order = mixing_order(keys, aug_seed, recipe) if order is None else order
+    return sorted({order[k % n] for k in range(start, stop + 1)})
+
+
+def finish_item(item: ReplayItem, recipe: AugRecipe, device: torch.device | str | None = None) -> torch.Tensor:
+    """A replay item -> its (m, 3, H, W) float32 training images, on `device` (default: where the images are).
+
+    Normalise and erase every augmented image (`finish_images`), then mix sample k with image
+    k+1 of the item: x*w0 + partner*w1 for Mixup (w = (1, 0) otherwise), then paste the CutMix
+    box. Only elementwise ops and copies: the same bits on CPU and CUDA. The small parameter
+    tensors stay on the host (no device syncs); only images and weights move.
+    """
+    device = torch.device(device) if device is not None else item.images.device
+    images = item.images.to(device, non_blocking=True)
+    x = finish_images(images, item.erase, recipe)
+    m = len(item)
+    if not recipe.mixing:
+        return x
+    weights = item.mix_weights.to(device, non_blocking=True)
+    primary, partner = x[:m], x[1:m + 1]
+    out = primary * weights[:, 0].view(m, 1, 1, 1) + partner * weights[:, 1].view(m, 1, 1, 1)
+    for k, (yl, yh, xl, xh) in enumerate(item.cut_boxes.tolist()):
+        if yh > yl and xh > xl:
+            out[k, :, yl:yh, xl:xh] = partner[k, :, yl:yh, xl:xh]
+    return out
+
 
 @dataclass
 class ReplayedSample:
@@ -389,47 +582,26 @@ class ReplayedSample:
     aug_seed: int = -1
 
 
-def replay_shard(samples: Sequence, aug_seed: int, recipe: AugRecipe,
-                 decoded: dict[str, Image.Image] | None = None) -> Iterator[ReplayedSample]:
-    """Yield every sample of one shard, augmented and mixed for `aug_seed`, in mixing order.
+def replay_shard(samples: Sequence, aug_seed: int, recipe: AugRecipe, decoded: dict | None = None,
+                 slice_size: int = 64) -> Iterator[ReplayedSample]:
+    """Yield every sample of one shard, augmented, finished and mixed for `aug_seed`, in mixing order.
 
-    `samples` are ShardSample-like (key, label, data, shard, position) in shard order.
-    `decoded` may hold already-decoded images by key (decode once for many seeds).
-    Each sample is augmented exactly once; the first one is kept to close the cycle.
-    The result does not depend on the order of `samples` (they are sorted by position).
+    The shard replayed as consecutive `replay_slice`s of `slice_size` (memory stays bounded).
+    The result does not depend on the order of `samples` or on `slice_size`. (`decoded` is
+    accepted for old callers and ignored: decoding depends on each crop since draft decoding.)
     """
-    samples = sorted(samples, key=lambda s: (s.position, s.key))
-    n = len(samples)
+    by_index = dict(enumerate(sorted(samples, key=lambda s: (s.position, s.key))))
+    keys = [s.key for s in by_index.values()]
+    n = len(keys)
     if n == 0:
         return
-    fingerprint = recipe.fingerprint()
-    keys = [s.key for s in samples]
-    order = mixing_order(keys, aug_seed, recipe, fingerprint) if recipe.mixing else list(range(n))
-
-    def augmented(index: int) -> torch.Tensor:
-        sample = samples[index]
-        img = decoded[sample.key] if decoded is not None else decode_image(sample.data)
-        return augment_image(img, sample.key, aug_seed, recipe, fingerprint)
-
-    if not recipe.mixing:
-        for index in order:
-            sample = samples[index]
-            yield ReplayedSample(sample.key, sample.label, sample.key, sample.label, 1.0, augmented(index),
-                                 sample.shard, sample.position, int(aug_seed))
-        return
-    first = current = augmented(order[0])
-    for k in range(n):
-        primary, partner = samples[order[k]], samples[order[(k + 1) % n]]
-        if n == 1:
-            nxt = current
-        elif k + 1 < n:
-            nxt = augmented(order[k + 1])
-        else:
-            nxt = first
-        params = mix_params(primary.key, partner.key, aug_seed, recipe, fingerprint)
-        yield ReplayedSample(primary.key, primary.label, partner.key, partner.label, params.lam,
-                             apply_mix(current, nxt, params), primary.shard, primary.position, int(aug_seed))
-        current = nxt
+    order = mixing_order(keys, aug_seed, recipe) if recipe.mixing else range(n)
+    for start in range(0, n, slice_size):
+        item = replay_slice(by_index, aug_seed, recipe, start, min(n, start + slice_size), keys, order)
+        images = finish_item(item, recipe)
+        for i, key in enumerate(item.keys):
+            yield ReplayedSample(key, int(item.labels[i]), item.partner_keys[i], int(item.partner_labels[i]),
+                                 float(item.lam[i]), images[i], item.shard, int(item.positions[i]), int(aug_seed))
 
 
 def tensor_digest(x: torch.Tensor) -> str:

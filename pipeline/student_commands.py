@@ -32,6 +32,8 @@ register_user_errors(CacheError, StudentError, ShardsError)
 @click.option("--teacher-precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--teacher-batch-size", type=int, default=64, show_default=True,
               help="Online teacher batch; equal to cache-teacher's --batch-size gives bit-identical targets.")
+@click.option("--channels-last/--no-channels-last", "teacher_channels_last", default=None,
+              help="Online teacher in channels-last memory format (default: on CUDA, as cache-teacher).")
 @recipe_options
 @click.option("--num-seeds", type=int, default=None,
               help="Without a cache: cycle through this many augmentation seeds (epoch e uses e mod S).")
@@ -68,6 +70,7 @@ register_user_errors(CacheError, StudentError, ShardsError)
 @click.option("--reuse-seeds", is_flag=True, help="Allow more epochs than cached seeds (seeds repeat; logged).")
 @click.option("--max-steps-per-epoch", type=int, default=None, help="Cap the steps per epoch (smoke runs).")
 @click.option("--workers", type=int, default=2, show_default=True, help="Replay worker processes per rank.")
+@click.option("--compile", "compile", is_flag=True, help="torch.compile the student (as timm's train.py).")
 @click.option("--val-shards", type=click.Path(file_okay=False), default=None,
               help="Evaluate every epoch on these shards (accuracy per head in metrics.jsonl).")
 @click.option("--eval-batch-size", type=int, default=128, show_default=True)

@@ -1,21 +1,27 @@
-"""Training data per epoch: replayed shards (+ teacher targets), cut into equal-sized batches.
+"""Training data per epoch: work items (slices of replayed units) + teacher targets, cut into batches.
 
 Seed schedule (DESIGN.md): epoch e uses augmentation seed e mod S, S = seeds in the cache;
 with repeated augmentation R, epoch e uses seeds e*R .. e*R+R-1 (mod S) and so streams every
 image R times. Without a cache S is unbounded unless given (an online teacher can see any seed).
 
-A *unit* is one shard replayed for one seed: `replay_shard` yields its samples in the seeded
-mixing order, and the teacher targets of the unit come from ONE batched cache read. An epoch
-on a rank is a list of units; the rank's sample stream is the units' samples back to back,
-cut into batches of `batch_size`. Shards are dealt to ranks after a per-epoch shuffle shared by
-all ranks, and every rank runs the same number of steps: min over ranks of samples // batch,
-computed from the shard metadata alone (no communication, no DDP hang on uneven shards).
-The stream depends only on (shards, recipe, seed, epoch, rank, world size, batch size), not on
-the number of loader workers: workers replay whole units, which arrive in plan order.
+A *unit* is one shard replayed for one seed, in its seeded mixing order. An epoch on a rank is
+a list of units; the rank's sample stream is the units' samples back to back, cut into batches
+of `batch_size`. Shards are dealt to ranks after a per-epoch shuffle shared by all ranks, and
+every rank runs the same number of steps: min over ranks of samples // batch, computed from the
+shard metadata alone (no communication, no DDP hang on uneven shards).
+
+The stream is replayed as *work items*: slices (shard, seed, start, stop) of a unit's mixing
+order, cut where the stream's batches end (or, with an online teacher, at the teacher's batch
+boundaries inside the unit, so it batches exactly as cache-teacher did). Items are at most one
+batch long: every loader worker has work whatever the shard count, and its memory is bounded
+by the item, not the shard. Workers return uint8 items in plan order; the main process moves
+them to the device and finishes them there (`data_shards.finish_item`). The stream depends only
+on (shards, recipe, seed, epoch, rank, world size, batch size), not on the number of workers.
 """
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
@@ -23,7 +29,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data_shards import AugRecipe, ShardSet, decode_image, eval_image, mixed_targets, replay_shard
+from data_shards import (AugRecipe, ReplayItem, ShardSet, decode_image, eval_image, finish_item, mixed_targets,
+                         replay_slice, slice_positions)
+from data_shards.augment import mixing_order
 from teacher_cache.targets import TeacherTargets
 
 from .errors import StudentError
@@ -69,16 +77,29 @@ def deal_shards(num_shards: int, world_size: int, epoch: int, seed: int) -> list
 
 
 @dataclass(frozen=True)
+class WorkItem:
+    """Samples order[start:stop] of shard `shard`'s mixing order for seed `aug_seed`."""
+    shard: int
+    aug_seed: int
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
 class EpochPlan:
     epoch: int
     aug_seeds: list[int]
     units: list[tuple[int, int]]        # (shard, aug seed) of this rank, in stream order
+    items: list[WorkItem]               # the units' replayed slices, in stream order
     steps: int                          # the same on every rank
     samples_per_rank: list[int]         # available samples of every rank (for the log)
 
 
 def plan_epoch(shard_set: ShardSet, epoch: int, batch_size: int, rank: int, world_size: int, seed: int,
-               num_seeds: int | None, repeated_aug: int = 1, max_steps: int | None = None) -> EpochPlan:
+               num_seeds: int | None, repeated_aug: int = 1, max_steps: int | None = None,
+               teacher_batch_size: int | None = None) -> EpochPlan:
+    """This rank's units and work items. With `teacher_batch_size` (online teacher) items are the
+    teacher's batches of each unit (the last may run past the epoch's end; the surplus is dropped)."""
     seeds = aug_seeds_for_epoch(epoch, num_seeds, repeated_aug)
     dealt = deal_shards(shard_set.num_shards, world_size, epoch, seed)
     counts = shard_set.shard_counts
@@ -89,114 +110,127 @@ def plan_epoch(shard_set: ShardSet, epoch: int, batch_size: int, rank: int, worl
                             f"{batch_size}; lower --batch-size or use fewer processes")
     if max_steps is not None:
         steps = min(steps, max_steps)
-    units, needed = [], steps * batch_size
+    units, items, needed, offset = [], [], steps * batch_size, 0
     for aug_seed in seeds:
         for shard in dealt[rank]:
-            if needed <= 0:
+            if offset >= needed:
                 break            # surplus units of the richer ranks are never replayed
             units.append((shard, aug_seed))
-            needed -= counts[shard]
-    return EpochPlan(epoch, seeds, units, steps, samples)
+            n, start = counts[shard], 0
+            while start < n and offset < needed:
+                if teacher_batch_size:
+                    stop = min(n, start + teacher_batch_size)
+                else:   # up to the end of the current batch, the unit, or the epoch
+                    stop = min(n, start + batch_size - offset % batch_size, start + needed - offset)
+                items.append(WorkItem(shard, aug_seed, start, stop))
+                offset += stop - start
+                start = stop
+    return EpochPlan(epoch, seeds, units, items, steps, samples)
 
 
-# ----------------------------------------------------------------------------- units
+# ----------------------------------------------------------------------------- work items
 
-@dataclass
-class ReplayedUnit:
-    """One shard replayed for one seed, in mixing order."""
-    shard: int
-    aug_seed: int
-    keys: list[str]
-    positions: torch.Tensor       # (n,) int64 position in the shard (row of the cache read)
-    labels: torch.Tensor          # (n,) int64
-    partner_labels: torch.Tensor  # (n,) int64
-    lam: torch.Tensor             # (n,) float32
-    images: torch.Tensor          # (n, 3, H, W) float32, mixed and augmented
+class _ItemDataset(Dataset):
+    """Map-style over a plan's work items, so DataLoader workers return them in plan order."""
 
-    def pin_memory(self) -> "ReplayedUnit":
-        """Called by DataLoader(pin_memory=True): page-locked images copy to the GPU asynchronously."""
-        self.images = self.images.pin_memory()
-        return self
-
-
-def replay_unit(shard_set: ShardSet, shard: int, aug_seed: int, recipe: AugRecipe) -> ReplayedUnit:
-    replayed = list(replay_shard(shard_set.read_shard(shard), aug_seed, recipe))
-    return ReplayedUnit(
-        shard, aug_seed, [r.key for r in replayed],
-        torch.tensor([r.position for r in replayed], dtype=torch.int64),
-        torch.tensor([r.label for r in replayed], dtype=torch.int64),
-        torch.tensor([r.partner_label for r in replayed], dtype=torch.int64),
-        torch.tensor([r.lam for r in replayed], dtype=torch.float32),
-        torch.stack([r.image for r in replayed]))
-
-
-class _UnitDataset(Dataset):
-    """Map-style over a plan's units, so DataLoader workers return them in plan order."""
-
-    def __init__(self, shard_set: ShardSet, units: list[tuple[int, int]], recipe: AugRecipe):
-        self.shard_set, self.units, self.recipe = shard_set, units, recipe
+    def __init__(self, shard_set: ShardSet, items: list[WorkItem], recipe: AugRecipe):
+        self.shard_set, self.items, self.recipe = shard_set, items, recipe
+        self._keys: dict[int, list[str]] = {}
 
     def __len__(self) -> int:
-        return len(self.units)
+        return len(self.items)
 
-    def __getitem__(self, index: int) -> ReplayedUnit:
-        shard, aug_seed = self.units[index]
-        return replay_unit(self.shard_set, shard, aug_seed, self.recipe)
-
-
-def _as_is(unit: ReplayedUnit) -> ReplayedUnit:
-    return unit
+    def __getitem__(self, index: int) -> ReplayItem:
+        return replay_item(self.shard_set, self.items[index], self.recipe, self._keys)
 
 
-def iter_units(shard_set: ShardSet, units: list[tuple[int, int]], recipe: AugRecipe,
-               workers: int = 0, pin_memory: bool = False) -> Iterator[ReplayedUnit]:
+def replay_item(shard_set: ShardSet, item: WorkItem, recipe: AugRecipe,
+                keys_cache: dict[int, list[str]] | None = None) -> ReplayItem:
+    """Read only the slice's samples (one seek each) and replay them (uint8, unfinished)."""
+    keys_cache = {} if keys_cache is None else keys_cache
+    if item.shard not in keys_cache:
+        keys_cache.clear()       # one shard's keys at a time: memory independent of the shard count
+        keys_cache[item.shard] = shard_set.shard_keys(item.shard)
+    keys = keys_cache[item.shard]
+    order = mixing_order(keys, item.aug_seed, recipe) if recipe.mixing else range(len(keys))
+    positions = slice_positions(keys, item.aug_seed, recipe, item.start, item.stop, order)
+    samples = shard_set.read_samples(item.shard, positions)
+    return replay_slice(samples, item.aug_seed, recipe, item.start, item.stop, keys, order)
+
+
+def _as_is(item: ReplayItem) -> ReplayItem:
+    return item
+
+
+def iter_items(shard_set: ShardSet, items: list[WorkItem], recipe: AugRecipe,
+               workers: int = 0, pin_memory: bool = False) -> Iterator[ReplayItem]:
     if workers <= 0:
-        for shard, aug_seed in units:
-            yield replay_unit(shard_set, shard, aug_seed, recipe)
+        keys_cache: dict[int, list[str]] = {}
+        for item in items:
+            yield replay_item(shard_set, item, recipe, keys_cache)
         return
-    loader = DataLoader(_UnitDataset(shard_set, units, recipe), batch_size=None, shuffle=False,
-                        num_workers=min(workers, len(units)) or 1, collate_fn=_as_is, prefetch_factor=1,
+    loader = DataLoader(_ItemDataset(shard_set, items, recipe), batch_size=None, shuffle=False,
+                        num_workers=min(workers, len(items)) or 1, collate_fn=_as_is, prefetch_factor=2,
                         pin_memory=pin_memory, generator=torch.Generator().manual_seed(0))
     # (own generator: a DataLoader draws its worker base seed from the global RNG otherwise, which
     # would shift drop path's random stream by the worker setting)
     yield from loader
 
 
+def unit_items(n: int, shard: int, aug_seed: int, size: int) -> list[WorkItem]:
+    """A whole unit as consecutive items of `size` samples (evaluation, tools)."""
+    return [WorkItem(shard, aug_seed, start, min(n, start + size)) for start in range(0, n, size)]
+
+
 # ----------------------------------------------------------------------------- batches
 
 class TeacherSource(Protocol):
-    """Teacher targets for every sample of a unit, in the unit's (mixing) order."""
+    """Teacher targets for the samples of a work item, given its finished images."""
 
-    def unit_targets(self, unit: ReplayedUnit) -> TeacherTargets: ...
+    def item_targets(self, item: ReplayItem, images: torch.Tensor) -> TeacherTargets: ...
 
 
 @dataclass
 class TrainBatch:
-    images: torch.Tensor               # (B, 3, H, W)
-    targets: torch.Tensor              # (B, C) mixed, smoothed true-label targets
+    images: torch.Tensor               # (B, 3, H, W) float32, finished, on the training device
+    targets: torch.Tensor              # (B, C) mixed, smoothed true-label targets, on the device
     teacher: TeacherTargets | None
     keys: list[str]
 
 
+@dataclass
+class DataTimer:
+    """Seconds the training loop waited for replayed items (the rest of a step is compute)."""
+    wait_s: float = 0.0
+
+
 def train_batches(shard_set: ShardSet, plan: EpochPlan, recipe: AugRecipe, batch_size: int,
-                  teacher: TeacherSource | None = None, workers: int = 0,
-                  pin_memory: bool = False) -> Iterator[TrainBatch]:
-    """Exactly plan.steps batches of batch_size samples for this rank."""
+                  teacher: TeacherSource | None = None, workers: int = 0, pin_memory: bool = False,
+                  device: torch.device | str = "cpu", timer: DataTimer | None = None) -> Iterator[TrainBatch]:
+    """Exactly plan.steps batches of batch_size samples for this rank, finished on `device`."""
     pending: list[TrainBatch] = []
     held, done = 0, 0
-    for unit in iter_units(shard_set, plan.units, recipe, workers, pin_memory):
-        targets = mixed_targets(unit.labels, unit.partner_labels, unit.lam, shard_set.num_classes, recipe.smoothing)
-        pending.append(TrainBatch(unit.images, targets, teacher.unit_targets(unit) if teacher else None, unit.keys))
-        held += len(unit.keys)
+    items = iter_items(shard_set, plan.items, recipe, workers, pin_memory)
+    while done < plan.steps:
+        started = time.perf_counter()
+        item = next(items, None)
+        if timer is not None:
+            timer.wait_s += time.perf_counter() - started
+        if item is None:
+            break
+        images = finish_item(item, recipe, device)
+        targets = mixed_targets(item.labels.to(device), item.partner_labels.to(device), item.lam.to(device),
+                                shard_set.num_classes, recipe.smoothing)
+        pending.append(TrainBatch(images, targets, teacher.item_targets(item, images) if teacher else None,
+                                  item.keys))
+        held += len(item)
         while held >= batch_size and done < plan.steps:
             batch, pending = _split(_concat(pending), batch_size)
             held -= batch_size
             done += 1
             yield batch
-        if done == plan.steps:
-            return
     if done < plan.steps:
-        raise DataPlanError(f"epoch {plan.epoch}: the units gave {done} batches, the plan needs {plan.steps}; "
+        raise DataPlanError(f"epoch {plan.epoch}: the items gave {done} batches, the plan needs {plan.steps}; "
                             "a shard holds fewer samples than its metadata says - re-run make-shards")
 
 

@@ -16,10 +16,10 @@ import contextlib
 
 import torch
 
-from data_shards import AugRecipe, ShardSet
+from data_shards import AugRecipe, ShardSet, finish_item
 
 from .checkpoint import load_checkpoint
-from .data import eval_batches, iter_units
+from .data import eval_batches, iter_items, unit_items
 from .distributed import resolve_device
 from .errors import StudentError
 from .models import StudentConfig, create_student, student_heads
@@ -160,17 +160,19 @@ def cache_agreement(model, shard_set: ShardSet, cache_path: str, aug_seed: int, 
     agree: dict[str, int] = {}
     in_topk: dict[str, int] = {}
     n = 0
-    units = [(shard, aug_seed) for shard in range(shard_set.num_shards)]
-    for unit in iter_units(shard_set, units, cache.recipe):
-        targets = cache.read(unit.shard, unit.aug_seed).select(unit.positions)
-        for start in range(0, len(unit.keys), batch_size):
-            logits = head_logits(model, unit.images[start:start + batch_size].to(device))
-            t = targets.select(slice(start, start + batch_size)).to(device)
-            for name, out in logits.items():
-                pred = out.argmax(dim=1)
-                agree[name] = agree.get(name, 0) + int((pred == t.label).sum())
-                in_topk[name] = in_topk.get(name, 0) + int((pred.view(-1, 1) == t.topk_indices).any(dim=1).sum())
-        n += len(unit.keys)
+    items = [item for shard in range(shard_set.num_shards)
+             for item in unit_items(shard_set.shard_counts[shard], shard, aug_seed, batch_size)]
+    unit_targets = (None, None)             # one cache read per unit
+    for item in iter_items(shard_set, items, cache.recipe):
+        if unit_targets[0] != item.shard:
+            unit_targets = (item.shard, cache.read(item.shard, item.aug_seed))
+        t = unit_targets[1].select(item.positions).to(device)
+        logits = head_logits(model, finish_item(item, cache.recipe, device))
+        for name, out in logits.items():
+            pred = out.argmax(dim=1)
+            agree[name] = agree.get(name, 0) + int((pred == t.label).sum())
+            in_topk[name] = in_topk.get(name, 0) + int((pred.view(-1, 1) == t.topk_indices).any(dim=1).sum())
+        n += len(item)
     return {"cache": str(cache_path), "aug_seed": aug_seed, "num_samples": n, "topk": cache.topk,
             "agreement": {name: a / n for name, a in agree.items()},
             "student_top1_in_teacher_topk": {name: a / n for name, a in in_topk.items()}}

@@ -1,22 +1,22 @@
-"""Where the teacher targets of a replayed unit come from: the cache, or the teacher run live.
+"""Where the teacher targets of a work item come from: the cache, or the teacher run live.
 
-Both return `TeacherTargets` for every sample of the unit, in the unit's (mixing) order, and
+Both return `TeacherTargets` for every sample of the item, in the item's (mixing) order, and
 both go through `teacher_cache.targets.encode_teacher_logits` (via stage one's
 `teacher_forward`), so a cached run and an online run see the same numbers.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
 
-from data_shards import tensor_digest
+from data_shards import ReplayItem, tensor_digest
 from teacher_cache.errors import CacheError
 from teacher_cache.targets import TeacherTargets
 from teacher_cache.teacher import load_teacher, teacher_forward
 
 from .checkpoint import CHECKPOINT_FORMAT
-from .data import ReplayedUnit
 from .models import StudentConfig
 
 
@@ -25,33 +25,46 @@ class ReplayMismatchError(CacheError):
 
 
 class CachedTeacher:
-    """One batched `cache.read(shard, seed)` per unit; recorded image digests checked on the way."""
+    """One batched `cache.read(shard, seed)` per unit, kept in a small LRU; items select their rows.
 
-    def __init__(self, cache):
+    Recorded image digests (stage one records the first samples of each (shard, seed), which
+    lie in the unit's first item) are checked on the way, so every unit is verified before
+    any of its targets are used."""
+
+    def __init__(self, cache, units_kept: int = 4):
         self.cache = cache
+        self.units_kept = units_kept
+        self._units: OrderedDict[tuple[int, int], TeacherTargets] = OrderedDict()
         self.units_read = 0
         self.digests_checked = 0
 
-    def unit_targets(self, unit: ReplayedUnit) -> TeacherTargets:
-        self.check_digests(unit)
-        targets = self.cache.read(unit.shard, unit.aug_seed)      # position order, one read
-        self.units_read += 1
-        return targets.select(unit.positions)
+    def item_targets(self, item: ReplayItem, images: torch.Tensor) -> TeacherTargets:
+        self.check_digests(item, images)
+        unit = (item.shard, item.aug_seed)
+        if unit not in self._units:
+            self._units[unit] = self.cache.read(item.shard, item.aug_seed)     # position order, one read
+            self.units_read += 1
+            while len(self._units) > self.units_kept:
+                self._units.popitem(last=False)
+        self._units.move_to_end(unit)
+        return self._units[unit].select(item.positions)
 
-    def check_digests(self, unit: ReplayedUnit) -> None:
-        """Compare the replayed images of the samples whose digest stage one recorded."""
-        recorded = self.cache.unit_digests(unit.shard, unit.aug_seed)
-        index = {key: i for i, key in enumerate(unit.keys)}
+    def check_digests(self, item: ReplayItem, images: torch.Tensor) -> None:
+        """Compare the finished images of the item's samples whose digest stage one recorded."""
+        recorded = self.cache.unit_digests(item.shard, item.aug_seed)
+        if item.start == 0 and recorded and not set(recorded) & set(item.keys):
+            raise ReplayMismatchError(
+                f"cache {self.cache.root}: the samples recorded first for shard {item.shard} seed {item.aug_seed} "
+                f"({', '.join(map(repr, recorded))}) do not open that unit's mixing order here; the cache was "
+                "computed from other shards or another recipe - recompute it or pass the shards it was made from")
+        index = {key: i for i, key in enumerate(item.keys)}
         for key, digest in recorded.items():
             if key not in index:
-                raise ReplayMismatchError(
-                    f"cache {self.cache.root}: sample {key!r} recorded for shard {unit.shard} seed {unit.aug_seed} "
-                    "is not in that shard here; the cache was computed from other shards - recompute it "
-                    "or pass the shards it was made from")
-            found = tensor_digest(unit.images[index[key]])
+                continue                 # in another item of the unit
+            found = tensor_digest(images[index[key]])
             if found != digest:
                 raise ReplayMismatchError(
-                    f"replayed image of {key!r} (shard {unit.shard}, aug seed {unit.aug_seed}) has digest {found}, "
+                    f"replayed image of {key!r} (shard {item.shard}, aug seed {item.aug_seed}) has digest {found}, "
                     f"the cache recorded {digest}: this machine's augmentation differs from the one the teacher saw "
                     "(library versions? see the cache manifest's library_versions); training would use "
                     "targets of other images - recompute the cache here or train where it was computed")
@@ -59,27 +72,30 @@ class CachedTeacher:
 
 
 class OnlineTeacher:
-    """The teacher run live on the unit's replayed images, batched exactly as cache-teacher does.
+    """The teacher run live on an item's finished images, batched exactly as cache-teacher does.
 
-    Why per unit and not per training batch: a convnet's fp32 output for one image changes in
-    the last bits with the batch it is computed in (other GEMM/conv blocking), and a flipped
-    low bit can change a rounded top-k value or even the argmax. Stage one runs each
-    (shard, seed) in mixing order in consecutive batches of its --batch-size; doing the same
-    here (same batch size, same precision) gives bit-identical targets.
+    Why the item is the teacher batch: a convnet's output for one image changes in the last
+    bits with the batch it is computed in (other GEMM/conv blocking), and a flipped low bit can
+    change a rounded top-k value or even the argmax. Stage one runs each (shard, seed) in mixing
+    order in consecutive batches of its --batch-size; the epoch plan cuts online-teacher items
+    at exactly those boundaries (plan_epoch(teacher_batch_size=...)), so the targets are
+    bit-identical given the same precision and memory format.
     """
 
-    def __init__(self, model, topk: int, store_full: bool = False, precision: str = "fp32", batch_size: int = 64):
+    def __init__(self, model, topk: int, store_full: bool = False, precision: str = "fp32", batch_size: int = 64,
+                 channels_last: bool | None = None):
         self.model, self.topk, self.store_full = model, topk, store_full
         self.precision, self.batch_size = precision, batch_size
-        self.channels_last = next(model.parameters()).device.type == "cuda"   # as stage one on GPUs
+        on_gpu = next(model.parameters()).device.type == "cuda"
+        self.channels_last = on_gpu if channels_last is None else channels_last   # default: as stage one
         if self.channels_last:
             self.model = model.to(memory_format=torch.channels_last)
 
-    def unit_targets(self, unit: ReplayedUnit) -> TeacherTargets:
-        parts = [teacher_forward(self.model, unit.images[i:i + self.batch_size], self.topk, self.store_full,
-                                 self.precision, self.channels_last)
-                 for i in range(0, len(unit.keys), self.batch_size)]
-        return TeacherTargets.cat(parts)
+    def item_targets(self, item: ReplayItem, images: torch.Tensor) -> TeacherTargets:
+        if len(item) > self.batch_size:
+            raise ValueError(f"an online-teacher item holds {len(item)} samples, more than the teacher batch "
+                             f"{self.batch_size}; plan the epoch with teacher_batch_size={self.batch_size}")
+        return teacher_forward(self.model, images, self.topk, self.store_full, self.precision, self.channels_last)
 
 
 def load_online_teacher(spec: str, num_classes: int, device, teacher_model: str | None = None):

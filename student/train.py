@@ -5,7 +5,8 @@
 
 Teacher targets come from a cache (`--cache`), from a teacher run live on the same replayed
 batches (`--teacher-online`), or nowhere (`--distillation-type none`: plain supervised
-training, e.g. of a teacher). Images always come from `data_shards.replay_shard`.
+training, e.g. of a teacher). Images always come from `data_shards.replay_slice` work items,
+finished on the training device (`data_shards.finish_item`).
 
 Every epoch ends with an atomic checkpoint RUN/checkpoint.pt (see checkpoint.py) and a JSON
 line in RUN/metrics.jsonl; `--resume` continues from it exactly (optimizer, scheduler, EMA,
@@ -33,7 +34,7 @@ from data_shards.faults import crash_point
 
 from . import distributed as D
 from .checkpoint import LAST_CHECKPOINT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .data import check_seed_budget, plan_epoch, train_batches
+from .data import DataTimer, check_seed_budget, plan_epoch, train_batches
 from .errors import StudentError
 from .evaluate import evaluate_heads
 from .losses import DistillationLoss
@@ -60,6 +61,7 @@ class TrainConfig:
     teacher_full_logits: bool = False
     teacher_precision: str = "fp32"
     teacher_batch_size: int = 64               # online: cache-teacher's --batch-size, for identical targets
+    teacher_channels_last: bool | None = None  # online: None = as cache-teacher (channels-last on CUDA)
     recipe: dict | None = None                 # AugRecipe fields (a cache brings its own)
     num_seeds: int | None = None               # without a cache: seeds cycle every S epochs if given
     # student
@@ -95,6 +97,7 @@ class TrainConfig:
     max_steps_per_epoch: int | None = None     # cap for smoke runs and benchmarks
     # run
     workers: int = 2
+    compile: bool = False                      # torch.compile the student (timm train.py's --torchcompile)
     val_shards: str | None = None
     eval_batch_size: int = 128
     resume: bool = False
@@ -193,7 +196,7 @@ def resolve_teacher(cfg: TrainConfig, shard_set: ShardSet, device: torch.device,
     log.note(f"online teacher {teacher.teacher_info['name']} (weights sha256 {teacher.teacher_info['weights_sha256'][:12]}), "
              f"top-{cfg.teacher_topk}{' + full logits' if cfg.teacher_full_logits else ''}, {cfg.teacher_precision}")
     return recipe, OnlineTeacher(teacher, cfg.teacher_topk, cfg.teacher_full_logits, cfg.teacher_precision,
-                                 cfg.teacher_batch_size), cfg.num_seeds
+                                 cfg.teacher_batch_size, cfg.teacher_channels_last), cfg.num_seeds
 
 
 def build_student(cfg: TrainConfig, num_classes: int, recipe: AugRecipe, log: Logger):
@@ -272,6 +275,9 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> dict:
         log.note(f"--resume: no checkpoint in {out} yet, starting from epoch 0")
     ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
         if ctx.distributed else model
+    if cfg.compile:          # as timm's train.py: compile the (DDP-wrapped) module; weights stay shared
+        ddp_model = torch.compile(ddp_model)
+    online_batch = cfg.teacher_batch_size if isinstance(teacher, OnlineTeacher) else None
     autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
                 else contextlib.nullcontext())
     if ctx.is_main and start_epoch == 0:
@@ -281,7 +287,7 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> dict:
 
     for epoch in range(start_epoch, cfg.epochs):
         plan = plan_epoch(shard_set, epoch, cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed, num_seeds,
-                          cfg.repeated_aug, cfg.max_steps_per_epoch)
+                          cfg.repeated_aug, cfg.max_steps_per_epoch, teacher_batch_size=online_batch)
         steps = plan.steps
         scheduler.step(epoch)              # lr of this epoch (timm: per-epoch cosine with warm-up)
         current_lr = optimizer.param_groups[0]["lr"]
@@ -291,14 +297,16 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> dict:
         first_bad = torch.full((), 2**62, dtype=torch.int64, device=device)
         window_start, window_steps = time.perf_counter(), 0
         epoch_start = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        data_timer = DataTimer()
         batches = train_batches(shard_set, plan, recipe, cfg.batch_size, teacher, cfg.workers,
-                                pin_memory=device.type == "cuda")
+                                pin_memory=device.type == "cuda", device=device, timer=data_timer)
         bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="step", disable=not (ctx.is_main and cfg.progress),
                    file=sys.stderr, leave=False)
         done = 0
         for step, batch in enumerate(batches):
-            images = batch.images.to(device, non_blocking=True)
-            targets = batch.targets.to(device, non_blocking=True)
+            images, targets = batch.images, batch.targets          # finished on the device already
             teacher_targets = batch.teacher.to(device) if batch.teacher is not None else None
             with autocast:
                 outputs = ddp_model(images)
@@ -342,7 +350,11 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> dict:
         last_metrics = {"event": "epoch", "epoch": epoch, "steps": done, "steps_per_rank": steps_per_rank,
                         "samples_per_rank": plan.samples_per_rank, "aug_seeds": plan.aug_seeds,
                         "lr": current_lr, "loss": totals[0], "loss_base": totals[1], "loss_distill": totals[2],
-                        "epoch_time_s": epoch_time, "samples_per_s": done * global_batch / max(epoch_time, 1e-9)}
+                        "epoch_time_s": epoch_time, "samples_per_s": done * global_batch / max(epoch_time, 1e-9),
+                        # data-bound when data_wait_s is a large share of epoch_time_s
+                        "data_wait_s": data_timer.wait_s, "compute_s": max(epoch_time - data_timer.wait_s, 0.0),
+                        "peak_gpu_memory_bytes": (torch.cuda.max_memory_allocated(device)
+                                                  if device.type == "cuda" else None)}
         if val_set is not None:
             last_metrics["val"] = _distributed_eval(model, val_set, recipe, cfg, ctx, amp_dtype)
         _save(ckpt_path, cfg, ctx, model, optimizer, scheduler, scaler, ema, epoch + 1, global_step, recipe,

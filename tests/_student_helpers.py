@@ -42,13 +42,16 @@ def make_cache(shards, out: Path, teacher_checkpoint: Path, seeds: int = 2, stor
     return out
 
 
+TIMING_FIELDS = ("samples_per_s", "epoch_time_s", "data_wait_s", "compute_s")
+
+
 def metric_lines(run: Path, event: str) -> list[dict]:
     """Lines of one event from RUN/metrics.jsonl, without the timing fields."""
     out = []
     for line in (Path(run) / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         if record.get("event") == event:
-            out.append({k: v for k, v in record.items() if k not in ("samples_per_s", "epoch_time_s")})
+            out.append({k: v for k, v in record.items() if k not in TIMING_FIELDS})
     return out
 
 

@@ -15,7 +15,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from conftest import sample_photo_paths
-from data_shards import AugRecipe, ShardSet, augment_seeds, decode_image, mixed_targets, replay_shard, tensor_digest
+from data_shards import (AugRecipe, ShardSet, augment_seeds, decode_image, finish_item, mixed_targets, replay_shard,
+                         replay_slice, slice_positions, tensor_digest)
 from data_shards.augment import mix_params
 
 RECIPE_32 = AugRecipe(input_size=32)
@@ -85,7 +86,8 @@ def test_fingerprint_covers_every_parameter():
     changed = dict(input_size=192, scale=(0.2, 1.0), ratio=(0.5, 2.0), interpolation="bilinear", hflip=0.0,
                    rand_augment="rand-m7-mstd0.5-inc1", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), reprob=0.0,
                    re_area=(0.1, 0.2), re_aspect=0.5, mixup_alpha=0.2, cutmix_alpha=0.0, mix_prob=0.5,
-                   switch_prob=0.1, smoothing=0.0, eval_crop_pct=0.9)
+                   switch_prob=0.1, smoothing=0.0, eval_crop_pct=0.9, decode_draft=False,
+                   pairing_seeds=1)
     assert set(changed) == {f.name for f in dataclasses.fields(AugRecipe)}
     prints = {base.fingerprint()}
     for name, value in changed.items():
@@ -189,3 +191,76 @@ def test_equal_recipes_written_differently_share_a_fingerprint():
         AugRecipe.from_dict({"hflp": 0.5})
     with pytest.raises(ValueError, match="hflip"):
         AugRecipe(hflip=1.5)
+
+
+# ----------------------------------------------------------------------------- work items (slices)
+
+def _slices(samples, seed, recipe, size):
+    keys = [s.key for s in samples]
+    out = {}
+    for start in range(0, len(samples), size):
+        item = replay_slice(samples, seed, recipe, start, min(len(samples), start + size), keys)
+        for key, image, lam, partner in zip(item.keys, finish_item(item, recipe), item.lam.tolist(), item.partner_keys):
+            out[key] = (tensor_digest(image), lam, partner)
+    return out
+
+
+def test_any_cut_into_slices_gives_the_whole_shard(digits_shards):
+    shard_set = ShardSet.open(digits_shards["train"])
+    samples = shard_set.read_shard(5)[:60]
+    whole = {r.key: (tensor_digest(r.image), r.lam, r.partner_key) for r in replay_shard(samples, 2, RECIPE_32)}
+    for size in (1, 7, 60):
+        assert _slices(samples, 2, RECIPE_32, size) == whole
+    # A slice reads only its own samples (plus the last one's partner), by position.
+    shard = shard_set.read_shard(3)
+    keys = shard_set.shard_keys(3)
+    positions = slice_positions(keys, 4, RECIPE_32, 100, 132)
+    assert len(positions) == 33
+    item = replay_slice(shard_set.read_samples(3, positions), 4, RECIPE_32, 100, 132, keys)
+    full = replay_slice(shard, 4, RECIPE_32, 100, 132)
+    assert item.keys == full.keys and torch.equal(item.images, full.images)
+    assert item.images.dtype == torch.uint8 and item.images.shape == (33, 32, 32, 3)   # uint8 across processes
+    assert torch.equal(finish_item(item, RECIPE_32), finish_item(full, RECIPE_32))
+
+
+def test_seeds_of_a_pairing_group_share_partners_not_pixels(digits_shards):
+    samples = ShardSet.open(digits_shards["train"]).read_shard(1)[:40]
+    partners = {s: {r.key: r.partner_key for r in replay_shard(samples, s, RECIPE_32)} for s in range(4)}
+    assert partners[0] == partners[1] == partners[2] != partners[3]      # pairing_seeds = 3
+    lams = {s: [r.lam for r in replay_shard(samples, s, RECIPE_32)] for s in range(2)}
+    assert lams[0] != lams[1]
+    single = dataclasses.replace(RECIPE_32, pairing_seeds=1)
+    assert {r.key: r.partner_key for r in replay_shard(samples, 1, single)} != partners[0]
+
+
+def test_draft_decoding_stays_close_to_full_decoding():
+    from PIL import Image
+
+    from data_shards.augment import _open_and_crop_box, make_rng
+
+    photo = sample_photo_paths()[1].read_bytes()       # 640x427 JPEG
+    draft = AugRecipe(input_size=64)
+    full = dataclasses.replace(draft, decode_draft=False)
+    diffs, sizes = [], set()
+    for seed in range(6):
+        crops = []
+        for recipe in (draft, full):   # the same generator for both: the same crop box
+            img, box = _open_and_crop_box(photo, make_rng("test", seed), recipe)
+            sizes.add(img.size)
+            crops.append(np.asarray(img.resize((64, 64), Image.Resampling.BICUBIC, box=box), dtype=np.float32))
+        diffs.append(np.abs(crops[0] - crops[1]).mean())
+    assert len(sizes) > 1                                # some crops were decoded at reduced size
+    # Resampled from a 1/2-1/8 DCT-scaled decode: a few grey levels apart on average, where a
+    # misplaced box would be tens apart.
+    assert max(diffs) < 4 and max(diffs) > 0
+
+
+def test_finishing_is_elementwise_whatever_the_batch(digits_shards):
+    samples = ShardSet.open(digits_shards["train"]).read_shard(0)[:12]
+    item = replay_slice(samples, 9, RECIPE_32, 0, 12)
+    batch = finish_item(item, RECIPE_32)
+    for k in (0, 5, 11):
+        single = replay_slice(samples, 9, RECIPE_32, k, k + 1)
+        assert torch.equal(finish_item(single, RECIPE_32)[0], batch[k])
+    erased = [k for k, row in enumerate(item.erase.tolist()[:12]) if row[2] > 0]
+    assert erased, "some of 12 samples are erased at p=0.25"    # fill comes from the noise bank

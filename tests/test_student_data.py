@@ -5,9 +5,11 @@ import pytest
 import torch
 from _student_helpers import RECIPE, single_thread
 
-from data_shards import ShardSet, tensor_digest
-from student.data import (DataPlanError, aug_seeds_for_epoch, check_seed_budget, deal_shards, plan_epoch,
-                          replay_unit, train_batches)
+import tracemalloc
+
+from data_shards import ShardSet, finish_item, make_shards, tensor_digest
+from student.data import (DataPlanError, WorkItem, aug_seeds_for_epoch, check_seed_budget, deal_shards, plan_epoch,
+                          replay_item, train_batches)
 from student.teachers import CachedTeacher, ReplayMismatchError
 from teacher_cache.targets import TeacherTargets
 
@@ -109,11 +111,64 @@ def test_one_cache_read_per_unit_and_targets_follow_the_samples(train_set):
 
 
 def test_a_replayed_image_that_differs_from_the_recorded_digest_stops(train_set):
-    unit = replay_unit(train_set, 2, 1, RECIPE)
-    good = {unit.keys[0]: tensor_digest(unit.images[0]), unit.keys[1]: tensor_digest(unit.images[1])}
+    item = replay_item(train_set, WorkItem(2, 1, 0, 10), RECIPE)
+    images = finish_item(item, RECIPE)
+    good = {item.keys[0]: tensor_digest(images[0]), item.keys[1]: tensor_digest(images[1])}
     teacher = CachedTeacher(FakeCache(train_set, {(2, 1): good}))
-    teacher.unit_targets(unit)
+    teacher.item_targets(item, images)
     assert teacher.digests_checked == 2
-    bad = dict(good, **{unit.keys[1]: "0" * 32})
-    with pytest.raises(ReplayMismatchError, match=f"{unit.keys[1]}.*shard 2, aug seed 1"):
-        CachedTeacher(FakeCache(train_set, {(2, 1): bad})).unit_targets(unit)
+    bad = dict(good, **{item.keys[1]: "0" * 32})
+    with pytest.raises(ReplayMismatchError, match=f"{item.keys[1]}.*shard 2, aug seed 1"):
+        CachedTeacher(FakeCache(train_set, {(2, 1): bad})).item_targets(item, images)
+    # recorded samples that do not open the unit here: another shard set or recipe
+    with pytest.raises(ReplayMismatchError, match="do not open"):
+        CachedTeacher(FakeCache(train_set, {(2, 1): {"nope": "0" * 32}})).item_targets(item, images)
+
+
+def test_items_are_batch_sized_slices_that_cover_the_stream(train_set):
+    plan = plan_epoch(train_set, 0, 100, 0, 1, seed=0, num_seeds=2)
+    assert sum(i.stop - i.start for i in plan.items) == plan.steps * 100
+    assert all(0 < i.stop - i.start <= 100 for i in plan.items)
+    assert [(i.shard, i.aug_seed) for i in plan.items if i.start == 0] == plan.units
+    offset = 0
+    for item in plan.items:     # no item crosses a batch boundary
+        assert offset // 100 == (offset + item.stop - item.start - 1) // 100
+        offset += item.stop - item.start
+    online = plan_epoch(train_set, 0, 100, 0, 1, seed=0, num_seeds=2, teacher_batch_size=32)
+    assert all(i.start % 32 == 0 and i.stop - i.start <= 32 for i in online.items)
+
+
+def _worker_peak_bytes(shard_set: ShardSet, item: WorkItem) -> tuple[int, int]:
+    replay_item(shard_set, item, RECIPE)          # warm caches (manifest sort, RandAugment parse)
+    tracemalloc.start()
+    replayed = replay_item(shard_set, item, RECIPE)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak, replayed.nbytes()
+
+
+def test_a_workers_memory_does_not_grow_with_the_shard_size(tmp_path):
+    peaks = {}
+    for size in (50, 400):
+        out = tmp_path / f"shards-{size}"
+        make_shards("digits", out, shard_size=size, progress=False)
+        shard_set = ShardSet.open(out)
+        assert shard_set.shard_counts[0] == size
+        peaks[size] = _worker_peak_bytes(shard_set, WorkItem(0, 0, 0, 32))
+    (small_peak, small_item), (big_peak, big_item) = peaks[50], peaks[400]
+    assert small_item == big_item                          # the same 32 samples' worth of uint8 pixels
+    # 8x the shard adds only its manifest rows (keys for the mixing order), far less than one item;
+    # the old per-shard path returned all 400 images as float32 (16x the item here).
+    assert big_peak < small_peak + small_item
+
+
+def test_a_samples_image_does_not_depend_on_the_batch_size(train_set):
+    def by_key(batch_size, teacher_batch_size=None):
+        plan = plan_epoch(train_set, 0, batch_size, 0, 1, seed=0, num_seeds=2, max_steps=120 // batch_size,
+                          teacher_batch_size=teacher_batch_size)
+        return {key: tensor_digest(image) for batch in train_batches(train_set, plan, RECIPE, batch_size)
+                for key, image in zip(batch.keys, batch.images)}
+    reference = by_key(40)
+    for other in (by_key(24), by_key(40, teacher_batch_size=16)):
+        common = set(reference) & set(other)
+        assert len(common) >= 96 and all(reference[k] == other[k] for k in common)

@@ -16,14 +16,15 @@ from _student_helpers import (CACHE_BATCH, CACHE_TOPK, RECIPE, TEACHER_ARCH, TIN
 from click.testing import CliRunner
 
 import student.train as train_module
-from data_shards import ShardSet
+from data_shards import ShardSet, finish_item
 from pipeline.cli import main
-from student.data import DataPlanError, replay_unit
+from student.data import DataPlanError, replay_item, unit_items
 from student.errors import StudentError
 from student.evaluate import evaluate_checkpoint
 from student.teachers import OnlineTeacher, ReplayMismatchError, load_online_teacher
 from student.train import TrainingError, train
 from teacher_cache import CacheError, TeacherCache
+from teacher_cache.targets import TeacherTargets
 
 
 @pytest.fixture(autouse=True)
@@ -55,8 +56,10 @@ def test_online_teacher_targets_are_the_cached_ones_bit_for_bit(setup):
     online = OnlineTeacher(load_online_teacher(str(setup["teacher"]), 10, "cpu", TEACHER_ARCH), CACHE_TOPK,
                            batch_size=CACHE_BATCH)
     for shard, seed in [(0, 0), (5, 1)]:           # 5 is the short last shard
-        unit = replay_unit(shard_set, shard, seed, RECIPE)
-        live, stored = online.unit_targets(unit), cache.read(shard, seed).select(unit.positions)
+        items = [replay_item(shard_set, item, RECIPE)
+                 for item in unit_items(shard_set.shard_counts[shard], shard, seed, CACHE_BATCH)]
+        live = TeacherTargets.cat([online.item_targets(item, finish_item(item, RECIPE)) for item in items])
+        stored = cache.read(shard, seed).select(torch.cat([item.positions for item in items]))
         assert torch.equal(live.topk_indices, stored.topk_indices)
         assert torch.equal(live.topk_logprobs, stored.topk_logprobs)
 
