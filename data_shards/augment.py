@@ -480,8 +480,10 @@ class ReplayItem:
         return len(self.keys)
 
     def pin_memory(self) -> "ReplayItem":
-        """Called by DataLoader(pin_memory=True): page-locked images copy to the GPU asynchronously."""
-        self.images = self.images.pin_memory()
+        """Called by DataLoader(pin_memory=True): page-locked tensors copy to the GPU asynchronously
+        (a copy from pageable memory makes the host wait for the GPU: a sync per step)."""
+        for name in ("images", "positions", "labels", "partner_labels", "lam", "mix_weights"):
+            setattr(self, name, getattr(self, name).pin_memory())
         return self
 
     def nbytes(self) -> int:

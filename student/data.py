@@ -200,27 +200,35 @@ class TrainBatch:
 
 @dataclass
 class DataTimer:
-    """Seconds the training loop waited for replayed items (the rest of a step is compute)."""
+    """Seconds the training loop waited for its next batch (the rest of the epoch is compute)."""
     wait_s: float = 0.0
+
+    def timed(self, batches: Iterator[TrainBatch]) -> Iterator[TrainBatch]:
+        while True:
+            started = time.perf_counter()
+            batch = next(batches, None)
+            self.wait_s += time.perf_counter() - started
+            if batch is None:
+                return
+            yield batch
 
 
 def train_batches(shard_set: ShardSet, plan: EpochPlan, recipe: AugRecipe, batch_size: int,
                   teacher: TeacherSource | None = None, workers: int = 0, pin_memory: bool = False,
-                  device: torch.device | str = "cpu", timer: DataTimer | None = None) -> Iterator[TrainBatch]:
+                  device: torch.device | str = "cpu") -> Iterator[TrainBatch]:
     """Exactly plan.steps batches of batch_size samples for this rank, finished on `device`."""
     pending: list[TrainBatch] = []
     held, done = 0, 0
     items = iter_items(shard_set, plan.items, recipe, workers, pin_memory)
     while done < plan.steps:
-        started = time.perf_counter()
         item = next(items, None)
-        if timer is not None:
-            timer.wait_s += time.perf_counter() - started
         if item is None:
             break
         images = finish_item(item, recipe, device)
-        targets = mixed_targets(item.labels.to(device), item.partner_labels.to(device), item.lam.to(device),
-                                shard_set.num_classes, recipe.smoothing)
+        # dense targets built on the device from (pinned) labels: no per-step host sync or big copy
+        targets = mixed_targets(item.labels.to(device, non_blocking=True),
+                                item.partner_labels.to(device, non_blocking=True),
+                                item.lam.to(device, non_blocking=True), shard_set.num_classes, recipe.smoothing)
         pending.append(TrainBatch(images, targets, teacher.item_targets(item, images) if teacher else None,
                                   item.keys))
         held += len(item)

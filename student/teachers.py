@@ -31,8 +31,8 @@ class CachedTeacher:
     lie in the unit's first item) are checked on the way, so every unit is verified before
     any of its targets are used."""
 
-    def __init__(self, cache, units_kept: int = 4):
-        self.cache = cache
+    def __init__(self, cache, units_kept: int = 4, device: torch.device | str = "cpu"):
+        self.cache, self.device = cache, torch.device(device)
         self.units_kept = units_kept
         self._units: OrderedDict[tuple[int, int], TeacherTargets] = OrderedDict()
         self.units_read = 0
@@ -42,12 +42,13 @@ class CachedTeacher:
         self.check_digests(item, images)
         unit = (item.shard, item.aug_seed)
         if unit not in self._units:
-            self._units[unit] = self.cache.read(item.shard, item.aug_seed)     # position order, one read
+            # position order, one read; moved to the device once per unit, not per step
+            self._units[unit] = _to_device(self.cache.read(item.shard, item.aug_seed), self.device)
             self.units_read += 1
             while len(self._units) > self.units_kept:
                 self._units.popitem(last=False)
         self._units.move_to_end(unit)
-        return self._units[unit].select(item.positions)
+        return self._units[unit].select(item.positions.to(self.device, non_blocking=True))
 
     def check_digests(self, item: ReplayItem, images: torch.Tensor) -> None:
         """Compare the finished images of the item's samples whose digest stage one recorded."""
@@ -69,6 +70,14 @@ class CachedTeacher:
                     "(library versions? see the cache manifest's library_versions); training would use "
                     "targets of other images - recompute the cache here or train where it was computed")
             self.digests_checked += 1
+
+
+def _to_device(targets: TeacherTargets, device: torch.device) -> TeacherTargets:
+    if device.type != "cuda":
+        return targets.to(device)
+    pinned = [None if t is None else t.pin_memory() for t in (targets.topk_indices, targets.topk_logprobs,
+                                                                targets.logits)]
+    return TeacherTargets(*[None if t is None else t.to(device, non_blocking=True) for t in pinned])
 
 
 class OnlineTeacher:

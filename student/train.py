@@ -186,7 +186,7 @@ def resolve_teacher(cfg: TrainConfig, shard_set: ShardSet, device: torch.device,
                                "drop --num-seeds (a cache decides it)")
         if not wants_teacher:
             log.note("--distillation-type none: the cache only decides the recipe and seeds; its targets are unused")
-        return recipe, (CachedTeacher(cache) if wants_teacher else None), cache.num_seeds
+        return recipe, (CachedTeacher(cache, device=device) if wants_teacher else None), cache.num_seeds
     recipe = AugRecipe.from_dict(cfg.recipe) if cfg.recipe is not None else AugRecipe(input_size=cfg.img_size or 224)
     if not wants_teacher:
         if cfg.teacher_online:
@@ -301,11 +301,11 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> dict:
             torch.cuda.reset_peak_memory_stats(device)
         data_timer = DataTimer()
         batches = train_batches(shard_set, plan, recipe, cfg.batch_size, teacher, cfg.workers,
-                                pin_memory=device.type == "cuda", device=device, timer=data_timer)
+                                pin_memory=device.type == "cuda", device=device)
         bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="step", disable=not (ctx.is_main and cfg.progress),
                    file=sys.stderr, leave=False)
         done = 0
-        for step, batch in enumerate(batches):
+        for step, batch in enumerate(data_timer.timed(batches)):
             images, targets = batch.images, batch.targets          # finished on the device already
             teacher_targets = batch.teacher.to(device) if batch.teacher is not None else None
             with autocast:

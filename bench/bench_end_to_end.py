@@ -1,0 +1,143 @@
+"""train-student end to end (real shards, real cache) vs the pure training step of the same model.
+
+    python bench/bench_end_to_end.py                           # GPU node: DeiT-S / RegNetY-16GF, 4,096 JPEGs, bf16
+    python bench/bench_end_to_end.py --images 96 --classes 10 --student deit_tiny_distilled_patch16_224 \
+        --student-kwarg depth=2 --teacher resnet18 --batch-size 16 --workers 2 --epochs 2 \
+        --steps 3 --rounds 1 --warmup 1                         # CPU smoke run (tiny sizes)
+
+One command: generates ImageNet-sized JPEGs (bench_replay.imagenet_like_jpegs: crops of
+scikit-learn's sample photos, ~500x375, q90) into an ImageFolder in --work (a temporary
+folder by default), runs make-shards, writes a randomly initialised teacher checkpoint (no
+download), runs cache-teacher, then train-student for none / cached / online. The rate of
+each is its last epoch's samples_per_s from metrics.jsonl (the first epoch pays start-up and
+compilation), next to the pure-step rate of the same models from bench_student_step (tensors
+already on the device). Also reports the share of the epoch spent waiting for data and the
+peak GPU memory. --compile and --channels-last are passed through to train-student.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import timm
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+import bench_student_step  # noqa: E402
+from bench_replay import imagenet_like_jpegs  # noqa: E402
+
+
+def cli(*args: str) -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    subprocess.run([sys.executable, "-m", "pipeline", *args], check=True, env=env)
+
+
+def make_data(work: Path, images: int, classes: int, shard_size: int) -> Path:
+    folder = work / "jpegs"
+    for i, data in enumerate(imagenet_like_jpegs(images)):
+        label = folder / f"class{i % classes:04d}"
+        label.mkdir(parents=True, exist_ok=True)
+        (label / f"img{i:06d}.jpg").write_bytes(data)
+    cli("make-shards", "--source", str(folder), "--out", str(work / "shards"), "--shard-size", str(shard_size))
+    return work / "shards"
+
+
+def last_epoch(run: Path) -> dict:
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if r.get("event") == "epoch"][-1]
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--images", type=int, default=4096)
+    p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--shard-size", type=int, default=512)
+    p.add_argument("--student", default="deit_small_distilled_patch16_224")
+    p.add_argument("--student-kwarg", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--teacher", default="regnety_160")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--teacher-batch-size", type=int, default=256)
+    p.add_argument("--precision", default=None, help="Teacher precision (default bf16 on GPU, fp32 on CPU).")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--modes", default="none,cached,online")
+    p.add_argument("--compile", action="store_true", help="train-student --compile")
+    p.add_argument("--channels-last", action="store_true", help="online teacher and cache-teacher channels-last")
+    p.add_argument("--steps", type=int, default=20, help="bench_student_step: timed steps per round")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--work", type=Path, default=None, help="Keep the data here (default: a temporary folder).")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    gpu = torch.cuda.is_available()
+    precision = args.precision or ("bf16" if gpu else "fp32")
+    modes = args.modes.split(",")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        started = time.perf_counter()
+        shards = make_data(work, args.images, args.classes, args.shard_size)
+        teacher_ckpt = work / "teacher.pt"
+        torch.save({"model": timm.create_model(args.teacher, num_classes=args.classes).state_dict()}, teacher_ckpt)
+        if "cached" in modes:
+            cli("cache-teacher", "--shards", str(shards), "--out", str(work / "cache"), "--teacher", args.teacher,
+                "--teacher-checkpoint", str(teacher_ckpt), "--seeds", str(args.epochs), "--topk", "10",
+                "--batch-size", str(args.teacher_batch_size), "--precision", precision,
+                "--workers", str(args.workers), "--no-progress")
+        student_opts = [f"--model-kwarg={kv}" for kv in args.student_kwarg]
+        base = ["train-student", "--shards", str(shards), "--model", args.student, *student_opts,
+                "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--workers", str(args.workers),
+                "--warmup-epochs", "0", "--no-progress", "--log-interval", "1000000"]
+        if args.compile:
+            base.append("--compile")
+        per_mode = {
+            "none": ["--distillation-type", "none", "--num-seeds", str(args.epochs)],
+            "cached": ["--cache", str(work / "cache"), "--distillation-type", "hard"],
+            "online": ["--teacher-online", str(teacher_ckpt), "--teacher-model", args.teacher,
+                       "--teacher-batch-size", str(args.teacher_batch_size), "--teacher-precision", precision,
+                       "--distillation-type", "hard", "--num-seeds", str(args.epochs),
+                       "--channels-last" if args.channels_last else "--no-channels-last"],
+        }
+        end_to_end = {}
+        for mode in modes:
+            run = work / f"run-{mode}"
+            cli(*base, "--out", str(run), *per_mode[mode])
+            end_to_end[mode] = last_epoch(run)
+        data_seconds = time.perf_counter() - started
+
+    step = bench_student_step.main([
+        "--student", args.student, *[f"--student-kwarg={kv}" for kv in args.student_kwarg], "--teacher", args.teacher,
+        "--num-classes", str(args.classes), "--batch-size", str(args.batch_size), "--steps", str(args.steps),
+        "--rounds", str(args.rounds), "--warmup", str(args.warmup), "--modes", ",".join(modes),
+        "--out", str(Path(tempfile.gettempdir()) / "bench_end_to_end_step")])
+    rows = []
+    print("\n| mode | train-student img/s | pure step img/s | end-to-end / step | data wait share | peak GPU GiB |")
+    print("|---|---|---|---|---|---|")
+    for mode in modes:
+        e2e, pure = end_to_end[mode], step["results"][mode]["images_per_s"]
+        wait = e2e.get("data_wait_s", 0.0) / max(e2e["epoch_time_s"], 1e-9)
+        peak = e2e.get("peak_gpu_memory_bytes")
+        row = {"mode": mode, "end_to_end_img_s": e2e["samples_per_s"], "pure_step_img_s": pure,
+               "ratio": e2e["samples_per_s"] / pure, "data_wait_share": wait,
+               "peak_gpu_gib": None if peak is None else peak / 2**30}
+        rows.append(row)
+        print(f"| {mode} | {row['end_to_end_img_s']:.1f} | {pure:.1f} | {row['ratio']:.2f} | {wait:.2f} | "
+              f"{'-' if peak is None else format(row['peak_gpu_gib'], '.1f')} |")
+    result = {"device": step["device"], "args": vars(args) | {"work": str(args.work), "json": str(args.json)},
+              "rows": rows, "seconds_for_data_and_runs": data_seconds}
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
