@@ -350,6 +350,12 @@ def augment_uint8(data: bytes, key: str, aug_seed: int, recipe: AugRecipe, finge
     return out, erase
 
 
+@functools.lru_cache(maxsize=16)
+def _mean_std(mean: tuple, std: tuple, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Built once per device: torch.tensor(list, device='cuda') is a blocking host-to-device copy."""
+    return tuple(torch.tensor(v, dtype=torch.float32, device=device).view(1, 3, 1, 1) for v in (mean, std))
+
+
 def finish_images(images: torch.Tensor, erase: torch.Tensor, recipe: AugRecipe) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> (N, 3, H, W) float32: scale, normalise, erase; on images.device.
 
@@ -357,8 +363,7 @@ def finish_images(images: torch.Tensor, erase: torch.Tensor, recipe: AugRecipe) 
     int64 tensor of (top, left, h, w, bank offset) rows (h=0: no erasing)."""
     device = images.device
     x = images.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
-    mean = torch.tensor(recipe.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(recipe.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    mean, std = _mean_std(recipe.mean, recipe.std, str(device))
     x = x.div_(255.0).sub_(mean).div_(std)          # torchvision to_dtype(scale=True) + normalize
     bank = None
     for index, (top, left, h, w, offset) in enumerate(erase.tolist()):
