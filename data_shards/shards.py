@@ -2,7 +2,8 @@
 
 One output folder holds one split:
     shard-000000.tar ...   webdataset tars; members KEY.jpg|png|... and KEY.cls
-    manifest.parquet       key, label, shard, position, nbytes, ext, sha256 (one row per image)
+    manifest.parquet       key, label, shard, position, nbytes, ext, sha256, offset (one row per
+                           image; offset = where its bytes start inside the tar)
     metadata.json          classes, counts per class and shard, content_hash, skipped files
 
 Samples are ordered by sha256(key) before sharding, so every shard mixes classes (Mixup
@@ -18,14 +19,16 @@ import sys
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
 import pyarrow.parquet as pq
-import webdataset as wds
 from tqdm import tqdm
 
 from .sources import SourceError, SourceImage, Skipped, iter_source
+from .tar_members import SampleTarWriter, member_offsets
 
 FORMAT_VERSION = 1
 SHARD_PATTERN = "shard-%06d.tar"
@@ -33,8 +36,11 @@ MANIFEST_FILE = "manifest.parquet"
 METADATA_FILE = "metadata.json"
 MANIFEST_SCHEMA = pa.schema([
     ("key", pa.string()), ("label", pa.int32()), ("shard", pa.int32()), ("position", pa.int32()),
-    ("nbytes", pa.int64()), ("ext", pa.string()), ("sha256", pa.string()),
+    ("nbytes", pa.int64()), ("ext", pa.string()), ("sha256", pa.string()), ("offset", pa.int64()),
 ])
+# What the content hash covers: the samples and their order, not where the bytes sit in a file
+# (shard sets written before `offset` existed keep their hash).
+CONTENT_COLUMNS = ("key", "label", "shard", "position", "nbytes", "ext", "sha256")
 
 
 class ShardsError(ValueError):
@@ -48,7 +54,7 @@ def _sort_key(key: str) -> bytes:
 def manifest_hash(table: pa.Table) -> str:
     """Content hash of a manifest: every row's key, label, place, size and image hash."""
     h = hashlib.sha256()
-    cols = [table.column(name).to_pylist() for name in MANIFEST_SCHEMA.names]
+    cols = [table.column(name).to_pylist() for name in CONTENT_COLUMNS]
     for row in zip(*cols):
         h.update(("\t".join(str(v) for v in row) + "\n").encode("utf-8"))
     return h.hexdigest()
@@ -141,14 +147,17 @@ def _write_sorted(images: Iterator[SourceImage], folder: Path, shard_size: int, 
                     key=lambda im: _sort_key(im.key))
     rows: dict[str, list] = {name: [] for name in MANIFEST_SCHEMA.names}
     seen: set[str] = set()
-    # mtime=0 and fixed owner make the tar bytes a function of the content alone.
-    with wds.ShardWriter(str(folder / SHARD_PATTERN), maxcount=shard_size, maxsize=1 << 62,
-                         verbose=0, mtime=0.0, user="deit", group="deit", mode=0o444) as sink:
+    writer = None
+    try:
         for i, im in enumerate(tqdm(usable, desc="make-shards: writing", unit="img", disable=not progress)):
             if im.key in seen:
                 raise SourceError(f"duplicate key {im.key!r} (from {im.origin})")
             seen.add(im.key)
-            sink.write({"__key__": im.key, im.ext: im.data, "cls": str(im.label).encode("ascii")})
+            if i % shard_size == 0:
+                if writer is not None:
+                    writer.close()
+                writer = SampleTarWriter(folder / (SHARD_PATTERN % (i // shard_size)))
+            offsets = writer.write(im.key, {im.ext: im.data, "cls": str(im.label).encode("ascii")})
             rows["key"].append(im.key)
             rows["label"].append(im.label)
             rows["shard"].append(i // shard_size)
@@ -156,6 +165,10 @@ def _write_sorted(images: Iterator[SourceImage], folder: Path, shard_size: int, 
             rows["nbytes"].append(len(im.data))
             rows["ext"].append(im.ext)
             rows["sha256"].append(hashlib.sha256(im.data).hexdigest())
+            rows["offset"].append(offsets[im.ext])
+    finally:
+        if writer is not None:
+            writer.close()
     return rows
 
 
@@ -176,6 +189,8 @@ class ShardSet:
     root: Path
     metadata: dict = field(repr=False)
     manifest: pa.Table = field(repr=False)
+    _row_order: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    _scanned_offsets: dict[int, list[int]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def open(cls, root: str | os.PathLike) -> "ShardSet":
@@ -222,41 +237,76 @@ class ShardSet:
         return self.root / self.metadata["shards"][shard]["name"]
 
     def read_shard(self, shard: int) -> list[ShardSample]:
-        """All samples of one shard, in shard order, checked against the manifest."""
+        """All samples of one shard, in shard order, each checked against the manifest."""
+        return self.read_samples(shard, None)
+
+    def read_samples(self, shard: int, positions: Iterable[int] | None) -> list[ShardSample]:
+        """The samples at `positions` (None: all) of one shard, in the order asked: one seek each.
+
+        Every sample's bytes are checked against the manifest's sha256, so a truncated,
+        edited or replaced shard is refused rather than silently replayed.
+        """
+        rows = self._shard_rows(shard)
+        offsets = self._offsets(shard, rows)
         path = self.shard_path(shard)
+        if positions is None:
+            positions = range(len(rows["key"]))
         samples = []
-        # Members are read as bytes by suffix; their names are never used as file paths.
-        dataset = wds.WebDataset(str(path), shardshuffle=False, nodesplitter=None,
-                                 workersplitter=None, empty_check=False)
         try:
-            for position, sample in enumerate(dataset):
-                image_ext = [k for k in sample if k not in ("__key__", "__url__", "__local_path__", "cls")]
-                if len(image_ext) != 1 or "cls" not in sample:
-                    raise ShardsError(f"{path}: sample {sample.get('__key__')!r} has members "
-                                      f"{sorted(sample)}; expected one image and a .cls")
-                samples.append(ShardSample(sample["__key__"], int(sample["cls"]),
-                                           sample[image_ext[0]], shard, position))
-        except (tarfile.TarError, OSError, ValueError) as exc:
-            if isinstance(exc, ShardsError):
-                raise
+            with open(path, "rb") as f:
+                for position in positions:
+                    if not 0 <= position < len(rows["key"]):
+                        raise ShardsError(f"shard {path} has {len(rows['key'])} samples; position {position} "
+                                          "does not exist")
+                    key, nbytes = rows["key"][position], rows["nbytes"][position]
+                    f.seek(offsets[position])
+                    data = f.read(nbytes)
+                    if len(data) != nbytes or hashlib.sha256(data).hexdigest() != rows["sha256"][position]:
+                        raise ShardsError(f"shard {path}: sample {position} ({key!r}) does not match the manifest "
+                                          "(size or sha256); the shard was truncated, edited or replaced - "
+                                          "re-run make-shards")
+                    samples.append(ShardSample(key, rows["label"][position], data, shard, position))
+        except OSError as exc:
             raise ShardsError(f"cannot read shard {path}: {exc}; re-run make-shards") from None
-        expected = self.shard_counts[shard]
-        if len(samples) != expected:
-            raise ShardsError(f"shard {path} holds {len(samples)} samples, metadata says {expected}; "
-                              "the shard is truncated or was replaced - re-run make-shards")
-        manifest_keys = self.shard_keys(shard)
-        for sample, key in zip(samples, manifest_keys):
-            if sample.key != key:
-                raise ShardsError(f"shard {path}: sample {sample.position} is {sample.key!r}, the manifest says "
-                                  f"{key!r}; the shard was replaced or edited - re-run make-shards")
         return samples
 
     def shard_keys(self, shard: int) -> list[str]:
         """Keys of one shard in position order, from the manifest."""
-        if not hasattr(self, "_keys_by_shard"):
-            by_shard: dict[int, list[tuple[int, str]]] = {}
-            for key, s, pos in zip(self.manifest.column("key").to_pylist(), self.manifest.column("shard").to_pylist(),
-                                   self.manifest.column("position").to_pylist()):
-                by_shard.setdefault(s, []).append((pos, key))
-            self._keys_by_shard = {s: [k for _, k in sorted(v)] for s, v in by_shard.items()}
-        return self._keys_by_shard.get(shard, [])
+        return self._shard_rows(shard)["key"]
+
+    def _shard_rows(self, shard: int) -> dict[str, list]:
+        """Manifest columns of one shard in position order (checked to be 0..count-1)."""
+        if not 0 <= shard < self.num_shards:
+            raise ShardsError(f"{self.root} has {self.num_shards} shards; shard {shard} does not exist")
+        if self._row_order is None:
+            # One sort of the whole manifest; each shard is then a zero-copy slice.
+            order = pa.compute.sort_indices(self.manifest, [("shard", "ascending"), ("position", "ascending")])
+            shards = self.manifest.column("shard").take(order).to_numpy()
+            self._row_order = (order, np.searchsorted(shards, np.arange(self.num_shards + 1)))
+        order, starts = self._row_order
+        table = self.manifest.take(order.slice(starts[shard], starts[shard + 1] - starts[shard]))
+        rows = {name: table.column(name).to_pylist() for name in table.column_names}
+        if rows["position"] != list(range(len(rows["position"]))) or len(rows["key"]) != self.shard_counts[shard]:
+            raise ShardsError(f"{self.root / MANIFEST_FILE}: shard {shard} has positions that are not "
+                              f"0..{self.shard_counts[shard] - 1} (metadata count); re-run make-shards")
+        return rows
+
+    def _offsets(self, shard: int, rows: dict[str, list]) -> list[int]:
+        """Data offset of each sample's image; scanned once from the tar headers for shard sets
+        written before the manifest had an `offset` column."""
+        if "offset" in rows:
+            return rows["offset"]
+        if shard not in self._scanned_offsets:
+            path = self.shard_path(shard)
+            try:
+                members = member_offsets(path)
+            except (OSError, tarfile.TarError) as exc:
+                raise ShardsError(f"cannot read shard {path}: {exc}; re-run make-shards") from None
+            offsets = []
+            for key, ext in zip(rows["key"], rows["ext"]):
+                if f"{key}.{ext}" not in members:
+                    raise ShardsError(f"shard {path} has no member {key}.{ext} listed in the manifest; "
+                                      "the shard was replaced or edited - re-run make-shards")
+                offsets.append(members[f"{key}.{ext}"][0])
+            self._scanned_offsets[shard] = offsets
+        return self._scanned_offsets[shard]
