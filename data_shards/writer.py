@@ -29,7 +29,7 @@ from .tar_members import SampleTarWriter
 from .tar_source import TarIndexer, expand_tar_source, is_tar_source, read_classes_file
 
 DEFAULT_SHARD_SIZE = 1000
-MANIFEST_BATCH_ROWS = 65536  # rows held before a Parquet row group is written
+MANIFEST_BATCH_ROWS = 8192  # rows held (as Python objects, ~300 B each) before a Parquet row group is written
 
 
 class ManifestBuilder:
@@ -44,7 +44,7 @@ class ManifestBuilder:
 
     def add(self, key: str, label: int, shard: int, position: int, nbytes: int, ext: str, sha256: str,
             offset: int) -> None:
-        row = (key, label, shard, position, nbytes, ext, sha256)
+        row = (key, label, shard, position, nbytes, sys.intern(ext), sha256)
         hash_manifest_rows(self._hash, [row])
         for name, value in zip(MANIFEST_SCHEMA.names, row + (offset,)):
             self._rows[name].append(value)
@@ -171,6 +171,7 @@ def _index_in_place(indexer: "TarIndexer", workers: int, manifest: ManifestBuild
     """Validate the tars' images in parallel (bytes stay in the tars) and record where they are."""
     checked = ordered_chunk_map(check_candidates, indexer.candidates(), workers, ref=lambda c: c.ref,
                                 keep_data=False)
+    first_label: list[int] = []  # per shard; -1 once a second class is seen
     try:
         for cand, res in tqdm(checked, desc="make-shards: indexing", unit="img", disable=not progress):
             if res.error is not None:
@@ -179,9 +180,19 @@ def _index_in_place(indexer: "TarIndexer", workers: int, manifest: ManifestBuild
             shard, position = indexer.place(cand)
             _, offset, _, member_ext = cand.ref  # the manifest describes the member as named in its tar
             manifest.add(cand.key, cand.label, shard, position, res.nbytes, member_ext, res.sha256, offset)
+            if position == 0:
+                first_label.append(cand.label)
+            elif first_label[shard] != cand.label:
+                first_label[shard] = -1
     finally:
         checked.close()
     skipped.extend(indexer.unused_tars())
+    single = sum(1 for label, count in zip(first_label, manifest.shard_counts) if label >= 0 and count > 1)
+    if single:
+        print(f"make-shards: warning: {single} of {len(first_label)} tars hold a single class. Mixup/CutMix "
+              "partners are drawn within a shard (= a tar here), so the tars should have been written from a "
+              "shuffled list of samples; rewrite them shuffled, or make shards from the image folder instead.",
+              file=sys.stderr)
 
 
 def _finish(tmp: Path, manifest: ManifestBuilder, content_hash: str, classes: list[str],

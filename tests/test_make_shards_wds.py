@@ -72,7 +72,8 @@ def test_tars_indexed_in_place_and_replayed(wds_tars, tmp_path, capsys):
     assert set(reasons) == {"bad_image.png", "no_class", "with_notes.txt", "two_images", "sample_00003"}
     assert "not a readable image" in reasons["bad_image.png"] and "no .cls" in reasons["no_class"]
     assert "duplicate key" in reasons["sample_00003"] and "2 image members" in reasons["two_images"]
-    assert "sample_00003" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "sample_00003" in err and "single class" not in err  # these tars mix classes
 
     shard_set = ShardSet.open(out)
     samples = [s for i in range(shard_set.num_shards) for s in shard_set.read_shard(i)]
@@ -85,13 +86,18 @@ def test_tars_indexed_in_place_and_replayed(wds_tars, tmp_path, capsys):
     assert first == again and len(first) == PER_TAR
 
 
-def test_brace_pattern_classes_file_and_workers(wds_tars, tmp_path):
+def test_brace_pattern_classes_file_and_workers(wds_tars, tmp_path, capsys):
     folder = wds_tars["folder"]
     by_folder = make_shards(str(folder), tmp_path / "a", workers=1, progress=False)
     pattern = str(folder / "train-{000000..000002}.tar")
     by_pattern = make_shards(pattern, tmp_path / "b", workers=2, progress=False)
     assert by_pattern["content_hash"] == by_folder["content_hash"]
     assert (tmp_path / "a" / "manifest.parquet").read_bytes() == (tmp_path / "b" / "manifest.parquet").read_bytes()
+    train = make_shards(pattern, tmp_path / "tr", val_fraction=0.3, progress=False)
+    val = make_shards(pattern, tmp_path / "va", split="val", val_fraction=0.3, allow_empty_classes=True, progress=False)
+    keys = [set(ShardSet.open(tmp_path / d).shard_keys(0)) for d in ("a", "tr", "va")]
+    assert keys[1] | keys[2] == keys[0] and not keys[1] & keys[2] and keys[2]  # a deterministic split by key
+    assert train["num_samples"] + val["num_samples"] == by_folder["num_samples"]
     only_two = make_shards(str(folder / "train-{000001..000002}.tar"), tmp_path / "c", progress=False)
     assert only_two["num_samples"] == 2 * PER_TAR + 1  # sample_00003 of tar 2 is no longer a duplicate
 
@@ -102,6 +108,13 @@ def test_brace_pattern_classes_file_and_workers(wds_tars, tmp_path):
     outside = [s for s in meta["skipped"] if "outside the --classes" in s["reason"]]
     assert outside and meta["num_samples"] + len(outside) == by_folder["num_samples"]
 
+    with wds.TarWriter(str(tmp_path / "sorted.tar")) as sink:  # one class only: Mixup would never mix classes
+        for i in (1, 11, 21):
+            png, label = digit_png(i)
+            sink.write({"__key__": f"one_{i}", "png": png, "cls": str(label).encode()})
+    capsys.readouterr()
+    make_shards(str(tmp_path / "sorted.tar"), tmp_path / "g", allow_empty_classes=True, progress=False)
+    assert "1 of 1 tars hold a single class" in capsys.readouterr().err
     with pytest.raises(SourceError, match="not found.*train-000003.tar"):
         make_shards(str(folder / "train-{000000..000003}.tar"), tmp_path / "e", progress=False)
     with pytest.raises(SourceError, match="--shard-size"):
