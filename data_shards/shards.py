@@ -21,7 +21,7 @@ from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .tar_members import member_offsets
@@ -166,7 +166,7 @@ class ShardSet:
             raise ShardsError(f"{self.root} has {self.num_shards} shards; shard {shard} does not exist")
         if self._row_order is None:
             # One sort of the whole manifest; each shard is then a zero-copy slice.
-            order = pa.compute.sort_indices(self.manifest, [("shard", "ascending"), ("position", "ascending")])
+            order = pc.sort_indices(self.manifest, [("shard", "ascending"), ("position", "ascending")])
             shards = self.manifest.column("shard").take(order).to_numpy()
             self._row_order = (order, np.searchsorted(shards, np.arange(self.num_shards + 1)))
         order, starts = self._row_order

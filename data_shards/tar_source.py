@@ -29,6 +29,8 @@ COMPANION_MEMBERS = ("cls", "json")
 
 def is_tar_source(source: str) -> bool:
     """A brace pattern, a .tar file, or a folder holding .tar files (and no class folders)."""
+    if source == "digits":
+        return False
     if "{" in source or source.endswith(".tar"):
         return True
     folder = Path(source)

@@ -151,3 +151,22 @@ def test_cli_indexes_tars(wds_tars, tmp_path):
     bad = subprocess.run(exe + ["--source", str(Path(wds_tars["folder"]) / "x-{0..1}.tar"), "--out", str(tmp_path / "t")],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "not found" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_indexed_tars_feed_cache_teacher(wds_tars, tmp_path, teacher_checkpoint):
+    """Uneven external shards through stage one: cached, read back, verified by recomputation."""
+    from cache_fixtures import SEEDS, cache_kwargs
+    from teacher_cache import TeacherCache, cache_teacher
+    from teacher_cache.verification import verify_cache
+
+    make_shards(str(wds_tars["folder"]), tmp_path / "index", progress=False)
+    cache_teacher(tmp_path / "index", tmp_path / "cache", teacher_checkpoint=teacher_checkpoint, **cache_kwargs())
+    cache, shard_set = TeacherCache.open(tmp_path / "cache"), ShardSet.open(tmp_path / "index")
+    assert cache.missing_units() == []
+    for shard, count in enumerate(shard_set.shard_counts):
+        for seed in range(SEEDS):
+            assert len(cache.read(shard, seed)) == count
+    report = verify_cache(tmp_path / "cache", tmp_path / "index", samples=8, device="cpu",
+                          teacher_checkpoint=str(teacher_checkpoint))
+    assert report["ok"] and report["argmax_agreement"] == 1.0
