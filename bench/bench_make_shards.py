@@ -3,12 +3,14 @@ to show throughput per core and memory flat in the data-set size.
 
 It generates `--unique` distinct ~500x375 JPEGs (crops / resizes of scikit-learn's two sample
 photos, varied offsets, sizes, orientation and quality 70-95), then builds one ImageFolder per
-size (`--classes` class folders) from hard links to them, so 20k images cost the disk of 1k.
+size (`--classes` class folders) from hard links to them, so 20k images cost the disk of 1k; `--source-kind tars` writes them as
+WebDataset tars of 1,000 samples instead and measures indexing them in place.
 Each size runs make-shards in a fresh process; peak RSS is that process's high-water mark
 (`ru_maxrss`), reported with the part that is imports (measured just before make_shards) so
 that the growth with the data set is visible. Nothing generated is kept unless `--keep`.
 
     python bench/bench_make_shards.py [--sizes 1000,5000,20000] [--workers N] [--workdir /tmp/bench_make_shards]
+    python bench/bench_make_shards.py --source-kind tars --out bench/results/make_shards_tars.json
 
 Writes bench/results/make_shards.json and prints a markdown table. Files are read from the
 page cache after the first size (the same hard-linked files), so this measures decode-validation
@@ -37,7 +39,8 @@ import json, resource, sys, time
 from data_shards import make_shards
 rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
-meta = make_shards(sys.argv[1], sys.argv[2], shard_size=1000, workers=int(sys.argv[3]), progress=False)
+shard_size = 1000 if sys.argv[4] == "folder" else None  # WebDataset tars: each tar is a shard
+meta = make_shards(sys.argv[1], sys.argv[2], shard_size=shard_size, workers=int(sys.argv[3]), progress=False)
 seconds = time.perf_counter() - t0
 print(json.dumps({"seconds": seconds, "num_samples": meta["num_samples"], "skipped": len(meta["skipped"]),
                   "rss_imports_kb": rss_imports, "rss_peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
@@ -77,6 +80,20 @@ def make_image_folder(folder: Path, pool: list[Path], n: int, classes: int) -> i
     return total
 
 
+def make_tars(folder: Path, pool: list[Path], n: int, classes: int) -> int:
+    """n samples of the pool as WebDataset tars of 1,000 (jpg + cls), shuffled classes; returns image bytes."""
+    import webdataset as wds
+
+    folder.mkdir(parents=True)
+    total = 0
+    with wds.ShardWriter(str(folder / "train-%06d.tar"), maxcount=1000, verbose=0) as sink:
+        for j in range(n):
+            data = pool[j % len(pool)].read_bytes()
+            sink.write({"__key__": f"n{j % classes:08d}_{j}", "jpg": data, "cls": str(j % classes).encode()})
+            total += len(data)
+    return total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="1000,5000,20000")
@@ -84,6 +101,8 @@ def main() -> None:
     ap.add_argument("--unique", type=int, default=1000)
     ap.add_argument("--classes", type=int, default=100)
     ap.add_argument("--workdir", default="/tmp/bench_make_shards")
+    ap.add_argument("--source-kind", choices=["folder", "tars"], default="folder",
+                    help="an ImageFolder tree (written into new shards) or WebDataset tars (indexed in place)")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "make_shards.json"))
     args = ap.parse_args()
@@ -97,13 +116,14 @@ def main() -> None:
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
         src, out = work / f"src_{n}", work / f"out_{n}"
-        nbytes = make_image_folder(src, pool, n, args.classes)
-        run = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out), str(args.workers)],
+        build = make_image_folder if args.source_kind == "folder" else make_tars
+        nbytes = build(src, pool, n, args.classes)
+        run = subprocess.run([sys.executable, "-c", CHILD, str(src), str(out), str(args.workers), args.source_kind],
                              capture_output=True, text=True, env=env)
         if run.returncode != 0:
             sys.exit(run.stderr)
         r = json.loads(run.stdout)
-        row = {"images": n, "data_mb": round(nbytes / 1e6, 1), "workers": args.workers,
+        row = {"source": args.source_kind, "images": n, "data_mb": round(nbytes / 1e6, 1), "workers": args.workers,
                "seconds": round(r["seconds"], 2), "img_per_s": round(n / r["seconds"], 1),
                "img_per_s_per_worker": round(n / r["seconds"] / args.workers, 1),
                "rss_imports_mb": round(r["rss_imports_kb"] / 1024), "rss_peak_mb": round(r["rss_peak_kb"] / 1024),

@@ -149,8 +149,8 @@ class ShardSet:
                     data = f.read(nbytes)
                     if len(data) != nbytes or hashlib.sha256(data).hexdigest() != rows["sha256"][position]:
                         raise ShardsError(f"shard {path}: sample {position} ({key!r}) does not match the manifest "
-                                          "(size or sha256); the shard was truncated, edited or replaced - "
-                                          "re-run make-shards")
+                                          f"(size or sha256){self._first_difference(shard, rows)}; the shard was "
+                                          "truncated, edited or replaced - re-run make-shards")
                     samples.append(ShardSample(key, rows["label"][position], data, shard, position))
         except OSError as exc:
             raise ShardsError(f"cannot read shard {path}: {exc}; re-run make-shards") from None
@@ -176,6 +176,21 @@ class ShardSet:
             raise ShardsError(f"{self.root / MANIFEST_FILE}: shard {shard} has positions that are not "
                               f"0..{self.shard_counts[shard] - 1} (metadata count); re-run make-shards")
         return rows
+
+    def _first_difference(self, shard: int, rows: dict[str, list]) -> str:
+        """For an error message: the first image member of a make-shards tar that is not the
+        manifest's (found by scanning the tar's headers, only once a read has failed)."""
+        if self.metadata.get("external_shards"):
+            return ""
+        try:
+            found = [name for name in member_offsets(self.shard_path(shard)) if not name.endswith(".cls")]
+        except (OSError, tarfile.TarError):
+            return " (the tar cannot be read)"
+        for position, (key, ext) in enumerate(zip(rows["key"], rows["ext"])):
+            name, expected = (found[position] if position < len(found) else None), f"{key}.{ext}"
+            if name != expected:
+                return f"; image member {position} of the tar is {name!r}, the manifest says {expected!r}"
+        return ""
 
     def _offsets(self, shard: int, rows: dict[str, list]) -> list[int]:
         """Data offset of each sample's image; scanned once from the tar headers for shard sets
