@@ -135,3 +135,23 @@ def test_concurrent_growing_jobs_equal_one_job(tmp_path, small_shards, teacher_c
     assert_untouched(before, out)
     assert_same_cache(grown_reference, out)
     assert leftovers(out) == []
+
+
+@pytest.mark.slow
+def test_train_student_uses_the_grown_seeds(tmp_path, small_shards, reference_cache, grown_reference):
+    """Epochs 3 and 4 read seeds 3 and 4, which only the growth added."""
+    from cache_fixtures import CLI
+
+    def train(cache, out):
+        return run_cli([CLI, "train-student", "--shards", str(small_shards), "--cache", str(cache), "--out", str(out),
+                        "--distillation-type", "hard", "--model", "deit_tiny_distilled_patch16_224",
+                        "--patch-size", "8", "--embed-dim", "48", "--depth", "2", "--num-heads", "3",
+                        "--epochs", str(GROWN), "--batch-size", "32", "--warmup-epochs", "0", "--workers", "0",
+                        "--no-progress", "--device", "cpu", "--max-steps-per-epoch", "1"], {"OMP_NUM_THREADS": "1"})
+
+    refused = train(reference_cache, tmp_path / "short")
+    assert refused.returncode == 2 and "the cache holds 3" in refused.stderr, refused.stderr
+    grown = train(grown_reference, tmp_path / "run")
+    assert grown.returncode == 0, grown.stderr
+    epochs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["epoch"] for e in epochs if e.get("event") == "epoch"] == list(range(GROWN))
