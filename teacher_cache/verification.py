@@ -62,26 +62,38 @@ def unit_batch_settings(cache: TeacherCache, unit: Unit) -> tuple[int, bool]:
 
 def sample_records(cache: TeacherCache, samples: int, seed: int = 0) -> list[Pick]:
     """About `samples` records over done units: random (shard, seed) pairs, one random batch of each,
-    up to RECORDS_PER_PAIR random rows of that batch."""
+    up to RECORDS_PER_PAIR random rows of that batch (small caches: further batches of the pairs)."""
     done = cache.done_units()
     if not done:
         raise CacheError(f"teacher cache {cache.root} has no computed unit yet; {cache.fix_command()}")
     rng = np.random.default_rng(seed)
     pairs = [(u, s) for u in done for s in u.seeds]
+    settings = {}
+    used: dict[int, set[int]] = {}
     picks, remaining = [], samples
-    for i in rng.permutation(len(pairs)):
-        if remaining <= 0:
-            break
-        unit, aug_seed = pairs[i]
-        batch_size, channels_last = unit_batch_settings(cache, unit)
-        count = cache.shard_counts[unit.shard]
-        batch = int(rng.integers(math.ceil(count / batch_size)))
-        size = min(batch_size, count - batch * batch_size)
-        take = min(RECORDS_PER_PAIR, size, remaining)
-        rows = sorted(int(r) for r in rng.choice(size, take, replace=False))
-        picks.append(Pick(unit.shard, aug_seed, batch, batch_size, channels_last, rows))
-        remaining -= take
-    return sorted(picks, key=lambda p: (p.shard, p.seed))
+    while remaining > 0:
+        before = remaining
+        for i in rng.permutation(len(pairs)):
+            if remaining <= 0:
+                break
+            unit, aug_seed = pairs[i]
+            if unit.name not in settings:
+                settings[unit.name] = unit_batch_settings(cache, unit)
+            batch_size, channels_last = settings[unit.name]
+            count = cache.shard_counts[unit.shard]
+            free = sorted(set(range(math.ceil(count / batch_size))) - used.setdefault(int(i), set()))
+            if not free:
+                continue
+            batch = int(free[rng.integers(len(free))])
+            used[int(i)].add(batch)
+            size = min(batch_size, count - batch * batch_size)
+            take = min(RECORDS_PER_PAIR, size, remaining)
+            rows = sorted(int(r) for r in rng.choice(size, take, replace=False))
+            picks.append(Pick(unit.shard, aug_seed, batch, batch_size, channels_last, rows))
+            remaining -= take
+        if remaining == before:
+            break                          # every batch of every pair is used: the cache is small
+    return sorted(picks, key=lambda p: (p.shard, p.seed, p.batch))
 
 
 def classify(stored_indices: torch.Tensor, stored_logprobs: torch.Tensor, recomputed_logprobs: torch.Tensor,
