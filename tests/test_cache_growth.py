@@ -119,13 +119,14 @@ def test_jobs_growing_one_cache_at_once_add_one_generation(tmp_path, small_shard
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("jobs", [["0/2", "1/2"], ["0/1", "0/1"]], ids=["two-indices", "same-index-twins"])
 def test_concurrent_growing_jobs_equal_one_job(tmp_path, small_shards, teacher_checkpoint, reference_cache,
-                                               grown_reference):
+                                               grown_reference, jobs):
     out = copy_cache(reference_cache, tmp_path / "cache")
     before = file_states(out)
     args = [a if a != str(SEEDS) else str(GROWN) for a in cli_args(small_shards, out, teacher_checkpoint)]
-    procs = [subprocess.Popen(args + ["--num-jobs", "2", "--job-index", str(i), "--json"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    procs = [subprocess.Popen(args + ["--num-jobs", job.split("/")[1], "--job-index", job.split("/")[0], "--json"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for job in jobs]
     summaries = []
     for proc in procs:
         stdout, stderr = proc.communicate(timeout=300)
