@@ -4,7 +4,8 @@ Commit protocol of a unit (see DESIGN.md):
   1. write the unit's region into a private zarr array under CACHE/tmp/ whose zarr.json is
      a copy of the real array's (same metadata -> same chunk grid and encoding), so zarr
      writes exactly one storage-shard file per array;
-  2. fsync it and os.replace it onto arrays.zarr/<array>/c/<block>/<shard>/0 (atomic);
+  2. fsync it and os.replace it onto arrays.zarr/[<generation>/]<array>/c/<block>/<shard>/0 (atomic;
+     <generation> is the sub-group of seeds added by a growth, layout.SeedGeneration.dir);
   3. write units/<unit>.json aside and rename it: from this moment the unit exists.
 A job killed anywhere before 3 leaves a unit that is simply not done; the rerun
 overwrites whatever files it had renamed.
