@@ -14,7 +14,7 @@ import numpy as np
 from data_shards.augment import mix_params, mixing_order
 
 from .cache import TeacherCache
-from .layout import ARRAYS_DIR, INDEX_FILE, MANIFEST_FILE, TMP_DIR, UNITS_DIR
+from .layout import ARRAYS_DIR, INDEX_FILE, MANIFEST_FILE, TMP_DIR, UNITS_DIR, array_path
 
 
 def disk_usage(root: Path) -> dict[str, dict[str, int]]:
@@ -37,12 +37,14 @@ def disk_usage(root: Path) -> dict[str, dict[str, int]]:
     return parts
 
 
-def array_bytes(root: Path, names: list[str]) -> dict[str, int]:
+def array_bytes(root: Path, names: list[str], array_dirs: list[str] = ("",)) -> dict[str, int]:
+    """Bytes of each array's storage files, summed over the seed generations' folders."""
     out = {}
     for name in names:
         total = 0
-        for folder, _, files in os.walk(Path(root) / ARRAYS_DIR / name):
-            total += sum(os.path.getsize(os.path.join(folder, f)) for f in files if f != "zarr.json")
+        for array_dir in array_dirs:
+            for folder, _, files in os.walk(array_path(root, name, array_dir)):
+                total += sum(os.path.getsize(os.path.join(folder, f)) for f in files if f != "zarr.json")
         out[name] = total
     return out
 
@@ -96,7 +98,7 @@ def inspect_cache(path: str | os.PathLike, max_label_records: int = 200_000) -> 
     records_done = sum(counts[u.shard] * len(u.seeds) for u in done)
     records_total = sum(counts) * cache.num_seeds
     usage = disk_usage(cache.root)
-    arrays = array_bytes(cache.root, cache.array_names)
+    arrays = array_bytes(cache.root, cache.array_names, [g.dir for g in cache.seed_generations])
     total_bytes = sum(part["bytes"] for part in usage.values())
 
     # Teacher quality on a deterministic spread of done (shard, seed) pairs, up to max_label_records.
@@ -122,6 +124,8 @@ def inspect_cache(path: str | os.PathLike, max_label_records: int = 200_000) -> 
         "teacher": m["teacher"],
         "num_classes": cache.num_classes, "topk": cache.topk, "store_logits": m["store_logits"],
         "precision": m["precision"], "seeds": cache.num_seeds, "seeds_per_unit": cache.seeds_per_unit,
+        "seed_generations": [[g.start, g.stop] for g in cache.seed_generations],
+        "batch_size": m.get("batch_size"), "channels_last": m.get("channels_last"),
         "recipe_fingerprint": m["recipe_fingerprint"], "shards": {k: m["shards"][k] for k in
                                                                   ("path", "content_hash", "num_shards", "num_samples")},
         "units": {"total": len(units), "done": len(done), "missing": len(missing),
@@ -163,7 +167,10 @@ def format_inspection(info: dict) -> str:
         f"  teacher      {t['name']}  weights {str(t.get('weights_sha256'))[:12]}…"
         + (f"  checkpoint {t['checkpoint']}" if t.get("checkpoint") else "  (timm pretrained)"),
         f"  classes {info['num_classes']}  top-k {info['topk']}  store {info['store_logits']}  "
-        f"precision {info['precision']}  seeds {info['seeds']} ({info['seeds_per_unit']} per unit)",
+        f"precision {info['precision']}  seeds {info['seeds']} ({info['seeds_per_unit']} per unit)"
+        + (f", grown: seed ranges {', '.join(f'{a}..{b - 1}' for a, b in info['seed_generations'])}"
+           if len(info["seed_generations"]) > 1 else "")
+        + f"  batch size {_fmt_opt(info['batch_size'])}  channels-last {_fmt_opt(info['channels_last'])}",
         f"  shards       {info['shards']['path']}  ({info['shards']['num_shards']} shards, "
         f"{info['shards']['num_samples']} samples, hash {info['shards']['content_hash'][:12]}…)",
         f"  units        {u['done']}/{u['total']} done, {u['missing']} missing"
@@ -186,6 +193,10 @@ def format_inspection(info: dict) -> str:
         lines.append(f"  locks        {len(u['locks_present'])} lock file(s) present (running or crashed jobs): "
                      + ", ".join(u["locks_present"][:3]))
     return "\n".join(lines)
+
+
+def _fmt_opt(x) -> str:
+    return "not recorded" if x is None else str(x)
 
 
 def _pct(x) -> str:
