@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import sample_photo_paths
-from data_shards import ShardSet, SourceError, make_shards
+from data_shards import ShardSet, ShardsError, SourceError, make_shards
 
 
 def all_samples(shard_set: ShardSet):
@@ -126,3 +126,69 @@ def test_cli_exit_codes(tmp_path, photo_folder):
     bad = subprocess.run(exe + ["make-shards", "--source", str(tmp_path / "missing"), "--out", str(tmp_path / "t")],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_read_samples_by_offset(digits_shards):
+    shard_set = ShardSet.open(digits_shards["train"])
+    whole = shard_set.read_shard(1)
+    positions = [249, 0, 17, 17, 123, 3]
+    picked = shard_set.read_samples(1, positions)
+    assert picked == [whole[p] for p in positions]  # same key, label, bytes, place; order as asked
+    rows = pq.read_table(digits_shards["train"] / "manifest.parquet").to_pylist()
+    places = {(r["shard"], r["offset"]) for r in rows}
+    assert len(places) == len(rows) and all(o % 512 == 0 for _, o in places)  # distinct tar data blocks
+
+
+def test_tampered_member_refused(tmp_path):
+    make_shards("digits", tmp_path / "s", shard_size=400, progress=False)
+    shard_set = ShardSet.open(tmp_path / "s")
+    victim = shard_set.read_shard(2)[5]
+    row = next(r for r in pq.read_table(tmp_path / "s" / "manifest.parquet").to_pylist() if r["key"] == victim.key)
+    with open(shard_set.shard_path(2), "r+b") as f:  # flip one byte of that image's data
+        f.seek(row["offset"] + 40)
+        byte = f.read(1)
+        f.seek(row["offset"] + 40)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert len(shard_set.read_samples(2, [4, 6])) == 2  # its neighbours still read
+    for read in (lambda: shard_set.read_samples(2, [0, 5]), lambda: shard_set.read_shard(2)):
+        with pytest.raises(ShardsError, match=rf"sample 5 \({victim.key!r}\).*re-run make-shards"):
+            read()
+    with open(shard_set.shard_path(3), "r+b") as f:  # a truncated shard is refused too
+        f.truncate(2048)
+    with pytest.raises(ShardsError, match="shard-000003.tar"):
+        ShardSet.open(tmp_path / "s").read_shard(3)
+
+
+def test_shard_sets_without_offset_column_still_read(tmp_path):
+    """Shard sets written before the manifest had `offset`: offsets come from the tar headers."""
+    make_shards("digits", tmp_path / "s", shard_size=400, progress=False)
+    expected = [ShardSet.open(tmp_path / "s").read_shard(i) for i in range(4)]
+    manifest_path = tmp_path / "s" / "manifest.parquet"
+    pq.write_table(pq.read_table(manifest_path).drop(["offset"]), manifest_path)
+    old = ShardSet.open(tmp_path / "s")
+    assert [old.read_shard(i) for i in range(4)] == expected
+    assert old.read_samples(3, [39, 2]) == [expected[3][39], expected[3][2]]
+    (tmp_path / "s" / "shard-000001.tar").write_bytes((tmp_path / "s" / "shard-000000.tar").read_bytes())
+    with pytest.raises(ShardsError, match="shard-000001.tar has no member .*re-run make-shards"):
+        ShardSet.open(tmp_path / "s").read_shard(1)
+
+
+def test_worker_count_does_not_change_the_bytes(tmp_path, photo_folder):
+    """Parallel decode-validation streams the same bytes, in the same order, as one process."""
+    flower = (photo_folder / "flower" / "flower.jpg").read_bytes()
+    for i in range(6):  # a few more images and bad files, so chunks and skips interleave
+        Image.open(io.BytesIO(flower)).resize((40 + i, 30)).save(photo_folder / "flower" / f"small{i}.png")
+    (photo_folder / "china" / "cut.jpg").write_bytes(flower[:3000])
+    (photo_folder / "china" / "empty.jpg").write_bytes(b"")
+
+    def digests(folder: Path) -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+    results = {}
+    for workers in (1, 2):
+        make_shards("digits", tmp_path / f"d{workers}", shard_size=300, workers=workers, progress=False)
+        meta = make_shards(str(photo_folder), tmp_path / f"p{workers}", shard_size=3, workers=workers, progress=False)
+        results[workers] = (digests(tmp_path / f"d{workers}"), digests(tmp_path / f"p{workers}"))
+    assert results[1] == results[2]
+    assert len(results[1][1]) == 2 + 3  # manifest, metadata and 8 images in 3 shards
+    assert meta["num_samples"] == 8 and [Path(s["path"]).name for s in meta["skipped"]] == ["cut.jpg", "empty.jpg"]
