@@ -79,10 +79,10 @@ class TarIndexer:
     split: str
     val_fraction: float
     skipped: list[Skipped]
-    shard_names: list[str] = field(default_factory=list)
-    _seen: set[str] = field(default_factory=set)
-    _current: str | None = None
-    _position: int = 0
+    shard_names: list[str] = field(default_factory=list, init=False)  # the tars used, in shard order
+    _seen: set[str] = field(default_factory=set, init=False)
+    _current: str | None = field(default=None, init=False)
+    _position: int = field(default=0, init=False)
 
     def candidates(self) -> Iterator[Candidate]:
         """Samples with one image and a valid cls, in tar order (images not read yet)."""
