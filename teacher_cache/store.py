@@ -46,7 +46,7 @@ def ensure_arrays(root: Path, specs: dict[str, dict]) -> None:
             group.create_array(name, shape=tuple(spec["shape"]), dtype=spec["dtype"], chunks=tuple(spec["chunks"]),
                                shards=tuple(spec["shards"]), compressors=compressors(spec["dtype"]),
                                fill_value=float("nan") if spec["fill_value"] == "NaN" else spec["fill_value"],
-                               dimension_names=("aug_seed", "row", "class" if name == "logits" else "rank"))
+                               dimension_names=("aug_seed", "row", {"logits": "class", "tail_logsumexp": "tau"}.get(name, "rank")))
         for rel in ["zarr.json", *(f"{name}/zarr.json" for name in specs)]:
             dest = arrays_root / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
