@@ -31,8 +31,8 @@ from data_shards.faults import crash_point
 from .errors import CacheError
 from .growth import check_not_shrinking, grow_cache
 from .jobs import JobSlot, resolve_job
-from .layout import (INDEX_FILE, LOGITS, MANIFEST_FILE, TOPK_INDICES, TOPK_LOGPROBS, SeedGeneration, Unit, all_units,
-                     array_specs, select_units, unit_json_path, UNITS_DIR)
+from .layout import (INDEX_FILE, MANIFEST_FILE, SeedGeneration, Unit, all_units, array_specs, select_units,
+                     unit_json_path, UNITS_DIR)
 from .locks import DEFAULT_STALE_AFTER, LockKeeper, owned_name, try_lock
 from .manifest import (MANIFEST_DEFAULTS, build_manifest, create_or_match_manifest, manifest_differences,
                        read_manifest, seed_generations, with_defaults)
@@ -189,10 +189,8 @@ class UnitAccumulator:
     def add(self, batch: UnitBatch, targets) -> None:
         s = batch.aug_seed - self.unit.seed_start
         pos = batch.positions.numpy()
-        self.buffers[TOPK_INDICES][s, pos] = targets.topk_indices.numpy().astype(self.buffers[TOPK_INDICES].dtype)
-        self.buffers[TOPK_LOGPROBS][s, pos] = targets.topk_logprobs.numpy().astype(np.float16)
-        if LOGITS in self.buffers:
-            self.buffers[LOGITS][s, pos] = targets.logits.numpy().astype(np.float16)
+        for name, buffer in self.buffers.items():     # array names are TeacherTargets field names
+            buffer[s, pos] = getattr(targets, name).numpy().astype(buffer.dtype)
         if batch.digests:
             self.digests.setdefault(str(batch.aug_seed), {}).update(batch.digests)
         self.received += len(pos)

@@ -23,8 +23,8 @@ import torch
 from data_shards import AugRecipe
 
 from .errors import CacheError
-from .layout import (INDEX_FILE, LOGITS, TOPK_INDICES, TOPK_LOGPROBS, Unit, all_units, storage_shard_path,
-                     unit_json_path, unit_of)
+from .layout import (INDEX_FILE, LOGITS, TAIL_LOGSUMEXP, TOPK_INDICES, TOPK_LOGPROBS, Unit, all_units,
+                     storage_shard_path, unit_json_path, unit_of)
 from .manifest import read_manifest, seed_generations
 from .store import open_array
 from .targets import TeacherTargets
@@ -90,7 +90,8 @@ class TeacherCache:
 
     @property
     def array_names(self) -> list[str]:
-        return [TOPK_INDICES, TOPK_LOGPROBS] + ([LOGITS] if self.has_logits else [])
+        """The stored arrays (caches made before the tail summary lack TAIL_LOGSUMEXP)."""
+        return list(self.manifest["arrays"])
 
     def units(self) -> list[Unit]:
         return all_units(self.num_shards, self.num_seeds, self.seeds_per_unit, self.seed_generations)
@@ -190,14 +191,14 @@ class TeacherCache:
                 data[name] = np.asarray(self._array(name, unit.array_dir)[local_seed, start:start + count])
             except Exception as exc:  # zarr/numcodecs raise ValueError, RuntimeError, OSError...
                 raise self._damaged(unit, f"{name} chunk for seed {aug_seed} cannot be decoded: {exc}") from None
-        for name in (TOPK_LOGPROBS, LOGITS):
+        for name in (TOPK_LOGPROBS, LOGITS, TAIL_LOGSUMEXP):
             if name in data and not np.isfinite(data[name]).all():
                 raise self._damaged(unit, f"{name} for seed {aug_seed} holds unwritten (NaN) rows")
         indices = torch.from_numpy(data[TOPK_INDICES].astype(np.int64))
         if indices.numel() and int(indices.max()) >= self.num_classes:
             raise self._damaged(unit, f"class index {int(indices.max())} >= {self.num_classes}")
-        logits = torch.from_numpy(data[LOGITS].astype(np.float32)) if LOGITS in data else None
-        return TeacherTargets(indices, torch.from_numpy(data[TOPK_LOGPROBS].astype(np.float32)), logits)
+        floats = {name: torch.from_numpy(data[name].astype(np.float32)) for name in data if name != TOPK_INDICES}
+        return TeacherTargets(topk_indices=indices, **floats)
 
     def unit_digests(self, shard: int, aug_seed: int) -> dict[str, str]:
         """{key: tensor_digest(replayed image)} recorded for the first samples of (shard, seed)."""

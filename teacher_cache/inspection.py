@@ -15,6 +15,7 @@ from data_shards.augment import mix_params, mixing_order
 
 from .cache import TeacherCache
 from .layout import ARRAYS_DIR, INDEX_FILE, MANIFEST_FILE, TMP_DIR, UNITS_DIR, array_path
+from .targets import soft_tail_mass
 
 
 def disk_usage(root: Path) -> dict[str, dict[str, int]]:
@@ -87,6 +88,22 @@ def _label_stats(cache: TeacherCache, pairs: list[tuple[int, int]]) -> dict:
     return per_seed
 
 
+SOFT_TAUS = (1.0, 2.0, 3.0, 4.0)
+
+
+def soft_target_bounds(cache: TeacherCache, pairs: list[tuple[int, int]], taus=SOFT_TAUS) -> dict:
+    """What soft targets the cache gives: per τ, the mean tail mass (the share of the soft target whose
+    per-class values are not stored; it bounds the total variation to the exact target), or None
+    where the cache cannot tell. 0 = exact (full logits, or top-k covering every class)."""
+    parts = [cache.read(shard, seed) for shard, seed in pairs]
+    out = {}
+    for tau in taus:
+        masses = [soft_tail_mass(t, cache.num_classes, tau) for t in parts]
+        out[f"{tau:g}"] = None if not parts or any(m is None for m in masses) else \
+            round(float(np.concatenate([m.numpy() for m in masses]).mean()), 4)
+    return out
+
+
 def inspect_cache(path: str | os.PathLike, max_label_records: int = 200_000) -> dict:
     """Units done / missing, records, bytes on disk and per record, teacher top-1, top-k mass, per seed."""
     cache = TeacherCache.open(path)
@@ -145,6 +162,7 @@ def inspect_cache(path: str | os.PathLike, max_label_records: int = 200_000) -> 
             "argmax_is_either_label": ratio(tot["either"], tot["records"]),
             "mean_topk_mass": ratio(tot["mass"], tot["records"]),
         },
+        "soft_target_tv_bound_by_tau": soft_target_bounds(cache, chosen[:8]),
         "per_seed": [{"seed": seed,
                       "units_done": sum(1 for u in done if seed in u.seeds),
                       "units_total": cache.num_shards,
@@ -183,6 +201,7 @@ def format_inspection(info: dict) -> str:
         f"{_pct(q['agreement_with_dominant_label'])}, argmax is either label {_pct(q['argmax_is_either_label'])}"
         + (f", unmixed top-1 {_pct(q['top1_vs_label_unmixed'])} on {q['unmixed_records']}" if q["unmixed_records"] else "")
         + f"; mean top-{info['topk']} mass {_fmt(q['mean_topk_mass'])} ({q['records_checked']} records checked)",
+        "  soft targets " + _soft_line(info),
         "  per seed     seed  units  top-1   dominant  top-k mass",
     ]
     for row in info["per_seed"]:
@@ -197,6 +216,15 @@ def format_inspection(info: dict) -> str:
 
 def _fmt_opt(x) -> str:
     return "not recorded" if x is None else str(x)
+
+
+def _soft_line(info: dict) -> str:
+    if info["store_logits"] == "full" or info["topk"] >= info["num_classes"]:
+        return "exact at any τ (full logits or top-k covers every class)"
+    bounds = info["soft_target_tv_bound_by_tau"]
+    return ("total variation to the exact target <= mean tail mass: "
+            + ", ".join(f"τ={tau} {'unknown (no tail summary)' if v is None else _fmt(v)}" for tau, v in bounds.items())
+            + " (train-student refuses above --soft-tail-limit, default 0.25)")
 
 
 def _pct(x) -> str:

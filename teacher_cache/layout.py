@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 from zarr.codecs import BloscCodec, Crc32cCodec
 
+from .targets import TAIL_TAUS
+
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.parquet"
 ARRAYS_DIR = "arrays.zarr"
@@ -31,6 +33,7 @@ TMP_DIR = "tmp"          # private scratch space of running jobs (same file syst
 TOPK_INDICES = "topk_indices"
 TOPK_LOGPROBS = "topk_logprobs"
 LOGITS = "logits"
+TAIL_LOGSUMEXP = "tail_logsumexp"   # array names = TeacherTargets field names
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,8 @@ def array_specs(num_seeds: int, num_shards: int, rows_per_shard: int, num_classe
     }
     if store_full:
         specs[LOGITS] = dict(dtype="float16", width=num_classes, fill_value="NaN")
+    elif topk < num_classes:    # the tail's log-sum-exp at targets.TAIL_TAUS, for soft targets at any τ
+        specs[TAIL_LOGSUMEXP] = dict(dtype="float16", width=len(TAIL_TAUS), fill_value="NaN")
     for spec in specs.values():
         width = spec.pop("width")
         spec.update(shape=[num_seeds, rows, width], chunks=[1, rows_per_shard, width],

@@ -50,7 +50,7 @@ def ensure_arrays(root: Path, specs: dict[str, dict], array_dir: str = "") -> No
             parent.create_array(name, shape=tuple(spec["shape"]), dtype=spec["dtype"], chunks=tuple(spec["chunks"]),
                                 shards=tuple(spec["shards"]), compressors=compressors(spec["dtype"]),
                                 fill_value=float("nan") if spec["fill_value"] == "NaN" else spec["fill_value"],
-                                dimension_names=("aug_seed", "row", "class" if name == "logits" else "rank"))
+                                dimension_names=("aug_seed", "row", {"logits": "class", "tail_logsumexp": "tau"}.get(name, "rank")))
         prefix = f"{array_dir}/" if array_dir else ""
         # Parents first: a reader never finds an array inside a group without metadata.
         rels = ["zarr.json"] + ([f"{array_dir}/zarr.json"] if array_dir else [])

@@ -61,6 +61,8 @@ def test_inspect_cache_reports_units_bytes_and_teacher_quality(reference_cache, 
     text = invoke("inspect-cache", reference_cache)
     assert text.exit_code == 0
     assert "18/18 done" in text.output and "B/record" in text.output and "per seed" in text.output
+    assert "soft targets exact at any τ" in text.output        # top-10 of 10 classes
+    assert set(info["soft_target_tv_bound_by_tau"].values()) == {0.0}
 
 
 def test_inspect_cache_lists_missing_units(tmp_path, small_shards, teacher_checkpoint):
