@@ -137,7 +137,7 @@ def section_throughput(args, work: Path, device) -> dict:
         shutil.rmtree(out, ignore_errors=True)
         summary = cache_teacher(shards, out, teacher=args.teacher, teacher_checkpoint=ckpt, seeds=args.seeds,
                                 seeds_per_unit=args.seeds, recipe=recipe, batch_size=args.batch_size,
-                                device=str(device), precision=args.precision, workers=args.workers,
+                                channels_last=args.channels_last, device=str(device), precision=args.precision, workers=args.workers,
                                 max_units=args.units, progress=False, log=lambda m: None)
         rounds.append({"bare_img_per_s": bare, "cache_img_seeds_per_s": summary["records_per_s"],
                        "records": summary["records_computed"], "teacher_seconds": summary["teacher_seconds"],

@@ -2,7 +2,8 @@
 from .augment import (AugRecipe, ReplayItem, ReplayedSample, augment_seeds, decode_image, eval_image,
                       finish_item, mixed_targets, recipe_fingerprint, replay_shard, replay_slice,
                       slice_positions, tensor_digest)
-from .shards import ShardSample, ShardSet, ShardsError, make_shards
+from .shards import ShardSample, ShardSet, ShardsError
+from .writer import make_shards
 from .sources import SourceError
 
 __all__ = ["AugRecipe", "ReplayItem", "ReplayedSample", "ShardSample", "ShardSet", "ShardsError", "SourceError",

@@ -1,34 +1,30 @@
-"""Writing and reading WebDataset shards with a Parquet manifest and JSON metadata.
+"""The shard-set format (WebDataset tars + Parquet manifest + JSON metadata) and reading it.
 
-One output folder holds one split:
+One output folder of make-shards (data_shards/writer.py) holds one split:
     shard-000000.tar ...   webdataset tars; members KEY.jpg|png|... and KEY.cls
     manifest.parquet       key, label, shard, position, nbytes, ext, sha256, offset (one row per
                            image; offset = where its bytes start inside the tar)
     metadata.json          classes, counts per class and shard, content_hash, skipped files
 
-Samples are ordered by sha256(key) before sharding, so every shard mixes classes (Mixup
-partners are drawn within a shard) and the order does not depend on the file system.
+A shard set may instead index existing WebDataset tars in place (metadata "external_shards"):
+then metadata's shard names are the absolute paths of those tars.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import shutil
-import sys
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute  # noqa: F401  (pa.compute)
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
-from .sources import SourceError, SourceImage, Skipped, iter_source
-from .tar_members import SampleTarWriter, member_offsets
+from .tar_members import member_offsets
 
 FORMAT_VERSION = 1
 SHARD_PATTERN = "shard-%06d.tar"
@@ -47,129 +43,17 @@ class ShardsError(ValueError):
     """A shard folder is missing, incomplete or inconsistent."""
 
 
-def _sort_key(key: str) -> bytes:
-    return hashlib.sha256(key.encode("utf-8")).digest()
+def hash_manifest_rows(h: "hashlib._Hash", rows: Iterable[tuple]) -> None:
+    """Feed rows (values in CONTENT_COLUMNS order) into a content hash."""
+    for row in rows:
+        h.update(("\t".join(str(v) for v in row) + "\n").encode("utf-8"))
 
 
 def manifest_hash(table: pa.Table) -> str:
     """Content hash of a manifest: every row's key, label, place, size and image hash."""
     h = hashlib.sha256()
-    cols = [table.column(name).to_pylist() for name in CONTENT_COLUMNS]
-    for row in zip(*cols):
-        h.update(("\t".join(str(v) for v in row) + "\n").encode("utf-8"))
+    hash_manifest_rows(h, zip(*[table.column(name).to_pylist() for name in CONTENT_COLUMNS]))
     return h.hexdigest()
-
-
-def make_shards(source: str, out: str | os.PathLike, split: str = "train", shard_size: int = 1000,
-                val_fraction: float | None = None, overwrite: bool = False,
-                allow_empty_classes: bool = False, progress: bool = True) -> dict:
-    """Write `source` (ImageFolder path or "digits") as webdataset shards into `out`.
-
-    Returns the metadata dict (also written to out/metadata.json). The folder is built
-    aside and renamed into place, so a failure never leaves a half-written shard set.
-    """
-    if split not in ("train", "val"):
-        raise SourceError(f"--split must be 'train' or 'val', got {split!r}")
-    if shard_size < 1:
-        raise SourceError(f"--shard-size must be >= 1, got {shard_size}")
-    if val_fraction is None:
-        val_fraction = 0.2 if source == "digits" else 0.0
-    if not 0.0 <= val_fraction < 1.0:
-        raise SourceError(f"--val-fraction must be in [0, 1), got {val_fraction}")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise SourceError(f"output {out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise SourceError(f"output folder {out} is not empty; pass --overwrite to replace it")
-
-    skipped: list[Skipped] = []
-    classes, images, n_candidates = iter_source(source, split, val_fraction, skipped)
-    if n_candidates == 0:
-        raise SourceError(f"source {source} has no image files for split {split!r}")
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        rows = _write_sorted(images, tmp, shard_size, n_candidates, progress)
-        for s in skipped:
-            print(f"make-shards: skipped {s.origin}: {s.reason}", file=sys.stderr)
-        if not rows["key"]:
-            raise SourceError(f"source {source} has no usable images for split {split!r} "
-                              f"({len(skipped)} files skipped)")
-        counts = [0] * len(classes)
-        for label in rows["label"]:
-            counts[label] += 1
-        empty = [classes[i] for i, c in enumerate(counts) if c == 0]
-        if empty and not allow_empty_classes:
-            raise SourceError(f"class folder(s) with no usable image in split {split!r}: "
-                              f"{', '.join(empty)}; add images, remove the folder(s), or pass "
-                              "--allow-empty-classes to keep their class index without samples")
-        table = pa.table(rows, schema=MANIFEST_SCHEMA)
-        pq.write_table(table, tmp / MANIFEST_FILE, compression="zstd")
-        n_shards = max(rows["shard"]) + 1
-        shard_counts = [0] * n_shards
-        for s in rows["shard"]:
-            shard_counts[s] += 1
-        metadata = {
-            "format_version": FORMAT_VERSION,
-            "source": source if source == "digits" else str(Path(source).resolve()),
-            "split": split,
-            "val_fraction": val_fraction,
-            "classes": classes,
-            "num_classes": len(classes),
-            "num_samples": len(rows["key"]),
-            "counts_per_class": counts,
-            "shard_size": shard_size,
-            "shards": [{"name": SHARD_PATTERN % i, "count": c} for i, c in enumerate(shard_counts)],
-            "content_hash": manifest_hash(table),
-            "skipped": [{"path": s.origin, "reason": s.reason} for s in skipped],
-        }
-        (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-        return metadata
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _write_sorted(images: Iterator[SourceImage], folder: Path, shard_size: int, total: int,
-                  progress: bool) -> dict[str, list]:
-    """Validate, order by sha256(key) and write images; return the manifest columns."""
-    usable = sorted(tqdm(images, total=total, desc="make-shards: reading", unit="img",
-                         disable=not progress),
-                    key=lambda im: _sort_key(im.key))
-    rows: dict[str, list] = {name: [] for name in MANIFEST_SCHEMA.names}
-    seen: set[str] = set()
-    writer = None
-    try:
-        for i, im in enumerate(tqdm(usable, desc="make-shards: writing", unit="img", disable=not progress)):
-            if im.key in seen:
-                raise SourceError(f"duplicate key {im.key!r} (from {im.origin})")
-            seen.add(im.key)
-            if i % shard_size == 0:
-                if writer is not None:
-                    writer.close()
-                writer = SampleTarWriter(folder / (SHARD_PATTERN % (i // shard_size)))
-            offsets = writer.write(im.key, {im.ext: im.data, "cls": str(im.label).encode("ascii")})
-            rows["key"].append(im.key)
-            rows["label"].append(im.label)
-            rows["shard"].append(i // shard_size)
-            rows["position"].append(i % shard_size)
-            rows["nbytes"].append(len(im.data))
-            rows["ext"].append(im.ext)
-            rows["sha256"].append(hashlib.sha256(im.data).hexdigest())
-            rows["offset"].append(offsets[im.ext])
-    finally:
-        if writer is not None:
-            writer.close()
-    return rows
 
 
 # ----------------------------------------------------------------------------- reading
@@ -210,7 +94,9 @@ class ShardSet:
                               f"is not {FORMAT_VERSION}; re-run make-shards")
         for shard in metadata["shards"]:
             if not (root / shard["name"]).is_file():
-                raise ShardsError(f"shard {root / shard['name']} listed in {meta_path} is missing")
+                hint = ("the indexed WebDataset tars were moved or deleted; re-run make-shards on them"
+                        if metadata.get("external_shards") else "re-run make-shards")
+                raise ShardsError(f"shard {root / shard['name']} listed in {meta_path} is missing; {hint}")
         return cls(root, metadata, manifest)
 
     @property
@@ -263,8 +149,8 @@ class ShardSet:
                     data = f.read(nbytes)
                     if len(data) != nbytes or hashlib.sha256(data).hexdigest() != rows["sha256"][position]:
                         raise ShardsError(f"shard {path}: sample {position} ({key!r}) does not match the manifest "
-                                          "(size or sha256); the shard was truncated, edited or replaced - "
-                                          "re-run make-shards")
+                                          f"(size or sha256){self._first_difference(shard, rows)}; the shard was "
+                                          "truncated, edited or replaced - re-run make-shards")
                     samples.append(ShardSample(key, rows["label"][position], data, shard, position))
         except OSError as exc:
             raise ShardsError(f"cannot read shard {path}: {exc}; re-run make-shards") from None
@@ -280,7 +166,7 @@ class ShardSet:
             raise ShardsError(f"{self.root} has {self.num_shards} shards; shard {shard} does not exist")
         if self._row_order is None:
             # One sort of the whole manifest; each shard is then a zero-copy slice.
-            order = pa.compute.sort_indices(self.manifest, [("shard", "ascending"), ("position", "ascending")])
+            order = pc.sort_indices(self.manifest, [("shard", "ascending"), ("position", "ascending")])
             shards = self.manifest.column("shard").take(order).to_numpy()
             self._row_order = (order, np.searchsorted(shards, np.arange(self.num_shards + 1)))
         order, starts = self._row_order
@@ -290,6 +176,21 @@ class ShardSet:
             raise ShardsError(f"{self.root / MANIFEST_FILE}: shard {shard} has positions that are not "
                               f"0..{self.shard_counts[shard] - 1} (metadata count); re-run make-shards")
         return rows
+
+    def _first_difference(self, shard: int, rows: dict[str, list]) -> str:
+        """For an error message: the first image member of a make-shards tar that is not the
+        manifest's (found by scanning the tar's headers, only once a read has failed)."""
+        if self.metadata.get("external_shards"):
+            return ""
+        try:
+            found = [name for name in member_offsets(self.shard_path(shard)) if not name.endswith(".cls")]
+        except (OSError, tarfile.TarError):
+            return " (the tar cannot be read)"
+        for position, (key, ext) in enumerate(zip(rows["key"], rows["ext"])):
+            name, expected = (found[position] if position < len(found) else None), f"{key}.{ext}"
+            if name != expected:
+                return f"; image member {position} of the tar is {name!r}, the manifest says {expected!r}"
+        return ""
 
     def _offsets(self, shard: int, rows: dict[str, list]) -> list[int]:
         """Data offset of each sample's image; scanned once from the tar headers for shard sets

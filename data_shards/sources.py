@@ -1,9 +1,9 @@
 """Image sources for make-shards: an ImageFolder tree or scikit-learn's digits.
 
-A source yields `SourceImage` records (stable key, class index, original encoded
-bytes) and collects the files it had to skip, with the reason, so that the shard
-writer can report them. Images are validated by fully decoding them once; their
-bytes are kept as they are (no re-encoding).
+A source lists `Candidate`s (stable key, class index, where the bytes are) without reading
+them, so the shard writer can fix the order from the keys alone and then stream the bytes.
+`check_candidates` reads and validates a batch of them (by fully decoding each image once;
+bytes are kept as they are, no re-encoding); it runs in worker processes.
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -31,13 +30,22 @@ class SourceError(ValueError):
     """The source cannot be turned into shards (nothing a skip could fix)."""
 
 
-@dataclass(frozen=True)
-class SourceImage:
+@dataclass(frozen=True, slots=True)
+class Candidate:
     key: str           # stable, dot-free webdataset key
-    label: int         # class index (sorted class names)
-    data: bytes        # original encoded bytes
-    ext: str           # extension for the shard member ("jpg", "png", ...)
-    origin: str        # where it came from (path or "digits[i]"), for messages
+    label: int         # class index
+    origin: str        # where it comes from (path, "digits[i]", "TAR:MEMBER"), for messages
+    ref: str | bytes | tuple  # a file path, the bytes themselves, or (tar path, offset, nbytes, ext)
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """What validating a candidate gave: its bytes' extension and hash, or why it is unusable."""
+    ext: str | None
+    sha256: str | None
+    nbytes: int
+    data: bytes | None   # None when the caller only indexes (bytes stay where they are)
+    error: str | None
 
 
 @dataclass(frozen=True)
@@ -99,34 +107,60 @@ class ImageFolderSource:
                               "(expected ImageFolder layout: ROOT/CLASS_NAME/IMAGE)")
         return classes
 
-    def candidates(self) -> list[tuple[str, int, Path]]:
-        """(relative path, label, path) of every file under each class folder, sorted."""
+    def list_candidates(self) -> list[Candidate]:
+        """Every file under each class folder, in sorted path order; nothing is read.
+
+        Plain strings only (no Path per file): this list is the one thing make-shards holds
+        per image, so its size sets how memory grows with the data set.
+        """
         out = []
+        root = str(self.root)
         for label, name in enumerate(self.classes()):
-            class_dir = self.root / name
-            files = []
-            for dirpath, dirnames, filenames in os.walk(class_dir, onerror=None):
+            for dirpath, dirnames, filenames in os.walk(os.path.join(root, name), onerror=None):
                 dirnames.sort()
+                rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
                 for fn in sorted(filenames):
-                    if fn.startswith("."):
-                        continue
-                    files.append(Path(dirpath) / fn)
-            for path in files:
-                out.append((path.relative_to(self.root).as_posix(), label, path))
+                    if not fn.startswith("."):
+                        path = os.path.join(dirpath, fn)
+                        out.append(Candidate(make_key(f"{rel_dir}/{fn}"), label, path, path))
         return out
 
-    def read(self, rel: str, label: int, path: Path) -> SourceImage:
-        if not path.is_file():  # a FIFO or device would block or never end; a broken link has no data
-            raise ValueError("cannot read file (not a regular file, or a broken link)")
+
+def _read_ref(ref: str | bytes | tuple) -> bytes:
+    if isinstance(ref, bytes):
+        return ref
+    if isinstance(ref, tuple):  # bytes of a member inside a tar: (path, offset, nbytes, ...)
+        path, offset, nbytes = ref[:3]
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(nbytes)
+        if len(data) != nbytes:
+            raise ValueError(f"cannot read {nbytes} bytes at offset {offset} (tar truncated?)")
+        return data
+    path = Path(ref)
+    if not path.is_file():  # a FIFO or device would block or never end; a broken link has no data
+        raise ValueError("cannot read file (not a regular file, or a broken link)")
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read file ({exc.strerror or exc})") from None
+
+
+def check_candidates(refs: list, keep_data: bool = True) -> list[Checked]:
+    """Read and fully decode each ref (a Candidate.ref); runs in a worker process."""
+    out = []
+    for ref in refs:
         try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise ValueError(f"cannot read file ({exc.strerror or exc})") from None
-        ext = check_image_bytes(data)
-        return SourceImage(make_key(rel), label, data, ext, str(path))
+            data = _read_ref(ref)
+            ext = check_image_bytes(data)
+        except (ValueError, OSError) as exc:
+            out.append(Checked(None, None, 0, None, str(exc)))
+            continue
+        out.append(Checked(ext, hashlib.sha256(data).hexdigest(), len(data), data if keep_data else None, None))
+    return out
 
 
-def digits_images() -> tuple[list[str], list[SourceImage]]:
+def digits_candidates() -> tuple[list[str], list[Candidate]]:
     """scikit-learn's 1,797 handwritten digits (8x8, 17 grey levels) as lossless PNGs."""
     from sklearn.datasets import load_digits
 
@@ -137,31 +171,17 @@ def digits_images() -> tuple[list[str], list[SourceImage]]:
         buf = io.BytesIO()
         # PNG bytes are deterministic for a given Pillow/zlib; the key and label are what matter.
         Image.fromarray(grey, mode="L").save(buf, format="PNG", optimize=False, compress_level=9)
-        images.append(SourceImage(f"digit_{i:05d}", int(label), buf.getvalue(), "png", f"digits[{i}]"))
+        images.append(Candidate(f"digit_{i:05d}", int(label), f"digits[{i}]", buf.getvalue()))
     return [str(d) for d in range(10)], images
 
 
-def iter_source(source: str, split: str, val_fraction: float,
-                skipped: list[Skipped]) -> tuple[list[str], Iterator[SourceImage], int]:
-    """Return (class names, iterator of usable images of `split`, number of candidates).
-
-    Unusable files are appended to `skipped` as the iterator runs.
-    """
+def list_source(source: str, split: str, val_fraction: float) -> tuple[list[str], list[Candidate]]:
+    """(class names, candidates of `split`) of "digits" or an ImageFolder tree; nothing read yet."""
     if source == "digits":
-        classes, images = digits_images()
-        chosen = [im for im in images if in_val_split(im.key, val_fraction) == (split == "val")]
-        return classes, iter(chosen), len(chosen)
-
-    folder = ImageFolderSource(Path(source))
-    classes = folder.classes()
-    candidates = [c for c in folder.candidates()
-                  if val_fraction <= 0 or in_val_split(make_key(c[0]), val_fraction) == (split == "val")]
-
-    def gen() -> Iterator[SourceImage]:
-        for rel, label, path in candidates:
-            try:
-                yield folder.read(rel, label, path)
-            except ValueError as exc:
-                skipped.append(Skipped(str(path), str(exc)))
-
-    return classes, gen(), len(candidates)
+        classes, candidates = digits_candidates()
+    else:
+        folder = ImageFolderSource(Path(source))
+        classes, candidates = folder.classes(), folder.list_candidates()
+    if val_fraction > 0 or source == "digits":
+        candidates = [c for c in candidates if in_val_split(c.key, val_fraction) == (split == "val")]
+    return classes, candidates

@@ -9,6 +9,7 @@ import io
 import os
 import tarfile
 from pathlib import Path
+from typing import Iterator
 
 BLOCK = tarfile.BLOCKSIZE
 
@@ -52,14 +53,18 @@ class SampleTarWriter:
         self.close()
 
 
-def member_offsets(path: str | os.PathLike) -> dict[str, tuple[int, int]]:
-    """{member name: (data offset, size)} of every regular file in a tar, from headers only.
+def iter_members(path: str | os.PathLike) -> Iterator[tuple[str, int, int]]:
+    """(name, data offset, size) of each regular file in a tar, in tar order, from headers only.
 
     tarfile seeks over member data in "r:" mode, so this reads about 1 KB per member.
     """
-    out = {}
     with tarfile.open(Path(path), mode="r:") as tar:
         for info in tar:
             if info.isfile():
-                out[info.name] = (info.offset_data, info.size)
-    return out
+                yield info.name, info.offset_data, info.size
+            tar.members = []  # headers only as we go: a large tar's member list would grow
+
+
+def member_offsets(path: str | os.PathLike) -> dict[str, tuple[int, int]]:
+    """{member name: (data offset, size)} of every regular file in a tar."""
+    return {name: (offset, size) for name, offset, size in iter_members(path)}

@@ -42,19 +42,28 @@ def main():
 
 
 @main.command("make-shards")
-@click.option("--source", required=True, help="ImageFolder root (one sub-folder per class) or the word 'digits'.")
+@click.option("--source", required=True,
+              help="ImageFolder root (one sub-folder per class), the word 'digits', or existing WebDataset tars: "
+                   "a folder of *.tar, one .tar, or a brace pattern like 'train-{000000..001281}.tar' (indexed in place).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder for this split's shards.")
 @click.option("--split", type=click.Choice(["train", "val"]), default="train", show_default=True)
-@click.option("--shard-size", type=int, default=1000, show_default=True, help="Samples per shard.")
+@click.option("--shard-size", type=int, default=None,
+              help="Samples per shard (default 1000). Not for WebDataset tars: each tar is one shard.")
 @click.option("--val-fraction", type=float, default=None,
               help="Carve a deterministic val split (by key hash) out of SOURCE. Default: 0.2 for digits, 0 (whole folder) otherwise.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output folder.")
 @click.option("--allow-empty-classes", is_flag=True, help="Keep class folders with no usable image (index kept, no samples).")
-def make_shards_cmd(source, out, split, shard_size, val_fraction, overwrite, allow_empty_classes):
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Processes that read and decode-validate images (default: all cores). Output is the same for any value.")
+@click.option("--classes", "classes_file", type=click.Path(dir_okay=False), default=None,
+              help="WebDataset tars only: class names, one per line (line i = class index i). Default: the indices.")
+def make_shards_cmd(source, out, split, shard_size, val_fraction, overwrite, allow_empty_classes, workers, classes_file):
     """Write SOURCE as WebDataset shards + Parquet manifest + metadata.json."""
     meta = run_or_explain(make_shards, source, out, split=split, shard_size=shard_size, val_fraction=val_fraction,
-                          overwrite=overwrite, allow_empty_classes=allow_empty_classes)
-    click.echo(f"wrote {meta['num_samples']} images of {meta['num_classes']} classes in {len(meta['shards'])} "
+                          overwrite=overwrite, allow_empty_classes=allow_empty_classes, workers=workers,
+                          classes_file=classes_file)
+    verb = "indexed in place" if meta.get("external_shards") else "wrote"
+    click.echo(f"{verb} {meta['num_samples']} images of {meta['num_classes']} classes in {len(meta['shards'])} "
                f"shard(s) to {out} (content hash {meta['content_hash'][:12]}); skipped {len(meta['skipped'])}")
     for s in meta["skipped"]:
         click.echo(f"  skipped {s['path']}: {s['reason']}")

@@ -52,6 +52,9 @@ register_user_errors(CacheError, StudentError, ShardsError)
               help="Default: hard with --cache/--teacher-online, none without.")
 @click.option("--distillation-alpha", type=float, default=0.5, show_default=True)
 @click.option("--distillation-tau", type=float, default=1.0, show_default=True)
+@click.option("--soft-tail-limit", type=float, default=0.25, show_default=True,
+              help="Soft distillation from a top-k cache: refuse when the mean mass at τ of the classes outside "
+                   "the stored top k (a bound on the soft target's total variation error) exceeds this.")
 @click.option("--epochs", type=int, default=300, show_default=True)
 @click.option("--batch-size", type=int, default=64, show_default=True, help="Per process.")
 @click.option("--lr", type=float, default=None, help="Default 5e-4 x global batch / 512.")

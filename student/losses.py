@@ -5,19 +5,26 @@
     soft    = KL(log_softmax(dist/τ) ‖ teacher log-probs at τ, sum) · τ² / dist.numel()   (as DeiT)
     total   = (1-α)·base + α·distill          ("none": total = base)
 
-The teacher distribution comes from what the cache stores: full logits when present,
-otherwise the top-k log-probs with the remaining mass 1 - Σ exp(top-k) spread evenly over
-the other C-K classes; temperature is then applied to that rebuilt distribution.
+The teacher distribution at τ comes from what the cache stores (teacher_cache/targets.py):
+  - full logits z:  p_τ = softmax(z / τ)  (exact);
+  - top-k log-probs l_i (i in top k) and the tail summary L_τ = log Σ_{j in tail} exp(l_j / τ),
+    stored at τ ∈ {1, 2, 3, 4}, linear in 1/τ for other τ (teacher_cache.targets.tail_logsumexp_at):
+    p_τ ∝ exp(l_i / τ) on the top k and exp(L_τ) / (C - K) on each tail class (the tail's shape is lost);
+  - top-k only (caches made before the tail summary): the remaining mass 1 - Σ exp(l_i) spread
+    evenly over the tail at τ = 1, then tempered; wrong at τ > 1 (bench/bench_soft_targets.py).
+Either way the rebuilt p_τ differs from the exact one only inside the tail when the tail mass is
+right, so total variation <= the tail's mass at τ (teacher_cache.targets.soft_tail_mass).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from teacher_cache.targets import TeacherTargets
+from teacher_cache.targets import TeacherTargets, tail_logsumexp_at
 
 from .errors import StudentError
 
@@ -36,13 +43,20 @@ def teacher_log_probs(teacher: TeacherTargets, num_classes: int, tau: float = 1.
         return F.log_softmax(teacher.logits.float() / tau, dim=1)
     topk = teacher.topk_logprobs.float()
     n, k = topk.shape
+    log_w = topk.new_zeros(n, num_classes)
     if k < num_classes:
-        rest_mass = (1.0 - topk.exp().sum(dim=1, keepdim=True)).clamp_min(1e-12)  # fp16 rounding can overshoot 1
-        log_p = (rest_mass / (num_classes - k)).log().expand(n, num_classes).clone()
-    else:
-        log_p = topk.new_zeros(n, num_classes)
-    log_p.scatter_(1, teacher.topk_indices, topk)
-    return F.log_softmax(log_p / tau, dim=1)   # also renormalises the fp16-rounded values
+        log_w[:] = tail_log_weight(teacher, num_classes, tau)[:, None]
+    log_w.scatter_(1, teacher.topk_indices, topk / tau)
+    return F.log_softmax(log_w, dim=1)   # also renormalises the fp16-rounded values
+
+
+def tail_log_weight(teacher: TeacherTargets, num_classes: int, tau: float) -> torch.Tensor:
+    """(N,) unnormalised log-weight of each tail class at τ (see the module docstring)."""
+    n_tail = num_classes - teacher.topk_logprobs.shape[1]
+    if teacher.tail_logsumexp is None:      # legacy: even spread at τ = 1, then tempered
+        rest_mass = (1.0 - teacher.topk_logprobs.float().exp().sum(dim=1)).clamp_min(1e-12)  # fp16 can overshoot 1
+        return (rest_mass / n_tail).log() / tau
+    return tail_logsumexp_at(teacher, num_classes, tau) - math.log(n_tail)
 
 
 class DistillationLoss(nn.Module):

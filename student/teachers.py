@@ -75,9 +75,7 @@ class CachedTeacher:
 def _to_device(targets: TeacherTargets, device: torch.device) -> TeacherTargets:
     if device.type != "cuda":
         return targets.to(device)
-    pinned = [None if t is None else t.pin_memory() for t in (targets.topk_indices, targets.topk_logprobs,
-                                                                targets.logits)]
-    return TeacherTargets(*[None if t is None else t.to(device, non_blocking=True) for t in pinned])
+    return targets._map(lambda t: t.pin_memory().to(device, non_blocking=True))
 
 
 class OnlineTeacher:

@@ -3,7 +3,8 @@
 Work is cut into units (one shard × `seeds_per_unit` seeds, see layout.py). A job takes
 its round-robin share of the units, skips the ones already done, locks each one it
 computes (locks.py), and commits it atomically (store.py). Rerunning the same command
-resumes; running N jobs with different indices fills the cache N times faster.
+resumes; running N jobs with different indices fills the cache N times faster. A larger
+--seeds on an existing cache first grows it (growth.py), then computes the new units the same way.
 
 Determinism: a batch never spans two (shard, seed) pairs and always holds the same
 consecutive replayed images (mixing order), so the numbers of a unit do not depend on
@@ -28,17 +29,20 @@ from data_shards import AugRecipe, ShardSet, decode_image, replay_shard, tensor_
 from data_shards.faults import crash_point
 
 from .errors import CacheError
+from .growth import check_not_shrinking, grow_cache
 from .jobs import JobSlot, resolve_job
-from .layout import (INDEX_FILE, LOGITS, MANIFEST_FILE, TOPK_INDICES, TOPK_LOGPROBS, Unit, all_units,
-                     array_specs, select_units, unit_json_path, UNITS_DIR)
+from .layout import (INDEX_FILE, MANIFEST_FILE, SeedGeneration, Unit, all_units, array_specs, select_units,
+                     unit_json_path, UNITS_DIR)
 from .locks import DEFAULT_STALE_AFTER, LockKeeper, owned_name, try_lock
-from .manifest import build_manifest, create_or_match_manifest, manifest_differences, read_manifest
+from .manifest import (MANIFEST_DEFAULTS, build_manifest, create_or_match_manifest, manifest_differences,
+                       read_manifest, seed_generations, with_defaults)
 from .store import clean_leftovers, commit_unit, ensure_arrays
 from .teacher import DEFAULT_TEACHER, check_precision, load_teacher, resolve_device, teacher_forward
 
 DIGESTS_PER_SEED = 2       # replayed images per (shard, seed) whose digest goes into the unit JSON
 DEFAULT_TOPK = 10
 DEFAULT_SEEDS_PER_UNIT = 10
+DEFAULT_BATCH_SIZE = MANIFEST_DEFAULTS["batch_size"]
 
 
 # ----------------------------------------------------------------------------- settings
@@ -55,12 +59,17 @@ class CacheSettings:
     teacher: str | None
     teacher_checkpoint: str | None
     teacher_kwargs: dict | None
+    batch_size: int = DEFAULT_BATCH_SIZE
+    channels_last: bool = False
 
 
 def resolve_settings(shard_set: ShardSet, existing: dict | None, *, seeds, topk, store_logits, seeds_per_unit,
-                     precision, recipe, teacher, teacher_checkpoint, teacher_kwargs=None) -> CacheSettings:
+                     precision, recipe, teacher, teacher_checkpoint, teacher_kwargs=None, batch_size=None,
+                     channels_last=None) -> CacheSettings:
     """Options left unset take the existing cache's values (so resuming needs only --shards/--out),
     or the defaults for a new cache. Checked before any work starts."""
+    existing = with_defaults(existing) if existing is not None else None
+
     def pick(value, key, default):
         if value is not None:
             return value
@@ -79,7 +88,10 @@ def resolve_settings(shard_set: ShardSet, existing: dict | None, *, seeds, topk,
         precision=pick(precision, "precision", "fp32"),
         recipe=recipe if recipe is not None else (AugRecipe.from_dict(existing["recipe"]) if existing else AugRecipe()),
         teacher=teacher, teacher_checkpoint=None if teacher_checkpoint is None else str(teacher_checkpoint),
-        teacher_kwargs=teacher_kwargs)
+        teacher_kwargs=teacher_kwargs, batch_size=int(pick(batch_size, "batch_size", DEFAULT_BATCH_SIZE)),
+        channels_last=bool(pick(channels_last, "channels_last", False)))
+    if settings.batch_size < 1:
+        raise CacheError(f"--batch-size must be >= 1, got {settings.batch_size}")
     if teacher is None and teacher_checkpoint is None and existing is not None:
         settings.teacher = existing["teacher"]["name"]
         settings.teacher_checkpoint = existing["teacher"].get("checkpoint")
@@ -177,10 +189,8 @@ class UnitAccumulator:
     def add(self, batch: UnitBatch, targets) -> None:
         s = batch.aug_seed - self.unit.seed_start
         pos = batch.positions.numpy()
-        self.buffers[TOPK_INDICES][s, pos] = targets.topk_indices.numpy().astype(self.buffers[TOPK_INDICES].dtype)
-        self.buffers[TOPK_LOGPROBS][s, pos] = targets.topk_logprobs.numpy().astype(np.float16)
-        if LOGITS in self.buffers:
-            self.buffers[LOGITS][s, pos] = targets.logits.numpy().astype(np.float16)
+        for name, buffer in self.buffers.items():     # array names are TeacherTargets field names
+            buffer[s, pos] = getattr(targets, name).numpy().astype(buffer.dtype)
         if batch.digests:
             self.digests.setdefault(str(batch.aug_seed), {}).update(batch.digests)
         self.received += len(pos)
@@ -216,7 +226,8 @@ def cache_teacher(shards: str | os.PathLike, out: str | os.PathLike, *, teacher:
                   teacher_checkpoint: str | os.PathLike | None = None, teacher_kwargs: dict | None = None,
                   seeds: int | None = None,
                   topk: int | None = None, store_logits: str | None = None, seeds_per_unit: int | None = None,
-                  recipe: AugRecipe | None = None, batch_size: int = 64, device: str = "auto",
+                  recipe: AugRecipe | None = None, batch_size: int | None = None,
+                  channels_last: bool | None = None, device: str = "auto",
                   precision: str | None = None, num_jobs: int | None = None, job_index: int | None = None,
                   workers: int = 0, max_units: int | None = None, lock_stale_after: float = DEFAULT_STALE_AFTER,
                   progress: bool = True, log: Callable[[str], None] = print,
@@ -224,10 +235,9 @@ def cache_teacher(shards: str | os.PathLike, out: str | os.PathLike, *, teacher:
     """Compute this job's share of the cache at `out`; returns a summary dict.
 
     Options left as None take the existing cache's values (or defaults for a new cache).
+    A `seeds` larger than the existing cache's grows it (growth.py); a smaller one is refused.
     `on_commit` is called after each unit is committed (used by tests to simulate crashes).
     """
-    if batch_size < 1:
-        raise CacheError(f"--batch-size must be >= 1, got {batch_size}")
     if workers < 0:
         raise CacheError(f"--workers must be >= 0, got {workers}")
     root = Path(out)
@@ -237,18 +247,24 @@ def cache_teacher(shards: str | os.PathLike, out: str | os.PathLike, *, teacher:
     existing = read_manifest(root) if (root / MANIFEST_FILE).exists() else None
     s = resolve_settings(shard_set, existing, seeds=seeds, topk=topk, store_logits=store_logits,
                          seeds_per_unit=seeds_per_unit, precision=precision, recipe=recipe,
-                         teacher=teacher, teacher_checkpoint=teacher_checkpoint, teacher_kwargs=teacher_kwargs)
+                         teacher=teacher, teacher_checkpoint=teacher_checkpoint, teacher_kwargs=teacher_kwargs,
+                         batch_size=batch_size, channels_last=channels_last)
+    if existing is not None:
+        check_not_shrinking(root, existing, s.seeds)
     job = resolve_job(num_jobs, job_index)
     torch_device = resolve_device(device)
     check_precision(s.precision, torch_device)
-    units = all_units(shard_set.num_shards, s.seeds, s.seeds_per_unit)
-    specs = array_specs(s.seeds, shard_set.num_shards, shard_set.rows_per_shard, shard_set.num_classes, s.topk,
-                        s.seeds_per_unit, s.store_full)
+
+    def specs_for(gen: SeedGeneration) -> dict:
+        return array_specs(gen.stop - gen.start, shard_set.num_shards, shard_set.rows_per_shard,
+                           shard_set.num_classes, s.topk, s.seeds_per_unit, s.store_full)
 
     def manifest_for(teacher_info: dict) -> dict:
         return build_manifest(shard_set=shard_set, recipe=s.recipe, teacher_info=teacher_info, num_seeds=s.seeds,
                               seeds_per_unit=s.seeds_per_unit, topk=s.topk, store_full=s.store_full,
-                              precision=s.precision, arrays=specs, num_units=len(units))
+                              precision=s.precision, arrays=specs_for(SeedGeneration(0, s.seeds)),
+                              num_units=len(all_units(shard_set.num_shards, s.seeds, s.seeds_per_unit)),
+                              batch_size=s.batch_size, channels_last=s.channels_last)
 
     if existing is not None:
         # Refuse early (before loading the teacher) on anything but the teacher weights.
@@ -263,14 +279,24 @@ def cache_teacher(shards: str | os.PathLike, out: str | os.PathLike, *, teacher:
         f"{' from ' + s.teacher_checkpoint if s.teacher_checkpoint else ' (timm pretrained)'} on {torch_device}")
     model = load_teacher(s.teacher, s.teacher_checkpoint, num_classes=shard_set.num_classes, device=torch_device,
                          model_kwargs=s.teacher_kwargs)
-    channels_last = torch_device.type == "cuda"
-    if channels_last:
+    if s.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    _, created = create_or_match_manifest(root, manifest_for(model.teacher_info))
+    manifest, created = create_or_match_manifest(root, manifest_for(model.teacher_info))
     write_index(root, shard_set)
-    ensure_arrays(root, specs)
+    generations = seed_generations(manifest)
+    ensure_arrays(root, specs_for(generations[0]), generations[0].dir)
     (root / UNITS_DIR).mkdir(exist_ok=True)
     clean_leftovers(root, lock_stale_after)
+    if s.seeds > int(manifest["seeds"]):
+        log(f"cache-teacher: growing {root} from {manifest['seeds']} to {s.seeds} seeds")
+        manifest = grow_cache(root, s.seeds, specs_for, lock_stale_after)
+    if int(manifest["seeds"]) != s.seeds:       # another job grew it further meanwhile
+        check_not_shrinking(root, manifest, s.seeds)
+    generations = seed_generations(manifest)
+    for gen in generations[1:]:
+        ensure_arrays(root, specs_for(gen), gen.dir)       # checks the metadata (created by the growth)
+    units = all_units(shard_set.num_shards, s.seeds, s.seeds_per_unit, generations)
+    specs = specs_for(generations[0])          # widths and dtypes, the same in every generation
 
     mine = select_units(units, job.count, job.index)
     pending = [u for u in mine if not unit_json_path(root, u).exists()]
@@ -282,7 +308,7 @@ def cache_teacher(shards: str | os.PathLike, out: str | os.PathLike, *, teacher:
         f"{' [new cache]' if created else ''}")
 
     run = _JobRun(root=root, shard_set=shard_set, settings=s, specs=specs, model=model, device=torch_device,
-                  channels_last=channels_last, job=job, batch_size=batch_size, workers=workers,
+                  channels_last=s.channels_last, job=job, batch_size=s.batch_size, workers=workers,
                   lock_stale_after=lock_stale_after, on_commit=on_commit)
     started = time.time()
     bar = tqdm(total=sum(counts[u.shard] * len(u.seeds) for u in todo), unit="img", unit_scale=True,
@@ -419,7 +445,7 @@ class _JobRun:
                       "status": "done", "count": acc.count, "records": acc.expected, "digests": acc.digests,
                       "job": f"{self.job.index}/{self.job.count}", "host": socket.gethostname(), "pid": os.getpid(),
                       "device": str(self.device), "precision": self.settings.precision,
-                      "batch_size": self.batch_size, "started": acc.started, "finished": time.time(),
+                      "batch_size": self.batch_size, "channels_last": self.channels_last, "started": acc.started, "finished": time.time(),
                       "seconds": round(time.time() - acc.started, 3)}
             commit_unit(self.root, unit, self.shard_set.rows_per_shard, acc.buffers, record)
             self.committed += 1

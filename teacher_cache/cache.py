@@ -23,9 +23,9 @@ import torch
 from data_shards import AugRecipe
 
 from .errors import CacheError
-from .layout import (INDEX_FILE, LOGITS, TOPK_INDICES, TOPK_LOGPROBS, Unit, all_units, storage_shard_path,
-                     unit_json_path, unit_of)
-from .manifest import read_manifest
+from .layout import (INDEX_FILE, LOGITS, TAIL_LOGSUMEXP, TOPK_INDICES, TOPK_LOGPROBS, Unit, all_units,
+                     storage_shard_path, unit_json_path, unit_of)
+from .manifest import read_manifest, seed_generations
 from .store import open_array
 from .targets import TeacherTargets
 
@@ -54,6 +54,11 @@ class TeacherCache:
     @property
     def num_seeds(self) -> int:
         return int(self.manifest["seeds"])
+
+    @property
+    def seed_generations(self):
+        """[SeedGeneration]: the seed ranges each run added (one unless the cache was grown)."""
+        return seed_generations(self.manifest)
 
     @property
     def seeds_per_unit(self) -> int:
@@ -85,18 +90,19 @@ class TeacherCache:
 
     @property
     def array_names(self) -> list[str]:
-        return [TOPK_INDICES, TOPK_LOGPROBS] + ([LOGITS] if self.has_logits else [])
+        """The stored arrays (caches made before the tail summary lack TAIL_LOGSUMEXP)."""
+        return list(self.manifest["arrays"])
 
     def units(self) -> list[Unit]:
-        return all_units(self.num_shards, self.num_seeds, self.seeds_per_unit)
+        return all_units(self.num_shards, self.num_seeds, self.seeds_per_unit, self.seed_generations)
 
     def unit_for(self, shard: int, aug_seed: int) -> Unit:
         if not 0 <= shard < self.num_shards:
             raise CacheError(f"shard {shard} is not in this cache (it has shards 0..{self.num_shards - 1})")
         if not 0 <= aug_seed < self.num_seeds:
             raise CacheError(f"aug seed {aug_seed} is not in this cache (it has seeds 0..{self.num_seeds - 1}); "
-                             "compute more seeds in a new cache with a larger --seeds")
-        return unit_of(shard, aug_seed, self.num_seeds, self.seeds_per_unit)
+                             f"grow it with `deit-pipeline cache-teacher --shards SHARDS --out {self.root} --seeds N`")
+        return unit_of(shard, aug_seed, self.num_seeds, self.seeds_per_unit, self.seed_generations)
 
     def is_done(self, unit: Unit) -> bool:
         if unit.name in self._done:
@@ -162,12 +168,12 @@ class TeacherCache:
                              "for these with `deit-pipeline cache-teacher`")
 
     # ------------------------------------------------------------------ reading
-    def _array(self, name: str):
+    def _array(self, name: str, array_dir: str = ""):
         if self._arrays_pid != os.getpid():      # re-open after fork (DataLoader workers)
             self._arrays, self._arrays_pid = {}, os.getpid()
-        if name not in self._arrays:
-            self._arrays[name] = open_array(self.root, name)
-        return self._arrays[name]
+        if (array_dir, name) not in self._arrays:
+            self._arrays[(array_dir, name)] = open_array(self.root, name, array_dir)
+        return self._arrays[(array_dir, name)]
 
     def read(self, shard: int, aug_seed: int) -> TeacherTargets:
         """Teacher targets of every sample of `shard` for `aug_seed`, in shard position order."""
@@ -181,17 +187,18 @@ class TeacherCache:
             if not storage_shard_path(self.root, name, unit).is_file():
                 raise self._damaged(unit, f"{storage_shard_path(self.root, name, unit)} is missing")
             try:
-                data[name] = np.asarray(self._array(name)[aug_seed, start:start + count])
+                local_seed = unit.local_seeds.start + aug_seed - unit.seed_start    # index in its generation
+                data[name] = np.asarray(self._array(name, unit.array_dir)[local_seed, start:start + count])
             except Exception as exc:  # zarr/numcodecs raise ValueError, RuntimeError, OSError...
                 raise self._damaged(unit, f"{name} chunk for seed {aug_seed} cannot be decoded: {exc}") from None
-        for name in (TOPK_LOGPROBS, LOGITS):
+        for name in (TOPK_LOGPROBS, LOGITS, TAIL_LOGSUMEXP):
             if name in data and not np.isfinite(data[name]).all():
                 raise self._damaged(unit, f"{name} for seed {aug_seed} holds unwritten (NaN) rows")
         indices = torch.from_numpy(data[TOPK_INDICES].astype(np.int64))
         if indices.numel() and int(indices.max()) >= self.num_classes:
             raise self._damaged(unit, f"class index {int(indices.max())} >= {self.num_classes}")
-        logits = torch.from_numpy(data[LOGITS].astype(np.float32)) if LOGITS in data else None
-        return TeacherTargets(indices, torch.from_numpy(data[TOPK_LOGPROBS].astype(np.float32)), logits)
+        floats = {name: torch.from_numpy(data[name].astype(np.float32)) for name in data if name != TOPK_INDICES}
+        return TeacherTargets(topk_indices=indices, **floats)
 
     def unit_digests(self, shard: int, aug_seed: int) -> dict[str, str]:
         """{key: tensor_digest(replayed image)} recorded for the first samples of (shard, seed)."""

@@ -14,7 +14,8 @@ import numpy as np
 from data_shards.augment import mix_params, mixing_order
 
 from .cache import TeacherCache
-from .layout import ARRAYS_DIR, INDEX_FILE, MANIFEST_FILE, TMP_DIR, UNITS_DIR
+from .layout import ARRAYS_DIR, INDEX_FILE, MANIFEST_FILE, TMP_DIR, UNITS_DIR, array_path
+from .targets import soft_tail_mass
 
 
 def disk_usage(root: Path) -> dict[str, dict[str, int]]:
@@ -37,12 +38,14 @@ def disk_usage(root: Path) -> dict[str, dict[str, int]]:
     return parts
 
 
-def array_bytes(root: Path, names: list[str]) -> dict[str, int]:
+def array_bytes(root: Path, names: list[str], array_dirs: list[str] = ("",)) -> dict[str, int]:
+    """Bytes of each array's storage files, summed over the seed generations' folders."""
     out = {}
     for name in names:
         total = 0
-        for folder, _, files in os.walk(Path(root) / ARRAYS_DIR / name):
-            total += sum(os.path.getsize(os.path.join(folder, f)) for f in files if f != "zarr.json")
+        for array_dir in array_dirs:
+            for folder, _, files in os.walk(array_path(root, name, array_dir)):
+                total += sum(os.path.getsize(os.path.join(folder, f)) for f in files if f != "zarr.json")
         out[name] = total
     return out
 
@@ -85,6 +88,22 @@ def _label_stats(cache: TeacherCache, pairs: list[tuple[int, int]]) -> dict:
     return per_seed
 
 
+SOFT_TAUS = (1.0, 2.0, 3.0, 4.0)
+
+
+def soft_target_bounds(cache: TeacherCache, pairs: list[tuple[int, int]], taus=SOFT_TAUS) -> dict:
+    """What soft targets the cache gives: per τ, the mean tail mass (the share of the soft target whose
+    per-class values are not stored; it bounds the total variation to the exact target), or None
+    where the cache cannot tell. 0 = exact (full logits, or top-k covering every class)."""
+    parts = [cache.read(shard, seed) for shard, seed in pairs]
+    out = {}
+    for tau in taus:
+        masses = [soft_tail_mass(t, cache.num_classes, tau) for t in parts]
+        out[f"{tau:g}"] = None if not parts or any(m is None for m in masses) else \
+            round(float(np.concatenate([m.numpy() for m in masses]).mean()), 4)
+    return out
+
+
 def inspect_cache(path: str | os.PathLike, max_label_records: int = 200_000) -> dict:
     """Units done / missing, records, bytes on disk and per record, teacher top-1, top-k mass, per seed."""
     cache = TeacherCache.open(path)
@@ -96,7 +115,7 @@ def inspect_cache(path: str | os.PathLike, max_label_records: int = 200_000) -> 
     records_done = sum(counts[u.shard] * len(u.seeds) for u in done)
     records_total = sum(counts) * cache.num_seeds
     usage = disk_usage(cache.root)
-    arrays = array_bytes(cache.root, cache.array_names)
+    arrays = array_bytes(cache.root, cache.array_names, [g.dir for g in cache.seed_generations])
     total_bytes = sum(part["bytes"] for part in usage.values())
 
     # Teacher quality on a deterministic spread of done (shard, seed) pairs, up to max_label_records.
@@ -122,6 +141,8 @@ def inspect_cache(path: str | os.PathLike, max_label_records: int = 200_000) -> 
         "teacher": m["teacher"],
         "num_classes": cache.num_classes, "topk": cache.topk, "store_logits": m["store_logits"],
         "precision": m["precision"], "seeds": cache.num_seeds, "seeds_per_unit": cache.seeds_per_unit,
+        "seed_generations": [[g.start, g.stop] for g in cache.seed_generations],
+        "batch_size": m.get("batch_size"), "channels_last": m.get("channels_last"),
         "recipe_fingerprint": m["recipe_fingerprint"], "shards": {k: m["shards"][k] for k in
                                                                   ("path", "content_hash", "num_shards", "num_samples")},
         "units": {"total": len(units), "done": len(done), "missing": len(missing),
@@ -141,6 +162,7 @@ def inspect_cache(path: str | os.PathLike, max_label_records: int = 200_000) -> 
             "argmax_is_either_label": ratio(tot["either"], tot["records"]),
             "mean_topk_mass": ratio(tot["mass"], tot["records"]),
         },
+        "soft_target_tv_bound_by_tau": soft_target_bounds(cache, chosen[:8]),
         "per_seed": [{"seed": seed,
                       "units_done": sum(1 for u in done if seed in u.seeds),
                       "units_total": cache.num_shards,
@@ -163,7 +185,10 @@ def format_inspection(info: dict) -> str:
         f"  teacher      {t['name']}  weights {str(t.get('weights_sha256'))[:12]}…"
         + (f"  checkpoint {t['checkpoint']}" if t.get("checkpoint") else "  (timm pretrained)"),
         f"  classes {info['num_classes']}  top-k {info['topk']}  store {info['store_logits']}  "
-        f"precision {info['precision']}  seeds {info['seeds']} ({info['seeds_per_unit']} per unit)",
+        f"precision {info['precision']}  seeds {info['seeds']} ({info['seeds_per_unit']} per unit)"
+        + (f", grown: seed ranges {', '.join(f'{a}..{b - 1}' for a, b in info['seed_generations'])}"
+           if len(info["seed_generations"]) > 1 else "")
+        + f"  batch size {_fmt_opt(info['batch_size'])}  channels-last {_fmt_opt(info['channels_last'])}",
         f"  shards       {info['shards']['path']}  ({info['shards']['num_shards']} shards, "
         f"{info['shards']['num_samples']} samples, hash {info['shards']['content_hash'][:12]}…)",
         f"  units        {u['done']}/{u['total']} done, {u['missing']} missing"
@@ -176,6 +201,7 @@ def format_inspection(info: dict) -> str:
         f"{_pct(q['agreement_with_dominant_label'])}, argmax is either label {_pct(q['argmax_is_either_label'])}"
         + (f", unmixed top-1 {_pct(q['top1_vs_label_unmixed'])} on {q['unmixed_records']}" if q["unmixed_records"] else "")
         + f"; mean top-{info['topk']} mass {_fmt(q['mean_topk_mass'])} ({q['records_checked']} records checked)",
+        "  soft targets " + _soft_line(info),
         "  per seed     seed  units  top-1   dominant  top-k mass",
     ]
     for row in info["per_seed"]:
@@ -186,6 +212,19 @@ def format_inspection(info: dict) -> str:
         lines.append(f"  locks        {len(u['locks_present'])} lock file(s) present (running or crashed jobs): "
                      + ", ".join(u["locks_present"][:3]))
     return "\n".join(lines)
+
+
+def _fmt_opt(x) -> str:
+    return "not recorded" if x is None else str(x)
+
+
+def _soft_line(info: dict) -> str:
+    if info["store_logits"] == "full" or info["topk"] >= info["num_classes"]:
+        return "exact at any τ (full logits or top-k covers every class)"
+    bounds = info["soft_target_tv_bound_by_tau"]
+    return ("total variation to the exact target <= mean tail mass: "
+            + ", ".join(f"τ={tau} {'unknown (no tail summary)' if v is None else _fmt(v)}" for tau, v in bounds.items())
+            + " (train-student refuses above --soft-tail-limit, default 0.25)")
 
 
 def _pct(x) -> str:

@@ -5,14 +5,24 @@ is exactly one storage shard of the zarr sharding codec, i.e. one file
 `arrays.zarr/<array>/c/<seed_block>/<shard>/0` (zarr 3 default chunk-key encoding, "/"
 separator; checked against the installed zarr by the tests), so a unit can be committed
 by renaming that one file per array into place.
+
+Growing a cache by seeds never rewrites a committed file. The seeds one run added form a
+*seed generation* (start..stop-1) with its own arrays: the first generation (seeds 0..S1-1)
+lives at `arrays.zarr/<array>`, a growth to S2 adds `arrays.zarr/seeds-<S1>-<S2-1>/<array>`
+of shape (S2-S1, R, K|C) whose seed blocks start at S1. So when S1 is not a multiple of
+seeds_per_unit, the first generation's short last block stays as it is (its storage file is
+never reopened), and no existing array's metadata changes: growth only adds files, and the
+manifest (its `seed_generations` list) is the one file replaced (growth.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from zarr.codecs import BloscCodec, Crc32cCodec
+
+from .targets import TAIL_TAUS
 
 MANIFEST_FILE = "manifest.json"
 INDEX_FILE = "index.parquet"
@@ -23,15 +33,39 @@ TMP_DIR = "tmp"          # private scratch space of running jobs (same file syst
 TOPK_INDICES = "topk_indices"
 TOPK_LOGPROBS = "topk_logprobs"
 LOGITS = "logits"
+TAIL_LOGSUMEXP = "tail_logsumexp"   # array names = TeacherTargets field names
+
+
+@dataclass(frozen=True)
+class SeedGeneration:
+    """Seeds start..stop-1, added by one run (the first one, or one growth); they have their own arrays."""
+    start: int
+    stop: int
+
+    @property
+    def dir(self) -> str:
+        """Sub-folder of arrays.zarr holding this generation's arrays ("" for the first generation)."""
+        return "" if self.start == 0 else f"seeds-{self.start:06d}-{self.stop - 1:06d}"
 
 
 @dataclass(frozen=True, order=True)
 class Unit:
-    """One work unit: shard `shard`, aug seeds seed_start .. seed_stop-1 (sorted by seed block first)."""
+    """One work unit: shard `shard`, aug seeds seed_start .. seed_stop-1; seed_block counts within its generation."""
     seed_block: int
     shard: int
     seed_start: int
     seed_stop: int
+    generation: SeedGeneration | None = field(default=None, compare=False)   # None: the first (from seed 0)
+
+    @property
+    def array_dir(self) -> str:
+        return self.generation.dir if self.generation is not None else ""
+
+    @property
+    def local_seeds(self) -> slice:
+        """The unit's seeds as indices into its generation's arrays."""
+        offset = self.generation.start if self.generation is not None else 0
+        return slice(self.seed_start - offset, self.seed_stop - offset)
 
     @property
     def name(self) -> str:
@@ -45,19 +79,24 @@ class Unit:
         return f"{self.name} (shard {self.shard}, seeds {self.seed_start}..{self.seed_stop - 1})"
 
 
-def all_units(num_shards: int, num_seeds: int, seeds_per_unit: int) -> list[Unit]:
-    """Every unit, sorted by (seed block, shard): early seeds finish first, so stage two can start."""
+def all_units(num_shards: int, num_seeds: int, seeds_per_unit: int,
+              generations: list[SeedGeneration] | None = None) -> list[Unit]:
+    """Every unit, sorted by (first seed, shard): early seeds finish first, so stage two can start.
+    Seed blocks start afresh at each generation's first seed."""
     units = []
-    for block, start in enumerate(range(0, num_seeds, seeds_per_unit)):
-        stop = min(start + seeds_per_unit, num_seeds)
-        units.extend(Unit(block, shard, start, stop) for shard in range(num_shards))
+    for gen in generations or [SeedGeneration(0, num_seeds)]:
+        for block, start in enumerate(range(gen.start, gen.stop, seeds_per_unit)):
+            stop = min(start + seeds_per_unit, gen.stop)
+            units.extend(Unit(block, shard, start, stop, gen) for shard in range(num_shards))
     return units
 
 
-def unit_of(shard: int, aug_seed: int, num_seeds: int, seeds_per_unit: int) -> Unit:
-    block = aug_seed // seeds_per_unit
-    start = block * seeds_per_unit
-    return Unit(block, shard, start, min(start + seeds_per_unit, num_seeds))
+def unit_of(shard: int, aug_seed: int, num_seeds: int, seeds_per_unit: int,
+            generations: list[SeedGeneration] | None = None) -> Unit:
+    gen = next(g for g in generations or [SeedGeneration(0, num_seeds)] if g.start <= aug_seed < g.stop)
+    block = (aug_seed - gen.start) // seeds_per_unit
+    start = gen.start + block * seeds_per_unit
+    return Unit(block, shard, start, min(start + seeds_per_unit, gen.stop), gen)
 
 
 def select_units(units: list[Unit], num_jobs: int, job_index: int) -> list[Unit]:
@@ -68,12 +107,17 @@ def select_units(units: list[Unit], num_jobs: int, job_index: int) -> list[Unit]
     """
     if num_jobs < 1 or not 0 <= job_index < num_jobs:
         raise ValueError(f"job index {job_index} is not in 0..{num_jobs - 1}")
-    return sorted(units)[job_index::num_jobs]
+    return sorted(units, key=lambda u: (u.seed_start, u.shard))[job_index::num_jobs]
 
 
 def storage_shard_path(root: Path, array: str, unit: Unit) -> Path:
     """The one file holding `unit` in `array` (chunk grid = storage shards (seeds_per_unit, rows, K|C))."""
-    return Path(root) / ARRAYS_DIR / array / "c" / str(unit.seed_block) / str(unit.shard) / "0"
+    return array_path(root, array, unit.array_dir) / "c" / str(unit.seed_block) / str(unit.shard) / "0"
+
+
+def array_path(root: Path, array: str, array_dir: str = "") -> Path:
+    """Folder of `array` of the seed generation stored under `array_dir` ("" for the first)."""
+    return Path(root) / ARRAYS_DIR / array_dir / array
 
 
 def unit_json_path(root: Path, unit: Unit) -> Path:
@@ -99,6 +143,8 @@ def array_specs(num_seeds: int, num_shards: int, rows_per_shard: int, num_classe
     }
     if store_full:
         specs[LOGITS] = dict(dtype="float16", width=num_classes, fill_value="NaN")
+    elif topk < num_classes:    # the tail's log-sum-exp at targets.TAIL_TAUS, for soft targets at any τ
+        specs[TAIL_LOGSUMEXP] = dict(dtype="float16", width=len(TAIL_TAUS), fill_value="NaN")
     for spec in specs.values():
         width = spec.pop("width")
         spec.update(shape=[num_seeds, rows, width], chunks=[1, rows_per_shard, width],

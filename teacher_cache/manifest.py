@@ -5,6 +5,11 @@ candidate aside and hard-links it to manifest.json (os.link fails if the name ex
 exactly one job wins; locks.create_exclusive); every other job reads the winner's and checks it matches its own
 settings. The fields that decide the numbers (IDENTITY_FIELDS) must match for any job to
 add to the cache; the rest is description.
+
+The seed count is not an identity field: `cache-teacher --seeds S2` grows a cache of fewer
+seeds (growth.py replaces the manifest atomically, adding a `seed_generations` entry); a
+smaller --seeds is refused. Manifests written before growth, batch size and channels-last
+were recorded read as MANIFEST_DEFAULTS (see with_defaults).
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ from data_shards.faults import crash_point
 from data_shards.augment import pixel_library_versions
 
 from .errors import CacheError
-from .layout import MANIFEST_FILE
+from .layout import MANIFEST_FILE, SeedGeneration
 from .locks import create_exclusive, owned_name
 
 FORMAT = "deit-pipeline teacher cache"
@@ -43,11 +48,29 @@ IDENTITY_FIELDS = (
     ("teacher.weights_sha256", "teacher weights (sha256 of the state dict)"),
     ("teacher.model_kwargs", "teacher constructor arguments"),
     ("precision", "teacher precision"),
-    ("seeds", "number of augmentation seeds"),
     ("seeds_per_unit", "seeds per unit"),
+    ("batch_size", "--batch-size (batch composition changes GPU results)"),
+    ("channels_last", "--channels-last"),
     ("topk", "top-k K"),
     ("store_logits", "--store-logits"),
 )
+
+
+# Older manifests lack these; they were computed with cache-teacher's documented default batch
+# size (64). channels_last was then implicit (on for CUDA): unit records name the device.
+MANIFEST_DEFAULTS = {"batch_size": 64, "channels_last": False}
+
+
+def with_defaults(manifest: dict) -> dict:
+    """The manifest with the fields older versions did not write filled in."""
+    filled = {**MANIFEST_DEFAULTS, **manifest}
+    filled.setdefault("seed_generations", [[0, manifest.get("seeds")]])
+    return filled
+
+
+def seed_generations(manifest: dict) -> list[SeedGeneration]:
+    """The cache's seed generations in seed order (one per run that added seeds)."""
+    return [SeedGeneration(int(a), int(b)) for a, b in with_defaults(manifest)["seed_generations"]]
 
 
 def library_versions() -> dict[str, str]:
@@ -56,7 +79,8 @@ def library_versions() -> dict[str, str]:
 
 
 def build_manifest(*, shard_set, recipe, teacher_info: dict, num_seeds: int, seeds_per_unit: int, topk: int,
-                   store_full: bool, precision: str, arrays: dict, num_units: int) -> dict:
+                   store_full: bool, precision: str, arrays: dict, num_units: int, batch_size: int,
+                   channels_last: bool) -> dict:
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -70,7 +94,10 @@ def build_manifest(*, shard_set, recipe, teacher_info: dict, num_seeds: int, see
         "store_logits": "full" if store_full else "topk",
         "precision": precision,
         "seeds": num_seeds,
+        "seed_generations": [[0, num_seeds]],     # growth.py appends [S1, S2] (arrays under arrays.zarr/seeds-…)
         "seeds_per_unit": seeds_per_unit,
+        "batch_size": batch_size,                 # verify-cache recomputes records in these batches
+        "channels_last": channels_last,
         "recipe": recipe.to_dict(),
         "recipe_fingerprint": recipe.fingerprint(),
         "shards": {"path": str(Path(shard_set.root).resolve()), "content_hash": shard_set.content_hash,
@@ -96,6 +123,7 @@ def _get(manifest: dict, dotted: str):
 def manifest_differences(existing: dict, wanted: dict) -> list[str]:
     """Human-readable list of the identity fields that differ (empty when compatible)."""
     diffs = []
+    existing, wanted = with_defaults(existing), with_defaults(wanted)
     for path, label in IDENTITY_FIELDS:
         old, new = _get(existing, path), _get(wanted, path)
         if old != new:

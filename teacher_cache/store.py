@@ -4,7 +4,8 @@ Commit protocol of a unit (see DESIGN.md):
   1. write the unit's region into a private zarr array under CACHE/tmp/ whose zarr.json is
      a copy of the real array's (same metadata -> same chunk grid and encoding), so zarr
      writes exactly one storage-shard file per array;
-  2. fsync it and os.replace it onto arrays.zarr/<array>/c/<block>/<shard>/0 (atomic);
+  2. fsync it and os.replace it onto arrays.zarr/[<generation>/]<array>/c/<block>/<shard>/0 (atomic;
+     <generation> is the sub-group of seeds added by a growth, layout.SeedGeneration.dir);
   3. write units/<unit>.json aside and rename it: from this moment the unit exists.
 A job killed anywhere before 3 leaves a unit that is simply not done; the rerun
 overwrites whatever files it had renamed.
@@ -24,41 +25,49 @@ from zarr.storage import LocalStore
 from data_shards.faults import crash_point
 
 from .errors import CacheError
-from .layout import ARRAYS_DIR, TMP_DIR, UNITS_DIR, Unit, compressors, storage_shard_path, unit_json_path
+from .layout import ARRAYS_DIR, TMP_DIR, UNITS_DIR, Unit, array_path, compressors, storage_shard_path, unit_json_path
 from .locks import owned_name, owner_gone
 from .manifest import write_json_atomic
 
 
-def ensure_arrays(root: Path, specs: dict[str, dict]) -> None:
+def ensure_arrays(root: Path, specs: dict[str, dict], array_dir: str = "") -> None:
     """Create arrays.zarr and its arrays (metadata only) unless present; idempotent across jobs.
 
+    array_dir: the seed generation's sub-group ("" for the first generation, layout.SeedGeneration.dir).
     Each job builds the metadata in private scratch space and renames the zarr.json files
     into place; all jobs produce the same bytes, so the last rename wins harmlessly.
     """
     arrays_root = Path(root) / ARRAYS_DIR
-    if all((arrays_root / name / "zarr.json").exists() for name in specs) and (arrays_root / "zarr.json").exists():
-        check_array_metadata(root, specs)
+    if all((array_path(root, name, array_dir) / "zarr.json").exists() for name in specs) \
+            and (arrays_root / "zarr.json").exists():
+        check_array_metadata(root, specs, array_dir)
         return
     scratch = private_dir(root, "create-arrays")
     try:
         group = zarr.open_group(LocalStore(scratch / ARRAYS_DIR), mode="w", zarr_format=3)
+        parent = group.create_group(array_dir) if array_dir else group
         for name, spec in specs.items():
-            group.create_array(name, shape=tuple(spec["shape"]), dtype=spec["dtype"], chunks=tuple(spec["chunks"]),
-                               shards=tuple(spec["shards"]), compressors=compressors(spec["dtype"]),
-                               fill_value=float("nan") if spec["fill_value"] == "NaN" else spec["fill_value"],
-                               dimension_names=("aug_seed", "row", "class" if name == "logits" else "rank"))
-        for rel in ["zarr.json", *(f"{name}/zarr.json" for name in specs)]:
+            parent.create_array(name, shape=tuple(spec["shape"]), dtype=spec["dtype"], chunks=tuple(spec["chunks"]),
+                                shards=tuple(spec["shards"]), compressors=compressors(spec["dtype"]),
+                                fill_value=float("nan") if spec["fill_value"] == "NaN" else spec["fill_value"],
+                                dimension_names=("aug_seed", "row", {"logits": "class", "tail_logsumexp": "tau"}.get(name, "rank")))
+        prefix = f"{array_dir}/" if array_dir else ""
+        # Parents first: a reader never finds an array inside a group without metadata.
+        rels = ["zarr.json"] + ([f"{array_dir}/zarr.json"] if array_dir else [])
+        for rel in rels + [f"{prefix}{name}/zarr.json" for name in specs]:
             dest = arrays_root / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
+            if rel == "zarr.json" and dest.exists():
+                continue                  # the root group's metadata never changes once written
             os.replace(scratch / ARRAYS_DIR / rel, dest)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    check_array_metadata(root, specs)
+    check_array_metadata(root, specs, array_dir)
 
 
-def check_array_metadata(root: Path, specs: dict[str, dict]) -> None:
+def check_array_metadata(root: Path, specs: dict[str, dict], array_dir: str = "") -> None:
     for name, spec in specs.items():
-        path = Path(root) / ARRAYS_DIR / name / "zarr.json"
+        path = array_path(root, name, array_dir) / "zarr.json"
         try:
             meta = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
@@ -124,13 +133,13 @@ def commit_unit(root: Path, unit: Unit, rows_per_shard: int, buffers: dict[str, 
         files = {}
         staged = {}
         for name, data in buffers.items():
-            meta = root / ARRAYS_DIR / name / "zarr.json"
+            meta = array_path(root, name, unit.array_dir) / "zarr.json"
             (scratch / name).mkdir()
             shutil.copyfile(meta, scratch / name / "zarr.json")
             arr = zarr.open_array(LocalStore(scratch / name), mode="r+")
             rows = slice(unit.shard * rows_per_shard, (unit.shard + 1) * rows_per_shard)
-            arr[unit.seed_start:unit.seed_stop, rows] = data
-            rel = storage_shard_path(Path("."), name, unit).relative_to(Path(ARRAYS_DIR) / name)
+            arr[unit.local_seeds, rows] = data
+            rel = storage_shard_path(Path("."), name, unit).relative_to(array_path(Path("."), name, unit.array_dir))
             staged[name] = scratch / name / rel
             if not staged[name].is_file():
                 raise CacheError(f"zarr did not write the expected storage shard {rel} for {unit}; "
@@ -152,5 +161,5 @@ def commit_unit(root: Path, unit: Unit, rows_per_shard: int, buffers: dict[str, 
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def open_array(root: Path, name: str) -> zarr.Array:
-    return zarr.open_array(LocalStore(Path(root) / ARRAYS_DIR / name, read_only=True), mode="r")
+def open_array(root: Path, name: str, array_dir: str = "") -> zarr.Array:
+    return zarr.open_array(LocalStore(array_path(root, name, array_dir), read_only=True), mode="r")

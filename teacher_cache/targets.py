@@ -3,12 +3,23 @@
 `encode_teacher_logits` is the one place where teacher logits become targets: stage one
 stores its output, and stage two's online teacher passes its live logits through it too,
 so a cached run and an online run see identical numbers.
+
+Top-k mode also stores a 4-number summary of the tail (the C-K classes outside the top k):
+its log-sum-exp of log-probs at τ = 1, 2, 3, 4, from which stage two rebuilds the tail's
+mass at any τ (student/losses.py). Chosen by bench/bench_soft_targets.py: without it, a soft
+target at τ = 3 rebuilt from the top 10 puts the wrong mass in the tail (total variation up to
+0.69 on synthetic ImageNet-like logits, gradient pointing the wrong way); with it, only the
+tail's shape is lost (total variation <= the tail's mass, which `soft_tail_mass` reports).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 
 import torch
+
+# The temperatures at which the tail's log-sum-exp is stored (stage two interpolates in 1/τ).
+TAIL_TAUS = (1.0, 2.0, 3.0, 4.0)
 
 
 @dataclass
@@ -16,6 +27,7 @@ class TeacherTargets:
     topk_indices: torch.Tensor            # (N, K) int64, descending by teacher score
     topk_logprobs: torch.Tensor           # (N, K) float32 (values representable in fp16)
     logits: torch.Tensor | None = None    # (N, C) float32 (values representable in fp16), full mode only
+    tail_logsumexp: torch.Tensor | None = None  # (N, len(TAIL_TAUS)) float32 (fp16 values), top-k mode with K < C
 
     @property
     def label(self) -> torch.Tensor:
@@ -25,27 +37,65 @@ class TeacherTargets:
     def __len__(self) -> int:
         return self.topk_indices.shape[0]
 
+    def _map(self, fn) -> "TeacherTargets":
+        return TeacherTargets(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+                                 for f in fields(self)})
+
     def select(self, index) -> "TeacherTargets":
-        return TeacherTargets(self.topk_indices[index], self.topk_logprobs[index],
-                              None if self.logits is None else self.logits[index])
+        return self._map(lambda t: t[index])
 
     def to(self, device) -> "TeacherTargets":
-        return TeacherTargets(self.topk_indices.to(device), self.topk_logprobs.to(device),
-                              None if self.logits is None else self.logits.to(device))
+        return self._map(lambda t: t.to(device))
 
     @staticmethod
     def cat(parts: list["TeacherTargets"]) -> "TeacherTargets":
-        logits = None if parts[0].logits is None else torch.cat([p.logits for p in parts])
-        return TeacherTargets(torch.cat([p.topk_indices for p in parts]),
-                              torch.cat([p.topk_logprobs for p in parts]), logits)
+        return TeacherTargets(**{f.name: None if getattr(parts[0], f.name) is None
+                                 else torch.cat([getattr(p, f.name) for p in parts]) for f in fields(parts[0])})
+
+
+def tail_logsumexp(logprobs: torch.Tensor, topk_indices: torch.Tensor, taus=TAIL_TAUS) -> torch.Tensor:
+    """(N, len(taus)): log Σ_{j outside the top k} exp(log p_j / τ) for each τ."""
+    tail = logprobs.scatter(1, topk_indices, float("-inf"))
+    return torch.stack([torch.logsumexp(tail / tau, dim=1) for tau in taus], dim=1)
+
+
+def tail_logsumexp_at(targets: TeacherTargets, num_classes: int, tau: float) -> torch.Tensor:
+    """(N,) L(β) = log Σ_tail exp(β · log p_j) at β = 1/τ: stored at β = 1/τ for τ in TAIL_TAUS, and
+    L(0) = log(C - K); linear in β in between (L is convex in β, so the interpolated tail mass is
+    never too small; for τ < 1 the last segment is extended and may be)."""
+    points = [(0.0, torch.full((len(targets),), math.log(num_classes - targets.topk_indices.shape[1])))]
+    points += sorted((1.0 / t, v) for t, v in zip(TAIL_TAUS, targets.tail_logsumexp.float().unbind(dim=1)))
+    beta = 1.0 / tau
+    i = next((i for i in range(len(points) - 1) if beta <= points[i + 1][0]), len(points) - 2)
+    (b0, l0), (b1, l1) = points[i], points[i + 1]
+    return l0 + (l1 - l0) * (beta - b0) / (b1 - b0)
+
+
+def soft_tail_mass(targets: TeacherTargets, num_classes: int, tau: float) -> torch.Tensor | None:
+    """(N,) mass of the tail (the classes whose individual values are not stored) in the soft target
+    at τ, or None when the cache cannot tell (no tail summary and τ != 1). A rebuilt soft target with
+    the right tail mass differs from the exact one only inside the tail, so this bounds their total
+    variation; 0 with full logits or K = C."""
+    k = targets.topk_indices.shape[1]
+    if targets.logits is not None or k >= num_classes:
+        return torch.zeros(len(targets))
+    top = targets.topk_logprobs.float()
+    if targets.tail_logsumexp is None:
+        return (1.0 - top.exp().sum(dim=1)).clamp(0.0, 1.0) if tau == 1.0 else None
+    log_tail = tail_logsumexp_at(targets, num_classes, tau)
+    return (log_tail - torch.logaddexp(log_tail, torch.logsumexp(top / tau, dim=1))).exp()
 
 
 def encode_teacher_logits(logits: torch.Tensor, topk: int, store_full: bool = False) -> TeacherTargets:
-    """fp32 teacher logits (N, C) -> top-k indices + fp16-rounded top-k log-probs (+ full fp16 logits)."""
+    """fp32 teacher logits (N, C) -> top-k indices + fp16-rounded top-k log-probs, and either
+    the full fp16 logits or (when K < C) the fp16 tail summary `tail_logsumexp`."""
     logits = logits.detach().float()
     if not 1 <= topk <= logits.shape[1]:
         raise ValueError(f"top-k K={topk} must be between 1 and the number of classes {logits.shape[1]}")
     logprobs = torch.log_softmax(logits, dim=1)
     values, indices = torch.topk(logprobs, topk, dim=1, largest=True, sorted=True)
     full = logits.half().float() if store_full else None
-    return TeacherTargets(indices.long(), values.half().float(), full)
+    tail = None
+    if not store_full and topk < logits.shape[1]:
+        tail = tail_logsumexp(logprobs, indices).half().float()
+    return TeacherTargets(indices.long(), values.half().float(), full, tail)

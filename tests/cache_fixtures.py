@@ -8,6 +8,7 @@ a partial last seed block included).
 from __future__ import annotations
 
 import hashlib
+import shutil
 import json
 import os
 import subprocess
@@ -24,6 +25,7 @@ TEACHER_ARCH = "test_efficientnet"
 RECIPE = AugRecipe(input_size=32)
 SEEDS = 3
 SEEDS_PER_UNIT = 2
+GROWN = 5                 # seeds of the grown reference cache (3 -> 5: the short block {2} stays as it is)
 REPO = Path(__file__).resolve().parents[1]
 CLI = str(Path(sys.executable).with_name("deit-pipeline"))
 
@@ -126,4 +128,37 @@ def reference_cache(tmp_path_factory, small_shards, teacher_checkpoint) -> Path:
     from teacher_cache import cache_teacher
     out = tmp_path_factory.mktemp("reference") / "cache"
     cache_teacher(small_shards, out, teacher_checkpoint=teacher_checkpoint, **cache_kwargs())
+    return out
+
+
+def file_states(root: Path) -> dict[str, tuple[str, int, int]]:
+    """sha256, inode and mtime of every file: equal states mean the file was neither changed nor replaced."""
+    out = {}
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = Path(folder) / name
+            st = path.stat()
+            out[str(path.relative_to(root))] = (hashlib.sha256(path.read_bytes()).hexdigest(), st.st_ino, st.st_mtime_ns)
+    return out
+
+
+def assert_untouched(before: dict, root: Path) -> None:
+    """Every file of `before` except the manifest (growth's commit point) is still the same file, same bytes."""
+    after = file_states(root)
+    for rel, state in before.items():
+        if rel != "manifest.json":
+            assert after.get(rel) == state, f"{rel} was rewritten by the growth"
+
+
+def copy_cache(src: Path, dest: Path) -> Path:
+    shutil.copytree(src, dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def grown_reference(tmp_path_factory, small_shards, teacher_checkpoint, reference_cache) -> Path:
+    """The reference cache grown from 3 to 5 seeds by one uninterrupted job."""
+    from teacher_cache import cache_teacher
+    out = copy_cache(reference_cache, tmp_path_factory.mktemp("grown") / "cache")
+    cache_teacher(small_shards, out, teacher_checkpoint=teacher_checkpoint, **cache_kwargs(seeds=GROWN))
     return out

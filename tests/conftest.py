@@ -40,4 +40,5 @@ def photo_folder(tmp_path) -> Path:
 
 # Stage one's session fixtures (tests/cache_fixtures.py: small_shards, other_shards,
 # teacher_checkpoint, reference_cache), registered here so every test_cache_* module shares one copy.
-from cache_fixtures import other_shards, reference_cache, small_shards, teacher_checkpoint  # noqa: E402,F401
+from cache_fixtures import (grown_reference, other_shards, reference_cache, small_shards,  # noqa: E402,F401
+                            teacher_checkpoint)

@@ -61,6 +61,8 @@ def test_inspect_cache_reports_units_bytes_and_teacher_quality(reference_cache, 
     text = invoke("inspect-cache", reference_cache)
     assert text.exit_code == 0
     assert "18/18 done" in text.output and "B/record" in text.output and "per seed" in text.output
+    assert "soft targets exact at any τ" in text.output        # top-10 of 10 classes
+    assert set(info["soft_target_tv_bound_by_tau"].values()) == {0.0}
 
 
 def test_inspect_cache_lists_missing_units(tmp_path, small_shards, teacher_checkpoint):
@@ -83,8 +85,8 @@ def test_verify_cache_passes_on_a_good_cache(reference_cache, small_shards):
 
 
 def test_verify_cache_fails_when_stored_argmax_is_wrong(cache_copy, small_shards):
-    """Rewrite every unit properly (valid files, matching hashes) but with the top-2 swapped:
-    only the recomputation can notice, and it must fail."""
+    """Rewrite every unit properly (valid files, matching hashes) but with the top-1 and the top-10 class
+    swapped: only the recomputation can notice; it is a real mismatch, which fails at any threshold."""
     cache = TeacherCache.open(cache_copy)
     for unit in cache.units():
         record = cache.unit_record(unit)
@@ -94,13 +96,14 @@ def test_verify_cache_fails_when_stored_argmax_is_wrong(cache_copy, small_shards
             import zarr
             arr = zarr.open_array(str(cache_copy / "arrays.zarr" / name), mode="r")
             buffers[name] = np.asarray(arr[unit.seed_start:unit.seed_stop, rows])
-        buffers[TOPK_INDICES][..., [0, 1]] = buffers[TOPK_INDICES][..., [1, 0]]
+        buffers[TOPK_INDICES][..., [0, -1]] = buffers[TOPK_INDICES][..., [-1, 0]]
         commit_unit(cache_copy, unit, 40, buffers, {k: v for k, v in record.items() if k != "files"})
     result = invoke("verify-cache", cache_copy, "--shards", small_shards, "--samples", 16)
     assert result.exit_code == 1, result.output
     assert "argmax agreement 0.00%" in result.output and "FAILED" in result.output
+    assert "real mismatches 16 (always fail), near-ties 0" in result.output
     lenient = invoke("verify-cache", cache_copy, "--shards", small_shards, "--samples", 16, "--min-agreement", 0)
-    assert lenient.exit_code == 0
+    assert lenient.exit_code == 1 and "real mismatches 16" in lenient.output, lenient.output
 
 
 def test_verify_cache_fails_on_a_changed_storage_file(cache_copy, small_shards):
@@ -137,7 +140,9 @@ def test_verify_cache_refuses_other_weights(reference_cache, small_shards, tmp_p
 
 @pytest.mark.parametrize("change, expected", [
     (dict(topk=5), r"top-k K: cache has 10, this run has 5"),
-    (dict(seeds=4), r"number of augmentation seeds: cache has 3, this run has 4"),
+    (dict(seeds=2), r"holds 3 seeds \(0\.\.2\); --seeds 2 would shrink it"),        # a larger --seeds grows it
+    (dict(batch_size=8), r"--batch-size \(batch composition changes GPU results\): cache has 16, this run has 8"),
+    (dict(channels_last=True), r"--channels-last: cache has False, this run has True"),
     (dict(recipe=RECIPE.with_overrides(hflip=0.0)), r"recipe hflip: cache 0.5, this run 0.0"),
     (dict(store_logits="full"), r"--store-logits: cache has 'topk', this run has 'full'"),
     (dict(teacher_checkpoint="OTHER"), r"teacher weights \(sha256 of the state dict\): cache has"),

@@ -171,3 +171,24 @@ def test_shard_sets_without_offset_column_still_read(tmp_path):
     (tmp_path / "s" / "shard-000001.tar").write_bytes((tmp_path / "s" / "shard-000000.tar").read_bytes())
     with pytest.raises(ShardsError, match="shard-000001.tar has no member .*re-run make-shards"):
         ShardSet.open(tmp_path / "s").read_shard(1)
+
+
+def test_worker_count_does_not_change_the_bytes(tmp_path, photo_folder):
+    """Parallel decode-validation streams the same bytes, in the same order, as one process."""
+    flower = (photo_folder / "flower" / "flower.jpg").read_bytes()
+    for i in range(6):  # a few more images and bad files, so chunks and skips interleave
+        Image.open(io.BytesIO(flower)).resize((40 + i, 30)).save(photo_folder / "flower" / f"small{i}.png")
+    (photo_folder / "china" / "cut.jpg").write_bytes(flower[:3000])
+    (photo_folder / "china" / "empty.jpg").write_bytes(b"")
+
+    def digests(folder: Path) -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+    results = {}
+    for workers in (1, 2):
+        make_shards("digits", tmp_path / f"d{workers}", shard_size=300, workers=workers, progress=False)
+        meta = make_shards(str(photo_folder), tmp_path / f"p{workers}", shard_size=3, workers=workers, progress=False)
+        results[workers] = (digests(tmp_path / f"d{workers}"), digests(tmp_path / f"p{workers}"))
+    assert results[1] == results[2]
+    assert len(results[1][1]) == 2 + 3  # manifest, metadata and 8 images in 3 shards
+    assert meta["num_samples"] == 8 and [Path(s["path"]).name for s in meta["skipped"]] == ["cut.jpg", "empty.jpg"]

@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cache_fixtures import CLI, assert_same_cache, cli_args, leftovers, run_cli
+from cache_fixtures import (CLI, GROWN, SEEDS, assert_same_cache, assert_untouched, cli_args, copy_cache, file_states,
+                            leftovers, run_cli)
+from _student_helpers import TIMING_FIELDS
 from data_shards.faults import ENV
 
 pytestmark = pytest.mark.slow
@@ -26,7 +28,7 @@ def train_args(shards, cache, out) -> list[str]:
 
 def epoch_lines(run: Path) -> list[dict]:
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in x.items() if k not in ("samples_per_s", "epoch_time_s")}
+    return [{k: v for k, v in x.items() if k not in TIMING_FIELDS}
             for x in lines if x.get("event") == "epoch"]
 
 
@@ -91,4 +93,32 @@ def test_killed_cache_teacher_completes_identically(tmp_path, small_shards, teac
     rerun = run_cli(cli_args(small_shards, out, teacher_checkpoint))
     assert rerun.returncode == 0, rerun.stderr
     assert_same_cache(reference_cache, out)
+    assert leftovers(out) == []
+
+
+# Growing a cache (3 -> 5 seeds) dies: before the new arrays' metadata is referenced, while the
+# manifest's replacement is written aside, mid-unit, and in a torn unit commit. Nothing committed
+# before the growth changes, and the rerun ends equal to an uninterrupted growth.
+@pytest.mark.parametrize("crash_at", [
+    "grow-arrays-created:1",    # new generation's array metadata in place, manifest not yet replaced
+    "json-written:1",           # the grown manifest written aside, not yet renamed (growth's commit point)
+    "teacher-batch:4",          # mid-unit of the new seeds
+    "commit-renamed-one:3",     # a torn unit of the new seeds
+])
+def test_killed_growth_completes_identically(tmp_path, small_shards, teacher_checkpoint, reference_cache,
+                                            grown_reference, crash_at):
+    from teacher_cache import TeacherCache
+
+    out = copy_cache(reference_cache, tmp_path / "cache")
+    before = file_states(out)
+    args = [a if a != str(SEEDS) else str(GROWN) for a in cli_args(small_shards, out, teacher_checkpoint)]
+    killed = run_cli(args, {ENV: crash_at})
+    assert killed.returncode == -9, killed.stderr
+    assert_untouched(before, out)
+    seeds_after_kill = TeacherCache.open(out).num_seeds
+    assert seeds_after_kill == (SEEDS if crash_at.startswith(("grow", "json")) else GROWN)
+    rerun = run_cli(args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert_untouched(before, out)
+    assert_same_cache(grown_reference, out)
     assert leftovers(out) == []

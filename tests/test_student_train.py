@@ -24,7 +24,8 @@ from student.evaluate import evaluate_checkpoint
 from student.teachers import OnlineTeacher, ReplayMismatchError, load_online_teacher
 from student.train import TrainingError, train
 from teacher_cache import CacheError, TeacherCache
-from teacher_cache.targets import TeacherTargets
+from teacher_cache.inspection import format_inspection, inspect_cache
+from teacher_cache.targets import TeacherTargets, soft_tail_mass
 
 
 @pytest.fixture(autouse=True)
@@ -62,15 +63,17 @@ def test_online_teacher_targets_are_the_cached_ones_bit_for_bit(setup):
         stored = cache.read(shard, seed).select(torch.cat([item.positions for item in items]))
         assert torch.equal(live.topk_indices, stored.topk_indices)
         assert torch.equal(live.topk_logprobs, stored.topk_logprobs)
+        assert torch.equal(live.tail_logsumexp, stored.tail_logsumexp)
 
 
 @pytest.mark.parametrize("kind", ["hard", "soft"])
 def test_cached_run_equals_online_run(setup, tmp_path, kind):
     cached = tmp_path / "cached"
     online = tmp_path / "online"
-    # the cached run also replays in 2 worker processes: neither the data nor the RNG may notice
+    # the cached run also replays in 2 worker processes: neither the data nor the RNG may notice.
+    # The random teacher's top 3 leave most of the mass in the tail: allow it (equality is tested here).
     train(tiny_config(setup["train"], cached, cache=str(setup["cache"]), recipe=None, distillation_type=kind,
-                      workers=2, max_steps_per_epoch=10))
+                      workers=2, max_steps_per_epoch=10, soft_tail_limit=1.0))
     train(tiny_config(setup["train"], online, distillation_type=kind, max_steps_per_epoch=10, **online_options(setup)))
     losses = metric_lines(cached, "train")
     assert len(losses) == 10 and losses[0]["loss_distill"] > 0          # 2 epochs x 10 steps, a line every 2
@@ -78,6 +81,34 @@ def test_cached_run_equals_online_run(setup, tmp_path, kind):
     assert metric_lines(cached, "epoch") == metric_lines(online, "epoch")
     a, b = model_state(cached), model_state(online)
     assert all(torch.equal(a[k], b[k]) for k in a)            # identical weights
+
+
+@pytest.mark.parametrize("tau", [1.0, 3.0])
+def test_soft_distillation_is_refused_when_the_cache_cannot_represent_tau(setup, tmp_path, tau):
+    """The test cache keeps the top 3 of 10 classes of a random (flat) teacher: most of the soft
+    target lies in the tail, whose per-class values are lost. Refused, naming the bound and the fixes;
+    with the limit raised it trains and logs the bound."""
+    cache = TeacherCache.open(setup["cache"])
+    mass = float(soft_tail_mass(cache.read(0, 0), cache.num_classes, tau).mean())
+    assert mass > 0.25
+    with pytest.raises(StudentError, match=rf"τ={tau:g}.*{100 * mass:.1f}%.*--soft-tail-limit 0.25.*--topk"):
+        train(tiny_config(setup["train"], tmp_path / "refused", cache=str(setup["cache"]), recipe=None,
+                          distillation_type="soft", distillation_tau=tau))
+    assert not (tmp_path / "refused" / "checkpoint.pt").exists()
+    train(tiny_config(setup["train"], tmp_path / "allowed", cache=str(setup["cache"]), recipe=None, epochs=1,
+                      max_steps_per_epoch=1, distillation_type="soft", distillation_tau=tau, soft_tail_limit=1.0))
+    notes = [line["message"] for line in metric_lines(tmp_path / "allowed", "note")]
+    assert any(f"total variation to the exact target <= {mass:.3f}" in note for note in notes)
+    info = inspect_cache(setup["cache"])            # inspect-cache states the same bound per τ
+    assert info["soft_target_tv_bound_by_tau"][f"{tau:g}"] > 0.25
+    assert "--soft-tail-limit" in format_inspection(info)
+
+
+def test_a_full_logit_cache_gives_exact_soft_targets_at_any_tau(setup, tmp_path):
+    full = make_cache(setup["train"], tmp_path / "full", setup["teacher"], seeds=1, store_logits="full")
+    assert sorted(TeacherCache.open(full).array_names) == ["logits", "topk_indices", "topk_logprobs"]
+    note = train_module.check_soft_targets(TeacherCache.open(full), 3.0, 0.25)
+    assert "<= 0.000" in note
 
 
 # ----------------------------------------------------------------------------- resume

@@ -1,0 +1,241 @@
+"""make-shards: turn a source into a shard set (format in data_shards/shards.py).
+
+Memory stays flat in the data-set size: the order is fixed from the keys alone, then the bytes
+stream through a bounded pool of read + decode-validation workers and into the tars in that
+order, and the manifest goes to Parquet in batches. The output is byte-identical whatever the
+worker count. For an ImageFolder tree or digits, samples are ordered by sha256(key) so every
+shard mixes classes (Mixup partners are drawn within a shard) and the order does not depend on
+the file system. Existing WebDataset tars are indexed in place instead (data_shards/tar_source.py).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from .parallel import default_workers, ordered_chunk_map
+from .shards import (FORMAT_VERSION, MANIFEST_FILE, MANIFEST_SCHEMA, METADATA_FILE, SHARD_PATTERN,
+                     hash_manifest_rows)
+from .sources import Candidate, Skipped, SourceError, check_candidates, list_source
+from .tar_members import SampleTarWriter
+from .tar_source import TarIndexer, expand_tar_source, is_tar_source, read_classes_file
+
+DEFAULT_SHARD_SIZE = 1000
+MANIFEST_BATCH_ROWS = 8192  # rows held (as Python objects, ~300 B each) before a Parquet row group is written
+
+
+class ManifestBuilder:
+    """Manifest rows in write order: flushed to Parquet in batches and hashed as they come."""
+
+    def __init__(self, path: Path):
+        self._writer = pq.ParquetWriter(path, MANIFEST_SCHEMA, compression="zstd")
+        self._rows: dict[str, list] = {name: [] for name in MANIFEST_SCHEMA.names}
+        self._hash = hashlib.sha256()
+        self.label_counts: Counter = Counter()
+        self.shard_counts: list[int] = []
+
+    def add(self, key: str, label: int, shard: int, position: int, nbytes: int, ext: str, sha256: str,
+            offset: int) -> None:
+        row = (key, label, shard, position, nbytes, sys.intern(ext), sha256)
+        hash_manifest_rows(self._hash, [row])
+        for name, value in zip(MANIFEST_SCHEMA.names, row + (offset,)):
+            self._rows[name].append(value)
+        self.label_counts[label] += 1
+        if shard == len(self.shard_counts):
+            self.shard_counts.append(0)
+        self.shard_counts[shard] += 1
+        if len(self._rows["key"]) >= MANIFEST_BATCH_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._rows["key"]:
+            self._writer.write_batch(pa.record_batch(self._rows, schema=MANIFEST_SCHEMA))
+            self._rows = {name: [] for name in MANIFEST_SCHEMA.names}
+
+    def close(self) -> str:
+        """Write what is left; return the content hash (= shards.manifest_hash of the table)."""
+        self._flush()
+        self._writer.close()
+        return self._hash.hexdigest()
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.shard_counts)
+
+
+def make_shards(source: str, out: str | os.PathLike, split: str = "train", shard_size: int | None = None,
+                val_fraction: float | None = None, overwrite: bool = False,
+                allow_empty_classes: bool = False, progress: bool = True, workers: int | None = None,
+                classes_file: str | os.PathLike | None = None) -> dict:
+    """Write `source` (ImageFolder path, "digits", or WebDataset tars) as a shard set in `out`.
+
+    Tars (a folder of *.tar, one .tar, or a brace pattern like `train-{000000..001281}.tar`) are
+    indexed in place: no copy, each tar is one shard. Returns the metadata dict (also written to
+    out/metadata.json). The folder is built aside and renamed into place, so a failure never
+    leaves a half-written shard set.
+    """
+    if split not in ("train", "val"):
+        raise SourceError(f"--split must be 'train' or 'val', got {split!r}")
+    if shard_size is not None and shard_size < 1:
+        raise SourceError(f"--shard-size must be >= 1, got {shard_size}")
+    if val_fraction is None:
+        val_fraction = 0.2 if source == "digits" else 0.0
+    if not 0.0 <= val_fraction < 1.0:
+        raise SourceError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    workers = default_workers() if workers is None else workers
+    if workers < 1:
+        raise SourceError(f"--workers must be >= 1, got {workers}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SourceError(f"output {out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise SourceError(f"output folder {out} is not empty; pass --overwrite to replace it")
+
+    tars = expand_tar_source(source) if is_tar_source(source) else None
+    if tars is None and classes_file is not None:
+        raise SourceError("--classes applies to WebDataset tars only (an ImageFolder's classes are its folders)")
+    if tars is not None and shard_size is not None:
+        raise SourceError("--shard-size does not apply to WebDataset tars: each tar is one shard")
+    if tars is not None and any(out.resolve() in t.parents for t in tars):
+        raise SourceError(f"output folder {out} holds the source tars; choose another --out")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        skipped: list[Skipped] = []
+        manifest = ManifestBuilder(tmp / MANIFEST_FILE)
+        if tars is None:
+            classes, candidates = list_source(source, split, val_fraction)
+            if not candidates:
+                raise SourceError(f"source {source} has no image files for split {split!r}")
+            shard_size = shard_size or DEFAULT_SHARD_SIZE
+            _write_sorted(candidates, tmp, shard_size, workers, manifest, skipped, progress)
+            extra = {"source": source if source == "digits" else str(Path(source).resolve())}
+        else:
+            classes = read_classes_file(classes_file) if classes_file is not None else None
+            indexer = TarIndexer(tars, classes, split, val_fraction, skipped)
+            _index_in_place(indexer, workers, manifest, skipped, progress)
+            shard_size = max(manifest.shard_counts, default=0)
+            classes = classes or [str(i) for i in range(max(manifest.label_counts, default=-1) + 1)]
+            extra = {"source": source, "external_shards": True, "shard_names": indexer.shard_names}
+        content_hash = manifest.close()
+        metadata = _finish(tmp, manifest, content_hash, classes, skipped, source, split, val_fraction,
+                           shard_size, allow_empty_classes, extra)
+        _move_into_place(tmp, out)
+        return metadata
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_sorted(candidates: list[Candidate], folder: Path, shard_size: int, workers: int,
+                  manifest: ManifestBuilder, skipped: list[Skipped], progress: bool) -> None:
+    """Order by sha256(key), then validate in parallel and write the usable images in that order."""
+    candidates = sorted(candidates, key=lambda c: hashlib.sha256(c.key.encode("utf-8")).digest())
+    for a, b in zip(candidates, candidates[1:]):
+        if a.key == b.key:
+            raise SourceError(f"duplicate key {a.key!r} (from {a.origin} and {b.origin})")
+    checked = ordered_chunk_map(check_candidates, candidates, workers, ref=lambda c: c.ref)
+    writer, i = None, 0
+    try:
+        for cand, res in tqdm(checked, total=len(candidates), desc="make-shards", unit="img",
+                              disable=not progress):
+            if res.error is not None:
+                skipped.append(Skipped(cand.origin, res.error))
+                continue
+            if i % shard_size == 0:
+                if writer is not None:
+                    writer.close()
+                writer = SampleTarWriter(folder / (SHARD_PATTERN % (i // shard_size)))
+            offsets = writer.write(cand.key, {res.ext: res.data, "cls": str(cand.label).encode("ascii")})
+            manifest.add(cand.key, cand.label, i // shard_size, i % shard_size, res.nbytes, res.ext,
+                         res.sha256, offsets[res.ext])
+            i += 1
+    finally:
+        checked.close()  # stops the worker pool if we leave early
+        if writer is not None:
+            writer.close()
+
+
+def _index_in_place(indexer: "TarIndexer", workers: int, manifest: ManifestBuilder,
+                    skipped: list[Skipped], progress: bool) -> None:
+    """Validate the tars' images in parallel (bytes stay in the tars) and record where they are."""
+    checked = ordered_chunk_map(check_candidates, indexer.candidates(), workers, ref=lambda c: c.ref,
+                                keep_data=False)
+    first_label: list[int] = []  # per shard; -1 once a second class is seen
+    try:
+        for cand, res in tqdm(checked, desc="make-shards: indexing", unit="img", disable=not progress):
+            if res.error is not None:
+                skipped.append(Skipped(cand.origin, res.error))
+                continue
+            shard, position = indexer.place(cand)
+            _, offset, _, member_ext = cand.ref  # the manifest describes the member as named in its tar
+            manifest.add(cand.key, cand.label, shard, position, res.nbytes, member_ext, res.sha256, offset)
+            if position == 0:
+                first_label.append(cand.label)
+            elif first_label[shard] != cand.label:
+                first_label[shard] = -1
+    finally:
+        checked.close()
+    skipped.extend(indexer.unused_tars())
+    single = sum(1 for label, count in zip(first_label, manifest.shard_counts) if label >= 0 and count > 1)
+    if single:
+        print(f"make-shards: warning: {single} of {len(first_label)} tars hold a single class. Mixup/CutMix "
+              "partners are drawn within a shard (= a tar here), so the tars should have been written from a "
+              "shuffled list of samples; rewrite them shuffled, or make shards from the image folder instead.",
+              file=sys.stderr)
+
+
+def _finish(tmp: Path, manifest: ManifestBuilder, content_hash: str, classes: list[str],
+            skipped: list[Skipped], source: str, split: str, val_fraction: float, shard_size: int,
+            allow_empty_classes: bool, extra: dict) -> dict:
+    """Report skips, refuse empty results and classes, write metadata.json; return it."""
+    skipped.sort(key=lambda s: s.origin)
+    for s in skipped:
+        print(f"make-shards: skipped {s.origin}: {s.reason}", file=sys.stderr)
+    if manifest.num_rows == 0:
+        raise SourceError(f"source {source} has no usable images for split {split!r} "
+                          f"({len(skipped)} files skipped)")
+    counts = [manifest.label_counts.get(i, 0) for i in range(len(classes))]
+    empty = [classes[i] for i, c in enumerate(counts) if c == 0]
+    if empty and not allow_empty_classes:
+        raise SourceError(f"class(es) with no usable image in split {split!r}: {', '.join(empty[:20])}"
+                          f"{' ...' if len(empty) > 20 else ''}; add images, remove the class folder(s), "
+                          "or pass --allow-empty-classes to keep their class index without samples")
+    names = extra.pop("shard_names", None) or [SHARD_PATTERN % i for i in range(len(manifest.shard_counts))]
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "source": extra.pop("source"),
+        **extra,
+        "split": split,
+        "val_fraction": val_fraction,
+        "classes": classes,
+        "num_classes": len(classes),
+        "num_samples": manifest.num_rows,
+        "counts_per_class": counts,
+        "shard_size": shard_size,
+        "shards": [{"name": n, "count": c} for n, c in zip(names, manifest.shard_counts)],
+        "content_hash": content_hash,
+        "skipped": [{"path": s.origin, "reason": s.reason} for s in skipped],
+    }
+    (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    return metadata
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(out)

@@ -1,0 +1,89 @@
+"""DeiT's repeated augmentation plan: which (image, seed) every rank sees at every step."""
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from student.schedule import (DataPlanError, check_seed_budget, epochs_supported, plan_epoch, seeds_for_epoch)
+
+COUNTS = [37, 50, 41, 29]          # uneven shards, as make-shards leaves the last one
+
+
+def samples(pieces):
+    """(shard, mixing-order position, seed) of every sample of a step, in batch order."""
+    return [(p.shard, k, p.aug_seed) for p in pieces for k in range(p.start, p.stop)]
+
+
+def test_seed_groups_and_budget():
+    assert [seeds_for_epoch(e, 9, 3) for e in range(7)] == [[0, 1, 2]] * 3 + [[3, 4, 5]] * 3 + [[6, 7, 8]]
+    assert seeds_for_epoch(9, 9, 3) == [0, 1, 2]               # wraps only after every group
+    assert [seeds_for_epoch(e, 4, 1) for e in range(5)] == [[0], [1], [2], [3], [0]]
+    assert seeds_for_epoch(7, None, 3) == [6, 7, 8]              # no cache: unbounded
+    assert epochs_supported(10, 3) == 9 and epochs_supported(10, 1) == 10
+    assert check_seed_budget(9, 10, 3, reuse_seeds=False) is None
+    with pytest.raises(DataPlanError, match="serves 9 epoch"):
+        check_seed_budget(10, 10, 3, reuse_seeds=False)
+    assert "repeat every 9" in check_seed_budget(10, 10, 3, reuse_seeds=True)
+    with pytest.raises(DataPlanError, match="at least 3 cached seeds"):
+        seeds_for_epoch(0, 2, 3)
+
+
+@pytest.mark.parametrize("batch", [12, 16])
+def test_one_rank_copies_share_a_batch(batch):
+    plan = plan_epoch(COUNTS, epoch=0, batch_size=batch, rank=0, world_size=1, seed=0, num_seeds=9, repeated_aug=3)
+    assert plan.aug_seeds == [0, 1, 2] and plan.images == sum(n // 3 for n in COUNTS)
+    for pieces in plan.steps:
+        step = samples(pieces)
+        assert len(step) == batch
+        per_image = Counter((shard, k) for shard, k, _ in step)
+        # every image of the step appears under each seed of the group, except the copies truncated
+        # to fit the batch (3 * ceil(B / 3) - B of them, each the last seed's copy of an image)
+        truncated = 3 * -(-batch // 3) - batch
+        assert sorted(per_image.values()) == [2] * truncated + [3] * (len(per_image) - truncated)
+        assert all({s for sh, k, s in step if (sh, k) == image} <= {0, 1, 2} for image in per_image)
+
+
+def test_two_ranks_copies_in_the_same_step_on_different_ranks():
+    plans = [plan_epoch(COUNTS, 0, 24, rank, 2, seed=0, num_seeds=6, repeated_aug=3) for rank in range(2)]
+    assert plans[0].num_steps == plans[1].num_steps > 0
+    for step in range(plans[0].num_steps):
+        ranks = [samples(p.steps[step]) for p in plans]
+        assert [len(r) for r in ranks] == [24, 24]
+        images = Counter((sh, k) for r in ranks for sh, k, _ in r)
+        assert set(images.values()) == {3}                     # 48 = 16 images x 3 seeds, all in this step
+        # the first seed's copies are on rank 0, the last seed's on rank 1
+        assert {s for _, _, s in ranks[0][:16]} == {0} and {s for _, _, s in ranks[1][-16:]} == {2}
+
+
+@pytest.mark.parametrize("world_size,repeats", [(1, 3), (2, 3), (1, 1), (2, 1)])
+def test_no_record_used_twice_before_all_used_once(world_size, repeats):
+    num_seeds = 6
+    used = Counter()
+    for epoch in range(epochs_supported(num_seeds, repeats)):
+        for rank in range(world_size):
+            for pieces in plan_epoch(COUNTS, epoch, 8, rank, world_size, seed=3, num_seeds=num_seeds,
+                                     repeated_aug=repeats).steps:
+                used.update(samples(pieces))
+    assert max(used.values()) == 1
+    records = sum(COUNTS) * num_seeds
+    # unused: each epoch's last partial step and <= R-1 truncated copies a step
+    assert len(used) >= records * 0.8
+
+
+def test_one_rank_without_repeats_is_every_image_once():
+    plan = plan_epoch(COUNTS, epoch=4, batch_size=10, rank=0, world_size=1, seed=1, num_seeds=3)
+    assert plan.aug_seeds == [1]
+    seen = [x for pieces in plan.steps for x in samples(pieces)]
+    assert len(seen) == len(set(seen)) == (sum(COUNTS) // 10) * 10
+    # pieces are runs of a mixing order: at most one piece per shard change or step
+    assert all(len(pieces) <= 2 for pieces in plan.steps)
+
+
+def test_plan_is_a_pure_function_and_epochs_differ():
+    a = plan_epoch(COUNTS, 1, 8, 1, 2, seed=0, num_seeds=9, repeated_aug=3)
+    assert a == plan_epoch(COUNTS, 1, 8, 1, 2, seed=0, num_seeds=9, repeated_aug=3)
+    b = plan_epoch(COUNTS, 0, 8, 1, 2, seed=0, num_seeds=9, repeated_aug=3)
+    assert samples(a.steps[0]) != samples(b.steps[0])
+    with pytest.raises(DataPlanError, match="fewer than one global batch"):
+        plan_epoch([5], 0, 8, 0, 1, seed=0, num_seeds=3, repeated_aug=3)
