@@ -25,7 +25,8 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from data_shards import AugRecipe, ShardSet, decode_image, replay_shard, tensor_digest
+from data_shards import AugRecipe, ShardSet, finish_item, replay_slice, tensor_digest
+from data_shards.augment import mixing_order
 from data_shards.faults import crash_point
 
 from .errors import CacheError
@@ -135,21 +136,18 @@ class UnitBatch:
 
 def unit_batches(shard_set: ShardSet, unit: Unit, unit_slot: int, recipe: AugRecipe,
                  batch_size: int) -> Iterator[UnitBatch]:
-    """Decode the unit's shard once, then replay it for each seed of the unit, in batches."""
+    """The unit's teacher batches: for each seed, consecutive slices of `batch_size` of the seed's
+    mixing order, replayed by `replay_slice` and finished by `finish_item` (as stage two does)."""
     samples = shard_set.read_shard(unit.shard)
-    decoded = {s.key: decode_image(s.data) for s in samples}
+    keys = [s.key for s in samples]
     for seed in unit.seeds:
-        images, positions, digests = [], [], {}
-        for i, rs in enumerate(replay_shard(samples, seed, recipe, decoded=decoded)):
-            if i < DIGESTS_PER_SEED:
-                digests[rs.key] = tensor_digest(rs.image)
-            images.append(rs.image)
-            positions.append(rs.position)
-            if len(images) == batch_size:
-                yield UnitBatch(unit_slot, seed, torch.tensor(positions), torch.stack(images), digests)
-                images, positions, digests = [], [], {}
-        if images:
-            yield UnitBatch(unit_slot, seed, torch.tensor(positions), torch.stack(images), digests)
+        order = mixing_order(keys, seed, recipe) if recipe.mixing else range(len(keys))
+        for start in range(0, len(keys), batch_size):
+            item = replay_slice(samples, seed, recipe, start, min(len(keys), start + batch_size), keys, order)
+            images = finish_item(item, recipe)
+            digests = {key: tensor_digest(images[i]) for i, key in enumerate(item.keys)
+                       if start + i < DIGESTS_PER_SEED}
+            yield UnitBatch(unit_slot, seed, item.positions, images, digests)
 
 
 class _QueuedUnits(torch.utils.data.IterableDataset):
