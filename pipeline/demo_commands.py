@@ -11,10 +11,12 @@ from .cli import main, run_or_explain
               help="Folder for shards, checkpoints, the cache and the results (replaced if it exists).")
 @click.option("--device", default="auto", show_default=True, help="auto (GPU when there is one), cpu or cuda.")
 @click.option("--quick", is_flag=True, help="Two epochs per model: checks the wiring in about a minute.")
-def demo_cmd(out, device, quick):
+@click.option("--student-seeds", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Train each student with seeds 0..N-1 from the same cache; results give mean ± spread.")
+def demo_cmd(out, device, quick, student_seeds):
     """Whole two-stage flow on scikit-learn's digits: shards, teacher, cache, 3 students, results."""
     from .demo import DemoSettings, run_demo
 
     settings = DemoSettings.quick() if quick else DemoSettings()
-    settings.device = device
+    settings.device, settings.student_seeds = device, student_seeds
     run_or_explain(run_demo, out, settings)

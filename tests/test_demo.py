@@ -12,7 +12,7 @@ from pipeline.cli import main
 @pytest.mark.slow
 def test_quick_demo_writes_results(tmp_path):
     out = tmp_path / "demo"
-    result = CliRunner().invoke(main, ["demo", "--out", str(out), "--quick", "--device", "cpu"])
+    result = CliRunner().invoke(main, ["demo", "--out", str(out), "--quick", "--device", "cpu", "--student-seeds", "2"])
     assert result.exit_code == 0, result.output + repr(result.exception)
     results = json.loads((out / "results.json").read_text())
     assert set(results["students"]) == {"none", "soft", "hard"}
@@ -26,4 +26,10 @@ def test_quick_demo_writes_results(tmp_path):
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "results.md").read_text()
     assert "| student | hard |" in table and table in result.output
+    for kind, seeds in results["over_seeds"].items():           # seed 0 is the table's run; seed 1 its own
+        report = results["students"][kind]
+        assert seeds["top1"][0] == report["heads"][report["default_head"]]["top1"]
+        assert len(seeds["top1"]) == 2 and seeds["spread"] == max(seeds["top1"]) - min(seeds["top1"])
+        assert (out / f"student_{kind}_seed1" / "checkpoint.pt").is_file()
+    assert "Over 2 student seeds" in table
 
