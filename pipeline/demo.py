@@ -89,7 +89,7 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), overwrite
     timings["make_shards"] = time.time() - t
 
     common = dict(shards=str(shards["train"]), val_shards=str(shards["val"]), device=settings.device,
-                  workers=settings.workers, log_interval=10**9, max_steps_per_epoch=settings.max_steps_per_epoch)
+                  workers=settings.workers, repeated_aug=1, log_interval=10**9, max_steps_per_epoch=settings.max_steps_per_epoch)
 
     t = step(f"2/6 train the teacher ({TEACHER_MODEL}, supervised, {settings.teacher_epochs} epochs)")
     teacher_dir = out / "teacher"

@@ -68,8 +68,9 @@ register_user_errors(CacheError, StudentError, ShardsError)
 @click.option("--amp", type=click.Choice(["auto", "none", "bf16", "fp16"]), default="auto", show_default=True,
               help="auto: bf16 on GPU, none on CPU.")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--repeated-aug", type=int, default=1, show_default=True,
-              help="Seeds per epoch: epoch e streams every image with seeds e*R .. e*R+R-1 (mod S).")
+@click.option("--repeated-aug", type=int, default=3, show_default=True,
+              help="DeiT's repeated augmentation: an epoch is ~N samples, N/R images each under the R seeds of "
+                   "its seed group, copies in the same step; a cache of S seeds serves R*(S//R) epochs. 1: plain epochs.")
 @click.option("--reuse-seeds", is_flag=True, help="Allow more epochs than cached seeds (seeds repeat; logged).")
 @click.option("--max-steps-per-epoch", type=int, default=None, help="Cap the steps per epoch (smoke runs).")
 @click.option("--workers", type=int, default=2, show_default=True, help="Replay worker processes per rank.")

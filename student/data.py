@@ -1,8 +1,11 @@
 """Training data per epoch: work items (slices of replayed units) + teacher targets, cut into batches.
 
-Seed schedule (DESIGN.md): epoch e uses augmentation seed e mod S, S = seeds in the cache;
-with repeated augmentation R, epoch e uses seeds e*R .. e*R+R-1 (mod S) and so streams every
-image R times. Without a cache S is unbounded unless given (an online teacher can see any seed).
+Seed schedule (DESIGN.md, student/schedule.py): with R = 1 epoch e uses augmentation seed e mod S,
+S = seeds in the cache, and streams every image once. With DeiT's repeated augmentation (R > 1,
+student/schedule.py) an epoch is still about N samples: N/R images, each under the R seeds of
+its seed group, the copies in the same step. Without a cache S is unbounded unless given.
+
+The R = 1 plan:
 
 A *unit* is one shard replayed for one seed, in its seeded mixing order. An epoch on a rank is
 a list of units; the rank's sample stream is the units' samples back to back, cut into batches
@@ -34,32 +37,8 @@ from data_shards import (AugRecipe, ReplayItem, ShardSet, decode_image, eval_ima
 from data_shards.augment import mixing_order
 from teacher_cache.targets import TeacherTargets
 
-from .errors import StudentError
-
-
-class DataPlanError(StudentError):
-    """The requested epochs / ranks / batch size do not fit the shards or the cache."""
-
-
-# ----------------------------------------------------------------------------- the schedule
-
-def aug_seeds_for_epoch(epoch: int, num_seeds: int | None, repeated_aug: int = 1) -> list[int]:
-    """Seeds e*R .. e*R+R-1, modulo S when the seeds are limited (a cache holds S of them)."""
-    seeds = [epoch * repeated_aug + r for r in range(repeated_aug)]
-    return [s % num_seeds for s in seeds] if num_seeds else seeds
-
-
-def check_seed_budget(epochs: int, num_seeds: int | None, repeated_aug: int, reuse_seeds: bool) -> str | None:
-    """Refuse (or, with reuse_seeds, describe) a run that needs more seeds than cached."""
-    needed = epochs * repeated_aug
-    if not num_seeds or needed <= num_seeds:
-        return None
-    message = (f"{epochs} epoch(s) x {repeated_aug} seed(s) per epoch need {needed} augmentation seeds, "
-               f"the cache holds {num_seeds}")
-    if not reuse_seeds:
-        raise DataPlanError(message + "; compute more seeds with cache-teacher, train fewer epochs, "
-                            "or pass --reuse-seeds to cycle through the cached ones (epoch e uses seed e mod S)")
-    return message + f"; --reuse-seeds: seeds repeat every {num_seeds // repeated_aug or 1} epoch(s)"
+from .schedule import DataPlanError, check_seed_budget, seeds_for_epoch
+from .schedule import plan_epoch as plan_repeated_epoch
 
 
 def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
@@ -100,7 +79,10 @@ def plan_epoch(shard_set: ShardSet, epoch: int, batch_size: int, rank: int, worl
                teacher_batch_size: int | None = None) -> EpochPlan:
     """This rank's units and work items. With `teacher_batch_size` (online teacher) items are the
     teacher's batches of each unit (the last may run past the epoch's end; the surplus is dropped)."""
-    seeds = aug_seeds_for_epoch(epoch, num_seeds, repeated_aug)
+    if repeated_aug > 1:
+        return _plan_repeated(shard_set, epoch, batch_size, rank, world_size, seed, num_seeds, repeated_aug,
+                              max_steps)
+    seeds = seeds_for_epoch(epoch, num_seeds)
     dealt = deal_shards(shard_set.num_shards, world_size, epoch, seed)
     counts = shard_set.shard_counts
     samples = [sum(counts[s] for s in shards) * len(seeds) for shards in dealt]
@@ -126,6 +108,18 @@ def plan_epoch(shard_set: ShardSet, epoch: int, batch_size: int, rank: int, worl
                 offset += stop - start
                 start = stop
     return EpochPlan(epoch, seeds, units, items, steps, samples)
+
+
+def _plan_repeated(shard_set: ShardSet, epoch: int, batch_size: int, rank: int, world_size: int, seed: int,
+                   num_seeds: int | None, repeated_aug: int, max_steps: int | None) -> EpochPlan:
+    """DeiT's repeated augmentation (student/schedule.py): each step's pieces become work items.
+    An online teacher runs on these items (not on cache-teacher's batches): its targets can differ
+    from a cache's in the last bits where the teacher's arithmetic depends on the batch."""
+    plan = plan_repeated_epoch(shard_set.shard_counts, epoch, batch_size, rank, world_size, seed, num_seeds,
+                               repeated_aug, max_steps)
+    items = [WorkItem(*piece) for step in plan.steps for piece in step]
+    units = list(dict.fromkeys((item.shard, item.aug_seed) for item in items))
+    return EpochPlan(epoch, plan.aug_seeds, units, items, plan.num_steps, [plan.num_steps * batch_size] * world_size)
 
 
 # ----------------------------------------------------------------------------- work items

@@ -73,10 +73,10 @@ def check_seed_budget(epochs: int, num_seeds: int | None, repeated_aug: int, reu
     supported = epochs_supported(num_seeds, repeated_aug)
     if epochs <= supported:
         return None
-    message = (f"{epochs} epoch(s) at --repeated-aug {repeated_aug} need {epochs} seed(s) in groups of "
-               f"{repeated_aug}; a cache of {num_seeds} seeds serves {supported} epoch(s)")
+    needed = -(-epochs // repeated_aug) * repeated_aug          # whole seed groups
+    message = (f"{epochs} epoch(s) at --repeated-aug {repeated_aug} need {needed} augmentation seeds, the cache "
+               f"holds {num_seeds} (it serves {supported} epoch(s))")
     if not reuse_seeds:
-        needed = -(-epochs // repeated_aug) * repeated_aug
         raise DataPlanError(message + f"; grow the cache (cache-teacher --seeds {needed}), train fewer epochs, "
                             "or pass --reuse-seeds to cycle through the cached seeds")
     return message + f"; --reuse-seeds: records repeat every {supported} epoch(s)"

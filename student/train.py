@@ -35,6 +35,7 @@ from data_shards.faults import crash_point
 from . import distributed as D
 from .checkpoint import LAST_CHECKPOINT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import DataTimer, check_seed_budget, plan_epoch, train_batches
+from .schedule import epochs_supported
 from .errors import StudentError
 from .evaluate import evaluate_heads
 from .losses import DistillationLoss
@@ -93,7 +94,7 @@ class TrainConfig:
     ema_decay: float | None = None             # DeiT: 0.99996 (kept, not used for eval)
     amp: str = "auto"                          # auto (bf16 on GPU, none on CPU) | none | bf16 | fp16
     seed: int = 0
-    repeated_aug: int = 1
+    repeated_aug: int = 3                      # DeiT's repeated augmentation (student/schedule.py)
     reuse_seeds: bool = False
     max_steps_per_epoch: int | None = None     # cap for smoke runs and benchmarks
     # run
@@ -272,6 +273,13 @@ def _train(cfg: TrainConfig, ctx: D.DistContext) -> dict:
     recipe, teacher, num_seeds = resolve_teacher(cfg, shard_set, device, log)
     if cfg.repeated_aug < 1:
         raise StudentError(f"--repeated-aug must be >= 1, got {cfg.repeated_aug}")
+    if cfg.repeated_aug > 1 and cfg.repeated_aug != recipe.pairing_seeds:
+        raise StudentError(f"--repeated-aug {cfg.repeated_aug} needs a recipe whose pairing_seeds is {cfg.repeated_aug} "
+                           f"(this one shares a mixing order between {recipe.pairing_seeds} seeds, so an image's copies "
+                           "could not share a step); use --repeated-aug 1 or that many pairing seeds in the recipe")
+    if num_seeds:
+        log.note(f"a cache of {num_seeds} seeds serves {epochs_supported(num_seeds, cfg.repeated_aug)} epochs at "
+                 f"--repeated-aug {cfg.repeated_aug} before a record is used twice")
     seed_note = check_seed_budget(cfg.epochs, num_seeds, cfg.repeated_aug, cfg.reuse_seeds)
     if seed_note:
         log.note(seed_note)

@@ -21,7 +21,8 @@ def tiny_config(shards, out, **overrides):
     from student.train import TrainConfig
     options = dict(shards=str(shards), out=str(out), **TINY_DEIT, recipe=RECIPE.to_dict(), epochs=2,
                    batch_size=32, lr=1e-3, warmup_epochs=0, workers=0, progress=False, log_interval=2,
-                   max_steps_per_epoch=4, distillation_type="none", device="cpu")
+                   max_steps_per_epoch=4, distillation_type="none", device="cpu",
+                   repeated_aug=1)      # plain epochs; repeated augmentation: test_student_schedule.py
     options.update(overrides)
     return TrainConfig(**options)
 

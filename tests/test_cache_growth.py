@@ -147,7 +147,7 @@ def test_train_student_uses_the_grown_seeds(tmp_path, small_shards, reference_ca
         return run_cli([CLI, "train-student", "--shards", str(small_shards), "--cache", str(cache), "--out", str(out),
                         "--distillation-type", "hard", "--model", "deit_tiny_distilled_patch16_224",
                         "--patch-size", "8", "--embed-dim", "48", "--depth", "2", "--num-heads", "3",
-                        "--epochs", str(GROWN), "--batch-size", "32", "--warmup-epochs", "0", "--workers", "0",
+                        "--epochs", str(GROWN), "--repeated-aug", "1", "--batch-size", "32", "--warmup-epochs", "0", "--workers", "0",
                         "--no-progress", "--device", "cpu", "--max-steps-per-epoch", "1"], {"OMP_NUM_THREADS": "1"})
 
     refused = train(reference_cache, tmp_path / "short")

@@ -8,8 +8,8 @@ from _student_helpers import RECIPE, single_thread
 import tracemalloc
 
 from data_shards import ShardSet, finish_item, make_shards, tensor_digest
-from student.data import (DataPlanError, WorkItem, aug_seeds_for_epoch, check_seed_budget, deal_shards, plan_epoch,
-                          replay_item, train_batches)
+from student.data import (DataPlanError, WorkItem, check_seed_budget, deal_shards, plan_epoch, replay_item,
+                          seeds_for_epoch, train_batches)
 from student.teachers import CachedTeacher, ReplayMismatchError
 from teacher_cache.targets import TeacherTargets
 
@@ -26,18 +26,18 @@ def train_set(digits_shards) -> ShardSet:
 
 
 def test_seed_schedule_is_epoch_mod_seeds():
-    assert [aug_seeds_for_epoch(e, 3) for e in range(5)] == [[0], [1], [2], [0], [1]]
-    assert aug_seeds_for_epoch(2, 10, repeated_aug=3) == [6, 7, 8]
-    assert aug_seeds_for_epoch(3, 10, repeated_aug=3) == [9, 0, 1]
-    assert aug_seeds_for_epoch(7, None) == [7]          # no cache: every epoch a fresh seed
+    assert [seeds_for_epoch(e, 3) for e in range(5)] == [[0], [1], [2], [0], [1]]
+    assert seeds_for_epoch(7, None) == [7]          # no cache: every epoch a fresh seed
+    # repeated augmentation: seed groups (test_student_schedule.py)
+    assert [seeds_for_epoch(e, 10, repeated_aug=3) for e in (2, 3, 9)] == [[0, 1, 2], [3, 4, 5], [0, 1, 2]]
 
 
 def test_more_epochs_than_seeds_is_refused_unless_reuse():
     assert check_seed_budget(3, 3, 1, reuse_seeds=False) is None
     with pytest.raises(DataPlanError, match="--reuse-seeds"):
         check_seed_budget(4, 3, 1, reuse_seeds=False)
-    with pytest.raises(DataPlanError, match="2 seed"):
-        check_seed_budget(2, 3, 2, reuse_seeds=False)
+    with pytest.raises(DataPlanError, match="serves 2 epoch"):
+        check_seed_budget(3, 3, 2, reuse_seeds=False)      # seed groups {0, 1}; seed 2 alone is no group
     assert "repeat" in check_seed_budget(4, 3, 1, reuse_seeds=True)
     assert check_seed_budget(1000, None, 1, reuse_seeds=False) is None
 

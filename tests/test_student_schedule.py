@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+import torch
 
 from student.schedule import (DataPlanError, check_seed_budget, epochs_supported, plan_epoch, seeds_for_epoch)
 
@@ -22,7 +23,7 @@ def test_seed_groups_and_budget():
     assert seeds_for_epoch(7, None, 3) == [6, 7, 8]              # no cache: unbounded
     assert epochs_supported(10, 3) == 9 and epochs_supported(10, 1) == 10
     assert check_seed_budget(9, 10, 3, reuse_seeds=False) is None
-    with pytest.raises(DataPlanError, match="serves 9 epoch"):
+    with pytest.raises(DataPlanError, match="need 12 augmentation seeds, the cache holds 10 .it serves 9 epoch"):
         check_seed_budget(10, 10, 3, reuse_seeds=False)
     assert "repeat every 9" in check_seed_budget(10, 10, 3, reuse_seeds=True)
     with pytest.raises(DataPlanError, match="at least 3 cached seeds"):
@@ -87,3 +88,27 @@ def test_plan_is_a_pure_function_and_epochs_differ():
     assert samples(a.steps[0]) != samples(b.steps[0])
     with pytest.raises(DataPlanError, match="fewer than one global batch"):
         plan_epoch([5], 0, 8, 0, 1, seed=0, num_seeds=3, repeated_aug=3)
+
+
+def test_repeated_plan_feeds_training_batches_with_copies_together(digits_shards):
+    """The data path replays the plan's pieces: every batch holds each image under its group's seeds."""
+    from collections import Counter as _Counter
+
+    from _student_helpers import RECIPE, single_thread
+
+    from data_shards import ShardSet
+    from student.data import plan_epoch as data_plan_epoch, train_batches
+
+    train_set = ShardSet.open(digits_shards["train"])
+    plan = data_plan_epoch(train_set, epoch=1, batch_size=30, rank=0, world_size=1, seed=0, num_seeds=6,
+                           repeated_aug=3, max_steps=2)
+    assert plan.aug_seeds == [0, 1, 2] and plan.steps == 2
+    with single_thread():
+        batches = list(train_batches(train_set, plan, RECIPE, 30, workers=2))
+    assert len(batches) == 2
+    for batch in batches:
+        assert batch.images.shape[0] == 30
+        assert set(_Counter(batch.keys).values()) == {3}          # 10 images x 3 copies
+        for key in set(batch.keys):                               # copies differ (own seed each)
+            copies = batch.images[[i for i, k in enumerate(batch.keys) if k == key]]
+            assert not torch.equal(copies[0], copies[1])

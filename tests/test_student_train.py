@@ -252,6 +252,7 @@ def test_ddp_two_cpu_processes_take_the_same_number_of_steps(setup, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "pipeline", "train-student", "--shards", str(setup["train"]), "--out", str(run),
            "--cache", str(setup["cache"]), "--distillation-type", "hard", "--epochs", "2", "--batch-size", "64",
+           "--repeated-aug", "1",
            "--workers", "0", "--no-progress", "--warmup-epochs", "0", "--lr", "1e-3", "--device", "cpu",
            "--val-shards", str(setup["val"]), *tiny]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
