@@ -50,10 +50,10 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path, small_shards, ref
     saved = torch.load(out / "checkpoint.pt", weights_only=True)
     assert saved["epoch"] == 1                     # the last complete checkpoint, never the half-written one
     if crash_at.startswith("checkpoint"):
-        assert list(out.glob(".checkpoint.pt.tmp-*")), "the killed writer's temporary file should be there"
+        assert list(out.glob(".checkpoint.pt@*.tmp")), "the killed writer's temporary file should be there"
     resumed = run_cli(args + ["--resume"], {"OMP_NUM_THREADS": "1"})
     assert resumed.returncode == 0, resumed.stderr
-    assert not list(out.glob(".checkpoint.pt.tmp-*"))   # cleaned up
+    assert not list(out.glob(".checkpoint.pt@*.tmp"))   # cleaned up
     assert epoch_lines(out) == epoch_lines(uninterrupted_run)
     final, reference = (torch.load(p / "checkpoint.pt", weights_only=True)["model"] for p in (out, uninterrupted_run))
     assert final.keys() == reference.keys()
