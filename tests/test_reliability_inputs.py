@@ -17,10 +17,6 @@ from pipeline.cli import main
 REPO = Path(__file__).resolve().parents[1]
 
 
-class Payload:
-    """Stands for any object a malicious pickle would build."""
-
-
 def invoke(*args: str):
     result = CliRunner().invoke(main, list(args), catch_exceptions=True)
     crashed = result.exception is not None and not isinstance(result.exception, SystemExit)
@@ -101,14 +97,39 @@ def test_every_torch_load_is_weights_only():
     assert offenders == []
 
 
-def test_pickled_checkpoint_is_refused(tmp_path, small_shards):
-    """A checkpoint holding an arbitrary object (what a malicious file would carry) is refused."""
+class Payload:
+    """What a malicious pickle carries: unpickling it runs code (here: it creates `sentinel`)."""
+
+    def __init__(self, sentinel: Path):
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return Path.touch, (self.sentinel,)
+
+
+def _load_student_teacher(path):
+    from student.teachers import load_online_teacher
+    return load_online_teacher(str(path), num_classes=10, device="cpu", teacher_model="test_efficientnet")
+
+
+@pytest.mark.parametrize("reader", ["cache-teacher", "init-from", "resume", "teacher-online"])
+def test_pickled_checkpoint_is_refused_without_running_it(tmp_path, small_shards, reader):
+    """Every checkpoint reader refuses a file whose unpickling would run code, and never runs it."""
+    from student.checkpoint import load_checkpoint
+    from student.models import read_state_dict
+    sentinel = tmp_path / "code-ran"
     evil = tmp_path / "evil.pth"
-    torch.save({"model": {"w": torch.zeros(1)}, "extra": Payload()}, evil)
-    result = invoke("cache-teacher", "--shards", str(small_shards), "--out", str(tmp_path / "c"),
-                    "--teacher", "test_efficientnet", "--teacher-checkpoint", str(evil), "--seeds", "1",
-                    "--device", "cpu")
-    assert result.exit_code != 0 and "evil.pth" in result.output
+    torch.save({"model": {"w": torch.zeros(1)}, "extra": Payload(sentinel)}, evil)
+    if reader == "cache-teacher":
+        result = invoke("cache-teacher", "--shards", str(small_shards), "--out", str(tmp_path / "c"),
+                        "--teacher", "test_efficientnet", "--teacher-checkpoint", str(evil), "--seeds", "1",
+                        "--device", "cpu")
+        assert result.exit_code != 0 and "evil.pth" in result.output
+    else:
+        load = {"init-from": read_state_dict, "resume": load_checkpoint, "teacher-online": _load_student_teacher}
+        with pytest.raises(Exception, match="evil.pth"):
+            load[reader](evil)
+    assert not sentinel.exists(), "the pickled payload was executed"
 
 
 def test_shard_member_names_are_never_paths(tmp_path, small_shards):
