@@ -1,7 +1,7 @@
 """DeiT's training augmentation, replayable bit-exactly from (recipe, sample key, aug seed).
 
 Why not timm's transforms as they are: they draw from the global Python / NumPy / torch
-RNGs (see DESIGN-NOTES §2), so the image depends on worker count, order and process.
+RNGs (Python random, NumPy, torch), so the image depends on worker count, order and process.
 Here every random choice is drawn from ONE explicit generator
 
     rng(recipe fingerprint, "sample", key, aug_seed)        (NumPy PCG64, seeded by sha256)

@@ -11,6 +11,7 @@ import sys
 import click
 
 from data_shards import SourceError, make_shards
+from data_shards.io import DeviceError
 from data_shards.shards import ShardsError
 
 
@@ -20,7 +21,7 @@ class UserError(click.ClickException):
 
 
 # Errors raised by the library for bad input; the CLI shows their message without a traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (SourceError, ShardsError, FileNotFoundError)
+USER_ERRORS: tuple[type[BaseException], ...] = (SourceError, ShardsError, DeviceError, FileNotFoundError)
 
 
 def register_user_errors(*types: type[BaseException]) -> None:

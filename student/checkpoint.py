@@ -16,8 +16,7 @@ from pathlib import Path
 
 import torch
 
-from data_shards.faults import crash_point
-from teacher_cache.locks import pid_alive
+from data_shards.io import atomic_path, load_weights_only, owner_gone
 
 from .errors import StudentError
 
@@ -47,28 +46,16 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
     _check_plain(state)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        crash_point("checkpoint-written")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path, crash="checkpoint-written") as tmp:
+        torch.save(state, tmp)
     return path
 
 
 def remove_stale_temporaries(path: Path) -> list[Path]:
-    """Delete half-written `.NAME.tmp-PID` files left by killed processes (never loaded anyway)."""
-    removed = []
-    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
-        pid = tmp.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or pid_alive(int(pid)):
-            continue                      # not ours to judge, or its writer is still alive
+    """Delete half-written temporaries (io.temp_path) of dead writers on this host (never loaded anyway)."""
+    removed = [tmp for tmp in path.parent.glob(f".{path.name}@*.tmp") if owner_gone(tmp)]
+    for tmp in removed:
         tmp.unlink(missing_ok=True)
-        removed.append(tmp)
     return removed
 
 
@@ -76,10 +63,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # unpickling errors come in several types
-        raise StudentError(f"cannot read checkpoint {path} with torch.load(weights_only=True): {exc}") from None
+    state = load_weights_only(path, StudentError)
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         found = state.get("format") if isinstance(state, dict) else type(state).__name__
         raise StudentError(f"{path} is not a train-student checkpoint (format {found!r}, expected "

@@ -12,19 +12,15 @@ argmax: how closely the student mimics the teacher where it was taught.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from data_shards import AugRecipe, ShardSet, finish_item
+from data_shards.io import autocast, resolve_device
 
 from .checkpoint import load_checkpoint
 from .data import eval_batches, iter_items, unit_items
-from .distributed import resolve_device
 from .errors import StudentError
 from .models import StudentConfig, create_student, student_heads
-
-HEADS = ("class", "distillation", "fused")
 
 
 def head_logits(model, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -47,11 +43,10 @@ def evaluate_heads(model, shard_set: ShardSet, recipe: AugRecipe, batch_size: in
     """-> (counts (H, 3): top-1 hits, top-5 hits, samples; head names). Restores train mode."""
     was_training = model.training
     model.eval()
-    autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext()
     counts, names = None, None
     try:
         for images, labels, _ in eval_batches(shard_set, recipe, batch_size, shards):
-            with autocast:
+            with autocast(device, amp_dtype):
                 logits = head_logits(model, images.to(device))
             labels = labels.to(device)
             if counts is None:

@@ -19,6 +19,8 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from data_shards.io import load_weights_only
+
 from .errors import StudentError
 
 
@@ -96,12 +98,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """The model weights of a checkpoint: ours (key 'model'), DeiT's ('model') or a bare state dict."""
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} not found")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for non-checkpoints / pickled objects
-        raise CheckpointError(f"cannot load {path} with torch.load(weights_only=True): {exc}. "
-                              "Only plain tensor checkpoints are accepted (no pickled objects).") from None
-    state = ckpt
+    state = load_weights_only(path, CheckpointError, "only plain tensor checkpoints are accepted (no pickled objects)")
     for key in ("model", "state_dict"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]

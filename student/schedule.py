@@ -24,11 +24,12 @@ Without a cache the seeds are unbounded (num_seeds None): group g uses seeds g*R
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
+
+from data_shards.io import text_seed
 
 from .errors import StudentError
 
@@ -83,8 +84,7 @@ def check_seed_budget(epochs: int, num_seeds: int | None, repeated_aug: int, reu
 
 
 def _rng(*parts: object) -> np.random.Generator:
-    digest = hashlib.sha256("|".join(["deit-pipeline", "schedule", *map(str, parts)]).encode()).digest()
-    return np.random.Generator(np.random.PCG64(int.from_bytes(digest[:16], "little")))
+    return np.random.Generator(np.random.PCG64(text_seed("|".join(["deit-pipeline", "schedule", *map(str, parts)]), 16)))
 
 
 def epoch_segments(shard_counts: list[int], epoch: int, repeated_aug: int, seed: int) -> list[tuple[int, int, int]]:

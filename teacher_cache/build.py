@@ -27,18 +27,18 @@ from tqdm import tqdm
 
 from data_shards import AugRecipe, ShardSet, finish_item, replay_slice, tensor_digest
 from data_shards.augment import mixing_order
-from data_shards.faults import crash_point
+from data_shards.io import atomic_path, crash_point, resolve_device
 
 from .errors import CacheError
 from .growth import check_not_shrinking, grow_cache
 from .jobs import JobSlot, resolve_job
 from .layout import (INDEX_FILE, MANIFEST_FILE, SeedGeneration, Unit, all_units, array_specs, select_units,
                      unit_json_path, UNITS_DIR)
-from .locks import DEFAULT_STALE_AFTER, LockKeeper, owned_name, try_lock
+from .locks import DEFAULT_STALE_AFTER, LockKeeper, try_lock
 from .manifest import (MANIFEST_DEFAULTS, build_manifest, create_or_match_manifest, manifest_differences,
                        read_manifest, seed_generations, with_defaults)
 from .store import clean_leftovers, commit_unit, ensure_arrays
-from .teacher import DEFAULT_TEACHER, check_precision, load_teacher, resolve_device, teacher_forward
+from .teacher import DEFAULT_TEACHER, check_precision, load_teacher, teacher_forward
 
 DIGESTS_PER_SEED = 2       # replayed images per (shard, seed) whose digest goes into the unit JSON
 DEFAULT_TOPK = 10
@@ -213,9 +213,8 @@ def write_index(root: Path, shard_set: ShardSet) -> None:
     table = pa.table({"key": m.column("key"), "label": m.column("label"), "shard": m.column("shard"),
                       "position": m.column("position"),
                       "row": pa.array(shard * shard_set.rows_per_shard + position, pa.int64())})
-    tmp = path.with_name(owned_name("." + path.name, ".tmp"))
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
 
 
 # ----------------------------------------------------------------------------- the job

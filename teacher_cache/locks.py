@@ -26,6 +26,8 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from data_shards.io import owned_name, owner_gone, pid_alive  # noqa: F401  (re-exported)
+
 from .layout import UNITS_DIR, Unit, unit_json_path
 
 HEARTBEAT_SECONDS = 20.0
@@ -34,36 +36,6 @@ DEFAULT_STALE_AFTER = 300.0
 
 def _lock_path(root: Path, unit: Unit, generation: int) -> Path:
     return Path(root) / UNITS_DIR / f"{unit.name}.lock.{generation}"
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def owned_name(stem: str, suffix: str = "") -> str:
-    """A name that records its creator, STEM@HOST@PID@TOKEN+SUFFIX, so leftovers of dead jobs
-    can be told from the files of running ones ('@' never appears in host names)."""
-    return f"{stem}@{socket.gethostname()}@{os.getpid()}@{uuid.uuid4().hex[:12]}{suffix}"
-
-
-def owner_gone(path: Path, stale_after: float, now: float | None = None) -> bool:
-    """True for an owned_name() whose creator is dead (same host) or that is older than stale_after."""
-    parts = path.name.removesuffix(".tmp").rsplit("@", 3)
-    if len(parts) != 4:
-        return False
-    _, host, pid, _ = parts
-    if host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
-        return True
-    try:
-        return (now or time.time()) - path.stat().st_mtime > stale_after
-    except FileNotFoundError:
-        return False
 
 
 def create_exclusive(path: Path, text: str) -> bool:

@@ -25,13 +25,13 @@ import numcodecs
 import pyarrow
 import zarr
 
-from data_shards.faults import crash_point
+from data_shards.io import write_text_atomic
 
 from data_shards.augment import pixel_library_versions
 
 from .errors import CacheError
 from .layout import MANIFEST_FILE, SeedGeneration
-from .locks import create_exclusive, owned_name
+from .locks import create_exclusive
 
 FORMAT = "deit-pipeline teacher cache"
 FORMAT_VERSION = 1
@@ -179,14 +179,8 @@ def read_manifest(root: str | os.PathLike, retries: int = 20) -> dict:
 
 
 def write_json_atomic(path: Path, obj: dict) -> None:
-    """Write aside, fsync, rename: readers see the old file or the whole new one."""
-    tmp = path.with_name(owned_name("." + path.name, ".tmp"))
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    crash_point("json-written")
-    os.replace(tmp, path)
+    """Readers see the old file or the whole new one."""
+    write_text_atomic(path, json.dumps(obj, indent=1, sort_keys=True) + "\n", crash="json-written")
 
 
 def create_or_match_manifest(root: Path, wanted: dict) -> tuple[dict, bool]:

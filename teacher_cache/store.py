@@ -12,7 +12,6 @@ overwrites whatever files it had renamed.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -22,11 +21,10 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-from data_shards.faults import crash_point
+from data_shards.io import crash_point, file_sha256, fsync_file, owned_name, owner_gone
 
 from .errors import CacheError
 from .layout import ARRAYS_DIR, TMP_DIR, UNITS_DIR, Unit, array_path, compressors, storage_shard_path, unit_json_path
-from .locks import owned_name, owner_gone
 from .manifest import write_json_atomic
 
 
@@ -113,15 +111,6 @@ def clean_leftovers(root: Path, stale_after: float) -> int:
     return removed
 
 
-def _fsync_sha256(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    with open(path, "rb+") as f:
-        data = f.read()
-        os.fsync(f.fileno())
-    h.update(data)
-    return h.hexdigest(), len(data)
-
-
 def commit_unit(root: Path, unit: Unit, rows_per_shard: int, buffers: dict[str, np.ndarray], record: dict) -> dict:
     """Atomically add `unit` (buffers[array] has shape (len(unit.seeds), rows_per_shard, width)) to the cache.
 
@@ -144,7 +133,8 @@ def commit_unit(root: Path, unit: Unit, rows_per_shard: int, buffers: dict[str, 
             if not staged[name].is_file():
                 raise CacheError(f"zarr did not write the expected storage shard {rel} for {unit}; "
                                  f"this zarr ({zarr.__version__}) lays files out differently")
-            sha, nbytes = _fsync_sha256(staged[name])
+            fsync_file(staged[name])
+            sha, nbytes = file_sha256(staged[name]), staged[name].stat().st_size
             files[name] = {"path": str(storage_shard_path(Path("."), name, unit)), "sha256": sha, "bytes": nbytes}
         crash_point("commit-staged")
         for name, src in staged.items():

@@ -11,7 +11,6 @@ never unpickled.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -19,6 +18,9 @@ from pathlib import Path
 
 import timm
 import torch
+
+from data_shards import io
+from data_shards.io import file_sha256, resolve_device  # noqa: F401  (re-exported)
 
 from .errors import CacheError
 from .targets import TeacherTargets, encode_teacher_logits
@@ -33,14 +35,6 @@ _ARCH_KEYS = ("arch", "model_name", "architecture")
 
 class TeacherError(CacheError):
     """The teacher cannot be built or loaded as asked."""
-
-
-def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def weights_sha256(model: torch.nn.Module) -> str:
@@ -79,12 +73,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
         except ValueError:
             raise TeacherError(f"{path}: metadata model_kwargs is not JSON: {metadata['model_kwargs']!r}") from None
         return _strip_prefix(state), next((metadata[k] for k in _ARCH_KEYS if metadata.get(k)), None), kwargs
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle.UnpicklingError for non-tensor objects, RuntimeError for junk
-        raise TeacherError(f"cannot load teacher checkpoint {path} with weights_only=True: "
-                           f"{str(exc).splitlines()[0]}; save it as a state dict of tensors "
-                           "(or {'model': state_dict}) or as .safetensors") from None
+    obj = io.load_weights_only(path, TeacherError, "save the teacher as a state dict of tensors "
+                               "(or {'model': state_dict}) or as .safetensors")
     if not isinstance(obj, dict):
         raise TeacherError(f"teacher checkpoint {path} holds a {type(obj).__name__}, not a state dict")
     arch = next((obj[k] for k in _ARCH_KEYS if isinstance(obj.get(k), str)), None)
@@ -168,22 +158,6 @@ def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], checkpoi
     model.load_state_dict(state, strict=True)
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' -> this rank's GPU (LOCAL_RANK under torchrun) when CUDA is available, else the CPU.
-    Shared by both stages (stage two imports it)."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if str(device) != "auto":
-        device = torch.device(device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise TeacherError("--device cuda asked but CUDA is not available; use --device cpu or auto")
-        if device.type == "cuda" and device.index is None:   # plain "cuda": this rank's GPU
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
-
-
 def check_precision(precision: str, device: torch.device) -> None:
     if precision not in PRECISIONS:
         raise TeacherError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -194,10 +168,7 @@ def check_precision(precision: str, device: torch.device) -> None:
 def autocast(device: torch.device, precision: str):
     """Autocast context for the teacher: fp32 means none; bf16 on CUDA or CPU; fp16 on CUDA only."""
     check_precision(precision, device)
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+    return io.autocast(device, precision)
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from data_shards import ShardSet
+from data_shards.io import file_sha256, resolve_device
 
 from .build import DIGESTS_PER_SEED, unit_batches
 from .cache import TeacherCache
@@ -32,7 +33,7 @@ from .errors import CacheError
 from .layout import Unit, storage_shard_path
 from .manifest import with_defaults
 from .targets import encode_teacher_logits
-from .teacher import check_precision, file_sha256, load_teacher, resolve_device, teacher_logits
+from .teacher import check_precision, load_teacher, teacher_logits
 
 RECORDS_PER_PAIR = 8            # sampled records per (shard, seed), all from one batch: one replay serves them
 NEAR_TIE_TOLERANCE = 0.05       # nats; about the spread of bf16 logits between GPU kernels of different shapes

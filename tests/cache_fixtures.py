@@ -11,14 +11,13 @@ import hashlib
 import shutil
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from cli_runner import CLI
 from data_shards import AugRecipe, make_shards
 
 TEACHER_ARCH = "test_efficientnet"
@@ -27,7 +26,6 @@ SEEDS = 3
 SEEDS_PER_UNIT = 2
 GROWN = 5                 # seeds of the grown reference cache (3 -> 5: the short block {2} stays as it is)
 REPO = Path(__file__).resolve().parents[1]
-CLI = str(Path(sys.executable).with_name("deit-pipeline"))
 
 
 def make_teacher(seed: int = 0, arch: str = TEACHER_ARCH, num_classes: int = 10) -> torch.nn.Module:
@@ -52,11 +50,6 @@ def cli_args(shards, out, checkpoint, *extra) -> list[str]:
     return [CLI, "cache-teacher", "--shards", str(shards), "--out", str(out), "--teacher", TEACHER_ARCH,
             "--teacher-checkpoint", str(checkpoint), "--seeds", str(SEEDS), "--seeds-per-unit", str(SEEDS_PER_UNIT),
             "--input-size", "32", "--batch-size", "16", "--device", "cpu", "--no-progress", *extra]
-
-
-def run_cli(args, env_extra: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
-    env = {**os.environ, **(env_extra or {})}
-    return subprocess.run(args, env=env, capture_output=True, text=True, timeout=300, **kwargs)
 
 
 def cache_snapshot(root: Path) -> dict:

@@ -7,18 +7,13 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
 
 from cache_fixtures import RECIPE, SEEDS, TEACHER_ARCH, cache_kwargs, make_teacher
+from cli_runner import CLI, run_cli
 from data_shards import ShardSet, replay_shard
-from pipeline.cli import main
 from teacher_cache import CacheError, TeacherCache, cache_teacher
 from teacher_cache.layout import LOGITS, TOPK_INDICES, TOPK_LOGPROBS, storage_shard_path
 from teacher_cache.store import commit_unit
-
-
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
 
 
 @pytest.fixture
@@ -29,9 +24,9 @@ def cache_copy(tmp_path, reference_cache):
 
 
 def test_inspect_cache_reports_units_bytes_and_teacher_quality(reference_cache, small_shards):
-    result = invoke("inspect-cache", reference_cache, "--json")
-    assert result.exit_code == 0, result.output
-    info = json.loads(result.output)
+    result = run_cli([CLI, "inspect-cache", reference_cache, "--json"])
+    assert result.returncode == 0, result.output
+    info = json.loads(result.stdout)
     assert info["units"] == {"total": 18, "done": 18, "missing": 0, "missing_names": [], "locks_present": []}
     assert info["records"] == {"done": 354 * SEEDS, "total": 354 * SEEDS}
     bpr = info["bytes_per_record"]
@@ -58,8 +53,8 @@ def test_inspect_cache_reports_units_bytes_and_teacher_quality(reference_cache, 
     assert q["mean_topk_mass"] == pytest.approx(mass / n, abs=1e-5)
     assert [row["seed"] for row in info["per_seed"]] == list(range(SEEDS))
 
-    text = invoke("inspect-cache", reference_cache)
-    assert text.exit_code == 0
+    text = run_cli([CLI, "inspect-cache", reference_cache])
+    assert text.returncode == 0
     assert "18/18 done" in text.output and "B/record" in text.output and "per seed" in text.output
     assert "soft targets exact at any τ" in text.output        # top-10 of 10 classes
     assert set(info["soft_target_tv_bound_by_tau"].values()) == {0.0}
@@ -68,16 +63,16 @@ def test_inspect_cache_reports_units_bytes_and_teacher_quality(reference_cache, 
 def test_inspect_cache_lists_missing_units(tmp_path, small_shards, teacher_checkpoint):
     out = tmp_path / "partial"
     cache_teacher(small_shards, out, teacher_checkpoint=teacher_checkpoint, **cache_kwargs(max_units=4))
-    info = json.loads(invoke("inspect-cache", out, "--json").output)
+    info = json.loads(run_cli([CLI, "inspect-cache", out, "--json"]).stdout)
     assert (info["units"]["done"], info["units"]["missing"]) == (4, 14)
     assert info["records"]["done"] == 4 * 40 * 2          # the first four units: shards 0-3, seeds 0-1
     assert "shard-000004_seeds-000000-000001" in info["units"]["missing_names"]
 
 
 def test_verify_cache_passes_on_a_good_cache(reference_cache, small_shards):
-    result = invoke("verify-cache", reference_cache, "--shards", small_shards, "--samples", 40, "--json")
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
+    result = run_cli([CLI, "verify-cache", reference_cache, "--shards", small_shards, "--samples", 40, "--json"])
+    assert result.returncode == 0, result.output
+    report = json.loads(result.stdout)
     assert report["ok"] and report["records"] == 40 and report["argmax_agreement"] == 1.0
     assert report["max_logprob_diff"] == 0.0            # same machine, same precision: bit-identical
     assert report["digests_checked"] == 2 * report["pairs"] and not report["digest_mismatches"]
@@ -98,12 +93,12 @@ def test_verify_cache_fails_when_stored_argmax_is_wrong(cache_copy, small_shards
             buffers[name] = np.asarray(arr[unit.seed_start:unit.seed_stop, rows])
         buffers[TOPK_INDICES][..., [0, -1]] = buffers[TOPK_INDICES][..., [-1, 0]]
         commit_unit(cache_copy, unit, 40, buffers, {k: v for k, v in record.items() if k != "files"})
-    result = invoke("verify-cache", cache_copy, "--shards", small_shards, "--samples", 16)
-    assert result.exit_code == 1, result.output
+    result = run_cli([CLI, "verify-cache", cache_copy, "--shards", small_shards, "--samples", 16])
+    assert result.returncode == 1, result.output
     assert "argmax agreement 0.00%" in result.output and "FAILED" in result.output
     assert "real mismatches 16 (always fail), near-ties 0" in result.output
-    lenient = invoke("verify-cache", cache_copy, "--shards", small_shards, "--samples", 16, "--min-agreement", 0)
-    assert lenient.exit_code == 1 and "real mismatches 16" in lenient.output, lenient.output
+    lenient = run_cli([CLI, "verify-cache", cache_copy, "--shards", small_shards, "--samples", 16, "--min-agreement", 0])
+    assert lenient.returncode == 1 and "real mismatches 16" in lenient.output, lenient.output
 
 
 def test_verify_cache_fails_on_a_changed_storage_file(cache_copy, small_shards):
@@ -113,8 +108,8 @@ def test_verify_cache_fails_on_a_changed_storage_file(cache_copy, small_shards):
         data = bytearray(path.read_bytes())
         data[-30] ^= 0x01                           # inside the shard index: crc catches it on read too
         path.write_bytes(bytes(data))
-    result = invoke("verify-cache", cache_copy, "--shards", small_shards, "--samples", 8)
-    assert result.exit_code == 2, result.output           # the read refuses it: a clean error, no traceback
+    result = run_cli([CLI, "verify-cache", cache_copy, "--shards", small_shards, "--samples", 8])
+    assert result.returncode == 2, result.output           # the read refuses it: a clean error, no traceback
     assert "damaged" in result.output and "Traceback" not in result.output
 
 
@@ -126,16 +121,16 @@ def test_verify_cache_fails_on_a_storage_file_swapped_with_another_units(cache_c
         contents = [p.read_bytes() for p in paths]
         for path, data in zip(paths, contents[1:] + contents[:1]):
             path.write_bytes(data)
-    result = invoke("verify-cache", cache_copy, "--shards", small_shards, "--samples", 8)
-    assert result.exit_code == 1, result.output
+    result = run_cli([CLI, "verify-cache", cache_copy, "--shards", small_shards, "--samples", 8])
+    assert result.returncode == 1, result.output
     assert "storage file changed since commit" in result.output and "FAILED" in result.output
 
 
 def test_verify_cache_refuses_other_weights(reference_cache, small_shards, tmp_path):
     other = tmp_path / "other.pth"
     torch.save({"model": make_teacher(seed=9).state_dict()}, other)
-    result = invoke("verify-cache", reference_cache, "--shards", small_shards, "--teacher-checkpoint", other)
-    assert result.exit_code == 2 and "teacher weights" in result.output and "differ" in result.output
+    result = run_cli([CLI, "verify-cache", reference_cache, "--shards", small_shards, "--teacher-checkpoint", other])
+    assert result.returncode == 2 and "teacher weights" in result.output and "differ" in result.output
 
 
 @pytest.mark.parametrize("change, expected", [
@@ -189,8 +184,8 @@ def test_cli_refusal_and_bad_arguments_are_one_clear_line(cache_copy, small_shar
         (["verify-cache", small_shards, "--shards", small_shards], "manifest.json not found"),
     ]
     for args, message in cases:
-        result = invoke(*args)
-        assert result.exit_code == 2, (args, result.output)
+        result = run_cli([CLI, *args])
+        assert result.returncode == 2, (args, result.output)
         assert message in result.output, (args, result.output)
         assert "Traceback" not in result.output
         assert result.output.count("Error: ") == 1
@@ -204,14 +199,14 @@ def test_cli_creates_and_resumes_a_cache(tmp_path, small_shards, teacher_checkpo
     args = ["cache-teacher", "--shards", small_shards, "--out", out, "--teacher", TEACHER_ARCH,
             "--teacher-checkpoint", teacher_checkpoint, "--seeds", SEEDS, "--seeds-per-unit", 2, "--input-size", 32,
             "--batch-size", 16, "--device", "cpu", "--no-progress"]
-    first = invoke(*args, "--max-units", 5, "--json")
-    assert first.exit_code == 0, first.output
-    summary = json.loads(first.output[first.output.index("{"):])
+    first = run_cli([CLI, *args, "--max-units", 5, "--json"])
+    assert first.returncode == 0, first.output
+    summary = json.loads(first.stdout[first.stdout.index("{"):])
     assert summary["units_computed"] == 5 and summary["units_this_job_missing"] == 13
     # The rest: only --shards/--out (+ the recipe read back from the manifest, as a user may pass it).
-    second = invoke("cache-teacher", "--shards", small_shards, "--out", out, "--recipe", out / "manifest.json",
-                    "--device", "cpu", "--no-progress")
-    assert second.exit_code == 0, second.output
+    second = run_cli([CLI, "cache-teacher", "--shards", small_shards, "--out", out, "--recipe", out / "manifest.json",
+                      "--device", "cpu", "--no-progress"])
+    assert second.returncode == 0, second.output
     assert "computed 13 unit(s)" in second.output and "whole cache 18/18 units" in second.output
     assert_same_cache(reference_cache, out)
     manifest = json.loads((out / "manifest.json").read_text())

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from cache_fixtures import (GROWN, SEEDS, assert_same_cache, assert_untouched, cache_kwargs, cli_args, copy_cache,
-                            file_states, leftovers, run_cli)
+                            file_states, leftovers)
+from cli_runner import CLI, run_cli
 from teacher_cache import CacheError, TeacherCache, cache_teacher
 from teacher_cache.growth import grow_cache
 from teacher_cache.inspection import inspect_cache
@@ -84,7 +85,7 @@ def test_a_smaller_seed_count_is_refused(tmp_path, small_shards, teacher_checkpo
     with pytest.raises(CacheError, match=r"holds 3 seeds \(0\.\.2\); --seeds 2 would shrink it, and a cache never "
                                          r"shrinks\. Train with fewer seeds instead"):
         cache_teacher(small_shards, out, teacher_checkpoint=teacher_checkpoint, **cache_kwargs(seeds=2))
-    result = run_cli(cli_args(small_shards, out, teacher_checkpoint) + ["--seeds", "1"])
+    result = run_cli(cli_args(small_shards, out, teacher_checkpoint) + ["--seeds", "1"], process=True)
     assert result.returncode == 2 and "a cache never shrinks" in result.stderr, result.stderr
     assert file_states(out) == before
 
@@ -141,7 +142,6 @@ def test_concurrent_growing_jobs_equal_one_job(tmp_path, small_shards, teacher_c
 @pytest.mark.slow
 def test_train_student_uses_the_grown_seeds(tmp_path, small_shards, reference_cache, grown_reference):
     """Epochs 3 and 4 read seeds 3 and 4, which only the growth added."""
-    from cache_fixtures import CLI
 
     def train(cache, out):
         return run_cli([CLI, "train-student", "--shards", str(small_shards), "--cache", str(cache), "--out", str(out),

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from cache_fixtures import (CLI, REPO, SEEDS, SEEDS_PER_UNIT, TEACHER_ARCH, assert_same_cache, cache_kwargs,
-                            cli_args, leftovers, run_cli)
+from cache_fixtures import (REPO, SEEDS, SEEDS_PER_UNIT, TEACHER_ARCH, assert_same_cache, cache_kwargs,
+                            cli_args, leftovers)
+from cli_runner import CLI, run_cli
 from teacher_cache import CacheError, TeacherCache, cache_teacher
 from teacher_cache.jobs import resolve_job
 from teacher_cache.layout import Unit, all_units, select_units
@@ -59,7 +60,7 @@ def test_kill_9_mid_run_then_rerun_completes_identically(tmp_path, small_shards,
     proc.wait()
     done = len(list((out / "units").glob("*.json")))
     assert 3 <= done < NUM_UNITS
-    rerun = run_cli(cli_args(small_shards, out, teacher_checkpoint, "--json"))
+    rerun = run_cli(cli_args(small_shards, out, teacher_checkpoint, "--json"), process=True)
     assert rerun.returncode == 0, rerun.stderr
     summary = json.loads(rerun.stdout)
     assert summary["units_computed"] == NUM_UNITS - done       # the dead job's lock was taken over

@@ -4,8 +4,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from cli_runner import CLI, run_cli
 from conftest import sample_photo_paths
 from data_shards import ShardSet, ShardsError, SourceError, make_shards
 
@@ -118,13 +117,12 @@ def test_existing_output_refused_unless_overwrite(tmp_path, photo_folder):
 
 
 def test_cli_exit_codes(tmp_path, photo_folder):
-    exe = [sys.executable, "-m", "pipeline.cli"]
-    ok = subprocess.run(exe + ["make-shards", "--source", str(photo_folder), "--out", str(tmp_path / "s")],
-                        capture_output=True, text=True)
+    exe = [CLI]
+    ok = run_cli(exe + ["make-shards", "--source", str(photo_folder), "--out", str(tmp_path / "s")], process=True)
     assert ok.returncode == 0, ok.stderr
     assert "wrote 2 images of 2 classes" in ok.stdout
-    bad = subprocess.run(exe + ["make-shards", "--source", str(tmp_path / "missing"), "--out", str(tmp_path / "t")],
-                         capture_output=True, text=True)
+    bad = run_cli(exe + ["make-shards", "--source", str(tmp_path / "missing"), "--out", str(tmp_path / "t")],
+                  process=True)
     assert bad.returncode != 0 and "does not exist" in bad.stderr and "Traceback" not in bad.stderr
 
 

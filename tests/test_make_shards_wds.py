@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
+from cli_runner import CLI, run_cli
 from data_shards import AugRecipe, ShardSet, ShardsError, SourceError, make_shards, replay_shard, tensor_digest
 
 PER_TAR = 12
@@ -143,13 +142,13 @@ def test_changed_or_moved_tars_are_refused(wds_tars, tmp_path):
 
 
 def test_cli_indexes_tars(wds_tars, tmp_path):
-    exe = [sys.executable, "-m", "pipeline.cli", "make-shards"]
-    ok = subprocess.run(exe + ["--source", str(wds_tars["folder"]), "--out", str(tmp_path / "s"), "--workers", "1"],
-                        capture_output=True, text=True)
+    exe = [CLI, "make-shards"]
+    ok = run_cli(exe + ["--source", str(wds_tars["folder"]), "--out", str(tmp_path / "s"), "--workers", "1"],
+                 process=True)
     assert ok.returncode == 0, ok.stderr
     assert "indexed in place" in ok.stdout and "skipped 5" in ok.stdout
-    bad = subprocess.run(exe + ["--source", str(Path(wds_tars["folder"]) / "x-{0..1}.tar"), "--out", str(tmp_path / "t")],
-                         capture_output=True, text=True)
+    bad = run_cli(exe + ["--source", str(Path(wds_tars["folder"]) / "x-{0..1}.tar"), "--out", str(tmp_path / "t")],
+                  process=True)
     assert bad.returncode != 0 and "not found" in bad.stderr and "Traceback" not in bad.stderr
 
 

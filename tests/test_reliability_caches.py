@@ -1,5 +1,5 @@
 """Bad caches: every command that reads one stops with a message naming the problem and the
-fix, through the real CLI (in-process click runner: no traceback from deep inside zarr)."""
+fix, through the real CLI (cli_runner, in process: no traceback from deep inside zarr)."""
 from __future__ import annotations
 
 import json
@@ -8,28 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from click.testing import CliRunner
-
 from cache_fixtures import RECIPE, make_teacher
-from pipeline.cli import main
-
-CLI = "deit-pipeline"
-
-
-class Result:
-    def __init__(self, returncode: int, output: str):
-        self.returncode, self.stdout, self.stderr = returncode, output, ""
-
-
-def run_cli(args: list[str]) -> Result:
-    """Run a command line in-process; an exception other than a clean exit counts as a traceback."""
-    result = CliRunner().invoke(main, args[1:], catch_exceptions=True)
-    output = result.output
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        import traceback
-        output += "".join(traceback.format_exception(result.exception))
-    return Result(result.exit_code, output)
-
+from cli_runner import CLI, run_cli
 
 @pytest.fixture(scope="module")
 def student_checkpoint(tmp_path_factory, small_shards) -> Path:

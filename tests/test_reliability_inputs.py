@@ -9,22 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
 
+from cli_runner import CLI, run_cli
 from data_shards import ShardSet, ShardsError
-from pipeline.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-class Payload:
-    """Stands for any object a malicious pickle would build."""
-
-
 def invoke(*args: str):
-    result = CliRunner().invoke(main, list(args), catch_exceptions=True)
-    crashed = result.exception is not None and not isinstance(result.exception, SystemExit)
-    assert not crashed, f"traceback instead of a message: {result.exception!r}\n{result.output}"
+    """A bad command line: it must end with a message, never a traceback."""
+    result = run_cli([CLI, *args])
+    assert "Traceback" not in result.stderr, f"traceback instead of a message:\n{result.output}"
     return result
 
 
@@ -40,22 +35,22 @@ def cache_teacher_args(shards, out, checkpoint, *extra):
 def test_cache_teacher_bad_numbers(tmp_path, small_shards, teacher_checkpoint, extra, needle):
     out = tmp_path / "cache"
     result = invoke(*cache_teacher_args(small_shards, out, teacher_checkpoint, *extra))
-    assert result.exit_code != 0 and needle in result.output.lower()
+    assert result.returncode != 0 and needle in result.output.lower()
     assert not (out / "units").exists() or not any((out / "units").iterdir())  # no work started
 
 
 def test_missing_checkpoint_and_unknown_model(tmp_path, small_shards, teacher_checkpoint):
     result = invoke(*cache_teacher_args(small_shards, tmp_path / "c1", tmp_path / "nope.pth", "--seeds", "2"))
-    assert result.exit_code != 0 and "nope.pth" in result.output
+    assert result.returncode != 0 and "nope.pth" in result.output
     result = invoke("cache-teacher", "--shards", str(small_shards), "--out", str(tmp_path / "c2"),
                     "--teacher", "no_such_model_xyz", "--seeds", "2", "--device", "cpu")
-    assert result.exit_code != 0 and "no_such_model_xyz" in result.output
+    assert result.returncode != 0 and "no_such_model_xyz" in result.output
     result = invoke("train-student", "--shards", str(small_shards), "--out", str(tmp_path / "run"),
                     "--model", "no_such_model_xyz", "--distillation-type", "none", "--epochs", "1")
-    assert result.exit_code != 0 and "no_such_model_xyz" in result.output
+    assert result.returncode != 0 and "no_such_model_xyz" in result.output
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
     result = invoke("evaluate", "--checkpoint", str(tmp_path / "missing.pt"), "--shards", str(small_shards))
-    assert result.exit_code != 0 and "missing.pt" in result.output
+    assert result.returncode != 0 and "missing.pt" in result.output
 
 
 def test_more_epochs_than_seeds_refused_unless_reuse(tmp_path, reference_cache, small_shards):
@@ -64,10 +59,10 @@ def test_more_epochs_than_seeds_refused_unless_reuse(tmp_path, reference_cache, 
             "48", "--depth", "2", "--num-heads", "3", "--batch-size", "32", "--warmup-epochs", "0", "--workers", "0",
             "--no-progress", "--device", "cpu", "--max-steps-per-epoch", "1"]
     result = invoke(*args, "--epochs", "4")
-    assert result.exit_code != 0 and "--reuse-seeds" in result.output
+    assert result.returncode != 0 and "--reuse-seeds" in result.output
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
     result = invoke(*args, "--epochs", "4", "--reuse-seeds")
-    assert result.exit_code == 0, result.output
+    assert result.returncode == 0, result.output
     notes = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any("seed" in n.get("message", "") for n in notes if n.get("event") == "note")
 
@@ -101,14 +96,39 @@ def test_every_torch_load_is_weights_only():
     assert offenders == []
 
 
-def test_pickled_checkpoint_is_refused(tmp_path, small_shards):
-    """A checkpoint holding an arbitrary object (what a malicious file would carry) is refused."""
+class Payload:
+    """What a malicious pickle carries: unpickling it runs code (here: it creates `sentinel`)."""
+
+    def __init__(self, sentinel: Path):
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return Path.touch, (self.sentinel,)
+
+
+def _load_student_teacher(path):
+    from student.teachers import load_online_teacher
+    return load_online_teacher(str(path), num_classes=10, device="cpu", teacher_model="test_efficientnet")
+
+
+@pytest.mark.parametrize("reader", ["cache-teacher", "init-from", "resume", "teacher-online"])
+def test_pickled_checkpoint_is_refused_without_running_it(tmp_path, small_shards, reader):
+    """Every checkpoint reader refuses a file whose unpickling would run code, and never runs it."""
+    from student.checkpoint import load_checkpoint
+    from student.models import read_state_dict
+    sentinel = tmp_path / "code-ran"
     evil = tmp_path / "evil.pth"
-    torch.save({"model": {"w": torch.zeros(1)}, "extra": Payload()}, evil)
-    result = invoke("cache-teacher", "--shards", str(small_shards), "--out", str(tmp_path / "c"),
-                    "--teacher", "test_efficientnet", "--teacher-checkpoint", str(evil), "--seeds", "1",
-                    "--device", "cpu")
-    assert result.exit_code != 0 and "evil.pth" in result.output
+    torch.save({"model": {"w": torch.zeros(1)}, "extra": Payload(sentinel)}, evil)
+    if reader == "cache-teacher":
+        result = invoke("cache-teacher", "--shards", str(small_shards), "--out", str(tmp_path / "c"),
+                        "--teacher", "test_efficientnet", "--teacher-checkpoint", str(evil), "--seeds", "1",
+                        "--device", "cpu")
+        assert result.returncode != 0 and "evil.pth" in result.output
+    else:
+        load = {"init-from": read_state_dict, "resume": load_checkpoint, "teacher-online": _load_student_teacher}
+        with pytest.raises(Exception, match="evil.pth"):
+            load[reader](evil)
+    assert not sentinel.exists(), "the pickled payload was executed"
 
 
 def test_shard_member_names_are_never_paths(tmp_path, small_shards):

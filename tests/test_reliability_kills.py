@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from cache_fixtures import (CLI, GROWN, SEEDS, assert_same_cache, assert_untouched, cli_args, copy_cache, file_states,
-                            leftovers, run_cli)
+from cache_fixtures import (GROWN, SEEDS, assert_same_cache, assert_untouched, cli_args, copy_cache, file_states,
+                            leftovers)
+from cli_runner import CLI, run_cli
 from _student_helpers import TIMING_FIELDS
 from data_shards.faults import ENV
 
@@ -51,10 +52,10 @@ def test_killed_training_resumes_to_the_same_weights(tmp_path, small_shards, ref
     saved = torch.load(out / "checkpoint.pt", weights_only=True)
     assert saved["epoch"] == 1                     # the last complete checkpoint, never the half-written one
     if crash_at.startswith("checkpoint"):
-        assert list(out.glob(".checkpoint.pt.tmp-*")), "the killed writer's temporary file should be there"
+        assert list(out.glob(".checkpoint.pt@*.tmp")), "the killed writer's temporary file should be there"
     resumed = run_cli(args + ["--resume"], {"OMP_NUM_THREADS": "1"})
     assert resumed.returncode == 0, resumed.stderr
-    assert not list(out.glob(".checkpoint.pt.tmp-*"))   # cleaned up
+    assert not list(out.glob(".checkpoint.pt@*.tmp"))   # cleaned up
     assert epoch_lines(out) == epoch_lines(uninterrupted_run)
     final, reference = (torch.load(p / "checkpoint.pt", weights_only=True)["model"] for p in (out, uninterrupted_run))
     assert final.keys() == reference.keys()
@@ -90,7 +91,7 @@ def test_killed_cache_teacher_completes_identically(tmp_path, small_shards, teac
     for unit in missing[:1]:
         with pytest.raises(Exception, match="not computed yet"):
             cache.read(unit.shard, unit.seed_start)
-    rerun = run_cli(cli_args(small_shards, out, teacher_checkpoint))
+    rerun = run_cli(cli_args(small_shards, out, teacher_checkpoint), process=True)
     assert rerun.returncode == 0, rerun.stderr
     assert_same_cache(reference_cache, out)
     assert leftovers(out) == []
@@ -117,7 +118,7 @@ def test_killed_growth_completes_identically(tmp_path, small_shards, teacher_che
     assert_untouched(before, out)
     seeds_after_kill = TeacherCache.open(out).num_seeds
     assert seeds_after_kill == (SEEDS if crash_at.startswith(("grow", "json")) else GROWN)
-    rerun = run_cli(args)
+    rerun = run_cli(args, process=True)
     assert rerun.returncode == 0, rerun.stderr
     assert_untouched(before, out)
     assert_same_cache(grown_reference, out)

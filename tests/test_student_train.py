@@ -13,11 +13,10 @@ import pytest
 import torch
 from _student_helpers import (CACHE_BATCH, CACHE_TOPK, RECIPE, TEACHER_ARCH, TINY_DEIT, make_cache,
                               make_teacher_checkpoint, metric_lines, model_state, single_thread, tiny_config)
-from click.testing import CliRunner
 
 import student.train as train_module
+from cli_runner import CLI, run_cli
 from data_shards import ShardSet, finish_item
-from pipeline.cli import main
 from student.data import DataPlanError, replay_item, unit_items
 from student.errors import StudentError
 from student.evaluate import evaluate_checkpoint
@@ -197,39 +196,38 @@ def test_fine_tune_at_a_higher_resolution(setup, tmp_path):
 
 
 def test_cli_trains_a_one_head_teacher_and_evaluates_three_heads(setup, tmp_path):
-    runner = CliRunner()
     size = ["--input-size", "32", "--epochs", "1", "--max-steps-per-epoch", "2", "--batch-size", "32",
             "--workers", "0", "--no-progress", "--warmup-epochs", "0", "--device", "cpu"]
-    teacher = runner.invoke(main, ["train-student", "--shards", str(setup["train"]), "--out", str(tmp_path / "t"),
-                                   "--model", TEACHER_ARCH, *size])
-    assert teacher.exit_code == 0, teacher.output
+    teacher = run_cli([CLI, "train-student", "--shards", str(setup["train"]), "--out", str(tmp_path / "t"),
+                       "--model", TEACHER_ARCH, *size])
+    assert teacher.returncode == 0, teacher.output
     tiny = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_DEIT.items()]
-    student = runner.invoke(main, ["train-student", "--shards", str(setup["train"]), "--out", str(tmp_path / "s"),
-                                   "--teacher-online", str(tmp_path / "t" / "checkpoint.pt"), "--distillation-type",
-                                   "soft", "--val-shards", str(setup["val"]), *tiny, *size])
-    assert student.exit_code == 0, student.output
+    student = run_cli([CLI, "train-student", "--shards", str(setup["train"]), "--out", str(tmp_path / "s"),
+                       "--teacher-online", str(tmp_path / "t" / "checkpoint.pt"), "--distillation-type",
+                       "soft", "--val-shards", str(setup["val"]), *tiny, *size])
+    assert student.returncode == 0, student.output
     assert "val top-1 class" in student.output
 
-    report = runner.invoke(main, ["evaluate", "--checkpoint", str(tmp_path / "s" / "checkpoint.pt"),
-                                  "--shards", str(setup["val"]), "--teacher", str(tmp_path / "t" / "checkpoint.pt"),
-                                  "--json", "--device", "cpu"])
-    assert report.exit_code == 0, report.output
-    data = json.loads(report.output)
+    report = run_cli([CLI, "evaluate", "--checkpoint", str(tmp_path / "s" / "checkpoint.pt"),
+                      "--shards", str(setup["val"]), "--teacher", str(tmp_path / "t" / "checkpoint.pt"),
+                      "--json", "--device", "cpu"])
+    assert report.returncode == 0, report.output
+    data = json.loads(report.stdout)
     assert set(data["heads"]) == {"class", "distillation", "fused"} and data["default_head"] == "fused"
     assert data["num_samples"] == sum(ShardSet.open(setup["val"]).shard_counts)
     assert set(data["teacher"]["agreement"]) == {"class", "distillation", "fused"}
     assert sum(v for k, v in data["teacher"]["disagreement"].items() if k != "head") == data["num_samples"]
-    text = runner.invoke(main, ["evaluate", "--checkpoint", str(tmp_path / "s" / "checkpoint.pt"),
-                                "--shards", str(setup["val"]), "--device", "cpu"])
+    text = run_cli([CLI, "evaluate", "--checkpoint", str(tmp_path / "s" / "checkpoint.pt"),
+                    "--shards", str(setup["val"]), "--device", "cpu"])
     assert "distillation" in text.output and "(default prediction)" in text.output
 
-    one_head = runner.invoke(main, ["evaluate", "--checkpoint", str(tmp_path / "t" / "checkpoint.pt"),
-                                    "--shards", str(setup["val"]), "--json", "--device", "cpu"])
-    assert set(json.loads(one_head.output)["heads"]) == {"class"}
+    one_head = run_cli([CLI, "evaluate", "--checkpoint", str(tmp_path / "t" / "checkpoint.pt"),
+                        "--shards", str(setup["val"]), "--json", "--device", "cpu"])
+    assert set(json.loads(one_head.stdout)["heads"]) == {"class"}
 
-    bad = runner.invoke(main, ["train-student", "--shards", str(setup["val"]), "--out", str(tmp_path / "x"),
-                               "--cache", str(setup["cache"]), *tiny, *size])
-    assert bad.exit_code == 2 and "shards content hash" in bad.output and "Traceback" not in bad.output
+    bad = run_cli([CLI, "train-student", "--shards", str(setup["val"]), "--out", str(tmp_path / "x"),
+                   "--cache", str(setup["cache"]), *tiny, *size])
+    assert bad.returncode == 2 and "shards content hash" in bad.output and "Traceback" not in bad.output
 
 
 def test_evaluate_against_the_cache(setup, tmp_path):
