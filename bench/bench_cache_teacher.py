@@ -1,11 +1,11 @@
 """Benchmarks 2 and 3 — stage one: cache-teacher throughput against a bare teacher forward,
-decode once vs decode per seed, cache read throughput, and bytes on disk per record.
+cache read throughput, and bytes on disk per record.
 
 Sections (all by default, or pick with --sections):
   throughput  cache-teacher images x seeds / s (decode + replay + teacher + commit, the real
               cache_teacher() call) against the same teacher's forward on ready tensors, in the
-              same run, same batch size and precision. Goal: ratio >= 0.9. Also the replay cost
-              with one decode per unit vs one decode per seed (no teacher).
+              same run, same batch size and precision. Goal: ratio >= 0.9. Loader workers replay
+              the teacher batches as work items, so --workers all work even for --units 1.
   read        TeacherCache.read(shard, seed) records / s over the cache just written.
   storage     bytes on disk per (sample, seed) record at K=10 top-k and with full logits, on
               digits, with a small teacher trained here for a few epochs on the replayed (mixed,
@@ -86,37 +86,6 @@ def bare_forward_rate(model, batch: int, input_size: int, precision: str, channe
     return done / (time.perf_counter() - start)
 
 
-def replay_rates(shard_set: ShardSet, recipe: AugRecipe, seeds: int, repeats: int = 3) -> dict:
-    """Replay of one shard for `seeds` seeds: decode once for all vs decode per seed (no teacher).
-    Warmed up, alternated, best of `repeats` each (the machine may be shared)."""
-    samples = shard_set.read_shard(0)
-
-    def once() -> float:
-        t0 = time.perf_counter()
-        decoded = {s.key: decode_image(s.data) for s in samples}
-        for seed in range(seeds):
-            for _ in replay_shard(samples, seed, recipe, decoded=decoded):
-                pass
-        return time.perf_counter() - t0
-
-    def per_seed() -> float:
-        t0 = time.perf_counter()
-        for seed in range(seeds):
-            for _ in replay_shard(samples, seed, recipe):
-                pass
-        return time.perf_counter() - t0
-
-    once()
-    times_once, times_per_seed = [], []
-    for _ in range(repeats):
-        times_once.append(once())
-        times_per_seed.append(per_seed())
-    n = len(samples) * seeds
-    return {"decode_once_img_per_s": round(n / min(times_once), 1),
-            "decode_per_seed_img_per_s": round(n / min(times_per_seed), 1),
-            "decode_once_speedup": round(min(times_per_seed) / min(times_once), 3)}
-
-
 def section_throughput(args, work: Path, device) -> dict:
     shards = work / "shards"
     if not shards.exists():
@@ -148,8 +117,7 @@ def section_throughput(args, work: Path, device) -> dict:
               "precision": args.precision, "channels_last": args.channels_last, "workers": args.workers,
               "seeds_per_unit": args.seeds, "units": args.units, "rounds": rounds,
               "bare_forward_img_per_s": round(bare, 2), "cache_teacher_img_seeds_per_s": round(cached, 2),
-              "ratio": round(cached / bare, 3), "goal_ratio": 0.9,
-              "replay": replay_rates(shard_set, recipe, args.seeds)}
+              "ratio": round(cached / bare, 3), "goal_ratio": 0.9}
     return result
 
 
@@ -293,11 +261,11 @@ def markdown(results: dict) -> str:
     lines = []
     if "throughput" in results:
         t = results["throughput"]
-        lines += ["| teacher | input | batch | precision | workers | bare forward img/s | cache-teacher img·seeds/s | ratio (goal ≥ 0.9) | decode-once speed-up |",
-                  "|---|---|---|---|---|---|---|---|---|",
+        lines += ["| teacher | input | batch | precision | workers | bare forward img/s | cache-teacher img·seeds/s | ratio (goal ≥ 0.9) |",
+                  "|---|---|---|---|---|---|---|---|",
                   f"| {t['teacher']} | {t['input_size']} | {t['batch_size']} | {t['precision']}"
                   f"{' + channels-last' if t['channels_last'] else ''} | {t['workers']} | {t['bare_forward_img_per_s']} | "
-                  f"{t['cache_teacher_img_seeds_per_s']} | {t['ratio']} | {t['replay']['decode_once_speedup']}× |", ""]
+                  f"{t['cache_teacher_img_seeds_per_s']} | {t['ratio']} |", ""]
     if "read" in results:
         r = results["read"]
         lines += [f"cache read: {r['read_records_per_s']} records/s ({r['reads_per_s']} reads/s of "

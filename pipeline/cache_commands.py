@@ -47,7 +47,7 @@ def parse_json_option(name: str, text: str | None) -> dict | None:
 @click.option("--store-logits", type=click.Choice(["topk", "full"]), default=None,
               help="Also store the full fp16 logits with 'full'. [default: topk]")
 @click.option("--seeds-per-unit", type=int, default=None,
-              help="Seeds per work unit (one image decode serves them all). [default: min(S, 10)]")
+              help="Seeds per work unit (locked and committed together). [default: min(S, 10)]")
 @recipe_options
 @click.option("--batch-size", type=int, default=None,
               help="Teacher batch size; recorded (GPU results depend on batch composition; verify-cache "
@@ -61,7 +61,7 @@ def parse_json_option(name: str, text: str | None) -> dict | None:
 @click.option("--num-jobs", type=int, default=None, help="Total jobs N (default: SLURM array / torchrun / 1).")
 @click.option("--job-index", type=int, default=None, help="This job's index I in 0..N-1.")
 @click.option("--workers", type=int, default=0, show_default=True,
-              help="Processes that decode and replay the augmentation (0: in the main process).")
+              help="Processes that replay teacher batches (uint8 work items; 0: in the main process).")
 @click.option("--max-units", type=int, default=None, help="Stop after computing this many units (time-limited jobs).")
 @click.option("--lock-stale-after", type=float, default=DEFAULT_STALE_AFTER, show_default=True,
               help="Seconds without heartbeat after which another job's unit lock counts as abandoned.")

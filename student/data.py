@@ -32,9 +32,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data_shards import (AugRecipe, ReplayItem, ShardSet, decode_image, eval_image, finish_item, mixed_targets,
-                         replay_slice, slice_positions)
-from data_shards.augment import mixing_order
+from data_shards import AugRecipe, ReplayItem, ShardSet, decode_image, eval_image, finish_item, mixed_targets
+from data_shards.items import WorkItem, replay_item, unit_items  # noqa: F401 (re-exported)
 from teacher_cache.targets import TeacherTargets
 
 from .schedule import DataPlanError, check_seed_budget, seeds_for_epoch
@@ -53,15 +52,6 @@ def deal_shards(num_shards: int, world_size: int, epoch: int, seed: int) -> list
                             "re-run make-shards with a smaller --shard-size or use fewer processes")
     order = [int(i) for i in _epoch_rng(seed, epoch).permutation(num_shards)]
     return [order[rank::world_size] for rank in range(world_size)]
-
-
-@dataclass(frozen=True)
-class WorkItem:
-    """Samples order[start:stop] of shard `shard`'s mixing order for seed `aug_seed`."""
-    shard: int
-    aug_seed: int
-    start: int
-    stop: int
 
 
 @dataclass(frozen=True)
@@ -138,20 +128,6 @@ class _ItemDataset(Dataset):
         return replay_item(self.shard_set, self.items[index], self.recipe, self._keys)
 
 
-def replay_item(shard_set: ShardSet, item: WorkItem, recipe: AugRecipe,
-                keys_cache: dict[int, list[str]] | None = None) -> ReplayItem:
-    """Read only the slice's samples (one seek each) and replay them (uint8, unfinished)."""
-    keys_cache = {} if keys_cache is None else keys_cache
-    if item.shard not in keys_cache:
-        keys_cache.clear()       # one shard's keys at a time: memory independent of the shard count
-        keys_cache[item.shard] = shard_set.shard_keys(item.shard)
-    keys = keys_cache[item.shard]
-    order = mixing_order(keys, item.aug_seed, recipe) if recipe.mixing else range(len(keys))
-    positions = slice_positions(keys, item.aug_seed, recipe, item.start, item.stop, order)
-    samples = shard_set.read_samples(item.shard, positions)
-    return replay_slice(samples, item.aug_seed, recipe, item.start, item.stop, keys, order)
-
-
 def _as_is(item: ReplayItem) -> ReplayItem:
     return item
 
@@ -169,11 +145,6 @@ def iter_items(shard_set: ShardSet, items: list[WorkItem], recipe: AugRecipe,
     # (own generator: a DataLoader draws its worker base seed from the global RNG otherwise, which
     # would shift drop path's random stream by the worker setting)
     yield from loader
-
-
-def unit_items(n: int, shard: int, aug_seed: int, size: int) -> list[WorkItem]:
-    """A whole unit as consecutive items of `size` samples (evaluation, tools)."""
-    return [WorkItem(shard, aug_seed, start, min(n, start + size)) for start in range(0, n, size)]
 
 
 # ----------------------------------------------------------------------------- batches

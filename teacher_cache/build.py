@@ -6,9 +6,16 @@ computes (locks.py), and commits it atomically (store.py). Rerunning the same co
 resumes; running N jobs with different indices fills the cache N times faster. A larger
 --seeds on an existing cache first grows it (growth.py), then computes the new units the same way.
 
+Data path (the same as stage two's): the main process expands each unit it locked into work
+items = its teacher batches (consecutive slices of --batch-size of each seed's mixing order);
+DataLoader workers replay items from a shared queue as uint8 (data_shards.replay_item), so all
+workers are busy whatever the unit count; the main process finishes each item on the teacher's
+device (finish_item), runs the teacher and commits a unit once all its items are in.
+
 Determinism: a batch never spans two (shard, seed) pairs and always holds the same
 consecutive replayed images (mixing order), so the numbers of a unit do not depend on
-which job, worker or rerun computed it; committing a unit twice writes the same bytes.
+which job, worker or rerun computed it, nor on the order items arrive in; committing a unit
+twice writes the same bytes.
 """
 from __future__ import annotations
 
@@ -25,8 +32,8 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from data_shards import AugRecipe, ShardSet, finish_item, replay_slice, tensor_digest
-from data_shards.augment import mixing_order
+from data_shards import (AugRecipe, ReplayItem, ShardSet, WorkItem, finish_item, replay_item, tensor_digest,
+                         unit_items)
 from data_shards.io import atomic_path, crash_point, resolve_device
 
 from .errors import CacheError
@@ -120,48 +127,40 @@ def resolve_settings(shard_set: ShardSet, existing: dict | None, *, seeds, topk,
 # ----------------------------------------------------------------------------- producing images
 
 @dataclass
-class UnitBatch:
-    """Consecutive replayed images of one (shard, seed) of one unit."""
+class UnitItem:
+    """One teacher batch of a locked unit, replayed (uint8) by a loader worker (or inline)."""
     unit_slot: int
-    aug_seed: int
-    positions: torch.Tensor          # (n,) int64 shard positions
-    images: torch.Tensor             # (n, 3, H, W) float32
-    digests: dict[str, str] = field(default_factory=dict)
+    item: ReplayItem
+    worker_pid: int
 
-    def pin_memory(self) -> "UnitBatch":
+    def pin_memory(self) -> "UnitItem":
         """Called by the DataLoader (pin_memory=True on CUDA): faster host-to-GPU copies."""
-        self.images = self.images.pin_memory()
+        self.item = self.item.pin_memory()
         return self
 
 
-def unit_batches(shard_set: ShardSet, unit: Unit, unit_slot: int, recipe: AugRecipe,
-                 batch_size: int) -> Iterator[UnitBatch]:
-    """The unit's teacher batches: for each seed, consecutive slices of `batch_size` of the seed's
-    mixing order, replayed by `replay_slice` and finished by `finish_item` (as stage two does)."""
-    samples = shard_set.read_shard(unit.shard)
-    keys = [s.key for s in samples]
-    for seed in unit.seeds:
-        order = mixing_order(keys, seed, recipe) if recipe.mixing else range(len(keys))
-        for start in range(0, len(keys), batch_size):
-            item = replay_slice(samples, seed, recipe, start, min(len(keys), start + batch_size), keys, order)
-            images = finish_item(item, recipe)
-            digests = {key: tensor_digest(images[i]) for i, key in enumerate(item.keys)
-                       if start + i < DIGESTS_PER_SEED}
-            yield UnitBatch(unit_slot, seed, item.positions, images, digests)
+def finish_batch(item: ReplayItem, recipe: AugRecipe, device: torch.device) -> tuple[torch.Tensor, dict[str, str]]:
+    """A teacher batch's finished images on `device`, and the digests of the seed's first images."""
+    images = finish_item(item, recipe, device)
+    digests = {key: tensor_digest(images[i]) for i, key in enumerate(item.keys)
+               if item.start + i < DIGESTS_PER_SEED}
+    return images, digests
 
 
-class _QueuedUnits(torch.utils.data.IterableDataset):
-    """DataLoader workers take units from a queue fed by the main process (which holds the locks)."""
+class _QueuedItems(torch.utils.data.IterableDataset):
+    """DataLoader workers take (unit slot, work item) tasks from a queue fed by the main process
+    (which holds the units' locks): every worker has work whatever the unit count."""
 
-    def __init__(self, shards_root: str, recipe: dict, batch_size: int, tasks):
-        self.shards_root, self.recipe, self.batch_size, self.tasks = shards_root, recipe, batch_size, tasks
+    def __init__(self, shards_root: str, recipe: dict, tasks):
+        self.shards_root, self.recipe, self.tasks = shards_root, recipe, tasks
 
     def __iter__(self):
         shard_set = ShardSet.open(self.shards_root)
         recipe = AugRecipe.from_dict(self.recipe)
+        keys_cache: dict[int, list[str]] = {}
         while (task := self.tasks.get()) is not None:
-            slot, unit = task
-            yield from unit_batches(shard_set, unit, slot, recipe, self.batch_size)
+            slot, work = task
+            yield UnitItem(slot, replay_item(shard_set, work, recipe, keys_cache), os.getpid())
 
 
 # ----------------------------------------------------------------------------- accumulating and committing
@@ -173,6 +172,8 @@ class UnitAccumulator:
         self.unit, self.count = unit, count
         self.expected = count * len(unit.seeds)
         self.received = 0
+        self.items = 0
+        self.worker_pids: set[int] = set()    # processes that replayed its items (the record shows them)
         self.digests: dict[str, dict[str, str]] = {}
         self.started = time.time()
         n = len(unit.seeds)
@@ -184,14 +185,16 @@ class UnitAccumulator:
             else:
                 self.buffers[name] = np.zeros((n, rows_per_shard, width), dtype=spec["dtype"])
 
-    def add(self, batch: UnitBatch, targets) -> None:
-        s = batch.aug_seed - self.unit.seed_start
-        pos = batch.positions.numpy()
+    def add(self, item: ReplayItem, digests: dict[str, str], targets, worker_pid: int) -> None:
+        s = item.aug_seed - self.unit.seed_start
+        pos = item.positions.numpy()
         for name, buffer in self.buffers.items():     # array names are TeacherTargets field names
             buffer[s, pos] = getattr(targets, name).numpy().astype(buffer.dtype)
-        if batch.digests:
-            self.digests.setdefault(str(batch.aug_seed), {}).update(batch.digests)
+        if digests:
+            self.digests.setdefault(str(item.aug_seed), {}).update(digests)
         self.received += len(pos)
+        self.items += 1
+        self.worker_pids.add(worker_pid)
 
     @property
     def complete(self) -> bool:
@@ -359,14 +362,15 @@ class _JobRun:
         self._slots, self._tasks, self._sentinels_sent = 0, None, False
         try:
             if self.workers == 0:
-                self._consume(self._inline_batches())
+                self._consume(self._inline_items())
             else:
                 self._run_with_workers()
         finally:
             keeper.close()           # releases the locks of units not committed (error / interrupt)
 
-    def _next_locked(self) -> tuple[int, Unit] | None:
-        """Lock the next pending unit; units done or held elsewhere meanwhile are skipped."""
+    def _next_locked(self) -> tuple[int, list[WorkItem]] | None:
+        """Lock the next pending unit and return its slot and teacher batches (work items);
+        units done or held elsewhere meanwhile are skipped."""
         while self._pending:
             unit = self._pending.pop(0)
             lock = try_lock(self.root, unit, self.lock_stale_after, job=f"{self.job.index}/{self.job.count}")
@@ -376,64 +380,67 @@ class _JobRun:
                 continue
             self._keeper.add(lock)
             self._slots += 1
-            slot = self._slots
-            self._active[slot] = (unit, lock, UnitAccumulator(unit, self.shard_set.shard_counts[unit.shard],
-                                                              self.shard_set.rows_per_shard, self.specs))
-            return slot, unit
+            slot, count = self._slots, self.shard_set.shard_counts[unit.shard]
+            self._active[slot] = (unit, lock, UnitAccumulator(unit, count, self.shard_set.rows_per_shard, self.specs))
+            return slot, [work for seed in unit.seeds for work in unit_items(count, unit.shard, seed, self.batch_size)]
         return None
 
-    def _inline_batches(self) -> Iterator[UnitBatch]:
-        recipe = self.settings.recipe
+    def _inline_items(self) -> Iterator[UnitItem]:
+        recipe, keys_cache = self.settings.recipe, {}
         while (task := self._next_locked()) is not None:
-            slot, unit = task
-            yield from unit_batches(self.shard_set, unit, slot, recipe, self.batch_size)
+            slot, works = task
+            for work in works:
+                yield UnitItem(slot, replay_item(self.shard_set, work, recipe, keys_cache), os.getpid())
+
+    def _queue(self, task: tuple[int, list[WorkItem]]) -> None:
+        slot, works = task
+        for work in works:
+            self._tasks.put((slot, work))
 
     def _run_with_workers(self) -> None:
         ctx = torch.multiprocessing.get_context("fork" if "fork" in torch.multiprocessing.get_all_start_methods()
                                                 else "spawn")
-        tasks = ctx.Queue()
-        window = 2 * self.workers            # units in flight: keeps every worker busy
+        self._tasks = ctx.Queue()
+        window = 2 * self.workers            # units in flight (their items queued): no worker waits on a commit
         fed = 0
-        for _ in range(window):
-            task = self._next_locked()
-            if task is None:
-                break
-            tasks.put(task)
+        while fed < window and (task := self._next_locked()) is not None:
+            self._queue(task)
             fed += 1
         if fed < window:
             for _ in range(self.workers):
-                tasks.put(None)
-        self._tasks, self._sentinels_sent = tasks, fed < window
-        dataset = _QueuedUnits(str(self.shard_set.root), self.settings.recipe.to_dict(), self.batch_size, tasks)
+                self._tasks.put(None)
+        self._sentinels_sent = fed < window
+        dataset = _QueuedItems(str(self.shard_set.root), self.settings.recipe.to_dict(), self._tasks)
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.workers, in_order=False,
                                              multiprocessing_context=ctx, pin_memory=self.device.type == "cuda",
                                              prefetch_factor=2)
         self._consume(loader)
 
     def _feed_one(self) -> None:
-        """With workers: after a unit completes, queue the next (or tell the workers to stop)."""
+        """With workers: after a unit completes, queue the next one's items (or tell the workers to stop)."""
         if self._tasks is None or self._sentinels_sent:
             return
         task = self._next_locked()
         if task is not None:
-            self._tasks.put(task)
+            self._queue(task)
         else:
             for _ in range(self.workers):
                 self._tasks.put(None)
             self._sentinels_sent = True
 
-    def _consume(self, batches) -> None:
+    def _consume(self, arrivals: Iterator[UnitItem]) -> None:
         s = self.settings
-        for batch in batches:
-            unit, lock, acc = self._active[batch.unit_slot]
+        for got in arrivals:
+            unit, lock, acc = self._active[got.unit_slot]
+            images, digests = finish_batch(got.item, s.recipe, self.device)
             t0 = time.perf_counter()
-            targets = teacher_forward(self.model, batch.images, s.topk, s.store_full, s.precision, self.channels_last)
+            targets = teacher_forward(self.model, images, s.topk, s.store_full, s.precision, self.channels_last)
             self.teacher_seconds += time.perf_counter() - t0
             crash_point("teacher-batch")
-            acc.add(batch, targets)
-            self._bar.update(len(batch.positions))
+            acc.add(got.item, digests, targets, got.worker_pid)
+            self._bar.update(len(got.item))
             if acc.complete:
-                self._finish(batch.unit_slot)
+                self._finish(got.unit_slot)
 
     def _finish(self, slot) -> None:
         unit, lock, acc = self._active.pop(slot)
@@ -442,7 +449,8 @@ class _JobRun:
                       "status": "done", "count": acc.count, "records": acc.expected, "digests": acc.digests,
                       "job": f"{self.job.index}/{self.job.count}", "host": socket.gethostname(), "pid": os.getpid(),
                       "device": str(self.device), "precision": self.settings.precision,
-                      "batch_size": self.batch_size, "channels_last": self.channels_last, "started": acc.started, "finished": time.time(),
+                      "batch_size": self.batch_size, "channels_last": self.channels_last, "items": acc.items,
+                      "worker_pids": sorted(acc.worker_pids), "started": acc.started, "finished": time.time(),
                       "seconds": round(time.time() - acc.started, 3)}
             commit_unit(self.root, unit, self.shard_set.rows_per_shard, acc.buffers, record)
             self.committed += 1

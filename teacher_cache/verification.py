@@ -1,11 +1,12 @@
 """verify_cache: recompute sampled cached records in the very batches that produced them, and compare.
 
 cache-teacher runs the teacher on consecutive slices of --batch-size replayed images of one
-(shard, seed), in mixing order (build.unit_batches). On a GPU, bf16 results depend on the batch
-a record sat in, so recomputing records in other batches disagrees on a healthy cache. Here each
-sampled record's original batch is rebuilt with build.unit_batches itself (same shard, seed,
-order and the unit's recorded batch size) and run with the cache's precision and the unit's
-channels-last setting: on the same machine and precision a healthy cache reproduces exactly.
+(shard, seed), in mixing order (build.py: one work item per batch). On a GPU, bf16 results
+depend on the batch a record sat in, so recomputing records in other batches disagrees on a
+healthy cache. Here each sampled record's original batch is rebuilt as cache-teacher builds it (the same work item,
+replay_item + finish_item: same shard, seed, order and the unit's recorded batch size) and run
+with the cache's precision and the unit's channels-last setting: on the same machine and
+precision a healthy cache reproduces exactly.
 
 Each sampled (shard, seed) also gets its recorded replay digests and its storage files' sha256
 checked. A record whose recomputed argmax differs from the cached one is a *near-tie* when the
@@ -24,10 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from data_shards import ShardSet
+from data_shards import ShardSet, replay_item, unit_items
 from data_shards.io import file_sha256, resolve_device
 
-from .build import DIGESTS_PER_SEED, unit_batches
+from .build import DIGESTS_PER_SEED, finish_batch
 from .cache import TeacherCache
 from .errors import CacheError
 from .layout import Unit, storage_shard_path
@@ -136,17 +137,17 @@ def verify_cache(path: str | os.PathLike, shards: str | os.PathLike, samples: in
         if unit.name not in checked_units:
             checked_units.add(unit.name)
             files_checked, bad_files = _check_files(cache, unit, files_checked, bad_files)
-        batch, digests = _original_batch(shard_set, unit, pick, recipe)
+        item, images, digests = _original_batch(shard_set, unit, pick, recipe)
         recorded = cache.unit_digests(pick.shard, pick.seed)
         digest_checked += len(recorded)
         bad_digests += [f"{key}@seed{pick.seed}" for key, d in recorded.items() if digests.get(key) != d]
         model = model.to(memory_format=torch.channels_last if pick.channels_last else torch.contiguous_format)
-        logits = teacher_logits(model, batch.images, precision, channels_last=pick.channels_last)
+        logits = teacher_logits(model, images, precision, channels_last=pick.channels_last)
         recomputed = encode_teacher_logits(logits, cache.topk, cache.has_logits).to("cpu")
         full_logprobs = torch.log_softmax(logits, dim=1).cpu()
         stored = cache.read(pick.shard, pick.seed)
         for row in pick.rows:
-            pos = int(batch.positions[row])
+            pos = int(item.positions[row])
             idx, lp = stored.topk_indices[pos], stored.topk_logprobs[pos]
             verdict = classify(idx, lp, full_logprobs[row], near_tie_tolerance)
             tally[verdict] += 1
@@ -201,18 +202,18 @@ def _check_files(cache: TeacherCache, unit: Unit, checked: int, bad: list[str]) 
 
 
 def _original_batch(shard_set: ShardSet, unit: Unit, pick: Pick, recipe):
-    """The batch `pick.batch` exactly as cache-teacher built it, and the replay digests seen on the way.
-    Uses cache-teacher's own batching (build.unit_batches) restricted to the pick's seed."""
-    one_seed = Unit(unit.seed_block, unit.shard, pick.seed, pick.seed + 1, unit.generation)
-    digests, found = {}, None
-    wanted_digests = min(DIGESTS_PER_SEED, shard_set.shard_counts[unit.shard])
-    for i, batch in enumerate(unit_batches(shard_set, one_seed, 0, recipe, pick.batch_size)):
-        digests.update(batch.digests)
-        if i == pick.batch:
-            found = batch
-        if found is not None and len(digests) >= wanted_digests:
-            break                          # the rest of the shard is not needed
-    if found is not None:
-        return found, digests
-    raise CacheError(f"shard {pick.shard} replays fewer than {pick.batch + 1} batches of {pick.batch_size}: "
-                     "the shards changed since the cache was computed")
+    """The images of batch `pick.batch` exactly as cache-teacher built them (the same work item,
+    replayed and finished the same way), and the replay digests of the seed's first images."""
+    count = shard_set.shard_counts[unit.shard]
+    works = unit_items(count, unit.shard, pick.seed, pick.batch_size)
+    if pick.batch >= len(works):
+        raise CacheError(f"shard {pick.shard} replays fewer than {pick.batch + 1} batches of {pick.batch_size}: "
+                         "the shards changed since the cache was computed")
+    keys_cache: dict[int, list[str]] = {}
+    item = replay_item(shard_set, works[pick.batch], recipe, keys_cache)
+    images, digests = finish_batch(item, recipe, "cpu")
+    for work in works:                     # the digested first images may sit in earlier batches
+        if len(digests) >= min(DIGESTS_PER_SEED, count) or work == works[pick.batch]:
+            break
+        digests.update(finish_batch(replay_item(shard_set, work, recipe, keys_cache), recipe, "cpu")[1])
+    return item, images, digests

@@ -143,3 +143,22 @@ def test_check_compatible_names_what_differs(reference_cache, small_shards, othe
     with pytest.raises(CacheError, match=r"recipe fingerprint(.|\n)*recipe reprob: cache 0.25, this run 0.0"):
         cache.check_compatible(ShardSet.open(small_shards), RECIPE.with_overrides(reprob=0.0))
     assert cache.recipe == RECIPE and cache.num_seeds == SEEDS and cache.topk == 10 and cache.num_classes == 10
+
+
+def test_one_unit_keeps_every_worker_busy(tmp_path, small_shards, teacher_checkpoint):
+    """Work items are teacher batches, not units: with a single unit to compute, both workers
+    replay its items, and the unit is the same as computed in the main process."""
+    from cache_fixtures import cache_snapshot
+    snapshots = {}
+    for workers in (2, 0):
+        out = tmp_path / f"w{workers}"
+        summary = cache_teacher(small_shards, out, teacher_checkpoint=teacher_checkpoint,
+                                **cache_kwargs(workers=workers, batch_size=4, max_units=1))
+        assert summary["units_computed"] == 1
+        (record_path,) = (out / "units").glob("*.json")
+        record = json.loads(record_path.read_text())
+        assert record["items"] == SEEDS_PER_UNIT * 40 // 4          # a shard of 40 images, batches of 4
+        assert len(record["worker_pids"]) == max(workers, 1)
+        snapshots[workers] = cache_snapshot(out)
+    assert snapshots[2]["files"] == snapshots[0]["files"]
+    assert snapshots[2]["units"] == snapshots[0]["units"]          # replay digests included
