@@ -23,7 +23,6 @@ on (shards, recipe, seed, epoch, rank, world size, batch size), not on the numbe
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from typing import Iterator, Protocol
@@ -33,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from data_shards import AugRecipe, ReplayItem, ShardSet, decode_image, eval_image, finish_item, mixed_targets
+from data_shards.io import text_seed
 from data_shards.items import WorkItem, replay_item, unit_items  # noqa: F401 (re-exported)
 from teacher_cache.targets import TeacherTargets
 
@@ -41,8 +41,7 @@ from .schedule import plan_epoch as plan_repeated_epoch
 
 
 def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
-    digest = hashlib.sha256(f"deit-pipeline|shard-order|{seed}|{epoch}".encode()).digest()
-    return np.random.Generator(np.random.PCG64(int.from_bytes(digest[:16], "little")))
+    return np.random.Generator(np.random.PCG64(text_seed(f"deit-pipeline|shard-order|{seed}|{epoch}", 16)))
 
 
 def deal_shards(num_shards: int, world_size: int, epoch: int, seed: int) -> list[list[int]]:

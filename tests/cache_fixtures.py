@@ -83,6 +83,16 @@ def assert_same_cache(a: Path, b: Path) -> None:
         np.testing.assert_array_equal(sa["arrays"][name], sb["arrays"][name])
 
 
+def job_summaries(procs) -> list[dict]:
+    """Wait for concurrent `cache-teacher --json` processes; each must succeed; their JSON summaries."""
+    summaries = []
+    for proc in procs:
+        stdout, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr
+        summaries.append(json.loads(stdout))
+    return summaries
+
+
 def leftovers(root: Path) -> list[str]:
     """Scratch folders, half-written files and lock files a finished run should not leave."""
     root = Path(root)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cache_fixtures import (GROWN, SEEDS, assert_same_cache, assert_untouched, cache_kwargs, cli_args, copy_cache,
-                            file_states, leftovers)
+                            file_states, job_summaries, leftovers)
 from cli_runner import CLI, run_cli
 from teacher_cache import CacheError, TeacherCache, cache_teacher
 from teacher_cache.growth import grow_cache
@@ -128,11 +128,7 @@ def test_concurrent_growing_jobs_equal_one_job(tmp_path, small_shards, teacher_c
     args = [a if a != str(SEEDS) else str(GROWN) for a in cli_args(small_shards, out, teacher_checkpoint)]
     procs = [subprocess.Popen(args + ["--num-jobs", job.split("/")[1], "--job-index", job.split("/")[0], "--json"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for job in jobs]
-    summaries = []
-    for proc in procs:
-        stdout, stderr = proc.communicate(timeout=300)
-        assert proc.returncode == 0, stderr
-        summaries.append(json.loads(stdout))
+    summaries = job_summaries(procs)
     assert sum(s["units_computed"] for s in summaries) == NEW_UNITS
     assert_untouched(before, out)
     assert_same_cache(grown_reference, out)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from cache_fixtures import (REPO, SEEDS, SEEDS_PER_UNIT, TEACHER_ARCH, assert_same_cache, cache_kwargs,
-                            cli_args, leftovers)
+                            cli_args, job_summaries, leftovers)
 from cli_runner import CLI, run_cli
 from teacher_cache import CacheError, TeacherCache, cache_teacher
 from teacher_cache.jobs import resolve_job
@@ -75,11 +75,7 @@ def test_concurrent_jobs_with_different_indices_equal_one_job(tmp_path, small_sh
     procs = [subprocess.Popen(cli_args(small_shards, out, teacher_checkpoint, "--num-jobs", "2", "--job-index", str(i),
                                        "--json"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
-    summaries = []
-    for proc in procs:
-        stdout, stderr = proc.communicate(timeout=300)
-        assert proc.returncode == 0, stderr
-        summaries.append(json.loads(stdout))
+    summaries = job_summaries(procs)
     assert sorted(s["units_computed"] for s in summaries) == [9, 9]
     assert_same_cache(reference_cache, out)
     assert leftovers(out) == []
@@ -92,11 +88,7 @@ def test_two_jobs_with_the_same_index_compute_each_unit_once(tmp_path, small_sha
     procs = [subprocess.Popen(cli_args(small_shards, out, teacher_checkpoint, "--num-jobs", "1", "--job-index", "0",
                                        "--json"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
-    summaries = []
-    for proc in procs:
-        stdout, stderr = proc.communicate(timeout=300)
-        assert proc.returncode == 0, stderr
-        summaries.append(json.loads(stdout))
+    summaries = job_summaries(procs)
     # Locks: no unit was computed twice, none was lost, and the cache is exactly the reference.
     assert sum(s["units_computed"] for s in summaries) == NUM_UNITS
     assert_same_cache(reference_cache, out)
