@@ -10,7 +10,7 @@ scikit-learn's sample photos, ~500x375, q90) into an ImageFolder in --work (a te
 folder by default), runs make-shards, writes a randomly initialised teacher checkpoint (no
 download), runs cache-teacher, then train-student for none / cached / online. The rate of
 each is its last epoch's samples_per_s from metrics.jsonl (the first epoch pays start-up and
-compilation), next to the pure-step rate of the same models from bench_student_step (tensors
+compilation; the steady rate leaves out its first log window), next to the pure-step rate of the same models from bench_student_step (tensors
 already on the device). Also reports the share of the epoch spent waiting for data and the
 peak GPU memory. --compile and --channels-last are passed through to train-student.
 """
@@ -51,8 +51,18 @@ def make_data(work: Path, images: int, classes: int, shard_size: int) -> Path:
 
 
 def last_epoch(run: Path) -> dict:
+    """The last epoch's record, plus `steady_samples_per_s`: its log windows after the first one.
+
+    An epoch's first window pays the loader's start (workers forked, first items replayed); on a
+    short benchmark epoch that start is a large share, on an ImageNet epoch (thousands of steps) it
+    is not, so both rates are reported."""
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in lines if r.get("event") == "epoch"][-1]
+    epoch = [r for r in lines if r.get("event") == "epoch"][-1]
+    windows = [r for r in lines if r.get("event") == "train" and r["epoch"] == epoch["epoch"]]
+    steps = [b["step"] - a["step"] for a, b in zip([{"step": 0}] + windows, windows)]
+    if len(windows) > 1:     # rate over the steps of windows 2.. (B cancels: seconds = steps * B / rate)
+        epoch["steady_samples_per_s"] = sum(steps[1:]) / sum(n / w["samples_per_s"] for n, w in zip(steps[1:], windows[1:]))
+    return epoch
 
 
 def main(argv=None) -> dict:
@@ -68,11 +78,13 @@ def main(argv=None) -> dict:
     p.add_argument("--precision", default=None, help="Teacher precision (default bf16 on GPU, fp32 on CPU).")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 2))
     p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--repeated-aug", type=int, default=3, help="train-student --repeated-aug (DeiT's 3)")
     p.add_argument("--modes", default="none,cached,online")
     p.add_argument("--compile", action="store_true", help="train-student --compile")
     p.add_argument("--channels-last", action="store_true", help="online teacher and cache-teacher channels-last")
     p.add_argument("--steps", type=int, default=20, help="bench_student_step: timed steps per round")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--log-interval", type=int, default=4, help="train-student steps per log window (steady rate)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--work", type=Path, default=None, help="Keep the data here (default: a temporary folder).")
     p.add_argument("--json", type=Path, default=None)
@@ -80,6 +92,8 @@ def main(argv=None) -> dict:
     gpu = torch.cuda.is_available()
     precision = args.precision or ("bf16" if gpu else "fp32")
     modes = args.modes.split(",")
+    # seeds for the epochs at R repeats: each epoch takes R seeds of one group (student/schedule.py)
+    seeds = args.repeated_aug * -(-args.epochs // args.repeated_aug) if args.repeated_aug > 1 else args.epochs
 
     with tempfile.TemporaryDirectory() as tmp:
         work = args.work or Path(tmp)
@@ -90,21 +104,21 @@ def main(argv=None) -> dict:
         torch.save({"model": timm.create_model(args.teacher, num_classes=args.classes).state_dict()}, teacher_ckpt)
         if "cached" in modes:
             cli("cache-teacher", "--shards", str(shards), "--out", str(work / "cache"), "--teacher", args.teacher,
-                "--teacher-checkpoint", str(teacher_ckpt), "--seeds", str(args.epochs), "--topk", "10",
+                "--teacher-checkpoint", str(teacher_ckpt), "--seeds", str(seeds), "--topk", "10",
                 "--batch-size", str(args.teacher_batch_size), "--precision", precision,
                 "--workers", str(args.workers), "--no-progress")
         student_opts = [f"--model-kwarg={kv}" for kv in args.student_kwarg]
         base = ["train-student", "--shards", str(shards), "--model", args.student, *student_opts,
                 "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--workers", str(args.workers),
-                "--warmup-epochs", "0", "--no-progress", "--log-interval", "1000000"]
+                "--warmup-epochs", "0", "--repeated-aug", str(args.repeated_aug), "--no-progress", "--log-interval", str(args.log_interval)]
         if args.compile:
             base.append("--compile")
         per_mode = {
-            "none": ["--distillation-type", "none", "--num-seeds", str(args.epochs)],
+            "none": ["--distillation-type", "none", "--num-seeds", str(seeds)],
             "cached": ["--cache", str(work / "cache"), "--distillation-type", "hard"],
             "online": ["--teacher-online", str(teacher_ckpt), "--teacher-model", args.teacher,
                        "--teacher-batch-size", str(args.teacher_batch_size), "--teacher-precision", precision,
-                       "--distillation-type", "hard", "--num-seeds", str(args.epochs),
+                       "--distillation-type", "hard", "--num-seeds", str(seeds),
                        "--channels-last" if args.channels_last else "--no-channels-last"],
         }
         end_to_end = {}
@@ -120,18 +134,20 @@ def main(argv=None) -> dict:
         "--rounds", str(args.rounds), "--warmup", str(args.warmup), "--modes", ",".join(modes),
         "--out", str(Path(tempfile.gettempdir()) / "bench_end_to_end_step")])
     rows = []
-    print("\n| mode | train-student img/s | pure step img/s | end-to-end / step | data wait share | peak GPU GiB |")
+    print("\n| mode | train-student img/s (epoch / steady) | pure step img/s | end-to-end / step (epoch / steady) "
+          "| data wait share | peak GPU GiB |")
     print("|---|---|---|---|---|---|")
     for mode in modes:
         e2e, pure = end_to_end[mode], step["results"][mode]["images_per_s"]
+        steady = e2e.get("steady_samples_per_s", e2e["samples_per_s"])
         wait = e2e.get("data_wait_s", 0.0) / max(e2e["epoch_time_s"], 1e-9)
         peak = e2e.get("peak_gpu_memory_bytes")
-        row = {"mode": mode, "end_to_end_img_s": e2e["samples_per_s"], "pure_step_img_s": pure,
-               "ratio": e2e["samples_per_s"] / pure, "data_wait_share": wait,
+        row = {"mode": mode, "end_to_end_img_s": e2e["samples_per_s"], "steady_img_s": steady, "pure_step_img_s": pure,
+               "ratio": e2e["samples_per_s"] / pure, "steady_ratio": steady / pure, "data_wait_share": wait,
                "peak_gpu_gib": None if peak is None else peak / 2**30}
         rows.append(row)
-        print(f"| {mode} | {row['end_to_end_img_s']:.1f} | {pure:.1f} | {row['ratio']:.2f} | {wait:.2f} | "
-              f"{'-' if peak is None else format(row['peak_gpu_gib'], '.1f')} |")
+        print(f"| {mode} | {row['end_to_end_img_s']:.1f} / {steady:.1f} | {pure:.1f} | {row['ratio']:.2f} / "
+              f"{row['steady_ratio']:.2f} | {wait:.2f} | {'-' if peak is None else format(row['peak_gpu_gib'], '.1f')} |")
     result = {"device": step["device"], "args": vars(args) | {"work": str(args.work), "json": str(args.json)},
               "rows": rows, "seconds_for_data_and_runs": data_seconds}
     if args.json:
