@@ -112,7 +112,7 @@ def test_killed_growth_completes_identically(tmp_path, small_shards, teacher_che
 
     out = copy_cache(reference_cache, tmp_path / "cache")
     before = file_states(out)
-    args = [a if a != str(SEEDS) else str(GROWN) for a in cli_args(small_shards, out, teacher_checkpoint)]
+    args = cli_args(small_shards, out, teacher_checkpoint, seeds=GROWN)
     killed = run_cli(args, {ENV: crash_at})
     assert killed.returncode == -9, killed.stderr
     assert_untouched(before, out)
