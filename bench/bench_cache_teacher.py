@@ -105,9 +105,9 @@ def section_throughput(args, work: Path, device) -> dict:
         out = work / f"cache-{r}"
         shutil.rmtree(out, ignore_errors=True)
         summary = cache_teacher(CacheOptions(shards, out, teacher=args.teacher, teacher_checkpoint=ckpt, seeds=args.seeds,
-                                seeds_per_unit=args.seeds, recipe=recipe, batch_size=args.batch_size,
-                                channels_last=args.channels_last, device=str(device), precision=args.precision, workers=args.workers,
-                                max_units=args.units, progress=False, log=lambda m: None))
+                                             seeds_per_unit=args.seeds, recipe=recipe, batch_size=args.batch_size,
+                                             channels_last=args.channels_last, device=str(device), precision=args.precision, workers=args.workers,
+                                             max_units=args.units, progress=False, log=lambda m: None))
         rounds.append({"bare_img_per_s": bare, "cache_img_seeds_per_s": summary["records_per_s"],
                        "records": summary["records_computed"], "teacher_seconds": summary["teacher_seconds"],
                        "seconds": summary["seconds"]})
@@ -213,8 +213,8 @@ def section_storage(args, work: Path) -> dict:
             cache = work / f"storage-{on}-{mode}"
             shutil.rmtree(cache, ignore_errors=True)
             cache_teacher(CacheOptions(shards, cache, teacher=args.storage_teacher, teacher_checkpoint=ckpt,
-                          seeds=args.storage_seeds, topk=10, store_logits=mode, recipe=AugRecipe(input_size=32),
-                          batch_size=64, device="cpu", progress=False, log=lambda m: None))
+                                       seeds=args.storage_seeds, topk=10, store_logits=mode, recipe=AugRecipe(input_size=32),
+                                       batch_size=64, device="cpu", progress=False, log=lambda m: None))
             info = inspect_cache(cache)
             row[mode] = {"records": info["records"]["done"], "bytes_per_record": info["bytes_per_record"],
                          "bytes": {"arrays": info["bytes"]["arrays"], "total": info["bytes"]["total"]},

@@ -80,9 +80,9 @@ def main() -> None:
     print(f"bare forward: {bare:.0f} img/s", flush=True)
 
     summary = cache_teacher(CacheOptions(work / "shards", work / "cache", teacher_checkpoint=ckpt, seeds=args.seeds,
-                            recipe=AugRecipe(input_size=args.input_size), batch_size=args.batch_size,
-                            channels_last=args.channels_last, device=str(device), precision=args.precision,
-                            workers=args.workers, progress=False))
+                                         recipe=AugRecipe(input_size=args.input_size), batch_size=args.batch_size,
+                                         channels_last=args.channels_last, device=str(device), precision=args.precision,
+                                         workers=args.workers, progress=False))
     report = verify_cache(work / "cache", work / "shards", samples=args.samples, device=str(device))
     result = {"machine": machine(device), "images": args.images, "classes": args.classes, "teacher": args.teacher,
               "input_size": args.input_size, "seeds": args.seeds, "batch_size": args.batch_size,

@@ -43,8 +43,8 @@ from .jobs import JobSlot, resolve_job
 from .layout import (INDEX_FILE, MANIFEST_FILE, SeedGeneration, Unit, all_units, array_specs, select_units,
                      unit_json_path, UNITS_DIR)
 from .locks import DEFAULT_STALE_AFTER, LockKeeper, try_lock
-from .manifest import (MANIFEST_DEFAULTS, build_manifest, create_or_match_manifest, manifest_differences,
-                       read_manifest, seed_generations, with_defaults)
+from .manifest import (MANIFEST_DEFAULTS, build_manifest, create_or_match_manifest, read_manifest, refuse_differences,
+                       seed_generations, with_defaults)
 from .store import clean_leftovers, commit_unit, ensure_arrays
 from .teacher import DEFAULT_TEACHER, check_precision, load_teacher, teacher_forward
 
@@ -100,7 +100,8 @@ class CacheSettings:
     batch_size: int = DEFAULT_BATCH_SIZE
     channels_last: bool = False
 
-    def array_specs(self, shard_set: ShardSet, gen: SeedGeneration) -> dict:
+    def specs_for(self, shard_set: ShardSet, gen: SeedGeneration) -> dict:
+        """The arrays of seed generation `gen` (layout.array_specs)."""
         return array_specs(gen.stop - gen.start, shard_set.num_shards, shard_set.rows_per_shard,
                            shard_set.num_classes, self.topk, self.seeds_per_unit, self.store_full)
 
@@ -108,7 +109,7 @@ class CacheSettings:
         return build_manifest(shard_set=shard_set, recipe=self.recipe, teacher_info=teacher_info,
                               num_seeds=self.seeds, seeds_per_unit=self.seeds_per_unit, topk=self.topk,
                               store_full=self.store_full, precision=self.precision,
-                              arrays=self.array_specs(shard_set, SeedGeneration(0, self.seeds)),
+                              arrays=self.specs_for(shard_set, SeedGeneration(0, self.seeds)),
                               num_units=len(all_units(shard_set.num_shards, self.seeds, self.seeds_per_unit)),
                               batch_size=self.batch_size, channels_last=self.channels_last)
 
@@ -280,8 +281,9 @@ def cache_teacher(opts: CacheOptions) -> dict:
     job = resolve_job(opts.num_jobs, opts.job_index)
     device = resolve_device(opts.device)
     check_precision(s.precision, device)
-    if existing is not None:
-        _refuse_other_settings(root, existing, s, shard_set)
+    if existing is not None:      # refuse early (before loading the teacher) on anything but the teacher weights
+        known = {**existing["teacher"], "name": s.teacher or existing["teacher"]["name"]}
+        refuse_differences(root, existing, s.manifest(shard_set, known))
     opts.log(f"cache-teacher: loading teacher {s.teacher or '(from checkpoint)'}"
              f"{' from ' + s.teacher_checkpoint if s.teacher_checkpoint else ' (timm pretrained)'} on {device}")
     model = load_teacher(s.teacher, s.teacher_checkpoint, num_classes=shard_set.num_classes, device=device,
@@ -298,7 +300,7 @@ def cache_teacher(opts: CacheOptions) -> dict:
     opts.log(f"cache-teacher: {job}: {len(mine)} of {len(units)} units are this job's, "
              f"{len(mine) - len(pending)} already done, {len(todo)} to compute ({records} images x seeds)"
              f"{' [new cache]' if created else ''}")
-    run = _JobRun(root, shard_set, s, s.array_specs(shard_set, seed_generations(manifest)[0]), model, device,
+    run = _JobRun(root, shard_set, s, s.specs_for(shard_set, seed_generations(manifest)[0]), model, device,
                   job, opts)
     started = time.time()
     with tqdm(total=records, unit="img", unit_scale=True, desc=f"cache-teacher {job.index}/{job.count}",
@@ -307,20 +309,10 @@ def cache_teacher(opts: CacheOptions) -> dict:
     return _summary(run, units, mine, time.time() - started)
 
 
-def _refuse_other_settings(root: Path, existing: dict, s: CacheSettings, shard_set: ShardSet) -> None:
-    """Refuse early (before loading the teacher) on anything but the teacher weights."""
-    known = {**existing["teacher"], "name": s.teacher or existing["teacher"]["name"]}
-    diffs = manifest_differences(existing, s.manifest(shard_set, known))
-    if diffs:
-        raise CacheError(f"{root} already holds a cache computed differently:\n  " + "\n  ".join(diffs) +
-                         "\nUse another --out folder, or rerun with the cache's settings "
-                         f"(`deit-pipeline inspect-cache {root}` shows them)")
-
-
 def _open_storage(root: Path, shard_set: ShardSet, s: CacheSettings, manifest: dict, opts: CacheOptions) -> list[Unit]:
     """Index, arrays and units folder in place, leftovers of dead jobs cleaned, the cache grown to
     `s.seeds` if asked; returns every unit of the cache."""
-    specs_for = partial(s.array_specs, shard_set)
+    specs_for = partial(s.specs_for, shard_set)
     write_index(root, shard_set)
     first = seed_generations(manifest)[0]
     ensure_arrays(root, specs_for(first), first.dir)

@@ -162,6 +162,19 @@ def assert_untouched(before: dict, root: Path) -> None:
             assert after.get(rel) == state, f"{rel} was rewritten by the growth"
 
 
+def copy_to_grow(reference: Path, tmp_path: Path, shards: Path, checkpoint: Path) -> tuple[Path, dict, list[str]]:
+    """A copy of `reference`, its file states, and the cache-teacher command line growing it to GROWN seeds."""
+    out = copy_cache(reference, tmp_path / "cache")
+    return out, file_states(out), cli_args(shards, out, checkpoint, seeds=GROWN)
+
+
+def assert_grown_like(reference: Path, out: Path, before: dict) -> None:
+    """A grown cache: nothing committed before the growth changed, it equals `reference`, no leftovers."""
+    assert_untouched(before, out)
+    assert_same_cache(reference, out)
+    assert leftovers(out) == []
+
+
 def all_at_once(call, count: int) -> tuple[list, list[Exception]]:
     """call(i) for i < count in threads released together; returns (results, exceptions raised)."""
     barrier, results, errors = threading.Barrier(count), [], []

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cache_fixtures import (GROWN, SEEDS, all_at_once, assert_same_cache, assert_untouched, cache_options,
-                            cli_args, copy_cache, file_states, job_summaries, leftovers)
+from cache_fixtures import (GROWN, SEEDS, all_at_once, assert_grown_like, assert_same_cache, assert_untouched,
+                            cache_options, cli_args, copy_cache, copy_to_grow, file_states, job_summaries, leftovers)
 from cli_runner import CLI, run_cli
 from teacher_cache import CacheError, CacheOptions, TeacherCache, cache_teacher
 from teacher_cache.growth import grow_cache
@@ -109,16 +109,12 @@ def test_jobs_growing_one_cache_at_once_add_one_generation(tmp_path, small_shard
 @pytest.mark.parametrize("jobs", [["0/2", "1/2"], ["0/1", "0/1"]], ids=["two-indices", "same-index-twins"])
 def test_concurrent_growing_jobs_equal_one_job(tmp_path, small_shards, teacher_checkpoint, reference_cache,
                                                grown_reference, jobs):
-    out = copy_cache(reference_cache, tmp_path / "cache")
-    before = file_states(out)
-    args = cli_args(small_shards, out, teacher_checkpoint, seeds=GROWN)
+    out, before, args = copy_to_grow(reference_cache, tmp_path, small_shards, teacher_checkpoint)
     procs = [subprocess.Popen(args + ["--num-jobs", job.split("/")[1], "--job-index", job.split("/")[0], "--json"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for job in jobs]
     summaries = job_summaries(procs)
     assert sum(s["units_computed"] for s in summaries) == NEW_UNITS
-    assert_untouched(before, out)
-    assert_same_cache(grown_reference, out)
-    assert leftovers(out) == []
+    assert_grown_like(grown_reference, out, before)
 
 
 @pytest.mark.slow
