@@ -42,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data_shards import AugRecipe, ShardSet, decode_image, make_shards, mixed_targets, replay_shard  # noqa: E402
-from teacher_cache import TeacherCache, cache_teacher, load_teacher  # noqa: E402
+from teacher_cache import CacheOptions, TeacherCache, cache_teacher, load_teacher  # noqa: E402
 from teacher_cache.inspection import inspect_cache  # noqa: E402
 from teacher_cache.teacher import resolve_device, teacher_logits  # noqa: E402
 
@@ -104,10 +104,10 @@ def section_throughput(args, work: Path, device) -> dict:
                                  args.bare_seconds)
         out = work / f"cache-{r}"
         shutil.rmtree(out, ignore_errors=True)
-        summary = cache_teacher(shards, out, teacher=args.teacher, teacher_checkpoint=ckpt, seeds=args.seeds,
-                                seeds_per_unit=args.seeds, recipe=recipe, batch_size=args.batch_size,
-                                channels_last=args.channels_last, device=str(device), precision=args.precision, workers=args.workers,
-                                max_units=args.units, progress=False, log=lambda m: None)
+        summary = cache_teacher(CacheOptions(shards, out, teacher=args.teacher, teacher_checkpoint=ckpt, seeds=args.seeds,
+                                             seeds_per_unit=args.seeds, recipe=recipe, batch_size=args.batch_size,
+                                             channels_last=args.channels_last, device=str(device), precision=args.precision, workers=args.workers,
+                                             max_units=args.units, progress=False, log=lambda m: None))
         rounds.append({"bare_img_per_s": bare, "cache_img_seeds_per_s": summary["records_per_s"],
                        "records": summary["records_computed"], "teacher_seconds": summary["teacher_seconds"],
                        "seconds": summary["seconds"]})
@@ -212,9 +212,9 @@ def section_storage(args, work: Path) -> dict:
         for mode in ("topk", "full"):
             cache = work / f"storage-{on}-{mode}"
             shutil.rmtree(cache, ignore_errors=True)
-            cache_teacher(shards, cache, teacher=args.storage_teacher, teacher_checkpoint=ckpt,
-                          seeds=args.storage_seeds, topk=10, store_logits=mode, recipe=AugRecipe(input_size=32),
-                          batch_size=64, device="cpu", progress=False, log=lambda m: None)
+            cache_teacher(CacheOptions(shards, cache, teacher=args.storage_teacher, teacher_checkpoint=ckpt,
+                                       seeds=args.storage_seeds, topk=10, store_logits=mode, recipe=AugRecipe(input_size=32),
+                                       batch_size=64, device="cpu", progress=False, log=lambda m: None))
             info = inspect_cache(cache)
             row[mode] = {"records": info["records"]["done"], "bytes_per_record": info["bytes_per_record"],
                          "bytes": {"arrays": info["bytes"]["arrays"], "total": info["bytes"]["total"]},

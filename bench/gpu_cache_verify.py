@@ -26,7 +26,7 @@ from PIL import Image
 
 from bench_cache_teacher import ROOT, bare_forward_rate, machine, random_teacher  # noqa: E402  (sets sys.path)
 from data_shards import AugRecipe, make_shards  # noqa: E402
-from teacher_cache import cache_teacher, load_teacher  # noqa: E402
+from teacher_cache import CacheOptions, cache_teacher, load_teacher  # noqa: E402
 from teacher_cache.teacher import resolve_device  # noqa: E402
 from teacher_cache.verification import verify_cache  # noqa: E402
 
@@ -79,10 +79,10 @@ def main() -> None:
     del model
     print(f"bare forward: {bare:.0f} img/s", flush=True)
 
-    summary = cache_teacher(work / "shards", work / "cache", teacher_checkpoint=ckpt, seeds=args.seeds,
-                            recipe=AugRecipe(input_size=args.input_size), batch_size=args.batch_size,
-                            channels_last=args.channels_last, device=str(device), precision=args.precision,
-                            workers=args.workers, progress=False)
+    summary = cache_teacher(CacheOptions(work / "shards", work / "cache", teacher_checkpoint=ckpt, seeds=args.seeds,
+                                         recipe=AugRecipe(input_size=args.input_size), batch_size=args.batch_size,
+                                         channels_last=args.channels_last, device=str(device), precision=args.precision,
+                                         workers=args.workers, progress=False))
     report = verify_cache(work / "cache", work / "shards", samples=args.samples, device=str(device))
     result = {"machine": machine(device), "images": args.images, "classes": args.classes, "teacher": args.teacher,
               "input_size": args.input_size, "seeds": args.seeds, "batch_size": args.batch_size,

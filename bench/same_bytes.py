@@ -19,7 +19,7 @@ import timm
 import torch
 
 VOLATILE = {"created", "updated", "jobs", "host", "hostname", "pid", "time", "started", "finished", "elapsed_s",
-            "timestamp", "duration_s", "log", "history", "versions", "seconds"}
+            "timestamp", "duration_s", "log", "history", "versions", "seconds", "worker_pids"}
 SKIP_FILES = {"metrics.jsonl", "train.log", "config.json"}   # timings / absolute paths
 
 
@@ -68,7 +68,7 @@ if __name__ == "__main__":
     OUT.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     from data_shards import AugRecipe, make_shards
-    from teacher_cache import cache_teacher
+    from teacher_cache import CacheOptions, cache_teacher
     from student.train import TrainConfig, train
     recipe = AugRecipe(input_size=32)
     make_shards("digits", OUT / "val", split="val", shard_size=40, progress=False)
@@ -77,8 +77,8 @@ if __name__ == "__main__":
     torch.save({"model": timm.create_model("test_resnet", num_classes=10).state_dict()}, teacher)
     kw = dict(teacher="test_resnet", teacher_checkpoint=teacher, seeds_per_unit=2, topk=3, recipe=recipe,
               batch_size=32, device="cpu", progress=False, log=lambda m: None)
-    cache_teacher(OUT / "val", OUT / "cache", seeds=3, **kw)
-    cache_teacher(OUT / "val", OUT / "cache", seeds=5, **kw)
+    cache_teacher(CacheOptions(OUT / "val", OUT / "cache", seeds=3, **kw))
+    cache_teacher(CacheOptions(OUT / "val", OUT / "cache", seeds=5, **kw))
     cfg = TrainConfig(shards=str(OUT / "val"), out=str(OUT / "run"), cache=str(OUT / "cache"),
                       model="deit_tiny_distilled_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=2,
                       num_heads=3, recipe=recipe.to_dict(), epochs=2, batch_size=32, lr=1e-3, warmup_epochs=0,

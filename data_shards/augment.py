@@ -418,6 +418,17 @@ def mixing_order(keys: Sequence[str], aug_seed: int, recipe: AugRecipe, fingerpr
     return [int(i) for i in rng.permutation(len(keys))]
 
 
+def mixing_partners(keys: Sequence[str], aug_seed: int, recipe: AugRecipe, fingerprint: str | None = None) -> list[int]:
+    """partners[i]: the position sample i is mixed with (itself when the recipe does not mix)."""
+    if not recipe.mixing or len(keys) < 2:
+        return list(range(len(keys)))
+    order = mixing_order(keys, aug_seed, recipe, fingerprint)
+    partners = [0] * len(order)
+    for k, i in enumerate(order):
+        partners[i] = order[(k + 1) % len(order)]
+    return partners
+
+
 def mix_params(key: str, partner_key: str, aug_seed: int, recipe: AugRecipe, fingerprint: str | None = None) -> MixParams:
     """timm Mixup._params_per_batch + cutmix_bbox_and_lam, drawn from the pair's generator."""
     if not recipe.mixing or key == partner_key:

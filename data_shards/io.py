@@ -80,6 +80,14 @@ def temp_path(path: Path) -> Path:
     return path.with_name(owned_name("." + path.name, ".tmp"))
 
 
+def out_folder(path: str | os.PathLike, option: str, error: type[Exception]) -> Path:
+    """`path` as a Path; `error` naming `option` when it exists and is not a folder."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise error(f"{option} {path} exists and is not a folder")
+    return path
+
+
 def fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

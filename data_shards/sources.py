@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .io import text_seed
+
 # PIL format name -> the extension written into the shard (webdataset decodes by extension).
 FORMAT_EXTENSION = {"JPEG": "jpg", "PNG": "png", "BMP": "bmp", "GIF": "gif", "TIFF": "tiff",
                     "WEBP": "webp", "PPM": "ppm"}
@@ -89,8 +91,7 @@ def make_key(relative_path: str) -> str:
 
 def in_val_split(key: str, val_fraction: float) -> bool:
     """Deterministic train/val assignment from the key alone (no RNG, no order dependence)."""
-    h = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
-    return (h / 2**64) < val_fraction
+    return (text_seed(key, byteorder="big") / 2**64) < val_fraction
 
 
 @dataclass

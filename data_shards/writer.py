@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from .io import out_folder, temp_path, text_sha256
 from .parallel import default_workers, ordered_chunk_map
 from .shards import (FORMAT_VERSION, MANIFEST_FILE, MANIFEST_SCHEMA, METADATA_FILE, SHARD_PATTERN,
                      hash_manifest_rows)
@@ -82,34 +83,13 @@ def make_shards(source: str, out: str | os.PathLike, split: str = "train", shard
     out/metadata.json). The folder is built aside and renamed into place, so a failure never
     leaves a half-written shard set.
     """
-    if split not in ("train", "val"):
-        raise SourceError(f"--split must be 'train' or 'val', got {split!r}")
-    if shard_size is not None and shard_size < 1:
-        raise SourceError(f"--shard-size must be >= 1, got {shard_size}")
     if val_fraction is None:
         val_fraction = 0.2 if source == "digits" else 0.0
-    if not 0.0 <= val_fraction < 1.0:
-        raise SourceError(f"--val-fraction must be in [0, 1), got {val_fraction}")
     workers = default_workers() if workers is None else workers
-    if workers < 1:
-        raise SourceError(f"--workers must be >= 1, got {workers}")
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise SourceError(f"output {out} exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise SourceError(f"output folder {out} is not empty; pass --overwrite to replace it")
-
-    tars = expand_tar_source(source) if is_tar_source(source) else None
-    if tars is None and classes_file is not None:
-        raise SourceError("--classes applies to WebDataset tars only (an ImageFolder's classes are its folders)")
-    if tars is not None and shard_size is not None:
-        raise SourceError("--shard-size does not apply to WebDataset tars: each tar is one shard")
-    if tars is not None and any(out.resolve() in t.parents for t in tars):
-        raise SourceError(f"output folder {out} holds the source tars; choose another --out")
-
+    out = _checked_options(split, shard_size, val_fraction, workers, out, overwrite)
+    tars = _source_tars(source, out, shard_size, classes_file)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_path(out)
     tmp.mkdir()
     try:
         skipped: list[Skipped] = []
@@ -128,8 +108,7 @@ def make_shards(source: str, out: str | os.PathLike, split: str = "train", shard
             shard_size = max(manifest.shard_counts, default=0)
             classes = classes or [str(i) for i in range(max(manifest.label_counts, default=-1) + 1)]
             extra = {"source": source, "external_shards": True, "shard_names": indexer.shard_names}
-        content_hash = manifest.close()
-        metadata = _finish(tmp, manifest, content_hash, classes, skipped, source, split, val_fraction,
+        metadata = _finish(tmp, manifest, manifest.close(), classes, skipped, source, split, val_fraction,
                            shard_size, allow_empty_classes, extra)
         _move_into_place(tmp, out)
         return metadata
@@ -137,10 +116,39 @@ def make_shards(source: str, out: str | os.PathLike, split: str = "train", shard
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _checked_options(split: str, shard_size: int | None, val_fraction: float, workers: int,
+                     out: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse bad options (naming them); returns `out` as a Path."""
+    if split not in ("train", "val"):
+        raise SourceError(f"--split must be 'train' or 'val', got {split!r}")
+    if shard_size is not None and shard_size < 1:
+        raise SourceError(f"--shard-size must be >= 1, got {shard_size}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise SourceError(f"--val-fraction must be in [0, 1), got {val_fraction}")
+    if workers < 1:
+        raise SourceError(f"--workers must be >= 1, got {workers}")
+    out = out_folder(out, "output", SourceError)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise SourceError(f"output folder {out} is not empty; pass --overwrite to replace it")
+    return out
+
+
+def _source_tars(source: str, out: Path, shard_size: int | None, classes_file) -> list[Path] | None:
+    """The WebDataset tars `source` names, checked against the options; None for an ImageFolder or digits."""
+    tars = expand_tar_source(source) if is_tar_source(source) else None
+    if tars is None and classes_file is not None:
+        raise SourceError("--classes applies to WebDataset tars only (an ImageFolder's classes are its folders)")
+    if tars is not None and shard_size is not None:
+        raise SourceError("--shard-size does not apply to WebDataset tars: each tar is one shard")
+    if tars is not None and any(out.resolve() in t.parents for t in tars):
+        raise SourceError(f"output folder {out} holds the source tars; choose another --out")
+    return tars
+
+
 def _write_sorted(candidates: list[Candidate], folder: Path, shard_size: int, workers: int,
                   manifest: ManifestBuilder, skipped: list[Skipped], progress: bool) -> None:
     """Order by sha256(key), then validate in parallel and write the usable images in that order."""
-    candidates = sorted(candidates, key=lambda c: hashlib.sha256(c.key.encode("utf-8")).digest())
+    candidates = sorted(candidates, key=lambda c: text_sha256(c.key))   # hex order = digest order
     for a, b in zip(candidates, candidates[1:]):
         if a.key == b.key:
             raise SourceError(f"duplicate key {a.key!r} (from {a.origin} and {b.origin})")
@@ -212,28 +220,18 @@ def _finish(tmp: Path, manifest: ManifestBuilder, content_hash: str, classes: li
                           f"{' ...' if len(empty) > 20 else ''}; add images, remove the class folder(s), "
                           "or pass --allow-empty-classes to keep their class index without samples")
     names = extra.pop("shard_names", None) or [SHARD_PATTERN % i for i in range(len(manifest.shard_counts))]
-    metadata = {
-        "format_version": FORMAT_VERSION,
-        "source": extra.pop("source"),
-        **extra,
-        "split": split,
-        "val_fraction": val_fraction,
-        "classes": classes,
-        "num_classes": len(classes),
-        "num_samples": manifest.num_rows,
-        "counts_per_class": counts,
-        "shard_size": shard_size,
-        "shards": [{"name": n, "count": c} for n, c in zip(names, manifest.shard_counts)],
-        "content_hash": content_hash,
-        "skipped": [{"path": s.origin, "reason": s.reason} for s in skipped],
-    }
+    metadata = {"format_version": FORMAT_VERSION, "source": extra.pop("source"), **extra, "split": split,
+                "val_fraction": val_fraction, "classes": classes, "num_classes": len(classes),
+                "num_samples": manifest.num_rows, "counts_per_class": counts, "shard_size": shard_size,
+                "shards": [{"name": n, "count": c} for n, c in zip(names, manifest.shard_counts)],
+                "content_hash": content_hash, "skipped": [{"path": s.origin, "reason": s.reason} for s in skipped]}
     (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
     return metadata
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:
     if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        old = temp_path(out)
         out.rename(old)
         tmp.rename(out)
         shutil.rmtree(old)

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from teacher_cache import CacheError, cache_teacher
+from teacher_cache import CacheError, CacheOptions, cache_teacher
 from teacher_cache.inspection import format_inspection, inspect_cache
 from teacher_cache.locks import DEFAULT_STALE_AFTER
 from teacher_cache.verification import NEAR_TIE_TOLERANCE, verify_cache
@@ -78,14 +78,13 @@ def cache_teacher_cmd(shards, out, teacher, teacher_checkpoint, teacher_kwargs, 
     # Unset recipe options mean: the existing cache's recipe (or DeiT's for a new cache).
     recipe = (recipe_from_options(input_size, recipe_source, aug_overrides)
               if recipe_given(input_size, recipe_source, aug_overrides) else None)
-    kwargs = run_or_explain(parse_json_option, "--teacher-kwargs", teacher_kwargs)
-    log = (lambda msg: click.echo(msg, err=True)) if as_json else click.echo
-    summary = run_or_explain(cache_teacher, shards, out, teacher=teacher, teacher_checkpoint=teacher_checkpoint,
-                             teacher_kwargs=kwargs, seeds=seeds, topk=topk, store_logits=store_logits, seeds_per_unit=seeds_per_unit,
-                             recipe=recipe, batch_size=batch_size, channels_last=channels_last, device=device,
-                             precision=precision,
-                             num_jobs=num_jobs, job_index=job_index, workers=workers, max_units=max_units,
-                             lock_stale_after=lock_stale_after, progress=not no_progress, log=log)
+    opts = CacheOptions(shards, out, seeds=seeds, topk=topk, store_logits=store_logits, seeds_per_unit=seeds_per_unit,
+                        precision=precision, recipe=recipe, teacher=teacher, teacher_checkpoint=teacher_checkpoint,
+                        teacher_kwargs=run_or_explain(parse_json_option, "--teacher-kwargs", teacher_kwargs),
+                        batch_size=batch_size, channels_last=channels_last, device=device, num_jobs=num_jobs,
+                        job_index=job_index, workers=workers, max_units=max_units, lock_stale_after=lock_stale_after,
+                        progress=not no_progress, log=(lambda msg: click.echo(msg, err=True)) if as_json else click.echo)
+    summary = run_or_explain(cache_teacher, opts)
     if as_json:
         echo_json(summary)
 

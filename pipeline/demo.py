@@ -21,7 +21,7 @@ import torch
 from data_shards import AugRecipe, make_shards
 from student.evaluate import evaluate_checkpoint
 from student.train import METRICS_FILE, TrainConfig, train
-from teacher_cache.build import cache_teacher
+from teacher_cache.build import CacheOptions, cache_teacher
 
 # A recipe for 32x32 digits (8x8 originals, upsampled): DeiT's recipe with three changes a
 # digit needs — no horizontal flip (a mirrored 2 or 7 is not a 2 or 7), milder crops (a 0.08
@@ -101,9 +101,9 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), overwrite
 
     t = step(f"3/6 cache-teacher: {settings.student_epochs} augmentation seeds x every training image")
     cache_dir = out / "teacher_cache"
-    cache_summary = cache_teacher(shards["train"], cache_dir, teacher_checkpoint=str(teacher_ckpt),
-                                  seeds=settings.student_epochs, topk=10, recipe=DEMO_RECIPE,
-                                  batch_size=settings.teacher_batch_size, device=settings.device)
+    cache_summary = cache_teacher(CacheOptions(shards["train"], cache_dir, teacher_checkpoint=str(teacher_ckpt),
+                                               seeds=settings.student_epochs, topk=10, recipe=DEMO_RECIPE,
+                                               batch_size=settings.teacher_batch_size, device=settings.device))
     timings["cache_teacher"] = time.time() - t
 
     runs = {}                       # (kind, seed) -> run folder

@@ -23,8 +23,9 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -34,7 +35,7 @@ from tqdm import tqdm
 
 from data_shards import (AugRecipe, ReplayItem, ShardSet, WorkItem, finish_item, replay_item, tensor_digest,
                          unit_items)
-from data_shards.io import atomic_path, crash_point, resolve_device
+from data_shards.io import atomic_path, crash_point, out_folder, resolve_device
 
 from .errors import CacheError
 from .growth import check_not_shrinking, grow_cache
@@ -42,8 +43,8 @@ from .jobs import JobSlot, resolve_job
 from .layout import (INDEX_FILE, MANIFEST_FILE, SeedGeneration, Unit, all_units, array_specs, select_units,
                      unit_json_path, UNITS_DIR)
 from .locks import DEFAULT_STALE_AFTER, LockKeeper, try_lock
-from .manifest import (MANIFEST_DEFAULTS, build_manifest, create_or_match_manifest, manifest_differences,
-                       read_manifest, seed_generations, with_defaults)
+from .manifest import (MANIFEST_DEFAULTS, build_manifest, create_or_match_manifest, read_manifest, refuse_differences,
+                       seed_generations, with_defaults)
 from .store import clean_leftovers, commit_unit, ensure_arrays
 from .teacher import DEFAULT_TEACHER, check_precision, load_teacher, teacher_forward
 
@@ -53,7 +54,36 @@ DEFAULT_SEEDS_PER_UNIT = 10
 DEFAULT_BATCH_SIZE = MANIFEST_DEFAULTS["batch_size"]
 
 
-# ----------------------------------------------------------------------------- settings
+# ----------------------------------------------------------------------------- options and settings
+
+@dataclass
+class CacheOptions:
+    """One cache-teacher call. The options that decide the numbers (seeds .. channels_last) left as None
+    take the existing cache's values (so resuming needs only shards/out), or the defaults for a new cache;
+    a `seeds` larger than the existing cache's grows it (growth.py), a smaller one is refused."""
+    shards: str | os.PathLike
+    out: str | os.PathLike
+    seeds: int | None = None
+    topk: int | None = None
+    store_logits: str | None = None
+    seeds_per_unit: int | None = None
+    precision: str | None = None
+    recipe: AugRecipe | None = None
+    teacher: str | None = None
+    teacher_checkpoint: str | os.PathLike | None = None
+    teacher_kwargs: dict | None = None
+    batch_size: int | None = None
+    channels_last: bool | None = None
+    device: str = "auto"                                   # the rest: how this job runs (not recorded)
+    num_jobs: int | None = None
+    job_index: int | None = None
+    workers: int = 0
+    max_units: int | None = None
+    lock_stale_after: float = DEFAULT_STALE_AFTER
+    progress: bool = True
+    log: Callable[[str], None] = print
+    on_commit: Callable[[Unit], None] | None = None        # after each commit (tests simulate crashes)
+
 
 @dataclass
 class CacheSettings:
@@ -70,50 +100,44 @@ class CacheSettings:
     batch_size: int = DEFAULT_BATCH_SIZE
     channels_last: bool = False
 
+    def specs_for(self, shard_set: ShardSet, gen: SeedGeneration) -> dict:
+        """The arrays of seed generation `gen` (layout.array_specs)."""
+        return array_specs(gen.stop - gen.start, shard_set.num_shards, shard_set.rows_per_shard,
+                           shard_set.num_classes, self.topk, self.seeds_per_unit, self.store_full)
 
-def resolve_settings(shard_set: ShardSet, existing: dict | None, *, seeds, topk, store_logits, seeds_per_unit,
-                     precision, recipe, teacher, teacher_checkpoint, teacher_kwargs=None, batch_size=None,
-                     channels_last=None) -> CacheSettings:
-    """Options left unset take the existing cache's values (so resuming needs only --shards/--out),
-    or the defaults for a new cache. Checked before any work starts."""
-    existing = with_defaults(existing) if existing is not None else None
+    def manifest(self, shard_set: ShardSet, teacher_info: dict) -> dict:
+        return build_manifest(shard_set=shard_set, recipe=self.recipe, teacher_info=teacher_info,
+                              num_seeds=self.seeds, seeds_per_unit=self.seeds_per_unit, topk=self.topk,
+                              store_full=self.store_full, precision=self.precision,
+                              arrays=self.specs_for(shard_set, SeedGeneration(0, self.seeds)),
+                              num_units=len(all_units(shard_set.num_shards, self.seeds, self.seeds_per_unit)),
+                              batch_size=self.batch_size, channels_last=self.channels_last)
 
-    def pick(value, key, default):
-        if value is not None:
-            return value
-        return existing[key] if existing is not None else default
 
-    seeds = pick(seeds, "seeds", None)
+def resolve_settings(shard_set: ShardSet, existing: dict | None, opts: CacheOptions) -> CacheSettings:
+    """The options, completed from the existing cache or the defaults; checked before any work starts."""
+    old = with_defaults(existing) if existing is not None else {}
+
+    def pick(name, default):
+        value = getattr(opts, name)
+        return value if value is not None else old.get(name, default)
+
+    seeds = pick("seeds", None)
     if seeds is None:
         raise CacheError("--seeds S is required to create a cache (the number of augmentation seeds, "
                          "e.g. one per student epoch)")
-    store_logits = pick(store_logits, "store_logits", "topk")
+    store_logits = pick("store_logits", "topk")
     if store_logits not in ("topk", "full"):
         raise CacheError(f"--store-logits must be 'topk' or 'full', got {store_logits!r}")
     settings = CacheSettings(
-        seeds=int(seeds), topk=int(pick(topk, "topk", DEFAULT_TOPK)), store_full=store_logits == "full",
-        seeds_per_unit=int(pick(seeds_per_unit, "seeds_per_unit", min(int(seeds), DEFAULT_SEEDS_PER_UNIT))),
-        precision=pick(precision, "precision", "fp32"),
-        recipe=recipe if recipe is not None else (AugRecipe.from_dict(existing["recipe"]) if existing else AugRecipe()),
-        teacher=teacher, teacher_checkpoint=None if teacher_checkpoint is None else str(teacher_checkpoint),
-        teacher_kwargs=teacher_kwargs, batch_size=int(pick(batch_size, "batch_size", DEFAULT_BATCH_SIZE)),
-        channels_last=bool(pick(channels_last, "channels_last", False)))
+        seeds=int(seeds), topk=int(pick("topk", DEFAULT_TOPK)), store_full=store_logits == "full",
+        seeds_per_unit=int(pick("seeds_per_unit", min(int(seeds), DEFAULT_SEEDS_PER_UNIT))),
+        precision=pick("precision", "fp32"),
+        recipe=opts.recipe if opts.recipe is not None else AugRecipe.from_dict(old.get("recipe", {})),
+        batch_size=int(pick("batch_size", DEFAULT_BATCH_SIZE)), channels_last=bool(pick("channels_last", False)),
+        **_resolve_teacher(opts, old))
     if settings.batch_size < 1:
         raise CacheError(f"--batch-size must be >= 1, got {settings.batch_size}")
-    if teacher is None and teacher_checkpoint is None and existing is not None:
-        settings.teacher = existing["teacher"]["name"]
-        settings.teacher_checkpoint = existing["teacher"].get("checkpoint")
-        if settings.teacher_kwargs is None:
-            settings.teacher_kwargs = existing["teacher"].get("model_kwargs")
-        if settings.teacher_checkpoint and not Path(settings.teacher_checkpoint).is_file():
-            raise CacheError(f"the cache's teacher checkpoint {settings.teacher_checkpoint} is gone; "
-                             "pass --teacher-checkpoint PATH (the same weights)")
-    elif teacher is None and existing is not None:
-        settings.teacher = existing["teacher"]["name"]
-    elif teacher is None and teacher_checkpoint is None:
-        settings.teacher = DEFAULT_TEACHER
-    if teacher_checkpoint is not None and not Path(teacher_checkpoint).is_file():
-        raise CacheError(f"teacher checkpoint {teacher_checkpoint} not found")
     if settings.seeds < 1:
         raise CacheError(f"--seeds must be >= 1, got {settings.seeds}")
     if not 1 <= settings.topk <= shard_set.num_classes:
@@ -122,6 +146,25 @@ def resolve_settings(shard_set: ShardSet, existing: dict | None, *, seeds, topk,
         raise CacheError(f"--seeds-per-unit must be >= 1, got {settings.seeds_per_unit}")
     settings.seeds_per_unit = min(settings.seeds_per_unit, settings.seeds)
     return settings
+
+
+def _resolve_teacher(opts: CacheOptions, old: dict) -> dict:
+    """Teacher name, checkpoint and constructor arguments: as given, else the existing cache's (its
+    checkpoint must still be there), else timm's pretrained DEFAULT_TEACHER."""
+    name, checkpoint, kwargs = opts.teacher, opts.teacher_checkpoint, opts.teacher_kwargs
+    if checkpoint is not None and not Path(checkpoint).is_file():
+        raise CacheError(f"teacher checkpoint {checkpoint} not found")
+    recorded = old.get("teacher", {})
+    if name is None and checkpoint is None and old:
+        checkpoint = recorded.get("checkpoint")
+        kwargs = kwargs if kwargs is not None else recorded.get("model_kwargs")
+        if checkpoint and not Path(checkpoint).is_file():
+            raise CacheError(f"the cache's teacher checkpoint {checkpoint} is gone; "
+                             "pass --teacher-checkpoint PATH (the same weights)")
+    if name is None:
+        name = recorded["name"] if old else (DEFAULT_TEACHER if checkpoint is None else None)
+    return {"teacher": name, "teacher_checkpoint": None if checkpoint is None else str(checkpoint),
+            "teacher_kwargs": kwargs}
 
 
 # ----------------------------------------------------------------------------- producing images
@@ -155,12 +198,15 @@ class _QueuedItems(torch.utils.data.IterableDataset):
         self.shards_root, self.recipe, self.tasks = shards_root, recipe, tasks
 
     def __iter__(self):
-        shard_set = ShardSet.open(self.shards_root)
-        recipe = AugRecipe.from_dict(self.recipe)
-        keys_cache: dict[int, list[str]] = {}
-        while (task := self.tasks.get()) is not None:
-            slot, work = task
-            yield UnitItem(slot, replay_item(shard_set, work, recipe, keys_cache), os.getpid())
+        return replay_tasks(ShardSet.open(self.shards_root), AugRecipe.from_dict(self.recipe),
+                            iter(self.tasks.get, None))
+
+
+def replay_tasks(shard_set: ShardSet, recipe: AugRecipe, tasks: Iterable[tuple[int, WorkItem]]) -> Iterator[UnitItem]:
+    """(unit slot, work item) tasks -> their replayed teacher batches, in this process."""
+    keys_cache: dict[int, list[str]] = {}
+    for slot, work in tasks:
+        yield UnitItem(slot, replay_item(shard_set, work, recipe, keys_cache), os.getpid())
 
 
 # ----------------------------------------------------------------------------- accumulating and committing
@@ -222,102 +268,70 @@ def write_index(root: Path, shard_set: ShardSet) -> None:
 
 # ----------------------------------------------------------------------------- the job
 
-def cache_teacher(shards: str | os.PathLike, out: str | os.PathLike, *, teacher: str | None = None,
-                  teacher_checkpoint: str | os.PathLike | None = None, teacher_kwargs: dict | None = None,
-                  seeds: int | None = None,
-                  topk: int | None = None, store_logits: str | None = None, seeds_per_unit: int | None = None,
-                  recipe: AugRecipe | None = None, batch_size: int | None = None,
-                  channels_last: bool | None = None, device: str = "auto",
-                  precision: str | None = None, num_jobs: int | None = None, job_index: int | None = None,
-                  workers: int = 0, max_units: int | None = None, lock_stale_after: float = DEFAULT_STALE_AFTER,
-                  progress: bool = True, log: Callable[[str], None] = print,
-                  on_commit: Callable[[Unit], None] | None = None) -> dict:
-    """Compute this job's share of the cache at `out`; returns a summary dict.
-
-    Options left as None take the existing cache's values (or defaults for a new cache).
-    A `seeds` larger than the existing cache's grows it (growth.py); a smaller one is refused.
-    `on_commit` is called after each unit is committed (used by tests to simulate crashes).
-    """
-    if workers < 0:
-        raise CacheError(f"--workers must be >= 0, got {workers}")
-    root = Path(out)
-    if root.exists() and not root.is_dir():
-        raise CacheError(f"--out {root} exists and is not a folder")
-    shard_set = ShardSet.open(shards)
+def cache_teacher(opts: CacheOptions) -> dict:
+    """Compute this job's share of the cache at `opts.out`; returns a summary dict."""
+    if opts.workers < 0:
+        raise CacheError(f"--workers must be >= 0, got {opts.workers}")
+    root = out_folder(opts.out, "--out", CacheError)
+    shard_set = ShardSet.open(opts.shards)
     existing = read_manifest(root) if (root / MANIFEST_FILE).exists() else None
-    s = resolve_settings(shard_set, existing, seeds=seeds, topk=topk, store_logits=store_logits,
-                         seeds_per_unit=seeds_per_unit, precision=precision, recipe=recipe,
-                         teacher=teacher, teacher_checkpoint=teacher_checkpoint, teacher_kwargs=teacher_kwargs,
-                         batch_size=batch_size, channels_last=channels_last)
+    s = resolve_settings(shard_set, existing, opts)
     if existing is not None:
         check_not_shrinking(root, existing, s.seeds)
-    job = resolve_job(num_jobs, job_index)
-    torch_device = resolve_device(device)
-    check_precision(s.precision, torch_device)
-
-    def specs_for(gen: SeedGeneration) -> dict:
-        return array_specs(gen.stop - gen.start, shard_set.num_shards, shard_set.rows_per_shard,
-                           shard_set.num_classes, s.topk, s.seeds_per_unit, s.store_full)
-
-    def manifest_for(teacher_info: dict) -> dict:
-        return build_manifest(shard_set=shard_set, recipe=s.recipe, teacher_info=teacher_info, num_seeds=s.seeds,
-                              seeds_per_unit=s.seeds_per_unit, topk=s.topk, store_full=s.store_full,
-                              precision=s.precision, arrays=specs_for(SeedGeneration(0, s.seeds)),
-                              num_units=len(all_units(shard_set.num_shards, s.seeds, s.seeds_per_unit)),
-                              batch_size=s.batch_size, channels_last=s.channels_last)
-
-    if existing is not None:
-        # Refuse early (before loading the teacher) on anything but the teacher weights.
+    job = resolve_job(opts.num_jobs, opts.job_index)
+    device = resolve_device(opts.device)
+    check_precision(s.precision, device)
+    if existing is not None:      # refuse early (before loading the teacher) on anything but the teacher weights
         known = {**existing["teacher"], "name": s.teacher or existing["teacher"]["name"]}
-        diffs = manifest_differences(existing, manifest_for(known))
-        if diffs:
-            raise CacheError(f"{root} already holds a cache computed differently:\n  " + "\n  ".join(diffs) +
-                             "\nUse another --out folder, or rerun with the cache's settings "
-                             f"(`deit-pipeline inspect-cache {root}` shows them)")
-
-    log(f"cache-teacher: loading teacher {s.teacher or '(from checkpoint)'}"
-        f"{' from ' + s.teacher_checkpoint if s.teacher_checkpoint else ' (timm pretrained)'} on {torch_device}")
-    model = load_teacher(s.teacher, s.teacher_checkpoint, num_classes=shard_set.num_classes, device=torch_device,
+        refuse_differences(root, existing, s.manifest(shard_set, known))
+    opts.log(f"cache-teacher: loading teacher {s.teacher or '(from checkpoint)'}"
+             f"{' from ' + s.teacher_checkpoint if s.teacher_checkpoint else ' (timm pretrained)'} on {device}")
+    model = load_teacher(s.teacher, s.teacher_checkpoint, num_classes=shard_set.num_classes, device=device,
                          model_kwargs=s.teacher_kwargs)
     if s.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    manifest, created = create_or_match_manifest(root, manifest_for(model.teacher_info))
+    manifest, created = create_or_match_manifest(root, s.manifest(shard_set, model.teacher_info))
+    units = _open_storage(root, shard_set, s, manifest, opts)
+
+    mine = select_units(units, job.count, job.index)
+    pending = [u for u in mine if not unit_json_path(root, u).exists()]
+    todo = pending if opts.max_units is None else pending[:max(0, opts.max_units)]
+    records = sum(shard_set.shard_counts[u.shard] * len(u.seeds) for u in todo)
+    opts.log(f"cache-teacher: {job}: {len(mine)} of {len(units)} units are this job's, "
+             f"{len(mine) - len(pending)} already done, {len(todo)} to compute ({records} images x seeds)"
+             f"{' [new cache]' if created else ''}")
+    run = _JobRun(root, shard_set, s, s.specs_for(shard_set, seed_generations(manifest)[0]), model, device,
+                  job, opts)
+    started = time.time()
+    with tqdm(total=records, unit="img", unit_scale=True, desc=f"cache-teacher {job.index}/{job.count}",
+              disable=not opts.progress, smoothing=0.1) as bar:
+        run.execute(todo, bar)
+    return _summary(run, units, mine, time.time() - started)
+
+
+def _open_storage(root: Path, shard_set: ShardSet, s: CacheSettings, manifest: dict, opts: CacheOptions) -> list[Unit]:
+    """Index, arrays and units folder in place, leftovers of dead jobs cleaned, the cache grown to
+    `s.seeds` if asked; returns every unit of the cache."""
+    specs_for = partial(s.specs_for, shard_set)
     write_index(root, shard_set)
-    generations = seed_generations(manifest)
-    ensure_arrays(root, specs_for(generations[0]), generations[0].dir)
+    first = seed_generations(manifest)[0]
+    ensure_arrays(root, specs_for(first), first.dir)
     (root / UNITS_DIR).mkdir(exist_ok=True)
-    clean_leftovers(root, lock_stale_after)
+    clean_leftovers(root, opts.lock_stale_after)
     if s.seeds > int(manifest["seeds"]):
-        log(f"cache-teacher: growing {root} from {manifest['seeds']} to {s.seeds} seeds")
-        manifest = grow_cache(root, s.seeds, specs_for, lock_stale_after)
+        opts.log(f"cache-teacher: growing {root} from {manifest['seeds']} to {s.seeds} seeds")
+        manifest = grow_cache(root, s.seeds, specs_for, opts.lock_stale_after)
     if int(manifest["seeds"]) != s.seeds:       # another job grew it further meanwhile
         check_not_shrinking(root, manifest, s.seeds)
     generations = seed_generations(manifest)
     for gen in generations[1:]:
         ensure_arrays(root, specs_for(gen), gen.dir)       # checks the metadata (created by the growth)
-    units = all_units(shard_set.num_shards, s.seeds, s.seeds_per_unit, generations)
-    specs = specs_for(generations[0])          # widths and dtypes, the same in every generation
+    return all_units(shard_set.num_shards, s.seeds, s.seeds_per_unit, generations)
 
-    mine = select_units(units, job.count, job.index)
-    pending = [u for u in mine if not unit_json_path(root, u).exists()]
-    todo = pending if max_units is None else pending[:max(0, max_units)]
-    counts = shard_set.shard_counts
-    log(f"cache-teacher: {job}: {len(mine)} of {len(units)} units are this job's, "
-        f"{len(mine) - len(pending)} already done, "
-        f"{len(todo)} to compute ({sum(counts[u.shard] * len(u.seeds) for u in todo)} images x seeds)"
-        f"{' [new cache]' if created else ''}")
 
-    run = _JobRun(root=root, shard_set=shard_set, settings=s, specs=specs, model=model, device=torch_device,
-                  channels_last=s.channels_last, job=job, batch_size=s.batch_size, workers=workers,
-                  lock_stale_after=lock_stale_after, on_commit=on_commit)
-    started = time.time()
-    bar = tqdm(total=sum(counts[u.shard] * len(u.seeds) for u in todo), unit="img", unit_scale=True,
-               desc=f"cache-teacher {job.index}/{job.count}", disable=not progress, smoothing=0.1)
-    try:
-        run.execute(todo, bar)
-    finally:
-        bar.close()
-    seconds = time.time() - started
+def _summary(run: "_JobRun", units: list[Unit], mine: list[Unit], seconds: float) -> dict:
+    """The job's summary dict, also logged as one line."""
+    root, job = run.root, run.job
     done_mine = sum(unit_json_path(root, u).exists() for u in mine)
     summary = {
         "cache": str(root), "job_index": job.index, "num_jobs": job.count, "job_source": job.source,
@@ -326,140 +340,140 @@ def cache_teacher(shards: str | os.PathLike, out: str | os.PathLike, *, teacher:
         "units_this_job_done": done_mine, "units_this_job_missing": len(mine) - done_mine,
         "records_computed": run.records, "seconds": round(seconds, 3),
         "records_per_s": round(run.records / seconds, 1) if seconds > 0 else None,
-        "teacher_seconds": round(run.teacher_seconds, 3), "device": str(torch_device), "precision": s.precision,
-        "cache_units_done": sum(unit_json_path(root, u).exists() for u in units),
+        "teacher_seconds": round(run.teacher_seconds, 3), "device": str(run.device),
+        "precision": run.settings.precision, "cache_units_done": sum(unit_json_path(root, u).exists() for u in units),
     }
-    log(f"cache-teacher: {job}: computed {run.committed} unit(s), {run.records} images x seeds in {seconds:.1f}s "
-        f"({summary['records_per_s']} /s; teacher forward {run.teacher_seconds:.1f}s); this job's units done "
-        f"{done_mine}/{len(mine)}; whole cache {summary['cache_units_done']}/{len(units)} units"
-        + (f"; {len(run.skipped_locked)} unit(s) held by another live job" if run.skipped_locked else ""))
+    run.opts.log(f"cache-teacher: {job}: computed {run.committed} unit(s), {run.records} images x seeds in "
+                 f"{seconds:.1f}s ({summary['records_per_s']} /s; teacher forward {run.teacher_seconds:.1f}s); "
+                 f"this job's units done {done_mine}/{len(mine)}; whole cache {summary['cache_units_done']}/"
+                 f"{len(units)} units" + (f"; {len(run.skipped_locked)} unit(s) held by another live job"
+                                          if run.skipped_locked else ""))
     return summary
 
 
 @dataclass
 class _JobRun:
+    """Locks, computes and commits this job's units; with workers, keeps 2 units per worker in flight."""
     root: Path
     shard_set: ShardSet
     settings: CacheSettings
     specs: dict
     model: torch.nn.Module
     device: torch.device
-    channels_last: bool
     job: JobSlot
-    batch_size: int
-    workers: int
-    lock_stale_after: float
-    on_commit: Callable[[Unit], None] | None
+    opts: CacheOptions
     committed: int = 0
     records: int = 0
     teacher_seconds: float = 0.0
-    skipped_locked: list = field(default_factory=list)
-    lost: list = field(default_factory=list)
+    skipped_locked: list[Unit] = field(default_factory=list)
+    lost: list[Unit] = field(default_factory=list)
+    pending: list[Unit] = field(default_factory=list)      # not yet locked
+    active: dict[int, tuple] = field(default_factory=dict)  # slot -> (unit, lock, accumulator)
+    slots: int = 0
+    keeper: LockKeeper | None = None
+    bar: tqdm | None = None
+    tasks: object = None                                   # the workers' queue
+    sentinels_sent: bool = False
+
+    @property
+    def job_label(self) -> str:
+        return f"{self.job.index}/{self.job.count}"
 
     def execute(self, todo: list[Unit], bar) -> None:
-        keeper = LockKeeper(interval=min(20.0, self.lock_stale_after / 4))
-        self._keeper, self._pending, self._active, self._bar = keeper, list(todo), {}, bar
-        self._slots, self._tasks, self._sentinels_sent = 0, None, False
+        self.keeper = LockKeeper(interval=min(20.0, self.opts.lock_stale_after / 4))
+        self.pending, self.bar = list(todo), bar
         try:
-            if self.workers == 0:
+            if self.opts.workers == 0:
                 self._consume(self._inline_items())
             else:
                 self._run_with_workers()
         finally:
-            keeper.close()           # releases the locks of units not committed (error / interrupt)
+            self.keeper.close()           # releases the locks of units not committed (error / interrupt)
 
     def _next_locked(self) -> tuple[int, list[WorkItem]] | None:
         """Lock the next pending unit and return its slot and teacher batches (work items);
         units done or held elsewhere meanwhile are skipped."""
-        while self._pending:
-            unit = self._pending.pop(0)
-            lock = try_lock(self.root, unit, self.lock_stale_after, job=f"{self.job.index}/{self.job.count}")
+        while self.pending:
+            unit = self.pending.pop(0)
+            lock = try_lock(self.root, unit, self.opts.lock_stale_after, job=self.job_label)
             if lock is None:
                 if not unit_json_path(self.root, unit).exists():
                     self.skipped_locked.append(unit)
                 continue
-            self._keeper.add(lock)
-            self._slots += 1
-            slot, count = self._slots, self.shard_set.shard_counts[unit.shard]
-            self._active[slot] = (unit, lock, UnitAccumulator(unit, count, self.shard_set.rows_per_shard, self.specs))
-            return slot, [work for seed in unit.seeds for work in unit_items(count, unit.shard, seed, self.batch_size)]
+            self.keeper.add(lock)
+            self.slots += 1
+            count, batch_size = self.shard_set.shard_counts[unit.shard], self.settings.batch_size
+            self.active[self.slots] = (unit, lock, UnitAccumulator(unit, count, self.shard_set.rows_per_shard,
+                                                                   self.specs))
+            return self.slots, [work for seed in unit.seeds for work in unit_items(count, unit.shard, seed, batch_size)]
         return None
 
     def _inline_items(self) -> Iterator[UnitItem]:
-        recipe, keys_cache = self.settings.recipe, {}
-        while (task := self._next_locked()) is not None:
-            slot, works = task
-            for work in works:
-                yield UnitItem(slot, replay_item(self.shard_set, work, recipe, keys_cache), os.getpid())
+        """Without workers: lock the next unit once the previous one's items are replayed."""
+        tasks = ((slot, work) for slot, works in iter(self._next_locked, None) for work in works)
+        return replay_tasks(self.shard_set, self.settings.recipe, tasks)
 
-    def _queue(self, task: tuple[int, list[WorkItem]]) -> None:
+    def _queue(self, task: tuple[int, list[WorkItem]] | None) -> None:
+        """Queue a locked unit's items, or (None) tell the workers to stop."""
+        if task is None:
+            for _ in range(self.opts.workers):
+                self.tasks.put(None)
+            self.sentinels_sent = True
+            return
         slot, works = task
         for work in works:
-            self._tasks.put((slot, work))
+            self.tasks.put((slot, work))
 
     def _run_with_workers(self) -> None:
         ctx = torch.multiprocessing.get_context("fork" if "fork" in torch.multiprocessing.get_all_start_methods()
                                                 else "spawn")
-        self._tasks = ctx.Queue()
-        window = 2 * self.workers            # units in flight (their items queued): no worker waits on a commit
-        fed = 0
-        while fed < window and (task := self._next_locked()) is not None:
-            self._queue(task)
-            fed += 1
-        if fed < window:
-            for _ in range(self.workers):
-                self._tasks.put(None)
-        self._sentinels_sent = fed < window
-        dataset = _QueuedItems(str(self.shard_set.root), self.settings.recipe.to_dict(), self._tasks)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.workers, in_order=False,
+        self.tasks = ctx.Queue()
+        for _ in range(2 * self.opts.workers):   # units in flight (their items queued): no worker waits on a commit
+            self._queue(self._next_locked())
+            if self.sentinels_sent:
+                break
+        dataset = _QueuedItems(str(self.shard_set.root), self.settings.recipe.to_dict(), self.tasks)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.opts.workers, in_order=False,
                                              multiprocessing_context=ctx, pin_memory=self.device.type == "cuda",
                                              prefetch_factor=2)
         self._consume(loader)
 
-    def _feed_one(self) -> None:
-        """With workers: after a unit completes, queue the next one's items (or tell the workers to stop)."""
-        if self._tasks is None or self._sentinels_sent:
-            return
-        task = self._next_locked()
-        if task is not None:
-            self._queue(task)
-        else:
-            for _ in range(self.workers):
-                self._tasks.put(None)
-            self._sentinels_sent = True
-
     def _consume(self, arrivals: Iterator[UnitItem]) -> None:
         s = self.settings
         for got in arrivals:
-            unit, lock, acc = self._active[got.unit_slot]
+            unit, lock, acc = self.active[got.unit_slot]
             images, digests = finish_batch(got.item, s.recipe, self.device)
             t0 = time.perf_counter()
-            targets = teacher_forward(self.model, images, s.topk, s.store_full, s.precision, self.channels_last)
+            targets = teacher_forward(self.model, images, s.topk, s.store_full, s.precision, s.channels_last)
             self.teacher_seconds += time.perf_counter() - t0
             crash_point("teacher-batch")
             acc.add(got.item, digests, targets, got.worker_pid)
-            self._bar.update(len(got.item))
+            self.bar.update(len(got.item))
             if acc.complete:
                 self._finish(got.unit_slot)
 
     def _finish(self, slot) -> None:
-        unit, lock, acc = self._active.pop(slot)
+        unit, lock, acc = self.active.pop(slot)
         if lock.still_held():
-            record = {"unit": unit.name, "shard": unit.shard, "seeds": [unit.seed_start, unit.seed_stop - 1],
-                      "status": "done", "count": acc.count, "records": acc.expected, "digests": acc.digests,
-                      "job": f"{self.job.index}/{self.job.count}", "host": socket.gethostname(), "pid": os.getpid(),
-                      "device": str(self.device), "precision": self.settings.precision,
-                      "batch_size": self.batch_size, "channels_last": self.channels_last, "items": acc.items,
-                      "worker_pids": sorted(acc.worker_pids), "started": acc.started, "finished": time.time(),
-                      "seconds": round(time.time() - acc.started, 3)}
-            commit_unit(self.root, unit, self.shard_set.rows_per_shard, acc.buffers, record)
+            commit_unit(self.root, unit, self.shard_set.rows_per_shard, acc.buffers, self._record(unit, acc))
             self.committed += 1
             self.records += acc.expected
-            self._bar.set_postfix(units=self.committed, refresh=False)
+            self.bar.set_postfix(units=self.committed, refresh=False)
         else:
             self.lost.append(unit)   # another job broke our lock (we looked dead): let it commit
-        self._keeper.discard(lock)
+        self.keeper.discard(lock)
         lock.release()
-        if self.on_commit is not None and unit not in self.lost:
-            self.on_commit(unit)
-        self._feed_one()
+        if self.opts.on_commit is not None and unit not in self.lost:
+            self.opts.on_commit(unit)
+        if self.tasks is not None and not self.sentinels_sent:    # with workers: queue the next unit's items
+            self._queue(self._next_locked())
+
+    def _record(self, unit: Unit, acc: UnitAccumulator) -> dict:
+        """The unit's JSON record (commit_unit adds its files' sha256)."""
+        s = self.settings
+        return {"unit": unit.name, "shard": unit.shard, "seeds": [unit.seed_start, unit.seed_stop - 1],
+                "status": "done", "count": acc.count, "records": acc.expected, "digests": acc.digests,
+                "job": self.job_label, "host": socket.gethostname(), "pid": os.getpid(),
+                "device": str(self.device), "precision": s.precision, "batch_size": s.batch_size,
+                "channels_last": s.channels_last, "items": acc.items, "worker_pids": sorted(acc.worker_pids),
+                "started": acc.started, "finished": time.time(), "seconds": round(time.time() - acc.started, 3)}

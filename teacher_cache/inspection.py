@@ -11,10 +11,10 @@ from pathlib import Path
 
 import numpy as np
 
-from data_shards.augment import mix_params, mixing_order
+from data_shards.augment import mix_params, mixing_partners
 
 from .cache import TeacherCache
-from .layout import ARRAYS_DIR, INDEX_FILE, MANIFEST_FILE, TMP_DIR, UNITS_DIR, array_path
+from .layout import ARRAYS_DIR, INDEX_FILE, MANIFEST_FILE, TMP_DIR, UNITS_DIR, Unit, array_path
 from .targets import soft_tail_mass
 
 
@@ -50,6 +50,9 @@ def array_bytes(root: Path, names: list[str], array_dirs: list[str] = ("",)) -> 
     return out
 
 
+STAT_NAMES = ("records", "top1", "dominant", "either", "mass", "unmixed", "unmixed_top1")
+
+
 def _label_stats(cache: TeacherCache, pairs: list[tuple[int, int]]) -> dict:
     """top-1 against labels for the given (shard, seed) pairs, plus per-seed rows."""
     index = cache.read_index().sort_by([("shard", "ascending"), ("position", "ascending")])
@@ -66,18 +69,12 @@ def _label_stats(cache: TeacherCache, pairs: list[tuple[int, int]]) -> dict:
         targets = cache.read(shard, seed)
         pred = targets.label.numpy()
         n = len(keys)
-        partner = np.arange(n)
-        lam = np.ones(n)
-        if recipe.mixing and n > 1:
-            order = mixing_order(keys, seed, recipe, fingerprint)
-            for k in range(n):
-                partner[order[k]] = order[(k + 1) % n]
-            lam = np.array([mix_params(keys[i], keys[partner[i]], seed, recipe, fingerprint).lam for i in range(n)])
+        partner = np.asarray(mixing_partners(keys, seed, recipe, fingerprint), dtype=np.int64)
+        lam = np.array([mix_params(keys[i], keys[partner[i]], seed, recipe, fingerprint).lam for i in range(n)])
         partner_labels = labels[partner]
         dominant = np.where(lam >= 0.5, labels, partner_labels)
         unmixed = lam == 1.0
-        row = per_seed.setdefault(seed, {k: 0.0 for k in ("records", "top1", "dominant", "either", "mass",
-                                                           "unmixed", "unmixed_top1")})
+        row = per_seed.setdefault(seed, dict.fromkeys(STAT_NAMES, 0.0))
         row["records"] += n
         row["top1"] += float((pred == labels).sum())
         row["dominant"] += float((pred == dominant).sum())
@@ -107,35 +104,14 @@ def soft_target_bounds(cache: TeacherCache, pairs: list[tuple[int, int]], taus=S
 def inspect_cache(path: str | os.PathLike, max_label_records: int = 200_000) -> dict:
     """Units done / missing, records, bytes on disk and per record, teacher top-1, top-k mass, per seed."""
     cache = TeacherCache.open(path)
-    m = cache.manifest
-    counts = cache.shard_counts
-    units = cache.units()
+    m, counts, units = cache.manifest, cache.shard_counts, cache.units()
     done = [u for u in units if cache.is_done(u)]
     missing = [u for u in units if not cache.is_done(u)]
     records_done = sum(counts[u.shard] * len(u.seeds) for u in done)
-    records_total = sum(counts) * cache.num_seeds
-    usage = disk_usage(cache.root)
-    arrays = array_bytes(cache.root, cache.array_names, [g.dir for g in cache.seed_generations])
-    total_bytes = sum(part["bytes"] for part in usage.values())
-
-    # Teacher quality on a deterministic spread of done (shard, seed) pairs, up to max_label_records.
-    pairs = sorted({(u.shard, s) for u in done for s in u.seeds}, key=lambda p: (p[1], p[0]))
-    rng = np.random.default_rng(0)
-    rng.shuffle(pairs)
-    chosen, budget = [], max_label_records
-    for shard, seed in pairs:
-        if budget <= 0:
-            break
-        chosen.append((shard, seed))
-        budget -= counts[shard]
+    chosen = _label_pairs(done, counts, max_label_records)
     per_seed = _label_stats(cache, chosen)
-    tot = {k: sum(r[k] for r in per_seed.values()) for k in ("records", "top1", "dominant", "either", "mass",
-                                                              "unmixed", "unmixed_top1")}
-
-    def ratio(a, b):
-        return None if not b else round(a / b, 6)
-
-    locks = sorted(p.name for p in (cache.root / UNITS_DIR).glob("*.lock.*")) if (cache.root / UNITS_DIR).is_dir() else []
+    units_dir = cache.root / UNITS_DIR
+    locks = sorted(p.name for p in units_dir.glob("*.lock.*")) if units_dir.is_dir() else []
     return {
         "cache": str(cache.root),
         "teacher": m["teacher"],
@@ -147,33 +123,57 @@ def inspect_cache(path: str | os.PathLike, max_label_records: int = 200_000) -> 
                                                                   ("path", "content_hash", "num_shards", "num_samples")},
         "units": {"total": len(units), "done": len(done), "missing": len(missing),
                   "missing_names": [u.name for u in missing[:20]], "locks_present": locks[:20]},
-        "records": {"done": records_done, "total": records_total},
-        "bytes": {"total": total_bytes, "arrays": sum(arrays.values()), "per_array": arrays,
-                  "parts": usage},
-        "bytes_per_record": {"arrays": ratio(sum(arrays.values()), records_done),
-                             "total": ratio(total_bytes, records_done),
-                             "per_array": {k: ratio(v, records_done) for k, v in arrays.items()}},
-        "teacher_quality": {
-            "records_checked": int(tot["records"]),
-            "top1_vs_label": ratio(tot["top1"], tot["records"]),
-            "unmixed_records": int(tot["unmixed"]),
-            "top1_vs_label_unmixed": ratio(tot["unmixed_top1"], tot["unmixed"]),
-            "agreement_with_dominant_label": ratio(tot["dominant"], tot["records"]),
-            "argmax_is_either_label": ratio(tot["either"], tot["records"]),
-            "mean_topk_mass": ratio(tot["mass"], tot["records"]),
-        },
+        "records": {"done": records_done, "total": sum(counts) * cache.num_seeds},
+        **_storage(cache, records_done),
+        "teacher_quality": _quality({k: sum(r[k] for r in per_seed.values()) for k in STAT_NAMES}),
         "soft_target_tv_bound_by_tau": soft_target_bounds(cache, chosen[:8]),
-        "per_seed": [{"seed": seed,
-                      "units_done": sum(1 for u in done if seed in u.seeds),
-                      "units_total": cache.num_shards,
-                      "records_checked": int(r["records"]),
-                      "top1_vs_label": ratio(r["top1"], r["records"]),
-                      "agreement_with_dominant_label": ratio(r["dominant"], r["records"]),
-                      "mean_topk_mass": ratio(r["mass"], r["records"])}
+        "per_seed": [{"seed": seed, "units_done": sum(1 for u in done if seed in u.seeds),
+                      "units_total": cache.num_shards, "records_checked": int(r["records"]),
+                      "top1_vs_label": _ratio(r["top1"], r["records"]),
+                      "agreement_with_dominant_label": _ratio(r["dominant"], r["records"]),
+                      "mean_topk_mass": _ratio(r["mass"], r["records"])}
                      for seed, r in sorted(per_seed.items())] +
                     [{"seed": seed, "units_done": 0, "units_total": cache.num_shards, "records_checked": 0}
                      for seed in range(cache.num_seeds) if seed not in per_seed],
     }
+
+
+def _label_pairs(done: list[Unit], counts: list[int], max_records: int) -> list[tuple[int, int]]:
+    """A deterministic spread of done (shard, seed) pairs holding up to about `max_records` records."""
+    pairs = sorted({(u.shard, s) for u in done for s in u.seeds}, key=lambda p: (p[1], p[0]))
+    np.random.default_rng(0).shuffle(pairs)
+    chosen, budget = [], max_records
+    for shard, seed in pairs:
+        if budget <= 0:
+            break
+        chosen.append((shard, seed))
+        budget -= counts[shard]
+    return chosen
+
+
+def _storage(cache: TeacherCache, records_done: int) -> dict:
+    """Bytes on disk per part and per array, and per computed record."""
+    usage = disk_usage(cache.root)
+    arrays = array_bytes(cache.root, cache.array_names, [g.dir for g in cache.seed_generations])
+    total = sum(part["bytes"] for part in usage.values())
+    return {"bytes": {"total": total, "arrays": sum(arrays.values()), "per_array": arrays, "parts": usage},
+            "bytes_per_record": {"arrays": _ratio(sum(arrays.values()), records_done),
+                                 "total": _ratio(total, records_done),
+                                 "per_array": {k: _ratio(v, records_done) for k, v in arrays.items()}}}
+
+
+def _quality(tot: dict[str, float]) -> dict:
+    return {"records_checked": int(tot["records"]),
+            "top1_vs_label": _ratio(tot["top1"], tot["records"]),
+            "unmixed_records": int(tot["unmixed"]),
+            "top1_vs_label_unmixed": _ratio(tot["unmixed_top1"], tot["unmixed"]),
+            "agreement_with_dominant_label": _ratio(tot["dominant"], tot["records"]),
+            "argmax_is_either_label": _ratio(tot["either"], tot["records"]),
+            "mean_topk_mass": _ratio(tot["mass"], tot["records"])}
+
+
+def _ratio(a, b):
+    return None if not b else round(a / b, 6)
 
 
 def format_inspection(info: dict) -> str:

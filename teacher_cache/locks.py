@@ -26,7 +26,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_shards.io import owned_name, owner_gone, pid_alive  # noqa: F401  (re-exported)
+from data_shards.io import pid_alive, temp_path
 
 from .layout import UNITS_DIR, Unit, unit_json_path
 
@@ -45,7 +45,7 @@ def create_exclusive(path: Path, text: str) -> bool:
     on file systems without hard links, falls back to O_CREAT|O_EXCL and a write.
     """
     path = Path(path)
-    tmp = path.with_name(owned_name("." + path.name, ".tmp"))
+    tmp = temp_path(path)
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()

@@ -193,9 +193,14 @@ def create_or_match_manifest(root: Path, wanted: dict) -> tuple[dict, bool]:
     if not path.exists() and create_exclusive(path, json.dumps(wanted, indent=1, sort_keys=True) + "\n"):
         return wanted, True                # exactly one job wins; the others check theirs below
     existing = read_manifest(root)
+    refuse_differences(root, existing, wanted)
+    return existing, False
+
+
+def refuse_differences(root: Path, existing: dict, wanted: dict) -> None:
+    """CacheError naming every identity field in which `wanted` differs from the cache's manifest."""
     diffs = manifest_differences(existing, wanted)
     if diffs:
         raise CacheError(f"{root} already holds a cache computed differently:\n  " + "\n  ".join(diffs) +
                          "\nUse another --out folder, or rerun with the cache's settings "
-                         "(`deit-pipeline inspect-cache " + str(root) + "` shows them)")
-    return existing, False
+                         f"(`deit-pipeline inspect-cache {root}` shows them)")

@@ -119,25 +119,10 @@ def commit_unit(root: Path, unit: Unit, rows_per_shard: int, buffers: dict[str, 
     root = Path(root)
     scratch = private_dir(root, unit.name)
     try:
-        files = {}
-        staged = {}
-        for name, data in buffers.items():
-            meta = array_path(root, name, unit.array_dir) / "zarr.json"
-            (scratch / name).mkdir()
-            shutil.copyfile(meta, scratch / name / "zarr.json")
-            arr = zarr.open_array(LocalStore(scratch / name), mode="r+")
-            rows = slice(unit.shard * rows_per_shard, (unit.shard + 1) * rows_per_shard)
-            arr[unit.local_seeds, rows] = data
-            rel = storage_shard_path(Path("."), name, unit).relative_to(array_path(Path("."), name, unit.array_dir))
-            staged[name] = scratch / name / rel
-            if not staged[name].is_file():
-                raise CacheError(f"zarr did not write the expected storage shard {rel} for {unit}; "
-                                 f"this zarr ({zarr.__version__}) lays files out differently")
-            fsync_file(staged[name])
-            sha, nbytes = file_sha256(staged[name]), staged[name].stat().st_size
-            files[name] = {"path": str(storage_shard_path(Path("."), name, unit)), "sha256": sha, "bytes": nbytes}
+        staged = {name: _stage(root, scratch, unit, name, data, rows_per_shard) for name, data in buffers.items()}
+        files = {name: info for name, (_, info) in staged.items()}
         crash_point("commit-staged")
-        for name, src in staged.items():
+        for name, (src, _) in staged.items():
             dest = storage_shard_path(root, name, unit)
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(src, dest)
@@ -149,6 +134,23 @@ def commit_unit(root: Path, unit: Unit, rows_per_shard: int, buffers: dict[str, 
         return record
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _stage(root: Path, scratch: Path, unit: Unit, name: str, data: np.ndarray, rows_per_shard: int) -> tuple[Path, dict]:
+    """Write the unit's region of array `name` into a private copy of the array (the same zarr.json);
+    returns the one storage-shard file zarr wrote, fsynced, and its record (path, sha256, bytes)."""
+    (scratch / name).mkdir()
+    shutil.copyfile(array_path(root, name, unit.array_dir) / "zarr.json", scratch / name / "zarr.json")
+    arr = zarr.open_array(LocalStore(scratch / name), mode="r+")
+    arr[unit.local_seeds, unit.shard * rows_per_shard:(unit.shard + 1) * rows_per_shard] = data
+    rel = storage_shard_path(Path("."), name, unit).relative_to(array_path(Path("."), name, unit.array_dir))
+    staged = scratch / name / rel
+    if not staged.is_file():
+        raise CacheError(f"zarr did not write the expected storage shard {rel} for {unit}; "
+                         f"this zarr ({zarr.__version__}) lays files out differently")
+    fsync_file(staged)
+    return staged, {"path": str(storage_shard_path(Path("."), name, unit)), "sha256": file_sha256(staged),
+                    "bytes": staged.stat().st_size}
 
 
 def open_array(root: Path, name: str, array_dir: str = "") -> zarr.Array:

@@ -60,19 +60,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
     if not path.is_file():
         raise TeacherError(f"teacher checkpoint {path} not found")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata() or {}
-            state = load_file(str(path), device="cpu")
-        except Exception as exc:  # safetensors raises its own error types
-            raise TeacherError(f"cannot read safetensors checkpoint {path}: {exc}") from None
-        try:
-            kwargs = json.loads(metadata.get("model_kwargs") or "{}")
-        except ValueError:
-            raise TeacherError(f"{path}: metadata model_kwargs is not JSON: {metadata['model_kwargs']!r}") from None
-        return _strip_prefix(state), next((metadata[k] for k in _ARCH_KEYS if metadata.get(k)), None), kwargs
+        return _read_safetensors(path)
     obj = io.load_weights_only(path, TeacherError, "save the teacher as a state dict of tensors "
                                "(or {'model': state_dict}) or as .safetensors")
     if not isinstance(obj, dict):
@@ -89,6 +77,22 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
                            f"{', '.join(sorted(map(str, obj))[:8])}); expected a state dict or "
                            "a dict with a 'model' state dict (DeiT's format)")
     return _strip_prefix(tensors), arch, dict(kwargs)
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str | None, dict]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        state = load_file(str(path), device="cpu")
+    except Exception as exc:  # safetensors raises its own error types
+        raise TeacherError(f"cannot read safetensors checkpoint {path}: {exc}") from None
+    try:
+        kwargs = json.loads(metadata.get("model_kwargs") or "{}")
+    except ValueError:
+        raise TeacherError(f"{path}: metadata model_kwargs is not JSON: {metadata['model_kwargs']!r}") from None
+    return _strip_prefix(state), next((metadata[k] for k in _ARCH_KEYS if metadata.get(k)), None), kwargs
 
 
 def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

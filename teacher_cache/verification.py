@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -120,59 +120,75 @@ def verify_cache(path: str | os.PathLike, shards: str | os.PathLike, samples: in
         raise CacheError(f"--samples must be >= 1, got {samples}")
     cache = TeacherCache.open(path)
     shard_set = ShardSet.open(shards)
-    recipe = cache.recipe
-    cache.check_compatible(shard_set, recipe)
+    cache.check_compatible(shard_set, cache.recipe)
     picks = sample_records(cache, samples, seed)
     torch_device = resolve_device(device)
     precision = precision or cache.manifest["precision"]
     check_precision(precision, torch_device)
     model = _load_cache_teacher(cache, teacher_checkpoint, torch_device)
-
-    tally = {"match": 0, "near-tie": 0, "mismatch": 0}
-    examples, bad_files, bad_digests, checked_units = [], [], [], set()
-    digest_checked = files_checked = 0
-    max_lp = max_logit = 0.0
+    found = _Findings()
     for pick in picks:
-        unit = cache.unit_for(pick.shard, pick.seed)
-        if unit.name not in checked_units:
-            checked_units.add(unit.name)
-            files_checked, bad_files = _check_files(cache, unit, files_checked, bad_files)
-        item, images, digests = _original_batch(shard_set, unit, pick, recipe)
-        recorded = cache.unit_digests(pick.shard, pick.seed)
-        digest_checked += len(recorded)
-        bad_digests += [f"{key}@seed{pick.seed}" for key, d in recorded.items() if digests.get(key) != d]
-        model = model.to(memory_format=torch.channels_last if pick.channels_last else torch.contiguous_format)
-        logits = teacher_logits(model, images, precision, channels_last=pick.channels_last)
-        recomputed = encode_teacher_logits(logits, cache.topk, cache.has_logits).to("cpu")
-        full_logprobs = torch.log_softmax(logits, dim=1).cpu()
-        stored = cache.read(pick.shard, pick.seed)
-        for row in pick.rows:
-            pos = int(item.positions[row])
-            idx, lp = stored.topk_indices[pos], stored.topk_logprobs[pos]
-            verdict = classify(idx, lp, full_logprobs[row], near_tie_tolerance)
-            tally[verdict] += 1
-            if verdict != "match" and len(examples) < 20:
-                examples.append({"kind": verdict, "shard": pick.shard, "seed": pick.seed, "position": pos,
-                                 "batch": pick.batch, "cached_argmax": int(idx[0]),
-                                 "recomputed_argmax": int(recomputed.topk_indices[row, 0]),
-                                 "recomputed_gap": float(full_logprobs[row].max() - full_logprobs[row, int(idx[0])])})
-            max_lp = max(max_lp, float((full_logprobs[row, idx].half().float() - lp).abs().max()))
-            if stored.logits is not None:
-                max_logit = max(max_logit, float((recomputed.logits[row] - stored.logits[pos]).abs().max()))
-    n = sum(tally.values())
-    agreement = tally["match"] / n
-    ok = (tally["mismatch"] == 0 and agreement >= min_agreement and not bad_files and not bad_digests
-          and (max_logprob_diff is None or max_lp <= max_logprob_diff))
-    return {"cache": str(cache.root), "records": n, "pairs": len(picks), "argmax_agreement": agreement,
-            "near_ties": tally["near-tie"], "mismatches": tally["mismatch"], "near_tie_tolerance": near_tie_tolerance,
-            "disagreements": examples, "pairs_checked": [[p.shard, p.seed] for p in picks],
-            "batch_sizes": sorted({p.batch_size for p in picks}),
+        _verify_pick(cache, shard_set, model, pick, precision, near_tie_tolerance, found)
+    tally = found.tally
+    agreement = tally["match"] / sum(tally.values())
+    ok = (tally["mismatch"] == 0 and agreement >= min_agreement and not found.bad_files and not found.bad_digests
+          and (max_logprob_diff is None or found.max_lp <= max_logprob_diff))
+    return {"cache": str(cache.root), "records": sum(tally.values()), "pairs": len(picks),
+            "argmax_agreement": agreement, "near_ties": tally["near-tie"], "mismatches": tally["mismatch"],
+            "near_tie_tolerance": near_tie_tolerance, "disagreements": found.examples,
+            "pairs_checked": [[p.shard, p.seed] for p in picks], "batch_sizes": sorted({p.batch_size for p in picks}),
             "channels_last": sorted({p.channels_last for p in picks}),
-            "max_logprob_diff": max_lp, "max_logit_diff": max_logit if cache.has_logits else None,
-            "digests_checked": digest_checked, "digest_mismatches": bad_digests,
-            "files_checked": files_checked, "file_hash_mismatches": bad_files,
+            "max_logprob_diff": found.max_lp, "max_logit_diff": found.max_logit if cache.has_logits else None,
+            "digests_checked": found.digests_checked, "digest_mismatches": found.bad_digests,
+            "files_checked": found.files_checked, "file_hash_mismatches": found.bad_files,
             "min_agreement": min_agreement, "max_logprob_diff_allowed": max_logprob_diff,
             "device": str(torch_device), "precision": precision, "ok": ok}
+
+
+@dataclass
+class _Findings:
+    """What the recomputation found so far, over every pick."""
+    tally: dict[str, int] = field(default_factory=lambda: {"match": 0, "near-tie": 0, "mismatch": 0})
+    examples: list[dict] = field(default_factory=list)       # the first 20 disagreements
+    checked_units: set[str] = field(default_factory=set)
+    files_checked: int = 0
+    bad_files: list[str] = field(default_factory=list)
+    digests_checked: int = 0
+    bad_digests: list[str] = field(default_factory=list)
+    max_lp: float = 0.0
+    max_logit: float = 0.0
+
+
+def _verify_pick(cache: TeacherCache, shard_set: ShardSet, model: torch.nn.Module, pick: Pick, precision: str,
+                 tolerance: float, found: _Findings) -> None:
+    """Rebuild and rerun the pick's batch; check its unit's files (once), its seed's replay digests
+    and its records against the cache."""
+    unit = cache.unit_for(pick.shard, pick.seed)
+    if unit.name not in found.checked_units:
+        found.checked_units.add(unit.name)
+        _check_files(cache, unit, found)
+    item, images, digests = _original_batch(shard_set, unit, pick, cache.recipe)
+    recorded = cache.unit_digests(pick.shard, pick.seed)
+    found.digests_checked += len(recorded)
+    found.bad_digests += [f"{key}@seed{pick.seed}" for key, d in recorded.items() if digests.get(key) != d]
+    model.to(memory_format=torch.channels_last if pick.channels_last else torch.contiguous_format)
+    logits = teacher_logits(model, images, precision, channels_last=pick.channels_last)
+    recomputed = encode_teacher_logits(logits, cache.topk, cache.has_logits).to("cpu")
+    full_logprobs = torch.log_softmax(logits, dim=1).cpu()
+    stored = cache.read(pick.shard, pick.seed)
+    for row in pick.rows:
+        pos = int(item.positions[row])
+        idx, lp = stored.topk_indices[pos], stored.topk_logprobs[pos]
+        verdict = classify(idx, lp, full_logprobs[row], tolerance)
+        found.tally[verdict] += 1
+        if verdict != "match" and len(found.examples) < 20:
+            found.examples.append({"kind": verdict, "shard": pick.shard, "seed": pick.seed, "position": pos,
+                                   "batch": pick.batch, "cached_argmax": int(idx[0]),
+                                   "recomputed_argmax": int(recomputed.topk_indices[row, 0]),
+                                   "recomputed_gap": float(full_logprobs[row].max() - full_logprobs[row, int(idx[0])])})
+        found.max_lp = max(found.max_lp, float((full_logprobs[row, idx].half().float() - lp).abs().max()))
+        if stored.logits is not None:
+            found.max_logit = max(found.max_logit, float((recomputed.logits[row] - stored.logits[pos]).abs().max()))
 
 
 def _load_cache_teacher(cache: TeacherCache, teacher_checkpoint, device: torch.device) -> torch.nn.Module:
@@ -188,17 +204,16 @@ def _load_cache_teacher(cache: TeacherCache, teacher_checkpoint, device: torch.d
     return model
 
 
-def _check_files(cache: TeacherCache, unit: Unit, checked: int, bad: list[str]) -> tuple[int, list[str]]:
+def _check_files(cache: TeacherCache, unit: Unit, found: _Findings) -> None:
     """sha256 of the unit's storage files against its record."""
     for name, info in cache.unit_record(unit)["files"].items():
-        checked += 1
+        found.files_checked += 1
         try:
             digest = file_sha256(storage_shard_path(cache.root, name, unit))
         except FileNotFoundError:
             digest = "missing"
         if digest != info["sha256"]:
-            bad.append(f"{unit.name}:{name}")
-    return checked, bad
+            found.bad_files.append(f"{unit.name}:{name}")
 
 
 def _original_batch(shard_set: ShardSet, unit: Unit, pick: Pick, recipe):

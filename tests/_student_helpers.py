@@ -36,10 +36,10 @@ def make_teacher_checkpoint(path: Path, seed: int = 0) -> Path:
 
 
 def make_cache(shards, out: Path, teacher_checkpoint: Path, seeds: int = 2, store_logits: str = "topk") -> Path:
-    from teacher_cache import cache_teacher
-    cache_teacher(shards, out, teacher=TEACHER_ARCH, teacher_checkpoint=teacher_checkpoint, seeds=seeds,
-                  topk=CACHE_TOPK, store_logits=store_logits, recipe=RECIPE, batch_size=CACHE_BATCH,
-                  device="cpu", progress=False, log=lambda message: None)
+    from teacher_cache import CacheOptions, cache_teacher
+    cache_teacher(CacheOptions(shards, out, teacher=TEACHER_ARCH, teacher_checkpoint=teacher_checkpoint, seeds=seeds,
+                               topk=CACHE_TOPK, store_logits=store_logits, recipe=RECIPE, batch_size=CACHE_BATCH,
+                               device="cpu", progress=False, log=lambda message: None))
     return out
 
 

@@ -11,6 +11,7 @@ import hashlib
 import shutil
 import json
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -45,10 +46,16 @@ def cache_kwargs(**overrides) -> dict:
     return base
 
 
-def cli_args(shards, out, checkpoint, *extra) -> list[str]:
+def cache_options(shards, out, teacher_checkpoint, **overrides):
+    """The options of the tests' caches (cli_args() is the same on the command line)."""
+    from teacher_cache import CacheOptions
+    return CacheOptions(shards, out, teacher_checkpoint=teacher_checkpoint, **cache_kwargs(**overrides))
+
+
+def cli_args(shards, out, checkpoint, *extra, seeds: int = SEEDS) -> list[str]:
     """The cache-teacher command line equivalent to cache_kwargs()."""
     return [CLI, "cache-teacher", "--shards", str(shards), "--out", str(out), "--teacher", TEACHER_ARCH,
-            "--teacher-checkpoint", str(checkpoint), "--seeds", str(SEEDS), "--seeds-per-unit", str(SEEDS_PER_UNIT),
+            "--teacher-checkpoint", str(checkpoint), "--seeds", str(seeds), "--seeds-per-unit", str(SEEDS_PER_UNIT),
             "--input-size", "32", "--batch-size", "16", "--device", "cpu", "--no-progress", *extra]
 
 
@@ -101,20 +108,22 @@ def leftovers(root: Path) -> list[str]:
     return sorted(str(p) for p in out)
 
 
+def digits_val_shards(tmp_path_factory, shard_size: int) -> Path:
+    root = tmp_path_factory.mktemp(f"cache_shards_{shard_size}") / "val"
+    make_shards("digits", root, split="val", shard_size=shard_size, progress=False)
+    return root
+
+
 @pytest.fixture(scope="session")
 def small_shards(tmp_path_factory) -> Path:
     """Digits' val split (354 images) in shards of 40: 9 shards, the last one with 34."""
-    root = tmp_path_factory.mktemp("cache_shards") / "val"
-    make_shards("digits", root, split="val", shard_size=40, progress=False)
-    return root
+    return digits_val_shards(tmp_path_factory, 40)
 
 
 @pytest.fixture(scope="session")
 def other_shards(tmp_path_factory) -> Path:
     """Same images, other shard size: another content hash."""
-    root = tmp_path_factory.mktemp("cache_shards_other") / "val"
-    make_shards("digits", root, split="val", shard_size=50, progress=False)
-    return root
+    return digits_val_shards(tmp_path_factory, 50)
 
 
 @pytest.fixture(scope="session")
@@ -130,7 +139,7 @@ def reference_cache(tmp_path_factory, small_shards, teacher_checkpoint) -> Path:
     """One uninterrupted single-job run: what every other way of computing must reproduce."""
     from teacher_cache import cache_teacher
     out = tmp_path_factory.mktemp("reference") / "cache"
-    cache_teacher(small_shards, out, teacher_checkpoint=teacher_checkpoint, **cache_kwargs())
+    cache_teacher(cache_options(small_shards, out, teacher_checkpoint))
     return out
 
 
@@ -153,6 +162,38 @@ def assert_untouched(before: dict, root: Path) -> None:
             assert after.get(rel) == state, f"{rel} was rewritten by the growth"
 
 
+def copy_to_grow(reference: Path, tmp_path: Path, shards: Path, checkpoint: Path) -> tuple[Path, dict, list[str]]:
+    """A copy of `reference`, its file states, and the cache-teacher command line growing it to GROWN seeds."""
+    out = copy_cache(reference, tmp_path / "cache")
+    return out, file_states(out), cli_args(shards, out, checkpoint, seeds=GROWN)
+
+
+def assert_grown_like(reference: Path, out: Path, before: dict) -> None:
+    """A grown cache: nothing committed before the growth changed, it equals `reference`, no leftovers."""
+    assert_untouched(before, out)
+    assert_same_cache(reference, out)
+    assert leftovers(out) == []
+
+
+def all_at_once(call, count: int) -> tuple[list, list[Exception]]:
+    """call(i) for i < count in threads released together; returns (results, exceptions raised)."""
+    barrier, results, errors = threading.Barrier(count), [], []
+
+    def run(i):
+        barrier.wait()
+        try:
+            results.append(call(i))
+        except Exception as exc:  # noqa: BLE001 - returned to the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, errors
+
+
 def copy_cache(src: Path, dest: Path) -> Path:
     shutil.copytree(src, dest)
     return dest
@@ -163,5 +204,5 @@ def grown_reference(tmp_path_factory, small_shards, teacher_checkpoint, referenc
     """The reference cache grown from 3 to 5 seeds by one uninterrupted job."""
     from teacher_cache import cache_teacher
     out = copy_cache(reference_cache, tmp_path_factory.mktemp("grown") / "cache")
-    cache_teacher(small_shards, out, teacher_checkpoint=teacher_checkpoint, **cache_kwargs(seeds=GROWN))
+    cache_teacher(cache_options(small_shards, out, teacher_checkpoint, seeds=GROWN))
     return out

@@ -8,7 +8,7 @@ import pytest
 import torch
 import zarr
 
-from cache_fixtures import RECIPE, SEEDS, SEEDS_PER_UNIT, cache_kwargs, leftovers, make_teacher
+from cache_fixtures import RECIPE, SEEDS, SEEDS_PER_UNIT, cache_options, leftovers, make_teacher
 from data_shards import ShardSet, replay_shard, tensor_digest
 from teacher_cache import CacheError, TeacherCache, cache_teacher, encode_teacher_logits
 from teacher_cache.layout import all_units, storage_shard_path
@@ -82,8 +82,7 @@ def test_storage_layout_is_one_file_per_unit_and_array(reference_cache, small_sh
 
 def test_full_logit_mode_stores_fp16_logits(tmp_path, small_shards, teacher_checkpoint):
     out = tmp_path / "full"
-    cache_teacher(small_shards, out, teacher_checkpoint=teacher_checkpoint,
-                  **cache_kwargs(seeds=1, store_logits="full", topk=3))
+    cache_teacher(cache_options(small_shards, out, teacher_checkpoint, seeds=1, store_logits="full", topk=3))
     cache = TeacherCache.open(out)
     assert cache.has_logits and cache.topk == 3
     shard_set = ShardSet.open(small_shards)
@@ -104,7 +103,7 @@ def test_full_logit_mode_stores_fp16_logits(tmp_path, small_shards, teacher_chec
 def test_workers_produce_the_same_cache(tmp_path, small_shards, teacher_checkpoint, reference_cache):
     from cache_fixtures import assert_same_cache
     out = tmp_path / "workers"
-    summary = cache_teacher(small_shards, out, teacher_checkpoint=teacher_checkpoint, **cache_kwargs(workers=2))
+    summary = cache_teacher(cache_options(small_shards, out, teacher_checkpoint, workers=2))
     assert summary["units_computed"] == 18
     assert_same_cache(reference_cache, out)
     assert leftovers(out) == []
@@ -112,7 +111,7 @@ def test_workers_produce_the_same_cache(tmp_path, small_shards, teacher_checkpoi
 
 def test_read_refuses_missing_and_damaged_units(tmp_path, small_shards, teacher_checkpoint):
     out = tmp_path / "partial"
-    cache_teacher(small_shards, out, teacher_checkpoint=teacher_checkpoint, **cache_kwargs(max_units=3))
+    cache_teacher(cache_options(small_shards, out, teacher_checkpoint, max_units=3))
     cache = TeacherCache.open(out)
     missing = cache.missing_units()
     assert len(missing) == 18 - 3
@@ -152,8 +151,8 @@ def test_one_unit_keeps_every_worker_busy(tmp_path, small_shards, teacher_checkp
     snapshots = {}
     for workers in (2, 0):
         out = tmp_path / f"w{workers}"
-        summary = cache_teacher(small_shards, out, teacher_checkpoint=teacher_checkpoint,
-                                **cache_kwargs(workers=workers, batch_size=4, max_units=1))
+        summary = cache_teacher(cache_options(small_shards, out, teacher_checkpoint, workers=workers, batch_size=4,
+                                              max_units=1))
         assert summary["units_computed"] == 1
         (record_path,) = (out / "units").glob("*.json")
         record = json.loads(record_path.read_text())

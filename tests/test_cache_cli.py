@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from cache_fixtures import RECIPE, SEEDS, TEACHER_ARCH, cache_kwargs, make_teacher
+from cache_fixtures import RECIPE, SEEDS, TEACHER_ARCH, cache_kwargs, cache_options, make_teacher
 from cli_runner import CLI, run_cli
 from data_shards import ShardSet, replay_shard
-from teacher_cache import CacheError, TeacherCache, cache_teacher
+from teacher_cache import CacheError, CacheOptions, TeacherCache, cache_teacher
 from teacher_cache.layout import LOGITS, TOPK_INDICES, TOPK_LOGPROBS, storage_shard_path
 from teacher_cache.store import commit_unit
 
@@ -62,7 +62,7 @@ def test_inspect_cache_reports_units_bytes_and_teacher_quality(reference_cache, 
 
 def test_inspect_cache_lists_missing_units(tmp_path, small_shards, teacher_checkpoint):
     out = tmp_path / "partial"
-    cache_teacher(small_shards, out, teacher_checkpoint=teacher_checkpoint, **cache_kwargs(max_units=4))
+    cache_teacher(cache_options(small_shards, out, teacher_checkpoint, max_units=4))
     info = json.loads(run_cli([CLI, "inspect-cache", out, "--json"]).stdout)
     assert (info["units"]["done"], info["units"]["missing"]) == (4, 14)
     assert info["records"]["done"] == 4 * 40 * 2          # the first four units: shards 0-3, seeds 0-1
@@ -154,7 +154,7 @@ def test_rerun_with_different_settings_is_refused(cache_copy, small_shards, othe
     shards = other_shards if kwargs.pop("shards", None) == "OTHER" else small_shards
     before = sorted(p.name for p in (cache_copy / "units").iterdir())
     with pytest.raises(CacheError, match=expected):
-        cache_teacher(shards, cache_copy, **kwargs)
+        cache_teacher(CacheOptions(shards, cache_copy, **kwargs))
     assert sorted(p.name for p in (cache_copy / "units").iterdir()) == before
 
 

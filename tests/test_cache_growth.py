@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import json
 import subprocess
-import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from cache_fixtures import (GROWN, SEEDS, assert_same_cache, assert_untouched, cache_kwargs, cli_args, copy_cache,
-                            file_states, job_summaries, leftovers)
+from cache_fixtures import (GROWN, SEEDS, all_at_once, assert_grown_like, assert_same_cache, assert_untouched,
+                            cache_options, cli_args, copy_cache, copy_to_grow, file_states, job_summaries, leftovers)
 from cli_runner import CLI, run_cli
-from teacher_cache import CacheError, TeacherCache, cache_teacher
+from teacher_cache import CacheError, CacheOptions, TeacherCache, cache_teacher
 from teacher_cache.growth import grow_cache
 from teacher_cache.inspection import inspect_cache
 from teacher_cache.layout import SeedGeneration, array_specs
@@ -29,7 +28,7 @@ NEW_UNITS = 9            # 9 shards x the new block {3, 4}
 def direct_cache(tmp_path_factory, small_shards, teacher_checkpoint) -> Path:
     """A cache computed with 5 seeds from the start: what every grown cache must read back."""
     out = tmp_path_factory.mktemp("direct5") / "cache"
-    cache_teacher(small_shards, out, teacher_checkpoint=teacher_checkpoint, **cache_kwargs(seeds=GROWN))
+    cache_teacher(cache_options(small_shards, out, teacher_checkpoint, seeds=GROWN))
     return out
 
 
@@ -47,7 +46,7 @@ def test_growth_adds_new_units_and_never_rewrites_a_committed_file(tmp_path, sma
                                                                    reference_cache, direct_cache):
     out = copy_cache(reference_cache, tmp_path / "cache")
     before = file_states(out)
-    summary = cache_teacher(small_shards, out, teacher_checkpoint=teacher_checkpoint, **cache_kwargs(seeds=GROWN))
+    summary = cache_teacher(cache_options(small_shards, out, teacher_checkpoint, seeds=GROWN))
     assert summary["units_computed"] == NEW_UNITS and summary["units_total"] == 18 + NEW_UNITS
     assert_untouched(before, out)
     assert_reads_like(out, direct_cache)            # seeds 3, 4 hold what a 5-seed cache holds
@@ -69,12 +68,12 @@ def test_growth_resumes_and_splits_into_jobs_like_a_first_run(tmp_path, small_sh
                                                               reference_cache, grown_reference):
     out = copy_cache(reference_cache, tmp_path / "cache")
     # Job 0 of 2 grows the cache and stops after one unit (a time limit) ...
-    first = cache_teacher(small_shards, out, teacher_checkpoint=teacher_checkpoint,
-                          **cache_kwargs(seeds=GROWN, num_jobs=2, job_index=0, max_units=1))
+    first = cache_teacher(cache_options(small_shards, out, teacher_checkpoint, seeds=GROWN, num_jobs=2, job_index=0,
+                                        max_units=1))
     assert first["units_computed"] == 1 and len(TeacherCache.open(out).missing_units()) == NEW_UNITS - 1
     # ... then both jobs resume it with only --shards/--out: seeds and the rest come from the manifest.
-    done = [cache_teacher(small_shards, out, num_jobs=2, job_index=i, progress=False, log=lambda m: None,
-                          device="cpu")["units_computed"] for i in (0, 1)]
+    done = [cache_teacher(CacheOptions(small_shards, out, num_jobs=2, job_index=i, progress=False, log=lambda m: None,
+                          device="cpu"))["units_computed"] for i in (0, 1)]
     assert sum(done) == NEW_UNITS - 1
     assert_same_cache(grown_reference, out)
 
@@ -84,7 +83,7 @@ def test_a_smaller_seed_count_is_refused(tmp_path, small_shards, teacher_checkpo
     before = file_states(out)
     with pytest.raises(CacheError, match=r"holds 3 seeds \(0\.\.2\); --seeds 2 would shrink it, and a cache never "
                                          r"shrinks\. Train with fewer seeds instead"):
-        cache_teacher(small_shards, out, teacher_checkpoint=teacher_checkpoint, **cache_kwargs(seeds=2))
+        cache_teacher(cache_options(small_shards, out, teacher_checkpoint, seeds=2))
     result = run_cli(cli_args(small_shards, out, teacher_checkpoint) + ["--seeds", "1"], process=True)
     assert result.returncode == 2 and "a cache never shrinks" in result.stderr, result.stderr
     assert file_states(out) == before
@@ -97,20 +96,7 @@ def test_jobs_growing_one_cache_at_once_add_one_generation(tmp_path, small_shard
     def specs_for(gen):
         return array_specs(gen.stop - gen.start, shard_count, 40, 10, 10, 2, False)
 
-    barrier, results, errors = threading.Barrier(6), [], []
-
-    def grow():
-        barrier.wait()
-        try:
-            results.append(grow_cache(out, GROWN, specs_for, stale_after=60))
-        except Exception as exc:  # noqa: BLE001 - collected and asserted below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=grow) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results, errors = all_at_once(lambda i: grow_cache(out, GROWN, specs_for, stale_after=60), 6)
     assert not errors
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["seed_generations"] == [[0, SEEDS], [SEEDS, GROWN]] and len(manifest["grown"]) == 1
@@ -123,16 +109,12 @@ def test_jobs_growing_one_cache_at_once_add_one_generation(tmp_path, small_shard
 @pytest.mark.parametrize("jobs", [["0/2", "1/2"], ["0/1", "0/1"]], ids=["two-indices", "same-index-twins"])
 def test_concurrent_growing_jobs_equal_one_job(tmp_path, small_shards, teacher_checkpoint, reference_cache,
                                                grown_reference, jobs):
-    out = copy_cache(reference_cache, tmp_path / "cache")
-    before = file_states(out)
-    args = [a if a != str(SEEDS) else str(GROWN) for a in cli_args(small_shards, out, teacher_checkpoint)]
+    out, before, args = copy_to_grow(reference_cache, tmp_path, small_shards, teacher_checkpoint)
     procs = [subprocess.Popen(args + ["--num-jobs", job.split("/")[1], "--job-index", job.split("/")[0], "--json"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for job in jobs]
     summaries = job_summaries(procs)
     assert sum(s["units_computed"] for s in summaries) == NEW_UNITS
-    assert_untouched(before, out)
-    assert_same_cache(grown_reference, out)
-    assert leftovers(out) == []
+    assert_grown_like(grown_reference, out, before)
 
 
 @pytest.mark.slow

@@ -6,16 +6,15 @@ import os
 import signal
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from cache_fixtures import (REPO, SEEDS, SEEDS_PER_UNIT, TEACHER_ARCH, assert_same_cache, cache_kwargs,
-                            cli_args, job_summaries, leftovers)
+from cache_fixtures import (REPO, SEEDS, SEEDS_PER_UNIT, TEACHER_ARCH, all_at_once, assert_same_cache,
+                            cache_options, cli_args, job_summaries, leftovers)
 from cli_runner import CLI, run_cli
-from teacher_cache import CacheError, TeacherCache, cache_teacher
+from teacher_cache import CacheError, CacheOptions, TeacherCache, cache_teacher
 from teacher_cache.jobs import resolve_job
 from teacher_cache.layout import Unit, all_units, select_units
 from teacher_cache.locks import lock_is_stale, try_lock
@@ -38,12 +37,12 @@ def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, small_shards
             raise SimulatedCrash("power cut")
 
     with pytest.raises(SimulatedCrash):
-        cache_teacher(small_shards, out, teacher_checkpoint=teacher_checkpoint,
-                      **cache_kwargs(on_commit=crash_after_five))
+        cache_teacher(cache_options(small_shards, out, teacher_checkpoint, on_commit=crash_after_five))
     assert len(TeacherCache.open(out).missing_units()) == NUM_UNITS - 5
     assert leftovers(out) == []          # the crash path released its locks and scratch
     # The rerun needs only --shards/--out: everything else comes from the manifest.
-    summary = cache_teacher(small_shards, out, progress=False, log=lambda m: None, device="cpu", batch_size=16)
+    summary = cache_teacher(CacheOptions(small_shards, out, progress=False, log=lambda m: None, device="cpu",
+                                         batch_size=16))
     assert summary["units_computed"] == NUM_UNITS - 5
     assert_same_cache(reference_cache, out)
 
@@ -158,21 +157,8 @@ def test_job_shares_partition_the_units(num_jobs):
 def test_manifest_is_created_once_when_jobs_start_together(tmp_path):
     wanted = {"format": "deit-pipeline teacher cache", "format_version": 1, "seeds": 3, "topk": 10,
               "teacher": {"name": "t", "weights_sha256": "a" * 64}}
-    results, errors = [], []
-    barrier = threading.Barrier(8)
-
-    def start(variant):
-        barrier.wait()
-        try:
-            results.append(create_or_match_manifest(tmp_path / "cache", {**wanted, "created_by": variant}))
-        except CacheError as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=start, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results, errors = all_at_once(
+        lambda i: create_or_match_manifest(tmp_path / "cache", {**wanted, "created_by": i}), 8)
     assert not errors
     assert sum(created for _, created in results) == 1
     on_disk = json.loads((tmp_path / "cache" / "manifest.json").read_text())
@@ -209,7 +195,7 @@ def test_unit_locks_exclusive_stale_and_lost(tmp_path):
 
 
 def test_leftovers_of_dead_jobs_are_cleaned_and_live_ones_kept(tmp_path):
-    from teacher_cache.locks import owned_name
+    from data_shards.io import owned_name
     from teacher_cache.store import clean_leftovers
     root = tmp_path
     (root / "tmp").mkdir()

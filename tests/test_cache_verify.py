@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from cache_fixtures import cache_kwargs
+from cache_fixtures import cache_options
 from teacher_cache import cache_teacher
 from teacher_cache import teacher as teacher_module
 from teacher_cache import verification
@@ -31,7 +31,7 @@ def batch_dependent_teacher(monkeypatch):
 def test_records_are_recomputed_in_their_original_batches(tmp_path, small_shards, teacher_checkpoint,
                                                           batch_dependent_teacher, monkeypatch):
     out = tmp_path / "cache"
-    cache_teacher(small_shards, out, teacher_checkpoint=teacher_checkpoint, **cache_kwargs(batch_size=7))
+    cache_teacher(cache_options(small_shards, out, teacher_checkpoint, batch_size=7))
     report = verify_cache(out, small_shards, samples=48, device="cpu")
     assert report["ok"] and report["argmax_agreement"] == 1.0 and report["max_logprob_diff"] == 0.0, report
     assert report["batch_sizes"] == [7] and report["channels_last"] == [False]

@@ -155,12 +155,12 @@ def test_cli_indexes_tars(wds_tars, tmp_path):
 @pytest.mark.slow
 def test_indexed_tars_feed_cache_teacher(wds_tars, tmp_path, teacher_checkpoint):
     """Uneven external shards through stage one: cached, read back, verified by recomputation."""
-    from cache_fixtures import SEEDS, cache_kwargs
+    from cache_fixtures import SEEDS, cache_options
     from teacher_cache import TeacherCache, cache_teacher
     from teacher_cache.verification import verify_cache
 
     make_shards(str(wds_tars["folder"]), tmp_path / "index", progress=False)
-    cache_teacher(tmp_path / "index", tmp_path / "cache", teacher_checkpoint=teacher_checkpoint, **cache_kwargs())
+    cache_teacher(cache_options(tmp_path / "index", tmp_path / "cache", teacher_checkpoint))
     cache, shard_set = TeacherCache.open(tmp_path / "cache"), ShardSet.open(tmp_path / "index")
     assert cache.missing_units() == []
     for shard, count in enumerate(shard_set.shard_counts):

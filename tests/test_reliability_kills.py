@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from cache_fixtures import (GROWN, SEEDS, assert_same_cache, assert_untouched, cli_args, copy_cache, file_states,
-                            leftovers)
+from cache_fixtures import (GROWN, SEEDS, assert_grown_like, assert_same_cache, assert_untouched, cli_args,
+                            copy_to_grow, leftovers)
 from cli_runner import CLI, run_cli
 from _student_helpers import TIMING_FIELDS
 from data_shards.faults import ENV
@@ -110,9 +110,7 @@ def test_killed_growth_completes_identically(tmp_path, small_shards, teacher_che
                                             grown_reference, crash_at):
     from teacher_cache import TeacherCache
 
-    out = copy_cache(reference_cache, tmp_path / "cache")
-    before = file_states(out)
-    args = [a if a != str(SEEDS) else str(GROWN) for a in cli_args(small_shards, out, teacher_checkpoint)]
+    out, before, args = copy_to_grow(reference_cache, tmp_path, small_shards, teacher_checkpoint)
     killed = run_cli(args, {ENV: crash_at})
     assert killed.returncode == -9, killed.stderr
     assert_untouched(before, out)
@@ -120,6 +118,4 @@ def test_killed_growth_completes_identically(tmp_path, small_shards, teacher_che
     assert seeds_after_kill == (SEEDS if crash_at.startswith(("grow", "json")) else GROWN)
     rerun = run_cli(args, process=True)
     assert rerun.returncode == 0, rerun.stderr
-    assert_untouched(before, out)
-    assert_same_cache(grown_reference, out)
-    assert leftovers(out) == []
+    assert_grown_like(grown_reference, out, before)
