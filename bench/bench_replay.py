@@ -5,17 +5,21 @@
 Generates ImageNet-sized JPEGs (crops / rescales of scikit-learn's two sample photos, about
 500x375, quality 90; in a temporary folder, nothing kept), then times on ONE core:
   * replay:  `replay_slice` (decode with draft mode, crop-resize, flip, RandAugment: uint8)
-             + `finish_item` (normalise, erase, mix) on the CPU, in items of --item-size;
+             + `finish_item` (normalise, erase, mix) on the CPU, in items of --item-size; with
+             DeiT's recipe (bit-exact timm maths, Pillow resize) and the fast recipe
+             (resize_backend="torch", rand_augment_interpolation="bilinear");
   * timm:    create_transform(224, is_training=True, DeiT's args) on each decoded image,
              stacked into batches of --item-size and mixed with timm's Mixup (DeiT's args).
 Both start from the encoded bytes. Reports img/s per core for both and the ratio, and the
-peak memory (tracemalloc: Python + NumPy allocations) of one replay worker's item.
+peak memory of one replay worker's item per recipe: tracemalloc (Python + NumPy allocations; not
+torch's decode / resize buffers) and the RSS high-water growth of a fresh worker process (Linux).
 """
 from __future__ import annotations
 
 import argparse
 import io
 import json
+import multiprocessing
 import sys
 import time
 import tracemalloc
@@ -89,6 +93,9 @@ def time_timm(jpegs: list[bytes], batch: int) -> float:
     return len(jpegs) / (time.perf_counter() - start)
 
 
+FAST_RECIPE = AugRecipe(resize_backend="torch", rand_augment_interpolation="bilinear")
+
+
 def replay_peak_bytes(samples, recipe: AugRecipe, item_size: int) -> tuple[int, int]:
     keys = [s.key for s in samples]
     tracemalloc.start()
@@ -96,6 +103,35 @@ def replay_peak_bytes(samples, recipe: AugRecipe, item_size: int) -> tuple[int, 
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     return peak, item.nbytes()
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _rss_growth_child(samples, recipe: AugRecipe, item_size: int, conn) -> None:
+    torch.set_num_threads(1)
+    keys = [s.key for s in samples]
+    replay_slice(samples, 0, recipe, 0, 2, keys)                   # warm: imports, allocator arenas
+    Path("/proc/self/clear_refs").write_text("5")                  # reset the RSS high-water mark (Linux)
+    before = _status_kib("VmRSS")
+    replay_slice(samples, 0, recipe, 0, item_size, keys)
+    conn.send((_status_kib("VmHWM") - before) * 1024)
+
+
+def replay_rss_growth(samples, recipe: AugRecipe, item_size: int) -> int:
+    """Peak RSS growth (bytes) of a fresh worker process, warmed up on two images, replaying one
+    item: every allocator (torch's decode / resize buffers too), the returned item included."""
+    ctx = multiprocessing.get_context("spawn")      # fresh heap: no memory freed by earlier items to reuse
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_rss_growth_child, args=(samples[:item_size], recipe, item_size, child))
+    proc.start()
+    growth = parent.recv()
+    proc.join()
+    return growth
 
 
 def main(argv=None) -> dict:
@@ -110,26 +146,34 @@ def main(argv=None) -> dict:
     samples = as_samples(jpegs)
     variants = {  # name: (recipe, finish on this CPU too)
         "replay worker (uint8 item)": (AugRecipe(), False),     # what a loader worker does; finish is on the GPU
+        "replay worker, fast recipe": (FAST_RECIPE, False),
         "replay + CPU finish": (AugRecipe(), True),             # everything on one core (CPU training)
+        "replay + CPU finish, fast recipe": (FAST_RECIPE, True),
         "replay + CPU finish, no draft": (AugRecipe(decode_draft=False), True),
     }
     best: dict[str, float] = {}
-    time_replay(samples[:8], AugRecipe(), 8)                  # warm caches and imports
+    for recipe in (AugRecipe(), FAST_RECIPE):
+        time_replay(samples[:8], recipe, 8)                     # warm caches and imports
     for _ in range(args.repeats):
         for name, (recipe, finish) in variants.items():
             best[name] = max(best.get(name, 0.0), time_replay(samples, recipe, args.item_size, finish))
         best["timm DeiT transform + Mixup"] = max(best.get("timm DeiT transform + Mixup", 0.0),
                                                  time_timm(jpegs, args.item_size))
-    peak, item_bytes = replay_peak_bytes(samples, AugRecipe(), args.item_size)
+    memory = {}
+    for label, recipe in (("deit", AugRecipe()), ("fast", FAST_RECIPE)):
+        peak, item_bytes = replay_peak_bytes(samples, recipe, args.item_size)
+        memory[label] = {"traced_peak_bytes": peak, "rss_growth_bytes": replay_rss_growth(samples, recipe, args.item_size)}
     timm_rate = best["timm DeiT transform + Mixup"]
     result = {"images": args.images, "image_size": "500x375 / 375x500 JPEG q90", "threads": 1,
+              "fast_recipe": {"resize_backend": "torch", "rand_augment_interpolation": "bilinear"},
               "img_per_s_per_core": {k: round(v, 1) for k, v in best.items()},
               "ratio_to_timm": {k: round(v / timm_rate, 2) for k, v in best.items()},
-              "replay_worker_item_peak_bytes": peak, "replay_item_bytes": item_bytes}
+              "replay_worker_item_memory": memory, "replay_item_bytes": item_bytes}
     for name, rate in best.items():
-        print(f"{name:30s} {rate:7.1f} img/s per core   x{rate / timm_rate:.2f} of timm")
-    print(f"one replay item of {args.item_size}: {item_bytes / 2**20:.1f} MiB returned (uint8), "
-          f"peak {peak / 2**20:.1f} MiB traced while replaying it")
+        print(f"{name:34s} {rate:7.1f} img/s per core   x{rate / timm_rate:.2f} of timm")
+    for label, m in memory.items():
+        print(f"one replay item of {args.item_size} ({label} recipe): {item_bytes / 2**20:.1f} MiB returned (uint8), "
+              f"peak {m['traced_peak_bytes'] / 2**20:.1f} MiB traced, RSS high-water +{m['rss_growth_bytes'] / 2**20:.1f} MiB")
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return result

@@ -13,7 +13,8 @@ def recipe_options(fn):
     """--input-size, --recipe FILE|JSON and repeatable --aug KEY=VALUE, DeiT's defaults otherwise."""
     fn = click.option("--aug", "aug_overrides", multiple=True, metavar="KEY=VALUE",
                       help="Override one recipe field, e.g. --aug hflip=0 --aug scale=[0.35,1] "
-                           "--aug rand_augment=null (values are JSON).")(fn)
+                           "--aug rand_augment=null (values are JSON). Faster, not timm's bytes: "
+                           "--aug resize_backend=torch --aug rand_augment_interpolation=bilinear.")(fn)
     fn = click.option("--recipe", "recipe_source", default=None, metavar="FILE|JSON",
                       help="Augmentation recipe as a JSON file or string (fields of AugRecipe; missing ones "
                            "are DeiT's), or a cache's manifest.json to reuse its recipe.")(fn)

@@ -158,7 +158,7 @@ class TeacherCache:
         if recipe is not None and recipe.fingerprint() != self.manifest["recipe_fingerprint"]:
             from .manifest import library_versions, recipe_differences
             detail = recipe_differences(self.manifest, {"recipe": recipe.to_dict(),
-                                                        "library_versions": library_versions()})
+                                                        "library_versions": library_versions(recipe)})
             diffs.append("augmentation recipe fingerprint: cache "
                          f"{self.manifest['recipe_fingerprint'][:12]}…, this run {recipe.fingerprint()[:12]}…"
                          + ("".join("\n  " + d.strip() for d in detail) if detail else ""))

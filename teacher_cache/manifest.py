@@ -27,7 +27,7 @@ import zarr
 
 from data_shards.io import write_text_atomic
 
-from data_shards.augment import pixel_library_versions
+from data_shards.augment import LATER_FIELD_DEFAULTS, RESIZE_KERNEL_KEY, AugRecipe, pixel_library_versions
 
 from .errors import CacheError
 from .layout import MANIFEST_FILE, SeedGeneration
@@ -73,8 +73,8 @@ def seed_generations(manifest: dict) -> list[SeedGeneration]:
     return [SeedGeneration(int(a), int(b)) for a, b in with_defaults(manifest)["seed_generations"]]
 
 
-def library_versions() -> dict[str, str]:
-    return {**pixel_library_versions(), "zarr": zarr.__version__, "numcodecs": numcodecs.__version__,
+def library_versions(recipe: AugRecipe | None = None) -> dict[str, str]:
+    return {**pixel_library_versions(recipe), "zarr": zarr.__version__, "numcodecs": numcodecs.__version__,
             "pyarrow": pyarrow.__version__, "python": platform.python_version()}
 
 
@@ -107,7 +107,7 @@ def build_manifest(*, shard_set, recipe, teacher_info: dict, num_seeds: int, see
         "arrays": arrays,
         "units": {"count": num_units, "dir": "units",
                   "status": "a unit is done when units/<unit>.json exists; see `deit-pipeline inspect-cache`"},
-        "library_versions": library_versions(),
+        "library_versions": library_versions(recipe),
     }
 
 
@@ -136,12 +136,14 @@ def manifest_differences(existing: dict, wanted: dict) -> list[str]:
 def recipe_differences(existing: dict, wanted: dict) -> list[str]:
     """Which recipe fields or pixel libraries explain a fingerprint difference."""
     out = []
-    old_recipe, new_recipe = existing.get("recipe") or {}, wanted.get("recipe") or {}
+    # A recipe dict leaves out later fields at their default (to_dict): compare with them filled in.
+    old_recipe = {**LATER_FIELD_DEFAULTS, **(existing.get("recipe") or {})}
+    new_recipe = {**LATER_FIELD_DEFAULTS, **(wanted.get("recipe") or {})}
     for key in sorted(set(old_recipe) | set(new_recipe)):
         if old_recipe.get(key) != new_recipe.get(key):
             out.append(f"  recipe {key}: cache {old_recipe.get(key)!r}, this run {new_recipe.get(key)!r}")
     old_lib, new_lib = existing.get("library_versions") or {}, wanted.get("library_versions") or {}
-    for key in sorted(pixel_library_versions()):
+    for key in sorted(set(pixel_library_versions()) | {RESIZE_KERNEL_KEY}):
         if old_lib.get(key) != new_lib.get(key):
             out.append(f"  library {key}: cache {old_lib.get(key)}, this run {new_lib.get(key)} "
                        "(the augmented pixels may differ)")

@@ -20,6 +20,8 @@ from data_shards import (AugRecipe, ShardSet, augment_seeds, decode_image, finis
 from data_shards.augment import mix_params
 
 RECIPE_32 = AugRecipe(input_size=32)
+RECIPE_32_FAST = AugRecipe(input_size=32, resize_backend="torch", rand_augment_interpolation="bilinear")
+BOTH_RECIPES = pytest.mark.parametrize("recipe", [RECIPE_32, RECIPE_32_FAST], ids=["deit", "fast"])
 GOLDEN = Path(__file__).parent / "data" / "golden_digests.json"
 
 
@@ -49,18 +51,19 @@ def collect(root: Path, units, workers: int, batch_size: int, recipe=RECIPE_32) 
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")
-def test_identical_across_workers_batches_and_order(digits_shards):
+@BOTH_RECIPES
+def test_identical_across_workers_batches_and_order(digits_shards, recipe):
     units = [(0, 0), (1, 0), (0, 1), (3, 2)]
-    reference = collect(digits_shards["train"], units, workers=0, batch_size=1)
+    reference = collect(digits_shards["train"], units, workers=0, batch_size=1, recipe=recipe)
     assert len(reference) == 4 * 250 - (250 - ShardSet.open(digits_shards["train"]).shard_counts[3])
     for workers, batch_size in ((2, 7), (3, 64)):
-        assert collect(digits_shards["train"], units, workers, batch_size) == reference
+        assert collect(digits_shards["train"], units, workers, batch_size, recipe) == reference
     # Reading order: a shuffled shard and reversed unit order give the same images.
     samples = ShardSet.open(digits_shards["train"]).read_shard(1)
     random.Random(5).shuffle(samples)
-    shuffled = {(r.key, 0): (tensor_digest(r.image), r.lam, r.partner_key) for r in replay_shard(samples, 0, RECIPE_32)}
+    shuffled = {(r.key, 0): (tensor_digest(r.image), r.lam, r.partner_key) for r in replay_shard(samples, 0, recipe)}
     assert len(shuffled) == 250 and shuffled == {k: v for k, v in reference.items() if k in shuffled}
-    assert collect(digits_shards["train"], units[::-1], workers=0, batch_size=5) == reference
+    assert collect(digits_shards["train"], units[::-1], workers=0, batch_size=5, recipe=recipe) == reference
 
 
 def test_no_global_rng_used_or_consumed(digits_shards):
@@ -87,7 +90,7 @@ def test_fingerprint_covers_every_parameter():
                    rand_augment="rand-m7-mstd0.5-inc1", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), reprob=0.0,
                    re_area=(0.1, 0.2), re_aspect=0.5, mixup_alpha=0.2, cutmix_alpha=0.0, mix_prob=0.5,
                    switch_prob=0.1, smoothing=0.0, eval_crop_pct=0.9, decode_draft=False,
-                   pairing_seeds=1)
+                   pairing_seeds=1, resize_backend="torch", rand_augment_interpolation="bilinear")
     assert set(changed) == {f.name for f in dataclasses.fields(AugRecipe)}
     prints = {base.fingerprint()}
     for name, value in changed.items():
@@ -205,22 +208,23 @@ def _slices(samples, seed, recipe, size):
     return out
 
 
-def test_any_cut_into_slices_gives_the_whole_shard(digits_shards):
+@BOTH_RECIPES
+def test_any_cut_into_slices_gives_the_whole_shard(digits_shards, recipe):
     shard_set = ShardSet.open(digits_shards["train"])
     samples = shard_set.read_shard(5)[:60]
-    whole = {r.key: (tensor_digest(r.image), r.lam, r.partner_key) for r in replay_shard(samples, 2, RECIPE_32)}
+    whole = {r.key: (tensor_digest(r.image), r.lam, r.partner_key) for r in replay_shard(samples, 2, recipe)}
     for size in (1, 7, 60):
-        assert _slices(samples, 2, RECIPE_32, size) == whole
+        assert _slices(samples, 2, recipe, size) == whole
     # A slice reads only its own samples (plus the last one's partner), by position.
     shard = shard_set.read_shard(3)
     keys = shard_set.shard_keys(3)
-    positions = slice_positions(keys, 4, RECIPE_32, 100, 132)
+    positions = slice_positions(keys, 4, recipe, 100, 132)
     assert len(positions) == 33
-    item = replay_slice(shard_set.read_samples(3, positions), 4, RECIPE_32, 100, 132, keys)
-    full = replay_slice(shard, 4, RECIPE_32, 100, 132)
+    item = replay_slice(shard_set.read_samples(3, positions), 4, recipe, 100, 132, keys)
+    full = replay_slice(shard, 4, recipe, 100, 132)
     assert item.keys == full.keys and torch.equal(item.images, full.images)
     assert item.images.dtype == torch.uint8 and item.images.shape == (33, 32, 32, 3)   # uint8 across processes
-    assert torch.equal(finish_item(item, RECIPE_32), finish_item(full, RECIPE_32))
+    assert torch.equal(finish_item(item, recipe), finish_item(full, recipe))
 
 
 def test_seeds_of_a_pairing_group_share_partners_not_pixels(digits_shards):
@@ -246,6 +250,7 @@ def test_draft_decoding_stays_close_to_full_decoding():
         crops = []
         for recipe in (draft, full):   # the same generator for both: the same crop box
             img, box = _open_and_crop_box(photo, make_rng("test", seed), recipe)
+            img = Image.fromarray(img) if isinstance(img, np.ndarray) else img    # full size: torchvision's decode
             sizes.add(img.size)
             crops.append(np.asarray(img.resize((64, 64), Image.Resampling.BICUBIC, box=box), dtype=np.float32))
         diffs.append(np.abs(crops[0] - crops[1]).mean())
