@@ -13,6 +13,8 @@ argmax: how closely the student mimics the teacher where it was taught.
 from __future__ import annotations
 
 import torch
+from timm.models import clean_state_dict
+from timm.utils import accuracy
 
 from data_shards import AugRecipe, ShardSet, finish_item
 from data_shards.io import autocast, resolve_device
@@ -32,30 +34,28 @@ def head_logits(model, images: torch.Tensor) -> dict[str, torch.Tensor]:
             "fused": ((cls_logits + dist_logits) / 2).float()}
 
 
-def _topk_hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
-    return (top == labels.view(-1, 1)).any(dim=1)
+def _hits(logits: torch.Tensor, labels: torch.Tensor) -> list[int]:
+    """[top-1 hits, top-5 hits]: timm's accuracy is a percentage of the batch; rounded back, it is exact."""
+    return [round(float(acc) * len(labels) / 100) for acc in accuracy(logits, labels, topk=(1, 5))]
 
 
 @torch.no_grad()
 def evaluate_heads(model, shard_set: ShardSet, recipe: AugRecipe, batch_size: int, device: torch.device,
-                   shards: list[int] | None = None, amp_dtype: torch.dtype | None = None):
+                   shards: list[int] | None = None, precision: str | None = None):
     """-> (counts (H, 3): top-1 hits, top-5 hits, samples; head names). Restores train mode."""
     was_training = model.training
     model.eval()
     counts, names = None, None
     try:
         for images, labels, _ in eval_batches(shard_set, recipe, batch_size, shards):
-            with autocast(device, amp_dtype):
+            with autocast(device, precision):
                 logits = head_logits(model, images.to(device))
             labels = labels.to(device)
             if counts is None:
                 names = list(logits)
                 counts = torch.zeros(len(names), 3, dtype=torch.float64, device=device)
             for i, name in enumerate(names):
-                counts[i, 0] += _topk_hits(logits[name], labels, 1).sum()
-                counts[i, 1] += _topk_hits(logits[name], labels, 5).sum()
-                counts[i, 2] += len(labels)
+                counts[i] += torch.tensor([*_hits(logits[name], labels), len(labels)], dtype=torch.float64, device=device)
     finally:
         model.train(was_training)
     if counts is None:   # a rank with no val shard still takes part in the sum
@@ -74,7 +74,7 @@ def load_student(checkpoint, device: torch.device, use_ema: bool = False):
     if use_ema:
         if ckpt.get("ema") is None:
             raise StudentError(f"{checkpoint} has no EMA weights (train with --ema-decay to keep them)")
-        state = {k.removeprefix("module."): v for k, v in ckpt["ema"].items()}
+        state = clean_state_dict(ckpt["ema"])
     model.load_state_dict(state)
     return model.to(device).eval(), AugRecipe.from_dict(ckpt["recipe"]), ckpt
 
@@ -103,14 +103,11 @@ def evaluate_checkpoint(checkpoint: str, shards: str, batch_size: int = 128, tea
         images, labels = images.to(dev), labels.to(dev)
         logits = head_logits(model, images)
         for name, out in logits.items():
-            h = hits.setdefault(name, [0, 0])
-            h[0] += int(_topk_hits(out, labels, 1).sum())
-            h[1] += int(_topk_hits(out, labels, 5).sum())
+            hits[name] = [a + b for a, b in zip(hits.get(name, [0, 0]), _hits(out, labels))]
         if teacher_model_ is not None:
             t_logits = teacher_model_(images).float()
             t_pred = t_logits.argmax(dim=1)
-            teacher_hits[0] += int(_topk_hits(t_logits, labels, 1).sum())
-            teacher_hits[1] += int(_topk_hits(t_logits, labels, 5).sum())
+            teacher_hits = [a + b for a, b in zip(teacher_hits, _hits(t_logits, labels))]
             for name, out in logits.items():
                 agree[name] = agree.get(name, 0) + int((out.argmax(dim=1) == t_pred).sum())
             s_ok = logits[default_head(logits)].argmax(dim=1) == labels

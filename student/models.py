@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 import timm
 import torch
 from timm.layers import resample_abs_pos_embed
+from timm.models import clean_state_dict
 from torch import nn
 
 from data_shards.io import load_weights_only
@@ -104,7 +105,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} holds no state dict (looked at the top level and keys 'model', 'state_dict')")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return clean_state_dict(state)          # DDP's "module." (and torch.compile's) prefixes dropped
 
 
 def adapt_pos_embed(state: dict[str, torch.Tensor], model: nn.Module) -> list[str]:

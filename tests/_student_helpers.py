@@ -17,9 +17,12 @@ CACHE_TOPK = 3
 CACHE_BATCH = 32                   # cache-teacher --batch-size, matched by the online teacher
 
 
-def tiny_config(shards, out, **overrides):
+def tiny_config(shards, out, student: dict | None = None, **overrides):
+    """A tiny DeiT's TrainConfig; `student` overrides StudentConfig fields (img_size, drop_path_rate, ...)."""
+    from student.models import StudentConfig
     from student.train import TrainConfig
-    options = dict(shards=str(shards), out=str(out), **TINY_DEIT, recipe=RECIPE.to_dict(), epochs=2,
+    options = dict(shards=str(shards), out=str(out), student=StudentConfig(**{**TINY_DEIT, **(student or {})}),
+                   recipe=RECIPE.to_dict(), epochs=2,
                    batch_size=32, lr=1e-3, warmup_epochs=0, workers=0, progress=False, log_interval=2,
                    max_steps_per_epoch=4, distillation_type="none", device="cpu",
                    repeated_aug=1)      # plain epochs; repeated augmentation: test_student_schedule.py

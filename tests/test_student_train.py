@@ -114,7 +114,7 @@ def test_a_full_logit_cache_gives_exact_soft_targets_at_any_tau(setup, tmp_path)
 
 def test_resume_after_an_interrupted_epoch_matches_an_uninterrupted_run(setup, tmp_path, monkeypatch):
     options = dict(cache=str(setup["cache"]), recipe=None, distillation_type="hard", epochs=3, reuse_seeds=True,
-                   ema_decay=0.9, drop_path=0.1, warmup_epochs=1, warmup_lr=1e-4)
+                   ema_decay=0.9, student=dict(drop_path_rate=0.1), warmup_epochs=1, warmup_lr=1e-4)
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     train(tiny_config(setup["train"], whole, **options))
 
@@ -186,7 +186,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_pat
 
 def test_fine_tune_at_a_higher_resolution(setup, tmp_path):
     train(tiny_config(setup["train"], tmp_path / "base", epochs=1, max_steps_per_epoch=2))
-    cfg = tiny_config(setup["train"], tmp_path / "ft", epochs=1, max_steps_per_epoch=2, img_size=48,
+    cfg = tiny_config(setup["train"], tmp_path / "ft", epochs=1, max_steps_per_epoch=2, student=dict(img_size=48),
                       recipe=RECIPE.with_overrides(input_size=48).to_dict(),
                       init_from=str(tmp_path / "base" / "checkpoint.pt"))
     train(cfg)
