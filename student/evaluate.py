@@ -23,6 +23,9 @@ from .checkpoint import load_checkpoint
 from .data import eval_batches, iter_items, unit_items
 from .errors import StudentError
 from .models import StudentConfig, create_student, student_heads
+from .teachers import load_online_teacher
+
+SPLIT = ("both_correct", "student_only", "teacher_only", "both_wrong")   # student (default head) / teacher right
 
 
 def head_logits(model, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -92,53 +95,48 @@ def evaluate_checkpoint(checkpoint: str, shards: str, batch_size: int = 128, tea
                            "evaluate on shards of the training classes")
     if teacher and cache:
         raise StudentError("give either --teacher or --cache, not both")
-    teacher_model_ = _load_teacher(teacher, teacher_model, num_classes, dev) if teacher else None
-
-    hits: dict[str, list[int]] = {}
-    agree: dict[str, int] = {}
-    teacher_hits = [0, 0]
-    table = {"both_correct": 0, "student_only": 0, "teacher_only": 0, "both_wrong": 0}
-    n = 0
+    teacher_net = load_online_teacher(teacher, num_classes, dev, teacher_model) if teacher else None
+    hits, teacher_hits, agree, split, n = {}, [0, 0], {}, dict.fromkeys(SPLIT, 0), 0
     for images, labels, _ in eval_batches(shard_set, recipe, batch_size):
         images, labels = images.to(dev), labels.to(dev)
         logits = head_logits(model, images)
         for name, out in logits.items():
-            hits[name] = [a + b for a, b in zip(hits.get(name, [0, 0]), _hits(out, labels))]
-        if teacher_model_ is not None:
-            t_logits = teacher_model_(images).float()
-            t_pred = t_logits.argmax(dim=1)
-            teacher_hits = [a + b for a, b in zip(teacher_hits, _hits(t_logits, labels))]
-            for name, out in logits.items():
-                agree[name] = agree.get(name, 0) + int((out.argmax(dim=1) == t_pred).sum())
-            s_ok = logits[default_head(logits)].argmax(dim=1) == labels
-            t_ok = t_pred == labels
-            table["both_correct"] += int((s_ok & t_ok).sum())
-            table["student_only"] += int((s_ok & ~t_ok).sum())
-            table["teacher_only"] += int((~s_ok & t_ok).sum())
-            table["both_wrong"] += int((~s_ok & ~t_ok).sum())
+            hits[name] = _add(hits.get(name, [0, 0]), _hits(out, labels))
+        if teacher_net is not None:
+            t_logits = teacher_net(images).float()
+            teacher_hits = _add(teacher_hits, _hits(t_logits, labels))
+            _compare_with_teacher(logits, t_logits.argmax(dim=1), labels, agree, split)
         n += len(labels)
     if n == 0:
         raise StudentError(f"{shards} holds no samples")
     report = {"checkpoint": str(checkpoint), "shards": str(shards), "num_samples": n, "epoch": ckpt["epoch"],
               "weights": "ema" if use_ema else "model", "transform": "eval", "default_head": default_head(hits),
               "heads": {name: {"top1": h[0] / n, "top5": h[1] / n} for name, h in hits.items()}}
-    if teacher_model_ is not None:
-        report["teacher"] = {"source": teacher, "name": teacher_model_.teacher_info["name"],
+    if teacher_net is not None:
+        report["teacher"] = {"source": teacher, "name": teacher_net.teacher_info["name"],
                              "top1": teacher_hits[0] / n, "top5": teacher_hits[1] / n,
                              "agreement": {name: a / n for name, a in agree.items()},
-                             "disagreement": {"head": report["default_head"], **table}}
+                             "disagreement": {"head": report["default_head"], **split}}
     if cache:
         report["cache_agreement"] = cache_agreement(model, shard_set, cache, aug_seed, batch_size, dev)
     return report
 
 
+def _add(counts: list[int], more: list[int]) -> list[int]:
+    return [a + b for a, b in zip(counts, more)]
+
+
+def _compare_with_teacher(logits: dict, t_pred: torch.Tensor, labels: torch.Tensor, agree: dict, split: dict) -> None:
+    """Add each head's agreement with the teacher's argmax, and who is right where (default head)."""
+    for name, out in logits.items():
+        agree[name] = agree.get(name, 0) + int((out.argmax(dim=1) == t_pred).sum())
+    s_ok, t_ok = logits[default_head(logits)].argmax(dim=1) == labels, t_pred == labels
+    for key, mask in zip(SPLIT, (s_ok & t_ok, s_ok & ~t_ok, ~s_ok & t_ok, ~s_ok & ~t_ok)):
+        split[key] += int(mask.sum())
+
+
 def default_head(logits: dict) -> str:
     return "fused" if "fused" in logits else "class"
-
-
-def _load_teacher(teacher: str, teacher_model: str | None, num_classes: int, device):
-    from .teachers import load_online_teacher
-    return load_online_teacher(teacher, num_classes, device, teacher_model)
 
 
 @torch.no_grad()

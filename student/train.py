@@ -285,7 +285,7 @@ class Run:
     scaler: torch.amp.GradScaler
     ema: ModelEmaV3 | None
     criterion: DistillationLoss
-    train_model: torch.nn.Module | None = None   # as the step calls it: DDP-wrapped and/or compiled
+    train_model: torch.nn.Module            # as the step calls it: DDP-wrapped and/or compiled (weights shared)
 
     @property
     def global_batch(self) -> int:
@@ -309,11 +309,16 @@ def setup(cfg: TrainConfig, ctx: D.DistContext) -> Run:
     model.to(ctx.device)
     precision = _amp_precision(cfg.amp, ctx.device)
     lr = cfg.lr if cfg.lr is not None else 5e-4 * cfg.batch_size * ctx.world_size / 512
+    optimisation = create_optimisation(cfg, model, lr, precision, ctx.device)
+    train_model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) \
+        if ctx.distributed else model
+    if cfg.compile:          # as timm's train.py: compile the (DDP-wrapped) module
+        train_model = torch.compile(train_model)
     return Run(cfg, ctx, log, checkpoint, shard_set, val_set, recipe, teacher, num_seeds, model, student, precision,
-               lr, *optimisation(cfg, model, lr, precision, ctx.device))
+               lr, *optimisation, train_model)
 
 
-def optimisation(cfg: TrainConfig, model: torch.nn.Module, lr: float, precision: str, device: torch.device):
+def create_optimisation(cfg: TrainConfig, model: torch.nn.Module, lr: float, precision: str, device: torch.device):
     """-> (optimizer, scheduler, scaler, EMA or None, criterion), DeiT's through timm."""
     # timm: no weight decay on 1-D params (biases, norms) nor on model.no_weight_decay() (pos_embed, tokens)
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, eps=cfg.opt_eps)
@@ -323,15 +328,6 @@ def optimisation(cfg: TrainConfig, model: torch.nn.Module, lr: float, precision:
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
     return optimizer, scheduler, scaler, ema, DistillationLoss(cfg.distillation_type, cfg.distillation_alpha,
                                                                cfg.distillation_tau)
-
-
-def wrap_for_training(run: Run) -> None:
-    ctx, model = run.ctx, run.model
-    if ctx.distributed:
-        model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    if run.cfg.compile:      # as timm's train.py: compile the (DDP-wrapped) module; weights stay shared
-        model = torch.compile(model)
-    run.train_model = model
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -348,7 +344,6 @@ def train(cfg: TrainConfig) -> dict:
 def _train(cfg: TrainConfig, ctx: D.DistContext) -> dict:
     run = setup(cfg, ctx)
     start_epoch, global_step, metrics = resume_or_start(run)
-    wrap_for_training(run)
     for epoch in range(start_epoch, cfg.epochs):
         metrics, global_step = train_one_epoch(run, epoch, global_step)
         if run.val_set is not None:

@@ -1,9 +1,11 @@
 """Helpers shared by the stage-two tests: a tiny DeiT, a tiny random teacher, a small cache."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
+import pytest
 import timm
 import torch
 
@@ -63,12 +65,19 @@ def model_state(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(Path(run) / "checkpoint.pt", weights_only=True)["model"]
 
 
-class single_thread:
+@contextlib.contextmanager
+def single_thread():
     """torch on one thread: exact, and much faster on small shared CPUs than two contending threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
-    def __enter__(self):
-        self.threads = torch.get_num_threads()
-        torch.set_num_threads(1)
 
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.threads)
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test of a module that imports this fixture runs on one thread."""
+    with single_thread():
+        yield

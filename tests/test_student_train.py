@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from _student_helpers import (CACHE_BATCH, CACHE_TOPK, RECIPE, TEACHER_ARCH, TINY_DEIT, make_cache,
-                              make_teacher_checkpoint, metric_lines, model_state, single_thread, tiny_config)
+from _student_helpers import (CACHE_BATCH, CACHE_TOPK, RECIPE, TEACHER_ARCH, TINY_DEIT, make_cache,  # noqa: F401
+                              make_teacher_checkpoint, metric_lines, model_state, one_thread, single_thread,
+                              tiny_config)   # one_thread: autouse fixture
 
 import student.train as train_module
 from cli_runner import CLI, run_cli
@@ -25,12 +26,6 @@ from student.train import TrainingError, train
 from teacher_cache import CacheError, TeacherCache
 from teacher_cache.inspection import format_inspection, inspect_cache
 from teacher_cache.targets import TeacherTargets, soft_tail_mass
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
 
 
 @pytest.fixture(scope="module")
