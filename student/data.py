@@ -106,7 +106,7 @@ def _plan_repeated(shard_set: ShardSet, epoch: int, batch_size: int, rank: int, 
     from a cache's in the last bits where the teacher's arithmetic depends on the batch."""
     plan = plan_repeated_epoch(shard_set.shard_counts, epoch, batch_size, rank, world_size, seed, num_seeds,
                                repeated_aug, max_steps)
-    items = [WorkItem(*piece) for step in plan.steps for piece in step]
+    items = [item for step in plan.steps for item in step]
     units = list(dict.fromkeys((item.shard, item.aug_seed) for item in items))
     return EpochPlan(epoch, plan.aug_seeds, units, items, plan.num_steps, [plan.num_steps * batch_size] * world_size)
 

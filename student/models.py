@@ -137,12 +137,12 @@ def init_from_checkpoint(model: nn.Module, path: str | os.PathLike) -> list[str]
     state = read_state_dict(path)
     notes = adapt_pos_embed(state, model)
     own = model.state_dict()
-    for name in ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias"):
+    heads = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias")
+    for name in heads:
         if name in state and name in own and state[name].shape != own[name].shape:
             notes.append(f"{name} not loaded: {tuple(state[name].shape)} in checkpoint, "
                          f"{tuple(own[name].shape)} in model (different class count; trained from scratch)")
             del state[name]
-    heads = {"head.weight", "head.bias", "head_dist.weight", "head_dist.bias"}
     misshapen = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
                  if k in own and v.shape != own[k].shape]
     if misshapen:
