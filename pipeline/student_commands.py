@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import click
 
 from data_shards.shards import ShardsError
 from student.errors import StudentError
+from student.evaluate import evaluate_checkpoint
 from student.models import StudentConfig
-from student.train import TrainConfig
+from student.train import TrainConfig, train
 from teacher_cache.cache import TeacherCache
 from teacher_cache.errors import CacheError
 
@@ -108,8 +110,8 @@ def train_student_cmd(input_size, recipe_source, aug_overrides, model, img_size,
                             model_kwargs=parse_key_values(model_kwargs, "--model-kwarg"))
     cfg = TrainConfig(**options, recipe=recipe, student=student, distillation_type=distillation_type,
                       progress=not no_progress)
-    summary = run_or_explain(_train, cfg)
-    if summary is None:        # not rank 0
+    summary = run_or_explain(train, cfg)
+    if int(os.environ.get("RANK", 0)) != 0:        # torchrun: rank 0 reports
         return
     if as_json:
         echo_json(summary)
@@ -120,14 +122,6 @@ def train_student_cmd(input_size, recipe_source, aug_overrides, model, img_size,
         click.echo(f"trained {summary['epochs']} epoch(s), {summary['global_step']} steps on {summary['world_size']} "
                    f"process(es); last loss {m.get('loss', float('nan')):.4f}"
                    + (f"; val top-1 {heads}" if heads else "") + f"; checkpoint {summary['checkpoint']}")
-
-
-def _train(cfg: TrainConfig):
-    import os
-
-    from student.train import train
-    summary = train(cfg)
-    return summary if int(os.environ.get("RANK", 0)) == 0 else None
 
 
 @main.command("evaluate")
@@ -145,7 +139,6 @@ def _train(cfg: TrainConfig):
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def evaluate_cmd(checkpoint, shards, teacher, teacher_model, cache, aug_seed, batch_size, use_ema, device, as_json):
     """Top-1/top-5 of the class head, the distillation head and their late fusion (eval transform)."""
-    from student.evaluate import evaluate_checkpoint
     report = run_or_explain(evaluate_checkpoint, checkpoint, shards, batch_size=batch_size, teacher=teacher,
                             teacher_model=teacher_model, cache=cache, aug_seed=aug_seed, use_ema=use_ema, device=device)
     if as_json:

@@ -15,11 +15,10 @@ RNG of every rank, next epoch).
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -245,7 +244,7 @@ def check_seed_schedule(cfg: TrainConfig, recipe: AugRecipe, num_seeds: int | No
 
 
 def build_student(cfg: TrainConfig, num_classes: int, recipe: AugRecipe, log: Logger):
-    config = dataclasses.replace(cfg.student, num_classes=num_classes, model_kwargs=dict(cfg.student.model_kwargs))
+    config = replace(cfg.student, num_classes=num_classes, model_kwargs=dict(cfg.student.model_kwargs))
     distilled_training = cfg.distillation_type != "none"
     model = create_student(config, distilled_training)
     # A ViT is built for one input size: follow the recipe's unless --img-size says otherwise.
