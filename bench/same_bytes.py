@@ -19,7 +19,7 @@ import timm
 import torch
 
 VOLATILE = {"created", "updated", "jobs", "host", "hostname", "pid", "time", "started", "finished", "elapsed_s",
-            "timestamp", "duration_s", "log", "history", "versions", "seconds"}
+            "timestamp", "duration_s", "log", "history", "versions", "seconds", "worker_pids"}
 SKIP_FILES = {"metrics.jsonl", "train.log", "config.json"}   # timings / absolute paths
 
 

@@ -22,14 +22,18 @@ from data_shards.io import autocast, resolve_device
 from .checkpoint import load_checkpoint
 from .data import eval_batches, iter_items, unit_items
 from .errors import StudentError
-from .models import StudentConfig, create_student, student_heads
+from .models import StudentConfig, create_student, is_distilled, student_heads
 from .teachers import load_online_teacher
 
 SPLIT = ("both_correct", "student_only", "teacher_only", "both_wrong")   # student (default head) / teacher right
 
 
+def head_names(model) -> list[str]:
+    return ["class", "distillation", "fused"] if is_distilled(model) else ["class"]
+
+
 def head_logits(model, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Logits per head; a one-head model has only 'class'."""
+    """Logits per head (head_names); a one-head model has only 'class'."""
     cls_logits, dist_logits = student_heads(model, images)
     if dist_logits is None:
         return {"class": cls_logits.float()}
@@ -46,27 +50,19 @@ def _hits(logits: torch.Tensor, labels: torch.Tensor) -> list[int]:
 def evaluate_heads(model, shard_set: ShardSet, recipe: AugRecipe, batch_size: int, device: torch.device,
                    shards: list[int] | None = None, precision: str | None = None):
     """-> (counts (H, 3): top-1 hits, top-5 hits, samples; head names). Restores train mode."""
-    was_training = model.training
+    names, was_training = head_names(model), model.training
+    counts = torch.zeros(len(names), 3, dtype=torch.float64)     # zeros on a rank with no val shard
     model.eval()
-    counts, names = None, None
     try:
         for images, labels, _ in eval_batches(shard_set, recipe, batch_size, shards):
             with autocast(device, precision):
                 logits = head_logits(model, images.to(device))
             labels = labels.to(device)
-            if counts is None:
-                names = list(logits)
-                counts = torch.zeros(len(names), 3, dtype=torch.float64, device=device)
             for i, name in enumerate(names):
-                counts[i] += torch.tensor([*_hits(logits[name], labels), len(labels)], dtype=torch.float64, device=device)
+                counts[i] += torch.tensor([*_hits(logits[name], labels), len(labels)], dtype=torch.float64)
     finally:
         model.train(was_training)
-    if counts is None:   # a rank with no val shard still takes part in the sum
-        names = list(head_logits(model.eval(), torch.zeros(1, 3, recipe.input_size, recipe.input_size,
-                                                           device=device)))
-        model.train(was_training)
-        counts = torch.zeros(len(names), 3, dtype=torch.float64, device=device)
-    return counts.cpu(), names
+    return counts, names
 
 
 def load_student(checkpoint, device: torch.device, use_ema: bool = False):

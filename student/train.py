@@ -382,28 +382,26 @@ def train_one_epoch(run: Run, epoch: int, global_step: int) -> tuple[dict, int]:
     run.scheduler.step(epoch)              # lr of this epoch (timm: per-epoch cosine with warm-up)
     lr = run.optimizer.param_groups[0]["lr"]
     run.model.train()
-    window = LossWindow(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    data_timer, epoch_start = DataTimer(), time.perf_counter()
+    meter = EpochMeter(device)
     batches = train_batches(run.shard_set, plan, run.recipe, cfg.batch_size, run.teacher, cfg.workers,
                             pin_memory=device.type == "cuda", device=device)
     bar = tqdm(total=plan.steps, desc=f"epoch {epoch}", unit="step", disable=not (ctx.is_main and cfg.progress),
                file=sys.stderr, leave=False)
-    done = 0
-    for step, batch in enumerate(data_timer.timed(batches)):
-        window.add(train_step(run, batch, global_step), step)
-        global_step, done = global_step + 1, done + 1
+    for step, batch in enumerate(meter.data_timer.timed(batches)):
+        meter.add(train_step(run, batch, global_step), step)
+        global_step += 1
         crash_point("train-step")
         bar.update(1)
         if (step + 1) % cfg.log_interval == 0 or step + 1 == plan.steps:
-            mean, steps_per_s = window.close(run, epoch, step)
+            mean, steps_per_s = meter.close_window(run, epoch, step)
             run.log.metrics({"event": "train", "epoch": epoch, "step": step + 1, "global_step": global_step, "lr": lr,
                              "loss": mean[0], "loss_base": mean[1], "loss_distill": mean[2],
                              "samples_per_s": steps_per_s * run.global_batch})
             bar.set_postfix(loss=f"{mean[0]:.4f}", lr=f"{lr:.2e}")
     bar.close()
-    return epoch_metrics(run, plan, epoch, lr, done, window, data_timer, time.perf_counter() - epoch_start), global_step
+    return meter.epoch_metrics(run, plan, epoch, lr), global_step
 
 
 def train_step(run: Run, batch, global_step: int):
@@ -424,23 +422,25 @@ def train_step(run: Run, batch, global_step: int):
     return loss
 
 
-class LossWindow:
-    """Loss sums (total, base, distill) kept on the device between log points: no host sync per step."""
+class EpochMeter:
+    """An epoch's loss sums (total, base, distill), kept on the device between log points (no host sync
+    per step), its first non-finite step, its data wait and its time."""
     NONE = 2**62                           # first_bad when every step was finite
 
     def __init__(self, device: torch.device):
         self.epoch_sums = torch.zeros(3, device=device)
-        self.sums = torch.zeros(3, device=device)
+        self.sums = torch.zeros(3, device=device)            # of the log window
         self.first_bad = torch.full((), self.NONE, dtype=torch.int64, device=device)
-        self.steps, self.start = 0, time.perf_counter()
+        self.data_timer, self.epoch_start = DataTimer(), time.perf_counter()
+        self.done, self.steps, self.start = 0, 0, time.perf_counter()
 
     def add(self, loss, step: int) -> None:
         self.sums += torch.stack([loss.total.detach(), loss.base.detach(), loss.distill.detach()])
         self.first_bad = torch.where(torch.isfinite(loss.total.detach()), self.first_bad,
                                      self.first_bad.clamp(max=step))
-        self.steps += 1
+        self.done, self.steps = self.done + 1, self.steps + 1
 
-    def close(self, run: Run, epoch: int, step: int) -> tuple[list[float], float]:
+    def close_window(self, run: Run, epoch: int, step: int) -> tuple[list[float], float]:
         """-> (mean (total, base, distill) over all ranks' window steps, steps/s); stops on a non-finite loss."""
         stats = D.all_reduce_sum(torch.cat([self.sums, (self.first_bad < self.NONE).float().view(1)]), run.ctx)
         if stats[3].item() > 0:
@@ -452,9 +452,22 @@ class LossWindow:
         self.steps, self.start = 0, time.perf_counter()
         return mean, rate
 
+    def epoch_metrics(self, run: Run, plan, epoch: int, lr: float) -> dict:
+        ctx, device, done = run.ctx, run.ctx.device, self.done
+        epoch_time, wait = time.perf_counter() - self.epoch_start, self.data_timer.wait_s
+        steps_per_rank = D.all_gather_rows(torch.tensor([done], dtype=torch.int64), ctx)[:, 0].tolist()
+        totals = (D.all_reduce_sum(self.epoch_sums.clone(), ctx) / max(done * ctx.world_size, 1)).tolist()
+        return {"event": "epoch", "epoch": epoch, "steps": done, "steps_per_rank": steps_per_rank,
+                "samples_per_rank": plan.samples_per_rank, "aug_seeds": plan.aug_seeds,
+                "lr": lr, "loss": totals[0], "loss_base": totals[1], "loss_distill": totals[2],
+                "epoch_time_s": epoch_time, "samples_per_s": done * run.global_batch / max(epoch_time, 1e-9),
+                # data-bound when data_wait_s is a large share of epoch_time_s
+                "data_wait_s": wait, "compute_s": max(epoch_time - wait, 0.0),
+                "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
+
 
 def _stop_non_finite(epoch: int, step: int, first_bad: int, checkpoint: Path, log: Logger) -> None:
-    where = (f"epoch {epoch}, step {first_bad + 1}" if first_bad < LossWindow.NONE
+    where = (f"epoch {epoch}, step {first_bad + 1}" if first_bad < EpochMeter.NONE
              else f"epoch {epoch}, at or before step {step + 1} (another rank)")
     kept = (f"the last good checkpoint {checkpoint} is kept (resume with --resume)" if checkpoint.exists()
             else "no checkpoint was written yet")
@@ -463,19 +476,6 @@ def _stop_non_finite(epoch: int, step: int, first_bad: int, checkpoint: Path, lo
     log.metrics({"event": "error", "epoch": epoch, "message": message})
     raise TrainingError(message)
 
-
-def epoch_metrics(run: Run, plan, epoch: int, lr: float, done: int, window: LossWindow, data_timer: DataTimer,
-                  epoch_time: float) -> dict:
-    ctx, device = run.ctx, run.ctx.device
-    steps_per_rank = D.all_gather_rows(torch.tensor([done], dtype=torch.int64), ctx)[:, 0].tolist()
-    totals = (D.all_reduce_sum(window.epoch_sums.clone(), ctx) / max(done * ctx.world_size, 1)).tolist()
-    return {"event": "epoch", "epoch": epoch, "steps": done, "steps_per_rank": steps_per_rank,
-            "samples_per_rank": plan.samples_per_rank, "aug_seeds": plan.aug_seeds,
-            "lr": lr, "loss": totals[0], "loss_base": totals[1], "loss_distill": totals[2],
-            "epoch_time_s": epoch_time, "samples_per_s": done * run.global_batch / max(epoch_time, 1e-9),
-            # data-bound when data_wait_s is a large share of epoch_time_s
-            "data_wait_s": data_timer.wait_s, "compute_s": max(epoch_time - data_timer.wait_s, 0.0),
-            "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
 
 
 def evaluate(run: Run) -> dict:
