@@ -20,6 +20,7 @@ import torch
 
 from data_shards import AugRecipe, make_shards
 from student.evaluate import evaluate_checkpoint
+from student.models import StudentConfig
 from student.train import METRICS_FILE, TrainConfig, train
 from teacher_cache.build import CacheOptions, cache_teacher
 
@@ -93,8 +94,8 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), overwrite
 
     t = step(f"2/6 train the teacher ({TEACHER_MODEL}, supervised, {settings.teacher_epochs} epochs)")
     teacher_dir = out / "teacher"
-    train(TrainConfig(out=str(teacher_dir), model=TEACHER_MODEL, distillation_type="none", drop_path=0.0,
-                      recipe=TEACHER_RECIPE.to_dict(), epochs=settings.teacher_epochs,
+    train(TrainConfig(out=str(teacher_dir), student=StudentConfig(TEACHER_MODEL, drop_path_rate=0.0),
+                      distillation_type="none", recipe=TEACHER_RECIPE.to_dict(), epochs=settings.teacher_epochs,
                       batch_size=settings.teacher_batch_size, lr=settings.teacher_lr, warmup_epochs=2, **common))
     teacher_ckpt = teacher_dir / "checkpoint.pt"
     timings["train_teacher"] = time.time() - t
@@ -114,8 +115,8 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), overwrite
             run_dir = out / (f"student_{kind}" if seed == 0 else f"student_{kind}_seed{seed}")
             train(TrainConfig(out=str(run_dir), cache=str(cache_dir), distillation_type=kind, seed=seed,
                               epochs=settings.student_epochs, batch_size=settings.batch_size, lr=settings.lr,
-                              warmup_epochs=settings.warmup_epochs, drop_path=settings.drop_path, **STUDENT,
-                              **common))
+                              warmup_epochs=settings.warmup_epochs,
+                              student=StudentConfig(**STUDENT, drop_path_rate=settings.drop_path), **common))
             runs[kind, seed] = run_dir
             timings[f"train_student_{kind}"] = timings.get(f"train_student_{kind}", 0.0) + time.time() - t
 
