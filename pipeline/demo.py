@@ -103,7 +103,8 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), overwrite
     cache_dir = out / "teacher_cache"
     cache_summary = cache_teacher(shards["train"], cache_dir, teacher_checkpoint=str(teacher_ckpt),
                                   seeds=settings.student_epochs, topk=10, recipe=DEMO_RECIPE,
-                                  batch_size=settings.teacher_batch_size, device=settings.device)
+                                  batch_size=settings.teacher_batch_size, device=settings.device,
+                                  workers=settings.workers)   # replay off the teacher's core; same bytes
     timings["cache_teacher"] = time.time() - t
 
     runs = {}                       # (kind, seed) -> run folder
