@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -64,18 +65,27 @@ class DemoSettings:
         return cls(teacher_epochs=2, student_epochs=2, warmup_epochs=0, max_steps_per_epoch=4)
 
 
-def step(title: str) -> float:
+@contextmanager
+def phase(title: str, timings: dict[str, float], key: str | None = None):
+    """Print the phase's title; add its wall time to timings[key] (results.json)."""
     click.secho(f"\n== {title}", bold=True, err=True)
-    return time.time()
+    started = time.time()
+    yield
+    if key:
+        timings[key] = timings.get(key, 0.0) + time.time() - started
 
 
-def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), overwrite: bool = True) -> dict:
-    out = Path(out)
+def _empty_folder(out: Path, overwrite: bool) -> Path:
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise click.ClickException(f"{out} is not empty")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), overwrite: bool = True) -> dict:
+    out = _empty_folder(Path(out), overwrite)
     if settings.device in ("auto", "cpu") and not torch.cuda.is_available():
         # One core per replay worker, the rest for torch: oversubscribed OpenMP threads on a
         # small machine spin against the workers and run many times slower (measured: 2 threads,
@@ -84,61 +94,70 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), overwrite
     timings: dict[str, float] = {}
     started = time.time()
 
-    t = step("1/6 make-shards: scikit-learn digits -> WebDataset shards (train / val)")
     shards = {split: out / "shards" / split for split in ("train", "val")}
-    for split, folder in shards.items():
-        make_shards("digits", folder, split=split, shard_size=settings.shard_size, overwrite=True)
-    timings["make_shards"] = time.time() - t
-
+    with phase("1/6 make-shards: scikit-learn digits -> WebDataset shards (train / val)", timings, "make_shards"):
+        for split, folder in shards.items():
+            make_shards("digits", folder, split=split, shard_size=settings.shard_size, overwrite=True)
     common = dict(shards=str(shards["train"]), val_shards=str(shards["val"]), device=settings.device,
                   workers=settings.workers, repeated_aug=1, log_interval=10**9, max_steps_per_epoch=settings.max_steps_per_epoch)
 
-    t = step(f"2/6 train the teacher ({TEACHER_MODEL}, supervised, {settings.teacher_epochs} epochs)")
-    teacher_dir = out / "teacher"
-    train(TrainConfig(out=str(teacher_dir), student=StudentConfig(TEACHER_MODEL, drop_path_rate=0.0),
-                      distillation_type="none", recipe=TEACHER_RECIPE.to_dict(), epochs=settings.teacher_epochs,
-                      batch_size=settings.teacher_batch_size, lr=settings.teacher_lr, warmup_epochs=2, **common))
+    teacher_ckpt, cache_dir, cache_summary = teacher_and_cache(out, shards, settings, common, timings)
+    runs = train_students(out, cache_dir, settings, common, timings)
+
+    with phase("5/6 evaluate the students (class, distillation, fused heads) and the teacher", timings, "evaluate"):
+        all_reports = {key: evaluate_checkpoint(str(d / "checkpoint.pt"), str(shards["val"]), teacher=str(teacher_ckpt),
+                                                device=settings.device) for key, d in runs.items()}
+        teacher_report = evaluate_checkpoint(str(teacher_ckpt), str(shards["val"]), device=settings.device)
+
+    with phase("6/6 results: results.md, results.json, accuracy.png", timings):
+        curves = {kind: val_curve(runs[kind, 0] / METRICS_FILE) for kind in DISTILLATION_TYPES}
+        curves["teacher"] = val_curve(teacher_ckpt.parent / METRICS_FILE)
+        results = {
+            "settings": settings.__dict__, "recipe": DEMO_RECIPE.to_dict(), "teacher_recipe": TEACHER_RECIPE.to_dict(),
+            "teacher_model": TEACHER_MODEL, "student": STUDENT, "teacher": teacher_report,
+            "students": {kind: all_reports[kind, 0] for kind in DISTILLATION_TYPES},
+            "over_seeds": over_seeds(all_reports), "val_curves": curves,
+            "cache": cache_summary, "timings_s": {k: round(v, 1) for k, v in timings.items()},
+            "total_s": round(time.time() - started, 1),
+        }
+        write_results(out, results, curves)
+    return results
+
+
+def teacher_and_cache(out: Path, shards: dict[str, Path], settings: DemoSettings, common: dict, timings: dict):
+    """Phases 2-3: the supervised teacher, then its cache over one seed per student epoch."""
+    teacher_dir, cache_dir = out / "teacher", out / "teacher_cache"
     teacher_ckpt = teacher_dir / "checkpoint.pt"
-    timings["train_teacher"] = time.time() - t
+    with phase(f"2/6 train the teacher ({TEACHER_MODEL}, supervised, {settings.teacher_epochs} epochs)",
+               timings, "train_teacher"):
+        train(TrainConfig(out=str(teacher_dir), student=StudentConfig(TEACHER_MODEL, drop_path_rate=0.0),
+                          distillation_type="none", recipe=TEACHER_RECIPE.to_dict(), epochs=settings.teacher_epochs,
+                          batch_size=settings.teacher_batch_size, lr=settings.teacher_lr, warmup_epochs=2, **common))
+    with phase(f"3/6 cache-teacher: {settings.student_epochs} augmentation seeds x every training image",
+               timings, "cache_teacher"):
+        cache_summary = cache_teacher(CacheOptions(shards["train"], cache_dir, teacher_checkpoint=str(teacher_ckpt),
+                                                   seeds=settings.student_epochs, topk=10, recipe=DEMO_RECIPE,
+                                                   batch_size=settings.teacher_batch_size, device=settings.device,
+                                                   workers=settings.workers))   # replay off the teacher's core; same bytes
+    return teacher_ckpt, cache_dir, cache_summary
 
-    t = step(f"3/6 cache-teacher: {settings.student_epochs} augmentation seeds x every training image")
-    cache_dir = out / "teacher_cache"
-    cache_summary = cache_teacher(CacheOptions(shards["train"], cache_dir, teacher_checkpoint=str(teacher_ckpt),
-                                               seeds=settings.student_epochs, topk=10, recipe=DEMO_RECIPE,
-                                               batch_size=settings.teacher_batch_size, device=settings.device,
-                                               workers=settings.workers))   # replay off the teacher's core; same bytes
-    timings["cache_teacher"] = time.time() - t
 
-    runs = {}                       # (kind, seed) -> run folder
+def train_students(out: Path, cache_dir: Path, settings: DemoSettings, common: dict, timings: dict) -> dict:
+    """Phase 4: the same student with none / soft / hard distillation per seed -> {(kind, seed): run folder}."""
+    runs = {}
     for seed in range(settings.student_seeds):
         for i, kind in enumerate(DISTILLATION_TYPES):
-            t = step(f"4/6 student {i + 1}/3 (seed {seed}): {STUDENT['model']} (32x32, patch 8), "
-                     f"distillation {kind}, from the cache")
-            run_dir = out / (f"student_{kind}" if seed == 0 else f"student_{kind}_seed{seed}")
-            train(TrainConfig(out=str(run_dir), cache=str(cache_dir), distillation_type=kind, seed=seed,
-                              epochs=settings.student_epochs, batch_size=settings.batch_size, lr=settings.lr,
-                              warmup_epochs=settings.warmup_epochs,
-                              student=StudentConfig(**STUDENT, drop_path_rate=settings.drop_path), **common))
-            runs[kind, seed] = run_dir
-            timings[f"train_student_{kind}"] = timings.get(f"train_student_{kind}", 0.0) + time.time() - t
+            runs[kind, seed] = out / (f"student_{kind}" if seed == 0 else f"student_{kind}_seed{seed}")
+            with phase(f"4/6 student {i + 1}/3 (seed {seed}): {STUDENT['model']} (32x32, patch 8), "
+                       f"distillation {kind}, from the cache", timings, f"train_student_{kind}"):
+                train(TrainConfig(out=str(runs[kind, seed]), cache=str(cache_dir), distillation_type=kind, seed=seed,
+                                  epochs=settings.student_epochs, batch_size=settings.batch_size, lr=settings.lr,
+                                  warmup_epochs=settings.warmup_epochs,
+                                  student=StudentConfig(**STUDENT, drop_path_rate=settings.drop_path), **common))
+    return runs
 
-    t = step("5/6 evaluate the students (class, distillation, fused heads) and the teacher")
-    all_reports = {key: evaluate_checkpoint(str(d / "checkpoint.pt"), str(shards["val"]), teacher=str(teacher_ckpt),
-                                            device=settings.device) for key, d in runs.items()}
-    reports = {kind: all_reports[kind, 0] for kind in DISTILLATION_TYPES}
-    teacher_report = evaluate_checkpoint(str(teacher_ckpt), str(shards["val"]), device=settings.device)
-    timings["evaluate"] = time.time() - t
 
-    t = step("6/6 results: results.md, results.json, accuracy.png")
-    curves = {kind: val_curve(runs[kind, 0] / METRICS_FILE) for kind in DISTILLATION_TYPES}
-    curves["teacher"] = val_curve(teacher_dir / METRICS_FILE)
-    results = {
-        "settings": settings.__dict__, "recipe": DEMO_RECIPE.to_dict(), "teacher_recipe": TEACHER_RECIPE.to_dict(),
-        "teacher_model": TEACHER_MODEL, "student": STUDENT, "teacher": teacher_report, "students": reports,
-        "over_seeds": over_seeds(all_reports), "val_curves": curves,
-        "cache": cache_summary, "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "total_s": round(time.time() - started, 1),
-    }
+def write_results(out: Path, results: dict, curves: dict[str, list[dict]]) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     table = results_table(results)
     (out / "results.md").write_text(table)
@@ -146,7 +165,6 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), overwrite
     click.echo(table)
     click.echo(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'accuracy.png'} "
                f"in {results['total_s']:.0f}s")
-    return results
 
 
 def over_seeds(reports: dict[tuple[str, int], dict]) -> dict[str, dict]:
