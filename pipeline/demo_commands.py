@@ -13,10 +13,13 @@ from .cli import main, run_or_explain
 @click.option("--quick", is_flag=True, help="Two epochs per model: checks the wiring in about a minute.")
 @click.option("--student-seeds", type=click.IntRange(min=1), default=1, show_default=True,
               help="Train each student with seeds 0..N-1 from the same cache; results give mean ± spread.")
-def demo_cmd(out, device, quick, student_seeds):
+@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Replay worker processes; the other cores go to torch. 0 is fastest on quiet cores; "
+                   "1 degrades more gracefully when other jobs share a small machine.")
+def demo_cmd(out, device, quick, student_seeds, workers):
     """Whole two-stage flow on scikit-learn's digits: shards, teacher, cache, 3 students, results."""
     from .demo import DemoSettings, run_demo
 
     settings = DemoSettings.quick() if quick else DemoSettings()
-    settings.device, settings.student_seeds = device, student_seeds
+    settings.device, settings.student_seeds, settings.workers = device, student_seeds, workers
     run_or_explain(run_demo, out, settings)
