@@ -32,8 +32,14 @@ from .targets import TeacherTargets
 
 class TeacherCache:
     def __init__(self, root: Path, manifest: dict):
-        self.root = Path(root)
-        self.manifest = manifest
+        self.root, self.manifest = Path(root), manifest
+        shards = manifest["shards"]         # the description, read once (a format-checked manifest)
+        self.num_seeds, self.seeds_per_unit = int(manifest["seeds"]), int(manifest["seeds_per_unit"])
+        self.topk, self.num_classes = int(manifest["topk"]), int(manifest["num_classes"])
+        self.has_logits = manifest["store_logits"] == "full"
+        self.num_shards, self.rows_per_shard = int(shards["num_shards"]), int(shards["rows_per_shard"])
+        self.shard_counts = list(shards["shard_counts"])
+        self.array_names = list(manifest["arrays"])   # caches made before the tail summary lack TAIL_LOGSUMEXP
         self._arrays: dict[str, object] = {}
         self._arrays_pid = None
         self._done: set[str] = set()
@@ -52,46 +58,9 @@ class TeacherCache:
         return AugRecipe.from_dict(self.manifest["recipe"])
 
     @property
-    def num_seeds(self) -> int:
-        return int(self.manifest["seeds"])
-
-    @property
     def seed_generations(self):
         """[SeedGeneration]: the seed ranges each run added (one unless the cache was grown)."""
         return seed_generations(self.manifest)
-
-    @property
-    def seeds_per_unit(self) -> int:
-        return int(self.manifest["seeds_per_unit"])
-
-    @property
-    def topk(self) -> int:
-        return int(self.manifest["topk"])
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.manifest["num_classes"])
-
-    @property
-    def has_logits(self) -> bool:
-        return self.manifest["store_logits"] == "full"
-
-    @property
-    def num_shards(self) -> int:
-        return int(self.manifest["shards"]["num_shards"])
-
-    @property
-    def shard_counts(self) -> list[int]:
-        return list(self.manifest["shards"]["shard_counts"])
-
-    @property
-    def rows_per_shard(self) -> int:
-        return int(self.manifest["shards"]["rows_per_shard"])
-
-    @property
-    def array_names(self) -> list[str]:
-        """The stored arrays (caches made before the tail summary lack TAIL_LOGSUMEXP)."""
-        return list(self.manifest["arrays"])
 
     def units(self) -> list[Unit]:
         return all_units(self.num_shards, self.num_seeds, self.seeds_per_unit, self.seed_generations)
