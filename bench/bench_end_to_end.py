@@ -80,6 +80,9 @@ def main(argv=None) -> dict:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--repeated-aug", type=int, default=3, help="train-student --repeated-aug (DeiT's 3)")
     p.add_argument("--modes", default="none,cached,online")
+    p.add_argument("--aug", action="append", default=[], metavar="KEY=VALUE",
+                   help="recipe override for cache-teacher and train-student, e.g. the fast recipe: "
+                        "--aug resize_backend=torch --aug rand_augment_interpolation=bilinear")
     p.add_argument("--compile", action="store_true", help="train-student --compile")
     p.add_argument("--channels-last", action="store_true", help="online teacher and cache-teacher channels-last")
     p.add_argument("--steps", type=int, default=20, help="bench_student_step: timed steps per round")
@@ -92,6 +95,7 @@ def main(argv=None) -> dict:
     gpu = torch.cuda.is_available()
     precision = args.precision or ("bf16" if gpu else "fp32")
     modes = args.modes.split(",")
+    aug_opts = [f"--aug={kv}" for kv in args.aug]
     # seeds for the epochs at R repeats: each epoch takes R seeds of one group (student/schedule.py)
     seeds = args.repeated_aug * -(-args.epochs // args.repeated_aug) if args.repeated_aug > 1 else args.epochs
 
@@ -106,7 +110,7 @@ def main(argv=None) -> dict:
             cli("cache-teacher", "--shards", str(shards), "--out", str(work / "cache"), "--teacher", args.teacher,
                 "--teacher-checkpoint", str(teacher_ckpt), "--seeds", str(seeds), "--topk", "10",
                 "--batch-size", str(args.teacher_batch_size), "--precision", precision,
-                "--workers", str(args.workers), "--no-progress")
+                "--workers", str(args.workers), "--no-progress", *aug_opts)
         student_opts = [f"--model-kwarg={kv}" for kv in args.student_kwarg]
         base = ["train-student", "--shards", str(shards), "--model", args.student, *student_opts,
                 "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--workers", str(args.workers),
@@ -114,12 +118,12 @@ def main(argv=None) -> dict:
         if args.compile:
             base.append("--compile")
         per_mode = {
-            "none": ["--distillation-type", "none", "--num-seeds", str(seeds)],
+            "none": ["--distillation-type", "none", "--num-seeds", str(seeds), *aug_opts],
             "cached": ["--cache", str(work / "cache"), "--distillation-type", "hard"],
             "online": ["--teacher-online", str(teacher_ckpt), "--teacher-model", args.teacher,
                        "--teacher-batch-size", str(args.teacher_batch_size), "--teacher-precision", precision,
                        "--distillation-type", "hard", "--num-seeds", str(seeds),
-                       "--channels-last" if args.channels_last else "--no-channels-last"],
+                       "--channels-last" if args.channels_last else "--no-channels-last", *aug_opts],
         }
         end_to_end = {}
         for mode in modes:

@@ -18,7 +18,6 @@ Prints a markdown table row and writes it (appended) and a JSON record to --out.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import platform
 import statistics
@@ -31,22 +30,14 @@ import torch
 from timm.optim import create_optimizer_v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from data_shards.io import autocast, resolve_device  # noqa: E402
+from pipeline.options import parse_key_values  # noqa: E402
 from student.losses import DistillationLoss  # noqa: E402
 from student.models import StudentConfig, create_student  # noqa: E402
 from teacher_cache.targets import encode_teacher_logits  # noqa: E402
 
 MODES = ("none", "cached", "online")
-
-
-def parse_kwargs(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+RATIOS = (("cached", "none"), ("online", "none"), ("cached", "online"))
 
 
 def sync(device: torch.device) -> None:
@@ -54,18 +45,16 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_step(mode: str, args, device, amp_dtype, student, teacher, images, targets, cached):
+def make_step(mode: str, args, device, amp, student, teacher, images, targets, cached):
     """One training step of `mode` (its own optimizer state), as a closure."""
     optimizer = create_optimizer_v2(student, opt="adamw", lr=5e-4, weight_decay=0.05)
     criterion = DistillationLoss("none" if mode == "none" else "hard", alpha=0.5, tau=1.0)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype else contextlib.nullcontext
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
     rows = torch.arange(len(images), device=device).flip(0)
 
     def step():
         if mode == "online":
-            with torch.no_grad(), autocast():
+            with torch.no_grad(), autocast(device, amp):
                 teacher_targets = encode_teacher_logits(teacher(images).float(), args.topk)
         elif mode == "cached":
             # as train-student: a unit's targets are moved to the device once per unit (pinned, async),
@@ -73,7 +62,7 @@ def make_step(mode: str, args, device, amp_dtype, student, teacher, images, targ
             teacher_targets = cached.select(rows)
         else:
             teacher_targets = None
-        with autocast():
+        with autocast(device, amp):
             outputs = student(images)
         loss = criterion(outputs, targets, teacher_targets)
         optimizer.zero_grad(set_to_none=True)
@@ -100,11 +89,11 @@ def time_steps(step, steps: int, device) -> tuple[float, float | None]:
     return seconds, torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
-def run_modes(modes, args, device, amp_dtype, student, teacher, images, targets, cached) -> dict:
+def run_modes(modes, args, device, amp, student, teacher, images, targets, cached) -> dict:
     """Warm every mode up, then time them round-robin (--rounds times) and keep the median:
     the order of the modes and slow drifts of the machine do not favour one of them."""
     student.train()
-    steps = {m: make_step(m, args, device, amp_dtype, student, teacher if m == "online" else None, images,
+    steps = {m: make_step(m, args, device, amp, student, teacher if m == "online" else None, images,
                           targets, cached) for m in modes}
     for step in steps.values():
         for _ in range(args.warmup):
@@ -145,9 +134,8 @@ def main(argv=None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     amp = ("bf16" if device.type == "cuda" else "none") if args.amp == "auto" else args.amp
-    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
     if args.threads:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
@@ -158,11 +146,11 @@ def main(argv=None) -> dict:
     if not set(modes) <= set(MODES):
         p.error(f"--modes must be a subset of {','.join(MODES)}")
 
-    student_kwargs = {"img_size": args.img_size, **parse_kwargs(args.student_kwarg)}
+    student_kwargs = {"img_size": args.img_size, **parse_key_values(args.student_kwarg, "--student-kwarg")}
     config = StudentConfig(args.student, args.num_classes, drop_path_rate=0.1, model_kwargs=student_kwargs)
     student = create_student(config, distilled_training=True).to(device)
     teacher = timm.create_model(args.teacher, pretrained=False, num_classes=args.num_classes,
-                                **parse_kwargs(args.teacher_kwarg)).to(device).eval().requires_grad_(False)
+                                **parse_key_values(args.teacher_kwarg, "--teacher-kwarg")).to(device).eval().requires_grad_(False)
     if device.type == "cuda":
         teacher = teacher.to(memory_format=torch.channels_last)
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
@@ -171,7 +159,7 @@ def main(argv=None) -> dict:
     with torch.no_grad():
         cached = encode_teacher_logits(teacher(images).float(), args.topk)       # stays on the device
 
-    results = run_modes(modes, args, device, amp_dtype, student, teacher, images, targets, cached)
+    results = run_modes(modes, args, device, amp, student, teacher, images, targets, cached)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     record = {"device": device_name, "student": args.student, "student_kwargs": student_kwargs,
               "teacher": args.teacher, "img_size": args.img_size, "batch_size": args.batch_size, "amp": amp,
@@ -182,14 +170,7 @@ def main(argv=None) -> dict:
               "versions": {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()},
               "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     ips = {m: r["images_per_s"] for m, r in results.items()}
-    ratios = {}
-    if "none" in ips and "cached" in ips:
-        ratios["cached/none"] = ips["cached"] / ips["none"]
-    if "none" in ips and "online" in ips:
-        ratios["online/none"] = ips["online"] / ips["none"]
-    if "cached" in ips and "online" in ips:
-        ratios["cached/online"] = ips["cached"] / ips["online"]
-    record["ratios"] = ratios
+    record["ratios"] = ratios = {f"{a}/{b}": ips[a] / ips[b] for a, b in RATIOS if a in ips and b in ips}
 
     header = ("| device | student | teacher | img | batch | amp | none img/s | cached-hard img/s | online img/s "
               "| cached/none | online/none | cached/online |")

@@ -79,11 +79,12 @@ if __name__ == "__main__":
               batch_size=32, device="cpu", progress=False, log=lambda m: None)
     cache_teacher(CacheOptions(OUT / "val", OUT / "cache", seeds=3, **kw))
     cache_teacher(CacheOptions(OUT / "val", OUT / "cache", seeds=5, **kw))
-    cfg = TrainConfig(shards=str(OUT / "val"), out=str(OUT / "run"), cache=str(OUT / "cache"),
-                      model="deit_tiny_distilled_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=2,
-                      num_heads=3, recipe=recipe.to_dict(), epochs=2, batch_size=32, lr=1e-3, warmup_epochs=0,
-                      workers=0, progress=False, log_interval=2, max_steps_per_epoch=4, distillation_type="hard",
-                      device="cpu")
+    # from_dict (a checkpoint's flat "args"): the same call builds it whether or not TrainConfig nests a StudentConfig
+    cfg = TrainConfig.from_dict(dict(
+        shards=str(OUT / "val"), out=str(OUT / "run"), cache=str(OUT / "cache"),
+        model="deit_tiny_distilled_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3,
+        recipe=recipe.to_dict(), epochs=2, batch_size=32, lr=1e-3, warmup_epochs=0, workers=0, progress=False,
+        log_interval=2, max_steps_per_epoch=4, distillation_type="hard", device="cpu"))
     train(cfg)
     print(json.dumps({"files": tree_digests(OUT), "checkpoint": tensor_digests(OUT / "run" / "checkpoint.pt")},
                      indent=1, sort_keys=True))

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import click
 
 from data_shards.shards import ShardsError
 from student.errors import StudentError
-from student.train import TrainConfig
+from student.evaluate import evaluate_checkpoint
+from student.models import StudentConfig
+from student.train import TrainConfig, train
 from teacher_cache.cache import TeacherCache
 from teacher_cache.errors import CacheError
 
@@ -83,8 +86,8 @@ register_user_errors(CacheError, StudentError, ShardsError)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--no-progress", is_flag=True, help="No tqdm bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def train_student_cmd(input_size, recipe_source, aug_overrides, model_kwargs, distillation_type, no_progress,
-                      as_json, **options):
+def train_student_cmd(input_size, recipe_source, aug_overrides, model, img_size, patch_size, embed_dim, depth,
+                      num_heads, model_kwargs, drop_path, distillation_type, no_progress, as_json, **options):
     """Train a student on the shards, distilling from a teacher cache or an online teacher.
 
     Epoch e uses augmentation seed e mod S (S = the cache's seeds). Works as one process or
@@ -92,7 +95,7 @@ def train_student_cmd(input_size, recipe_source, aug_overrides, model_kwargs, di
     """
     recipe = None
     if recipe_given(input_size, recipe_source, aug_overrides):
-        parsed = recipe_from_options(input_size or options["img_size"], recipe_source, aug_overrides)
+        parsed = recipe_from_options(input_size or img_size, recipe_source, aug_overrides)
         if options["cache"] and not recipe_source:
             # With a cache, --input-size / --aug change the cache's recipe (and are then refused by
             # the compatibility check, naming the field): the other fields stay the cache's.
@@ -102,10 +105,13 @@ def train_student_cmd(input_size, recipe_source, aug_overrides, model_kwargs, di
         recipe = parsed.to_dict()
     if distillation_type is None:
         distillation_type = "hard" if (options["cache"] or options["teacher_online"]) else "none"
-    cfg = TrainConfig(**options, recipe=recipe, model_kwargs=parse_key_values(model_kwargs, "--model-kwarg"),
-                      distillation_type=distillation_type, progress=not no_progress)
-    summary = run_or_explain(_train, cfg)
-    if summary is None:        # not rank 0
+    student = StudentConfig(model, img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                            num_heads=num_heads, drop_path_rate=drop_path,
+                            model_kwargs=parse_key_values(model_kwargs, "--model-kwarg"))
+    cfg = TrainConfig(**options, recipe=recipe, student=student, distillation_type=distillation_type,
+                      progress=not no_progress)
+    summary = run_or_explain(train, cfg)
+    if int(os.environ.get("RANK", 0)) != 0:        # torchrun: rank 0 reports
         return
     if as_json:
         echo_json(summary)
@@ -116,14 +122,6 @@ def train_student_cmd(input_size, recipe_source, aug_overrides, model_kwargs, di
         click.echo(f"trained {summary['epochs']} epoch(s), {summary['global_step']} steps on {summary['world_size']} "
                    f"process(es); last loss {m.get('loss', float('nan')):.4f}"
                    + (f"; val top-1 {heads}" if heads else "") + f"; checkpoint {summary['checkpoint']}")
-
-
-def _train(cfg: TrainConfig):
-    import os
-
-    from student.train import train
-    summary = train(cfg)
-    return summary if int(os.environ.get("RANK", 0)) == 0 else None
 
 
 @main.command("evaluate")
@@ -141,7 +139,6 @@ def _train(cfg: TrainConfig):
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def evaluate_cmd(checkpoint, shards, teacher, teacher_model, cache, aug_seed, batch_size, use_ema, device, as_json):
     """Top-1/top-5 of the class head, the distillation head and their late fusion (eval transform)."""
-    from student.evaluate import evaluate_checkpoint
     report = run_or_explain(evaluate_checkpoint, checkpoint, shards, batch_size=batch_size, teacher=teacher,
                             teacher_model=teacher_model, cache=cache, aug_seed=aug_seed, use_ema=use_ema, device=device)
     if as_json:

@@ -106,7 +106,7 @@ def _plan_repeated(shard_set: ShardSet, epoch: int, batch_size: int, rank: int, 
     from a cache's in the last bits where the teacher's arithmetic depends on the batch."""
     plan = plan_repeated_epoch(shard_set.shard_counts, epoch, batch_size, rank, world_size, seed, num_seeds,
                                repeated_aug, max_steps)
-    items = [WorkItem(*piece) for step in plan.steps for piece in step]
+    items = [item for step in plan.steps for item in step]
     units = list(dict.fromkeys((item.shard, item.aug_seed) for item in items))
     return EpochPlan(epoch, plan.aug_seeds, units, items, plan.num_steps, [plan.num_steps * batch_size] * world_size)
 
@@ -197,7 +197,9 @@ def train_batches(shard_set: ShardSet, plan: EpochPlan, recipe: AugRecipe, batch
                                   item.keys))
         held += len(item)
         while held >= batch_size and done < plan.steps:
-            batch, pending = _split(_concat(pending), batch_size)
+            whole = _concat(pending)
+            batch = _rows(whole, slice(0, batch_size))
+            pending = [_rows(whole, slice(batch_size, None))] if held > batch_size else []
             held -= batch_size
             done += 1
             yield batch
@@ -214,14 +216,9 @@ def _concat(parts: list[TrainBatch]) -> TrainBatch:
                       [k for p in parts for k in p.keys])
 
 
-def _split(batch: TrainBatch, n: int) -> tuple[TrainBatch, list[TrainBatch]]:
-    head = TrainBatch(batch.images[:n], batch.targets[:n],
-                      None if batch.teacher is None else batch.teacher.select(slice(0, n)), batch.keys[:n])
-    if len(batch.keys) == n:
-        return head, []
-    tail = TrainBatch(batch.images[n:], batch.targets[n:],
-                      None if batch.teacher is None else batch.teacher.select(slice(n, None)), batch.keys[n:])
-    return head, [tail]
+def _rows(batch: TrainBatch, rows: slice) -> TrainBatch:
+    teacher = None if batch.teacher is None else batch.teacher.select(rows)
+    return TrainBatch(batch.images[rows], batch.targets[rows], teacher, batch.keys[rows])
 
 
 # ----------------------------------------------------------------------------- evaluation data

@@ -13,6 +13,8 @@ argmax: how closely the student mimics the teacher where it was taught.
 from __future__ import annotations
 
 import torch
+from timm.models import clean_state_dict
+from timm.utils import accuracy
 
 from data_shards import AugRecipe, ShardSet, finish_item
 from data_shards.io import autocast, resolve_device
@@ -20,11 +22,18 @@ from data_shards.io import autocast, resolve_device
 from .checkpoint import load_checkpoint
 from .data import eval_batches, iter_items, unit_items
 from .errors import StudentError
-from .models import StudentConfig, create_student, student_heads
+from .models import StudentConfig, create_student, is_distilled, student_heads
+from .teachers import load_online_teacher
+
+SPLIT = ("both_correct", "student_only", "teacher_only", "both_wrong")   # student (default head) / teacher right
+
+
+def head_names(model) -> list[str]:
+    return ["class", "distillation", "fused"] if is_distilled(model) else ["class"]
 
 
 def head_logits(model, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Logits per head; a one-head model has only 'class'."""
+    """Logits per head (head_names); a one-head model has only 'class'."""
     cls_logits, dist_logits = student_heads(model, images)
     if dist_logits is None:
         return {"class": cls_logits.float()}
@@ -32,38 +41,28 @@ def head_logits(model, images: torch.Tensor) -> dict[str, torch.Tensor]:
             "fused": ((cls_logits + dist_logits) / 2).float()}
 
 
-def _topk_hits(logits: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
-    top = logits.topk(min(k, logits.shape[1]), dim=1).indices
-    return (top == labels.view(-1, 1)).any(dim=1)
+def _hits(logits: torch.Tensor, labels: torch.Tensor) -> list[int]:
+    """[top-1 hits, top-5 hits]: timm's accuracy is a percentage of the batch; rounded back, it is exact."""
+    return [round(float(acc) * len(labels) / 100) for acc in accuracy(logits, labels, topk=(1, 5))]
 
 
 @torch.no_grad()
 def evaluate_heads(model, shard_set: ShardSet, recipe: AugRecipe, batch_size: int, device: torch.device,
-                   shards: list[int] | None = None, amp_dtype: torch.dtype | None = None):
+                   shards: list[int] | None = None, precision: str | None = None):
     """-> (counts (H, 3): top-1 hits, top-5 hits, samples; head names). Restores train mode."""
-    was_training = model.training
+    names, was_training = head_names(model), model.training
+    counts = torch.zeros(len(names), 3, dtype=torch.float64)     # zeros on a rank with no val shard
     model.eval()
-    counts, names = None, None
     try:
         for images, labels, _ in eval_batches(shard_set, recipe, batch_size, shards):
-            with autocast(device, amp_dtype):
+            with autocast(device, precision):
                 logits = head_logits(model, images.to(device))
             labels = labels.to(device)
-            if counts is None:
-                names = list(logits)
-                counts = torch.zeros(len(names), 3, dtype=torch.float64, device=device)
             for i, name in enumerate(names):
-                counts[i, 0] += _topk_hits(logits[name], labels, 1).sum()
-                counts[i, 1] += _topk_hits(logits[name], labels, 5).sum()
-                counts[i, 2] += len(labels)
+                counts[i] += torch.tensor([*_hits(logits[name], labels), len(labels)], dtype=torch.float64)
     finally:
         model.train(was_training)
-    if counts is None:   # a rank with no val shard still takes part in the sum
-        names = list(head_logits(model.eval(), torch.zeros(1, 3, recipe.input_size, recipe.input_size,
-                                                           device=device)))
-        model.train(was_training)
-        counts = torch.zeros(len(names), 3, dtype=torch.float64, device=device)
-    return counts.cpu(), names
+    return counts, names
 
 
 def load_student(checkpoint, device: torch.device, use_ema: bool = False):
@@ -74,7 +73,7 @@ def load_student(checkpoint, device: torch.device, use_ema: bool = False):
     if use_ema:
         if ckpt.get("ema") is None:
             raise StudentError(f"{checkpoint} has no EMA weights (train with --ema-decay to keep them)")
-        state = {k.removeprefix("module."): v for k, v in ckpt["ema"].items()}
+        state = clean_state_dict(ckpt["ema"])
     model.load_state_dict(state)
     return model.to(device).eval(), AugRecipe.from_dict(ckpt["recipe"]), ckpt
 
@@ -92,56 +91,48 @@ def evaluate_checkpoint(checkpoint: str, shards: str, batch_size: int = 128, tea
                            "evaluate on shards of the training classes")
     if teacher and cache:
         raise StudentError("give either --teacher or --cache, not both")
-    teacher_model_ = _load_teacher(teacher, teacher_model, num_classes, dev) if teacher else None
-
-    hits: dict[str, list[int]] = {}
-    agree: dict[str, int] = {}
-    teacher_hits = [0, 0]
-    table = {"both_correct": 0, "student_only": 0, "teacher_only": 0, "both_wrong": 0}
-    n = 0
+    teacher_net = load_online_teacher(teacher, num_classes, dev, teacher_model) if teacher else None
+    hits, teacher_hits, agree, split, n = {}, [0, 0], {}, dict.fromkeys(SPLIT, 0), 0
     for images, labels, _ in eval_batches(shard_set, recipe, batch_size):
         images, labels = images.to(dev), labels.to(dev)
         logits = head_logits(model, images)
         for name, out in logits.items():
-            h = hits.setdefault(name, [0, 0])
-            h[0] += int(_topk_hits(out, labels, 1).sum())
-            h[1] += int(_topk_hits(out, labels, 5).sum())
-        if teacher_model_ is not None:
-            t_logits = teacher_model_(images).float()
-            t_pred = t_logits.argmax(dim=1)
-            teacher_hits[0] += int(_topk_hits(t_logits, labels, 1).sum())
-            teacher_hits[1] += int(_topk_hits(t_logits, labels, 5).sum())
-            for name, out in logits.items():
-                agree[name] = agree.get(name, 0) + int((out.argmax(dim=1) == t_pred).sum())
-            s_ok = logits[default_head(logits)].argmax(dim=1) == labels
-            t_ok = t_pred == labels
-            table["both_correct"] += int((s_ok & t_ok).sum())
-            table["student_only"] += int((s_ok & ~t_ok).sum())
-            table["teacher_only"] += int((~s_ok & t_ok).sum())
-            table["both_wrong"] += int((~s_ok & ~t_ok).sum())
+            hits[name] = _add(hits.get(name, [0, 0]), _hits(out, labels))
+        if teacher_net is not None:
+            t_logits = teacher_net(images).float()
+            teacher_hits = _add(teacher_hits, _hits(t_logits, labels))
+            _compare_with_teacher(logits, t_logits.argmax(dim=1), labels, agree, split)
         n += len(labels)
     if n == 0:
         raise StudentError(f"{shards} holds no samples")
     report = {"checkpoint": str(checkpoint), "shards": str(shards), "num_samples": n, "epoch": ckpt["epoch"],
               "weights": "ema" if use_ema else "model", "transform": "eval", "default_head": default_head(hits),
               "heads": {name: {"top1": h[0] / n, "top5": h[1] / n} for name, h in hits.items()}}
-    if teacher_model_ is not None:
-        report["teacher"] = {"source": teacher, "name": teacher_model_.teacher_info["name"],
+    if teacher_net is not None:
+        report["teacher"] = {"source": teacher, "name": teacher_net.teacher_info["name"],
                              "top1": teacher_hits[0] / n, "top5": teacher_hits[1] / n,
                              "agreement": {name: a / n for name, a in agree.items()},
-                             "disagreement": {"head": report["default_head"], **table}}
+                             "disagreement": {"head": report["default_head"], **split}}
     if cache:
         report["cache_agreement"] = cache_agreement(model, shard_set, cache, aug_seed, batch_size, dev)
     return report
 
 
+def _add(counts: list[int], more: list[int]) -> list[int]:
+    return [a + b for a, b in zip(counts, more)]
+
+
+def _compare_with_teacher(logits: dict, t_pred: torch.Tensor, labels: torch.Tensor, agree: dict, split: dict) -> None:
+    """Add each head's agreement with the teacher's argmax, and who is right where (default head)."""
+    for name, out in logits.items():
+        agree[name] = agree.get(name, 0) + int((out.argmax(dim=1) == t_pred).sum())
+    s_ok, t_ok = logits[default_head(logits)].argmax(dim=1) == labels, t_pred == labels
+    for key, mask in zip(SPLIT, (s_ok & t_ok, s_ok & ~t_ok, ~s_ok & t_ok, ~s_ok & ~t_ok)):
+        split[key] += int(mask.sum())
+
+
 def default_head(logits: dict) -> str:
     return "fused" if "fused" in logits else "class"
-
-
-def _load_teacher(teacher: str, teacher_model: str | None, num_classes: int, device):
-    from .teachers import load_online_teacher
-    return load_online_teacher(teacher, num_classes, device, teacher_model)
 
 
 @torch.no_grad()

@@ -22,6 +22,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from timm.loss import SoftTargetCrossEntropy
 from torch import nn
 
 from teacher_cache.targets import TeacherTargets, tail_logsumexp_at
@@ -67,12 +68,13 @@ class DistillationLoss(nn.Module):
         if not 0.0 <= alpha <= 1.0 or tau <= 0:
             raise StudentError(f"need 0 <= alpha <= 1 and tau > 0, got alpha={alpha}, tau={tau}")
         self.distillation_type, self.alpha, self.tau = distillation_type, alpha, tau
+        self.base_criterion = SoftTargetCrossEntropy()      # as DeiT's main.py with Mixup
 
     def forward(self, outputs, targets: torch.Tensor, teacher: TeacherTargets | None = None) -> LossParts:
         """outputs: logits, or (class logits, dist logits) of a distilled model in training mode.
         targets: (N, C) mixed smoothed true-label targets. teacher: stored targets (not for "none")."""
         cls_logits, dist_logits = outputs if isinstance(outputs, (tuple, list)) else (outputs, outputs)
-        base = torch.sum(-targets * F.log_softmax(cls_logits.float(), dim=-1), dim=-1).mean()
+        base = self.base_criterion(cls_logits.float(), targets)
         if self.distillation_type == "none":
             return LossParts(base, base, torch.zeros_like(base))
         if teacher is None:

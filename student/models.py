@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 import timm
 import torch
 from timm.layers import resample_abs_pos_embed
+from timm.models import clean_state_dict
 from torch import nn
 
 from data_shards.io import load_weights_only
@@ -104,7 +105,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"{path} holds no state dict (looked at the top level and keys 'model', 'state_dict')")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    return clean_state_dict(state)          # DDP's "module." (and torch.compile's) prefixes dropped
 
 
 def adapt_pos_embed(state: dict[str, torch.Tensor], model: nn.Module) -> list[str]:
@@ -136,12 +137,12 @@ def init_from_checkpoint(model: nn.Module, path: str | os.PathLike) -> list[str]
     state = read_state_dict(path)
     notes = adapt_pos_embed(state, model)
     own = model.state_dict()
-    for name in ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias"):
+    heads = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias")
+    for name in heads:
         if name in state and name in own and state[name].shape != own[name].shape:
             notes.append(f"{name} not loaded: {tuple(state[name].shape)} in checkpoint, "
                          f"{tuple(own[name].shape)} in model (different class count; trained from scratch)")
             del state[name]
-    heads = {"head.weight", "head.bias", "head_dist.weight", "head_dist.bias"}
     misshapen = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items()
                  if k in own and v.shape != own[k].shape]
     if misshapen:

@@ -25,29 +25,17 @@ Without a cache the seeds are unbounded (num_seeds None): group g uses seeds g*R
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 
 from data_shards.io import text_seed
+from data_shards.items import WorkItem
 
 from .errors import StudentError
 
 
 class DataPlanError(StudentError):
     """The requested epochs / ranks / batch size do not fit the shards or the cache."""
-
-
-class Piece(NamedTuple):
-    """A work item: samples order[start:stop] of one shard's mixing order under one aug seed."""
-    shard: int
-    aug_seed: int
-    start: int
-    stop: int
-
-    @property
-    def size(self) -> int:
-        return self.stop - self.start
 
 
 def epochs_supported(num_seeds: int, repeated_aug: int) -> int:
@@ -115,10 +103,10 @@ def _take(segments: list[tuple[int, int, int]], first: int, count: int) -> list[
 
 
 @dataclass(frozen=True)
-class EpochPlan:
+class RepeatedPlan:
     epoch: int
     aug_seeds: list[int]
-    steps: list[list[Piece]]          # this rank's pieces, step by step, in batch order
+    steps: list[list[WorkItem]]       # this rank's pieces, step by step, in batch order
     images: int                       # distinct images of the epoch (all ranks)
     images_per_step: int              # P
 
@@ -128,7 +116,7 @@ class EpochPlan:
 
 
 def plan_epoch(shard_counts: list[int], epoch: int, batch_size: int, rank: int, world_size: int, seed: int,
-               num_seeds: int | None, repeated_aug: int = 1, max_steps: int | None = None) -> EpochPlan:
+               num_seeds: int | None, repeated_aug: int = 1, max_steps: int | None = None) -> RepeatedPlan:
     seeds = seeds_for_epoch(epoch, num_seeds, repeated_aug)
     segments = epoch_segments(shard_counts, epoch, repeated_aug, seed)
     images = sum(stop - start for _, start, stop in segments)
@@ -148,7 +136,7 @@ def plan_epoch(shard_counts: list[int], epoch: int, batch_size: int, rank: int, 
         pieces = []
         for j, aug_seed in enumerate(seeds):
             first, last = max(lo - j * per_step, 0), min(hi - j * per_step, per_step)
-            pieces += [Piece(shard, aug_seed, a, b) for shard, a, b in _take(step_segments, first, last - first)
+            pieces += [WorkItem(shard, aug_seed, a, b) for shard, a, b in _take(step_segments, first, last - first)
                        ] if last > first else []
         plan.append(pieces)
-    return EpochPlan(epoch, seeds, plan, images, per_step)
+    return RepeatedPlan(epoch, seeds, plan, images, per_step)

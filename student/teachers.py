@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from data_shards import ReplayItem, tensor_digest
+from data_shards.io import load_weights_only
 from teacher_cache.errors import CacheError
 from teacher_cache.targets import TeacherTargets
 from teacher_cache.teacher import load_teacher, teacher_forward
@@ -115,8 +116,8 @@ def load_online_teacher(spec: str, num_classes: int, device, teacher_model: str 
     if not path.is_file():
         return load_teacher(spec, None, num_classes=num_classes, device=device)
     try:
-        peek = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:       # load_teacher explains unreadable files
+        peek = load_weights_only(path)
+    except ValueError:      # load_teacher explains unreadable files
         peek = None
     if isinstance(peek, dict) and peek.get("format") == CHECKPOINT_FORMAT:
         config = StudentConfig.from_dict(peek["student"])

@@ -8,18 +8,17 @@ batches (`--teacher-online`), or nowhere (`--distillation-type none`: plain supe
 training, e.g. of a teacher). Images always come from `data_shards.replay_slice` work items,
 finished on the training device (`data_shards.finish_item`).
 
+As DeiT's main.py / engine.py: setup, then per epoch `train_one_epoch`, evaluate, save.
 Every epoch ends with an atomic checkpoint RUN/checkpoint.pt (see checkpoint.py) and a JSON
 line in RUN/metrics.jsonl; `--resume` continues from it exactly (optimizer, scheduler, EMA,
 RNG of every rank, next epoch).
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -30,6 +29,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data_shards import AugRecipe, ShardSet
+from data_shards.io import autocast, text_seed, write_text_atomic
 from data_shards.faults import crash_point
 
 from . import distributed as D
@@ -43,6 +43,13 @@ from .models import StudentConfig, create_student, init_from_checkpoint, is_dist
 from .teachers import CachedTeacher, OnlineTeacher, load_online_teacher
 
 METRICS_FILE = "metrics.jsonl"
+# Checkpoints store the student's options inline under these (CLI) names: {stored name: StudentConfig field}.
+STUDENT_OPTIONS = {"model": "model", "img_size": "img_size", "patch_size": "patch_size", "embed_dim": "embed_dim",
+                   "depth": "depth", "num_heads": "num_heads", "model_kwargs": "model_kwargs",
+                   "drop_path": "drop_path_rate"}
+# Options a resumed run may change (they do not change what an epoch computes); all others must match.
+RUN_ONLY_OPTIONS = ("out", "teacher_model", "teacher_batch_size", "teacher_channels_last", "soft_tail_limit", "workers",
+                    "compile", "val_shards", "eval_batch_size", "resume", "log_interval", "device", "progress")
 
 
 class TrainingError(StudentError):
@@ -51,7 +58,7 @@ class TrainingError(StudentError):
 
 @dataclass
 class TrainConfig:
-    """Every option of train-student; stored as plain primitives in each checkpoint."""
+    """Every option of train-student; stored as plain primitives (flat, see to_dict) in each checkpoint."""
     shards: str
     out: str
     # teacher
@@ -65,15 +72,8 @@ class TrainConfig:
     teacher_channels_last: bool | None = None  # online: None = as cache-teacher (channels-last on CUDA)
     recipe: dict | None = None                 # AugRecipe fields (a cache brings its own)
     num_seeds: int | None = None               # without a cache: seeds cycle every S epochs if given
-    # student
-    model: str = "deit_small_distilled_patch16_224"
-    img_size: int | None = None
-    patch_size: int | None = None
-    embed_dim: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
-    model_kwargs: dict = field(default_factory=dict)
-    drop_path: float = 0.1
+    # student (its num_classes is ignored: the shards' class count is used)
+    student: StudentConfig = field(default_factory=StudentConfig)
     init_from: str | None = None
     # loss
     distillation_type: str = "hard"
@@ -108,35 +108,33 @@ class TrainConfig:
     progress: bool = True
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Flat primitives: the student's options inline (STUDENT_OPTIONS), as checkpoints store them."""
+        out = {}
+        for name, value in asdict(self).items():
+            out |= {k: value[f] for k, f in STUDENT_OPTIONS.items()} if name == "student" else {name: value}
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """Read to_dict()'s flat form (a checkpoint's "args"); unknown keys are ignored."""
+        student = StudentConfig(**{f: d[k] for k, f in STUDENT_OPTIONS.items() if k in d})
+        known = {f.name for f in fields(cls)} - {"student"}
+        return cls(student=student, **{k: v for k, v in d.items() if k in known})
 
 
-# Options that change what an epoch computes: a resumed run must keep them.
-TRAJECTORY_OPTIONS = ("shards", "cache", "teacher_online", "teacher_topk", "teacher_full_logits", "teacher_precision",
-                      "recipe", "num_seeds", "model", "img_size", "patch_size", "embed_dim", "depth", "num_heads",
-                      "model_kwargs", "drop_path", "init_from", "distillation_type", "distillation_alpha",
-                      "distillation_tau", "epochs", "batch_size", "lr", "min_lr", "warmup_epochs", "warmup_lr",
-                      "weight_decay", "opt", "opt_eps", "clip_grad", "ema_decay", "amp", "seed", "repeated_aug",
-                      "reuse_seeds", "max_steps_per_epoch")
-
-
-def _derived_seed(*parts) -> int:
-    return int.from_bytes(hashlib.sha256("|".join(map(str, parts)).encode()).digest()[:8], "little") & (2**63 - 1)
-
-
-def _amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+def _amp_precision(amp: str, device: torch.device) -> str:
+    """--amp -> a data_shards.io precision name ("auto": bf16 on GPU, none on CPU)."""
     if amp == "auto":
         amp = "bf16" if device.type == "cuda" else "none"
     if amp not in ("none", "bf16", "fp16"):
         raise StudentError(f"--amp must be auto, none, bf16 or fp16, got {amp!r}")
     if amp == "fp16" and device.type != "cuda":
         raise StudentError("--amp fp16 needs a GPU; use --amp bf16 or none on the CPU")
-    return {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    return amp
+
+
+def _derived_seed(*parts) -> int:
+    return text_seed("|".join(map(str, parts))) & (2**63 - 1)
 
 
 class Logger:
@@ -161,9 +159,7 @@ class Logger:
             return
         kept = [line for line in self.path.read_text().splitlines()
                 if line and json.loads(line).get("epoch", -1) < epoch]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        tmp.replace(self.path)
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
 
 # ----------------------------------------------------------------------------- setup
@@ -177,21 +173,8 @@ def resolve_teacher(cfg: TrainConfig, shard_set: ShardSet, device: torch.device,
         raise StudentError(f"--distillation-type {cfg.distillation_type} needs teacher targets: pass --cache CACHE "
                            "(from cache-teacher) or --teacher-online NAME_OR_CHECKPOINT; or use --distillation-type none")
     if cfg.cache:
-        from teacher_cache.cache import TeacherCache
-        cache = TeacherCache.open(cfg.cache)
-        recipe = cache.recipe
-        if cfg.recipe is not None:     # the user asked for a recipe: it has to be the cache's
-            recipe = AugRecipe.from_dict(cfg.recipe)
-        cache.check_compatible(shard_set, recipe)
-        if cfg.num_seeds is not None and cfg.num_seeds != cache.num_seeds:
-            raise StudentError(f"--num-seeds {cfg.num_seeds} differs from the cache's {cache.num_seeds} seeds; "
-                               "drop --num-seeds (a cache decides it)")
-        if not wants_teacher:
-            log.note("--distillation-type none: the cache only decides the recipe and seeds; its targets are unused")
-        if cfg.distillation_type == "soft":
-            log.note(check_soft_targets(cache, cfg.distillation_tau, cfg.soft_tail_limit))
-        return recipe, (CachedTeacher(cache, device=device) if wants_teacher else None), cache.num_seeds
-    recipe = AugRecipe.from_dict(cfg.recipe) if cfg.recipe is not None else AugRecipe(input_size=cfg.img_size or 224)
+        return _cached_teacher(cfg, shard_set, device, log)
+    recipe = AugRecipe.from_dict(cfg.recipe) if cfg.recipe is not None else AugRecipe(input_size=cfg.student.img_size or 224)
     if not wants_teacher:
         if cfg.teacher_online:
             log.note("--distillation-type none: --teacher-online is not used")
@@ -201,6 +184,24 @@ def resolve_teacher(cfg: TrainConfig, shard_set: ShardSet, device: torch.device,
              f"top-{cfg.teacher_topk}{' + full logits' if cfg.teacher_full_logits else ''}, {cfg.teacher_precision}")
     return recipe, OnlineTeacher(teacher, cfg.teacher_topk, cfg.teacher_full_logits, cfg.teacher_precision,
                                  cfg.teacher_batch_size, cfg.teacher_channels_last), cfg.num_seeds
+
+
+def _cached_teacher(cfg: TrainConfig, shard_set: ShardSet, device: torch.device, log: Logger):
+    from teacher_cache.cache import TeacherCache
+    cache = TeacherCache.open(cfg.cache)
+    recipe = cache.recipe
+    if cfg.recipe is not None:     # the user asked for a recipe: it has to be the cache's
+        recipe = AugRecipe.from_dict(cfg.recipe)
+    cache.check_compatible(shard_set, recipe)
+    if cfg.num_seeds is not None and cfg.num_seeds != cache.num_seeds:
+        raise StudentError(f"--num-seeds {cfg.num_seeds} differs from the cache's {cache.num_seeds} seeds; "
+                           "drop --num-seeds (a cache decides it)")
+    if cfg.distillation_type == "none":
+        log.note("--distillation-type none: the cache only decides the recipe and seeds; its targets are unused")
+        return recipe, None, cache.num_seeds
+    if cfg.distillation_type == "soft":
+        log.note(check_soft_targets(cache, cfg.distillation_tau, cfg.soft_tail_limit))
+    return recipe, CachedTeacher(cache, device=device), cache.num_seeds
 
 
 def check_soft_targets(cache, tau: float, limit: float) -> str:
@@ -227,14 +228,28 @@ def check_soft_targets(cache, tau: float, limit: float) -> str:
             f"(mean tail mass, shard 0 seed 0)")
 
 
+def check_seed_schedule(cfg: TrainConfig, recipe: AugRecipe, num_seeds: int | None, log: Logger) -> None:
+    if cfg.repeated_aug < 1:
+        raise StudentError(f"--repeated-aug must be >= 1, got {cfg.repeated_aug}")
+    if cfg.repeated_aug > 1 and cfg.repeated_aug != recipe.pairing_seeds:
+        raise StudentError(f"--repeated-aug {cfg.repeated_aug} needs a recipe whose pairing_seeds is {cfg.repeated_aug} "
+                           f"(this one shares a mixing order between {recipe.pairing_seeds} seeds, so an image's copies "
+                           "could not share a step); use --repeated-aug 1 or that many pairing seeds in the recipe")
+    if num_seeds:
+        log.note(f"a cache of {num_seeds} seeds serves {epochs_supported(num_seeds, cfg.repeated_aug)} epochs at "
+                 f"--repeated-aug {cfg.repeated_aug} before a record is used twice")
+    seed_note = check_seed_budget(cfg.epochs, num_seeds, cfg.repeated_aug, cfg.reuse_seeds)
+    if seed_note:
+        log.note(seed_note)
+
+
 def build_student(cfg: TrainConfig, num_classes: int, recipe: AugRecipe, log: Logger):
-    config = StudentConfig(cfg.model, num_classes, cfg.img_size, cfg.patch_size, cfg.embed_dim, cfg.depth,
-                           cfg.num_heads, cfg.drop_path, dict(cfg.model_kwargs))
+    config = replace(cfg.student, num_classes=num_classes, model_kwargs=dict(cfg.student.model_kwargs))
     distilled_training = cfg.distillation_type != "none"
     model = create_student(config, distilled_training)
     # A ViT is built for one input size: follow the recipe's unless --img-size says otherwise.
     grid_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if grid_size is not None and cfg.img_size is None and tuple(grid_size) != (recipe.input_size,) * 2:
+    if grid_size is not None and config.img_size is None and tuple(grid_size) != (recipe.input_size,) * 2:
         config.img_size = recipe.input_size
         model = create_student(config, distilled_training)
     if grid_size is not None and config.img_size not in (None, recipe.input_size):
@@ -243,9 +258,75 @@ def build_student(cfg: TrainConfig, num_classes: int, recipe: AugRecipe, log: Lo
     if cfg.init_from:
         for note in init_from_checkpoint(model, cfg.init_from):
             log.note(f"--init-from {cfg.init_from}: {note}")
-    if cfg.distillation_type != "none" and not is_distilled(model):
-        log.note(f"{cfg.model} has no distillation token: it distils through its only head")
+    if distilled_training and not is_distilled(model):
+        log.note(f"{config.model} has no distillation token: it distils through its only head")
     return model, config
+
+
+@dataclass
+class Run:
+    """What one training holds: its data, teacher, student and optimisation state."""
+    cfg: TrainConfig
+    ctx: D.DistContext
+    log: Logger
+    checkpoint: Path
+    shard_set: ShardSet
+    val_set: ShardSet | None
+    recipe: AugRecipe
+    teacher: CachedTeacher | OnlineTeacher | None
+    num_seeds: int | None
+    model: torch.nn.Module
+    student: StudentConfig
+    precision: str                          # autocast precision (data_shards.io.PRECISIONS)
+    lr: float
+    optimizer: torch.optim.Optimizer
+    scheduler: CosineLRScheduler
+    scaler: torch.amp.GradScaler
+    ema: ModelEmaV3 | None
+    criterion: DistillationLoss
+    train_model: torch.nn.Module            # as the step calls it: DDP-wrapped and/or compiled (weights shared)
+
+    @property
+    def global_batch(self) -> int:
+        return self.cfg.batch_size * self.ctx.world_size
+
+
+def setup(cfg: TrainConfig, ctx: D.DistContext) -> Run:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    log = Logger(out, ctx.is_main)
+    checkpoint = out / LAST_CHECKPOINT
+    if checkpoint.exists() and not cfg.resume:
+        raise StudentError(f"{out} already holds a checkpoint ({checkpoint}); pass --resume to continue it "
+                           "or choose another --out")
+    shard_set = ShardSet.open(cfg.shards)
+    recipe, teacher, num_seeds = resolve_teacher(cfg, shard_set, ctx.device, log)
+    check_seed_schedule(cfg, recipe, num_seeds, log)
+    val_set = ShardSet.open(cfg.val_shards) if cfg.val_shards else None
+    torch.manual_seed(cfg.seed)            # same initial weights on every rank
+    model, student = build_student(cfg, shard_set.num_classes, recipe, log)
+    model.to(ctx.device)
+    precision = _amp_precision(cfg.amp, ctx.device)
+    lr = cfg.lr if cfg.lr is not None else 5e-4 * cfg.batch_size * ctx.world_size / 512
+    optimisation = create_optimisation(cfg, model, lr, precision, ctx.device)
+    train_model = DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None) \
+        if ctx.distributed else model
+    if cfg.compile:          # as timm's train.py: compile the (DDP-wrapped) module
+        train_model = torch.compile(train_model)
+    return Run(cfg, ctx, log, checkpoint, shard_set, val_set, recipe, teacher, num_seeds, model, student, precision,
+               lr, *optimisation, train_model)
+
+
+def create_optimisation(cfg: TrainConfig, model: torch.nn.Module, lr: float, precision: str, device: torch.device):
+    """-> (optimizer, scheduler, scaler, EMA or None, criterion), DeiT's through timm."""
+    # timm: no weight decay on 1-D params (biases, norms) nor on model.no_weight_decay() (pos_embed, tokens)
+    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, eps=cfg.opt_eps)
+    scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs, lr_min=cfg.min_lr, warmup_t=cfg.warmup_epochs,
+                                  warmup_lr_init=cfg.warmup_lr, t_in_epochs=True)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
+    return optimizer, scheduler, scaler, ema, DistillationLoss(cfg.distillation_type, cfg.distillation_alpha,
+                                                               cfg.distillation_tau)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -260,151 +341,135 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def _train(cfg: TrainConfig, ctx: D.DistContext) -> dict:
-    device = ctx.device
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    log = Logger(out, ctx.is_main)
-    ckpt_path = out / LAST_CHECKPOINT
-    if ckpt_path.exists() and not cfg.resume:
-        raise StudentError(f"{out} already holds a checkpoint ({ckpt_path}); pass --resume to continue it "
-                           "or choose another --out")
+    run = setup(cfg, ctx)
+    start_epoch, global_step, metrics = resume_or_start(run)
+    for epoch in range(start_epoch, cfg.epochs):
+        metrics, global_step = train_one_epoch(run, epoch, global_step)
+        if run.val_set is not None:
+            metrics["val"] = evaluate(run)
+        save(run, epoch + 1, global_step, metrics)
+        run.log.metrics(metrics)
+    if isinstance(run.teacher, CachedTeacher):
+        run.log.note(f"cache: {run.teacher.units_read} batched unit reads, "
+                     f"{run.teacher.digests_checked} image digests verified")
+    return {"checkpoint": str(run.checkpoint), "epochs": cfg.epochs, "global_step": global_step,
+            "metrics": metrics, "world_size": ctx.world_size}
 
-    shard_set = ShardSet.open(cfg.shards)
-    recipe, teacher, num_seeds = resolve_teacher(cfg, shard_set, device, log)
-    if cfg.repeated_aug < 1:
-        raise StudentError(f"--repeated-aug must be >= 1, got {cfg.repeated_aug}")
-    if cfg.repeated_aug > 1 and cfg.repeated_aug != recipe.pairing_seeds:
-        raise StudentError(f"--repeated-aug {cfg.repeated_aug} needs a recipe whose pairing_seeds is {cfg.repeated_aug} "
-                           f"(this one shares a mixing order between {recipe.pairing_seeds} seeds, so an image's copies "
-                           "could not share a step); use --repeated-aug 1 or that many pairing seeds in the recipe")
-    if num_seeds:
-        log.note(f"a cache of {num_seeds} seeds serves {epochs_supported(num_seeds, cfg.repeated_aug)} epochs at "
-                 f"--repeated-aug {cfg.repeated_aug} before a record is used twice")
-    seed_note = check_seed_budget(cfg.epochs, num_seeds, cfg.repeated_aug, cfg.reuse_seeds)
-    if seed_note:
-        log.note(seed_note)
-    val_set = ShardSet.open(cfg.val_shards) if cfg.val_shards else None
 
-    torch.manual_seed(cfg.seed)            # same initial weights on every rank
-    model, student_config = build_student(cfg, shard_set.num_classes, recipe, log)
-    model.to(device)
-    amp_dtype = _amp_dtype(cfg.amp, device)
-    global_batch = cfg.batch_size * ctx.world_size
-    lr = cfg.lr if cfg.lr is not None else 5e-4 * global_batch / 512
-    # timm: no weight decay on 1-D params (biases, norms) nor on model.no_weight_decay() (pos_embed, tokens)
-    optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, eps=cfg.opt_eps)
-    scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs, lr_min=cfg.min_lr, warmup_t=cfg.warmup_epochs,
-                                  warmup_lr_init=cfg.warmup_lr, t_in_epochs=True)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
-    criterion = DistillationLoss(cfg.distillation_type, cfg.distillation_alpha, cfg.distillation_tau)
-
-    start_epoch, global_step, last_metrics = 0, 0, {}
+def resume_or_start(run: Run) -> tuple[int, int, dict]:
+    """-> (first epoch, global step, last metrics): from the checkpoint with --resume, else a fresh start."""
+    cfg, ctx, log = run.cfg, run.ctx, run.log
     torch.manual_seed(_derived_seed(cfg.seed, "rank", ctx.rank))   # drop path differs across ranks
-    if cfg.resume and ckpt_path.exists():
-        start_epoch, global_step, last_metrics = _restore(ckpt_path, cfg, ctx, model, optimizer, scheduler, scaler,
-                                                          ema, log)
+    if cfg.resume and run.checkpoint.exists():
+        start_epoch, global_step, metrics = restore(run)
         log.truncate_from_epoch(start_epoch)
         log.metrics({"event": "resume", "epoch": start_epoch, "global_step": global_step})
-    elif cfg.resume:
-        log.note(f"--resume: no checkpoint in {out} yet, starting from epoch 0")
-    ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if ctx.distributed else model
-    if cfg.compile:          # as timm's train.py: compile the (DDP-wrapped) module; weights stay shared
-        ddp_model = torch.compile(ddp_model)
-    online_batch = cfg.teacher_batch_size if isinstance(teacher, OnlineTeacher) else None
-    autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
-                else contextlib.nullcontext())
-    if ctx.is_main and start_epoch == 0:
-        log.metrics({"event": "start", "world_size": ctx.world_size, "device": str(device), "lr": lr,
-                     "global_batch": global_batch, "recipe_fingerprint": recipe.fingerprint(),
-                     "student": student_config.to_dict(), "num_seeds": num_seeds})
+        return start_epoch, global_step, metrics
+    if cfg.resume:
+        log.note(f"--resume: no checkpoint in {cfg.out} yet, starting from epoch 0")
+    log.metrics({"event": "start", "world_size": ctx.world_size, "device": str(ctx.device), "lr": run.lr,
+                 "global_batch": run.global_batch, "recipe_fingerprint": run.recipe.fingerprint(),
+                 "student": run.student.to_dict(), "num_seeds": run.num_seeds})
+    return 0, 0, {}
 
-    for epoch in range(start_epoch, cfg.epochs):
-        plan = plan_epoch(shard_set, epoch, cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed, num_seeds,
-                          cfg.repeated_aug, cfg.max_steps_per_epoch, teacher_batch_size=online_batch)
-        steps = plan.steps
-        scheduler.step(epoch)              # lr of this epoch (timm: per-epoch cosine with warm-up)
-        current_lr = optimizer.param_groups[0]["lr"]
-        model.train()
-        sums = torch.zeros(3, device=device)           # total, base, distill over the log window
-        window_sums = torch.zeros(3, device=device)
-        first_bad = torch.full((), 2**62, dtype=torch.int64, device=device)
-        window_start, window_steps = time.perf_counter(), 0
-        epoch_start = time.perf_counter()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        data_timer = DataTimer()
-        batches = train_batches(shard_set, plan, recipe, cfg.batch_size, teacher, cfg.workers,
-                                pin_memory=device.type == "cuda", device=device)
-        bar = tqdm(total=steps, desc=f"epoch {epoch}", unit="step", disable=not (ctx.is_main and cfg.progress),
-                   file=sys.stderr, leave=False)
-        done = 0
-        for step, batch in enumerate(data_timer.timed(batches)):
-            images, targets = batch.images, batch.targets          # finished on the device already
-            teacher_targets = batch.teacher.to(device) if batch.teacher is not None else None
-            with autocast:
-                outputs = ddp_model(images)
-            loss = criterion(outputs, targets, teacher_targets)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss.total).backward()
-            if cfg.clip_grad is not None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-            scaler.step(optimizer)
-            scaler.update()
-            if ema is not None:
-                ema.update(model, step=global_step)
-            global_step += 1
-            done += 1
-            crash_point("train-step")
-            # No host sync per step: finiteness and sums stay on the device until the log point.
-            parts = torch.stack([loss.total.detach(), loss.base.detach(), loss.distill.detach()])
-            window_sums += parts
-            first_bad = torch.where(torch.isfinite(loss.total.detach()), first_bad, first_bad.clamp(max=step))
-            window_steps += 1
-            bar.update(1)
-            if (step + 1) % cfg.log_interval == 0 or step + 1 == steps:
-                stats = D.all_reduce_sum(torch.cat([window_sums, (first_bad < 2**62).float().view(1)]), ctx)
-                if stats[3].item() > 0:
-                    _stop_non_finite(epoch, step, first_bad, global_step, ckpt_path, log)
-                sums += window_sums
-                elapsed = time.perf_counter() - window_start
-                mean = (stats[:3] / (window_steps * ctx.world_size)).tolist()
-                record = {"event": "train", "epoch": epoch, "step": step + 1, "global_step": global_step,
-                          "lr": current_lr, "loss": mean[0], "loss_base": mean[1], "loss_distill": mean[2],
-                          "samples_per_s": window_steps * global_batch / max(elapsed, 1e-9)}
-                log.metrics(record)
-                bar.set_postfix(loss=f"{mean[0]:.4f}", lr=f"{current_lr:.2e}")
-                window_sums.zero_()
-                window_start, window_steps = time.perf_counter(), 0
-        bar.close()
-        epoch_time = time.perf_counter() - epoch_start
+
+def train_one_epoch(run: Run, epoch: int, global_step: int) -> tuple[dict, int]:
+    """One epoch of steps; -> (the epoch's metrics line, global step after it)."""
+    cfg, ctx, device = run.cfg, run.ctx, run.ctx.device
+    plan = plan_epoch(run.shard_set, epoch, cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed, run.num_seeds,
+                      cfg.repeated_aug, cfg.max_steps_per_epoch,
+                      teacher_batch_size=cfg.teacher_batch_size if isinstance(run.teacher, OnlineTeacher) else None)
+    run.scheduler.step(epoch)              # lr of this epoch (timm: per-epoch cosine with warm-up)
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.model.train()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    meter = EpochMeter(device)
+    batches = train_batches(run.shard_set, plan, run.recipe, cfg.batch_size, run.teacher, cfg.workers,
+                            pin_memory=device.type == "cuda", device=device)
+    bar = tqdm(total=plan.steps, desc=f"epoch {epoch}", unit="step", disable=not (ctx.is_main and cfg.progress),
+               file=sys.stderr, leave=False)
+    for step, batch in enumerate(meter.data_timer.timed(batches)):
+        meter.add(train_step(run, batch, global_step), step)
+        global_step += 1
+        crash_point("train-step")
+        bar.update(1)
+        if (step + 1) % cfg.log_interval == 0 or step + 1 == plan.steps:
+            mean, steps_per_s = meter.close_window(run, epoch, step)
+            run.log.metrics({"event": "train", "epoch": epoch, "step": step + 1, "global_step": global_step, "lr": lr,
+                             "loss": mean[0], "loss_base": mean[1], "loss_distill": mean[2],
+                             "samples_per_s": steps_per_s * run.global_batch})
+            bar.set_postfix(loss=f"{mean[0]:.4f}", lr=f"{lr:.2e}")
+    bar.close()
+    return meter.epoch_metrics(run, plan, epoch, lr), global_step
+
+
+def train_step(run: Run, batch, global_step: int):
+    """Forward (autocast), DeiT's loss, backward, (clip), optimizer step, EMA; -> the loss parts."""
+    teacher_targets = batch.teacher.to(run.ctx.device) if batch.teacher is not None else None
+    with autocast(run.ctx.device, run.precision):
+        outputs = run.train_model(batch.images)          # finished on the device already
+    loss = run.criterion(outputs, batch.targets, teacher_targets)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss.total).backward()
+    if run.cfg.clip_grad is not None:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.clip_grad)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    if run.ema is not None:
+        run.ema.update(run.model, step=global_step)
+    return loss
+
+
+class EpochMeter:
+    """An epoch's loss sums (total, base, distill), kept on the device between log points (no host sync
+    per step), its first non-finite step, its data wait and its time."""
+    NONE = 2**62                           # first_bad when every step was finite
+
+    def __init__(self, device: torch.device):
+        self.epoch_sums = torch.zeros(3, device=device)
+        self.sums = torch.zeros(3, device=device)            # of the log window
+        self.first_bad = torch.full((), self.NONE, dtype=torch.int64, device=device)
+        self.data_timer, self.epoch_start = DataTimer(), time.perf_counter()
+        self.done, self.steps, self.start = 0, 0, time.perf_counter()
+
+    def add(self, loss, step: int) -> None:
+        self.sums += torch.stack([loss.total.detach(), loss.base.detach(), loss.distill.detach()])
+        self.first_bad = torch.where(torch.isfinite(loss.total.detach()), self.first_bad,
+                                     self.first_bad.clamp(max=step))
+        self.done, self.steps = self.done + 1, self.steps + 1
+
+    def close_window(self, run: Run, epoch: int, step: int) -> tuple[list[float], float]:
+        """-> (mean (total, base, distill) over all ranks' window steps, steps/s); stops on a non-finite loss."""
+        stats = D.all_reduce_sum(torch.cat([self.sums, (self.first_bad < self.NONE).float().view(1)]), run.ctx)
+        if stats[3].item() > 0:
+            _stop_non_finite(epoch, step, int(self.first_bad.item()), run.checkpoint, run.log)
+        self.epoch_sums += self.sums
+        rate = self.steps / max(time.perf_counter() - self.start, 1e-9)
+        mean = (stats[:3] / (self.steps * run.ctx.world_size)).tolist()
+        self.sums.zero_()
+        self.steps, self.start = 0, time.perf_counter()
+        return mean, rate
+
+    def epoch_metrics(self, run: Run, plan, epoch: int, lr: float) -> dict:
+        ctx, device, done = run.ctx, run.ctx.device, self.done
+        epoch_time, wait = time.perf_counter() - self.epoch_start, self.data_timer.wait_s
         steps_per_rank = D.all_gather_rows(torch.tensor([done], dtype=torch.int64), ctx)[:, 0].tolist()
-        totals = (D.all_reduce_sum(sums.clone(), ctx) / max(done * ctx.world_size, 1)).tolist()
-        last_metrics = {"event": "epoch", "epoch": epoch, "steps": done, "steps_per_rank": steps_per_rank,
-                        "samples_per_rank": plan.samples_per_rank, "aug_seeds": plan.aug_seeds,
-                        "lr": current_lr, "loss": totals[0], "loss_base": totals[1], "loss_distill": totals[2],
-                        "epoch_time_s": epoch_time, "samples_per_s": done * global_batch / max(epoch_time, 1e-9),
-                        # data-bound when data_wait_s is a large share of epoch_time_s
-                        "data_wait_s": data_timer.wait_s, "compute_s": max(epoch_time - data_timer.wait_s, 0.0),
-                        "peak_gpu_memory_bytes": (torch.cuda.max_memory_allocated(device)
-                                                  if device.type == "cuda" else None)}
-        if val_set is not None:
-            last_metrics["val"] = _distributed_eval(model, val_set, recipe, cfg, ctx, amp_dtype)
-        _save(ckpt_path, cfg, ctx, model, optimizer, scheduler, scaler, ema, epoch + 1, global_step, recipe,
-              student_config, shard_set, last_metrics)
-        log.metrics(last_metrics)
-    if teacher is not None and isinstance(teacher, CachedTeacher):
-        log.note(f"cache: {teacher.units_read} batched unit reads, {teacher.digests_checked} image digests verified")
-    return {"checkpoint": str(ckpt_path), "epochs": cfg.epochs, "global_step": global_step,
-            "metrics": last_metrics, "world_size": ctx.world_size}
+        totals = (D.all_reduce_sum(self.epoch_sums.clone(), ctx) / max(done * ctx.world_size, 1)).tolist()
+        return {"event": "epoch", "epoch": epoch, "steps": done, "steps_per_rank": steps_per_rank,
+                "samples_per_rank": plan.samples_per_rank, "aug_seeds": plan.aug_seeds,
+                "lr": lr, "loss": totals[0], "loss_base": totals[1], "loss_distill": totals[2],
+                "epoch_time_s": epoch_time, "samples_per_s": done * run.global_batch / max(epoch_time, 1e-9),
+                # data-bound when data_wait_s is a large share of epoch_time_s
+                "data_wait_s": wait, "compute_s": max(epoch_time - wait, 0.0),
+                "peak_gpu_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
 
 
-def _stop_non_finite(epoch, step, first_bad, global_step, ckpt_path, log) -> None:
-    bad = int(first_bad.item())
-    where = f"epoch {epoch}, step {bad + 1}" if bad < 2**62 else f"epoch {epoch}, at or before step {step + 1} (another rank)"
-    kept = (f"the last good checkpoint {ckpt_path} is kept (resume with --resume)" if ckpt_path.exists()
+def _stop_non_finite(epoch: int, step: int, first_bad: int, checkpoint: Path, log: Logger) -> None:
+    where = (f"epoch {epoch}, step {first_bad + 1}" if first_bad < EpochMeter.NONE
+             else f"epoch {epoch}, at or before step {step + 1} (another rank)")
+    kept = (f"the last good checkpoint {checkpoint} is kept (resume with --resume)" if checkpoint.exists()
             else "no checkpoint was written yet")
     message = (f"loss became NaN/inf at {where}; training stopped without saving - {kept}. "
                "Lower --lr, set --clip-grad 1.0, or use --amp bf16 instead of fp16")
@@ -412,11 +477,13 @@ def _stop_non_finite(epoch, step, first_bad, global_step, ckpt_path, log) -> Non
     raise TrainingError(message)
 
 
-def _distributed_eval(model, val_set: ShardSet, recipe: AugRecipe, cfg: TrainConfig, ctx: D.DistContext,
-                      amp_dtype) -> dict:
+
+def evaluate(run: Run) -> dict:
     """Val accuracy per head; shards dealt to ranks, counts summed."""
-    shards = list(range(ctx.rank, val_set.num_shards, ctx.world_size))
-    counts, names = evaluate_heads(model, val_set, recipe, cfg.eval_batch_size, ctx.device, shards, amp_dtype)
+    ctx = run.ctx
+    shards = list(range(ctx.rank, run.val_set.num_shards, ctx.world_size))
+    counts, names = evaluate_heads(run.model, run.val_set, run.recipe, run.cfg.eval_batch_size, ctx.device, shards,
+                                   run.precision)
     counts = D.all_reduce_sum(counts.to(ctx.device), ctx).cpu()
     n = max(int(counts[0, 2].item()), 1)
     return {name: {"top1": counts[i, 0].item() / n, "top5": counts[i, 1].item() / n} for i, name in enumerate(names)} \
@@ -425,49 +492,51 @@ def _distributed_eval(model, val_set: ShardSet, recipe: AugRecipe, cfg: TrainCon
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def _save(path, cfg, ctx, model, optimizer, scheduler, scaler, ema, next_epoch, global_step, recipe,
-          student_config, shard_set, metrics) -> None:
+def save(run: Run, next_epoch: int, global_step: int, metrics: dict) -> None:
+    ctx, cfg = run.ctx, run.cfg
     rng = rng_state(ctx.device)       # every rank's state, so drop path continues exactly
     rng_rows = {"torch": D.all_gather_rows(rng["torch"], ctx),
                 "cuda": None if rng["cuda"] is None else D.all_gather_rows(rng["cuda"], ctx)}
     if ctx.is_main:
-        save_checkpoint(path, {
-            "model": model.state_dict(), "arch": student_config.model, "student": student_config.to_dict(),
+        save_checkpoint(run.checkpoint, {
+            "model": run.model.state_dict(), "arch": run.student.model, "student": run.student.to_dict(),
             # arch + model_kwargs let cache-teacher load a teacher trained here (sizes included)
-            "model_kwargs": student_config.timm_kwargs(), "args": cfg.to_dict(),
-            "recipe": recipe.to_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-            "ema": ema.state_dict() if ema is not None else None,
+            "model_kwargs": run.student.timm_kwargs(), "args": cfg.to_dict(),
+            "recipe": run.recipe.to_dict(), "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+            "ema": run.ema.state_dict() if run.ema is not None else None,
             "epoch": next_epoch, "global_step": global_step, "rng": rng_rows,
             "data": {"next_epoch": next_epoch, "world_size": ctx.world_size,
-                     "shards_content_hash": shard_set.content_hash, "cache": cfg.cache},
+                     "shards_content_hash": run.shard_set.content_hash, "cache": cfg.cache},
             "metrics": json.loads(json.dumps(metrics)),
         })
     D.barrier(ctx)
 
 
-def _restore(path, cfg, ctx, model, optimizer, scheduler, scaler, ema, log) -> tuple[int, int, dict]:
+def restore(run: Run) -> tuple[int, int, dict]:
+    ctx, path = run.ctx, run.checkpoint
     ckpt = load_checkpoint(path)
-    saved = ckpt["args"]
-    changed = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r}" for k in TRAJECTORY_OPTIONS
-               if saved.get(k) != getattr(cfg, k)]
+    saved, now = ckpt["args"], run.cfg.to_dict()
+    changed = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in now.items()
+               if k not in RUN_ONLY_OPTIONS and saved.get(k) != v]
     if changed:
         raise StudentError(f"--resume from {path}: these options differ from the checkpoint's run:\n  " +
                            "\n  ".join(changed) + "\nrerun with the checkpoint's options or use another --out")
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scheduler.load_state_dict(ckpt["scheduler"])
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
     if ckpt["scaler"] is not None:
-        scaler.load_state_dict(ckpt["scaler"])
-    if ema is not None and ckpt["ema"] is not None:
-        ema.load_state_dict(ckpt["ema"])
+        run.scaler.load_state_dict(ckpt["scaler"])
+    if run.ema is not None and ckpt["ema"] is not None:
+        run.ema.load_state_dict(ckpt["ema"])
     rows = ckpt["rng"]
     if ckpt["data"]["world_size"] == ctx.world_size:
         set_rng_state({"torch": rows["torch"][ctx.rank],
                        "cuda": None if rows["cuda"] is None else rows["cuda"][ctx.rank]}, ctx.device)
     else:
-        log.note(f"--resume: world size {ckpt['data']['world_size']} -> {ctx.world_size}; the data is dealt "
-                 "differently and RNG reseeded, so the run will not match an uninterrupted one")
-        torch.manual_seed(_derived_seed(cfg.seed, "resume", ckpt["epoch"], ctx.rank))
-    log.note(f"resumed from {path}: epoch {ckpt['epoch']}, step {ckpt['global_step']}")
+        run.log.note(f"--resume: world size {ckpt['data']['world_size']} -> {ctx.world_size}; the data is dealt "
+                     "differently and RNG reseeded, so the run will not match an uninterrupted one")
+        torch.manual_seed(_derived_seed(run.cfg.seed, "resume", ckpt["epoch"], ctx.rank))
+    run.log.note(f"resumed from {path}: epoch {ckpt['epoch']}, step {ckpt['global_step']}")
     return int(ckpt["epoch"]), int(ckpt["global_step"]), dict(ckpt["metrics"])

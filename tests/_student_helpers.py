@@ -1,9 +1,11 @@
 """Helpers shared by the stage-two tests: a tiny DeiT, a tiny random teacher, a small cache."""
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
+import pytest
 import timm
 import torch
 
@@ -17,9 +19,12 @@ CACHE_TOPK = 3
 CACHE_BATCH = 32                   # cache-teacher --batch-size, matched by the online teacher
 
 
-def tiny_config(shards, out, **overrides):
+def tiny_config(shards, out, student: dict | None = None, **overrides):
+    """A tiny DeiT's TrainConfig; `student` overrides StudentConfig fields (img_size, drop_path_rate, ...)."""
+    from student.models import StudentConfig
     from student.train import TrainConfig
-    options = dict(shards=str(shards), out=str(out), **TINY_DEIT, recipe=RECIPE.to_dict(), epochs=2,
+    options = dict(shards=str(shards), out=str(out), student=StudentConfig(**{**TINY_DEIT, **(student or {})}),
+                   recipe=RECIPE.to_dict(), epochs=2,
                    batch_size=32, lr=1e-3, warmup_epochs=0, workers=0, progress=False, log_interval=2,
                    max_steps_per_epoch=4, distillation_type="none", device="cpu",
                    repeated_aug=1)      # plain epochs; repeated augmentation: test_student_schedule.py
@@ -60,12 +65,19 @@ def model_state(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(Path(run) / "checkpoint.pt", weights_only=True)["model"]
 
 
-class single_thread:
+@contextlib.contextmanager
+def single_thread():
     """torch on one thread: exact, and much faster on small shared CPUs than two contending threads."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
-    def __enter__(self):
-        self.threads = torch.get_num_threads()
-        torch.set_num_threads(1)
 
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.threads)
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Every test of a module that imports this fixture runs on one thread."""
+    with single_thread():
+        yield

@@ -19,7 +19,13 @@ def test_quick_demo_writes_results(tmp_path):
     for report in results["students"].values():
         assert set(report["heads"]) == {"class", "distillation", "fused"}
         assert report["num_samples"] == results["teacher"]["num_samples"] > 300
-        assert 0.0 <= report["teacher"]["agreement"]["fused"] <= 1.0
+        n, teacher = report["num_samples"], report["teacher"]
+        split = teacher["disagreement"]              # of the fused head: who is right where
+        assert split["both_correct"] + split["student_only"] + split["teacher_only"] + split["both_wrong"] == n
+        assert round(teacher["top1"] * n) == split["both_correct"] + split["teacher_only"]
+        # both right -> they agree; one alone right -> they differ; both wrong -> either
+        agree = round(teacher["agreement"]["fused"] * n)
+        assert split["both_correct"] <= agree <= split["both_correct"] + split["both_wrong"]
     train_samples = json.loads((out / "shards" / "train" / "metadata.json").read_text())["num_samples"]
     assert results["cache"]["records_computed"] == 2 * train_samples  # 2 seeds x every training image
     assert all(len(curve) == 2 for curve in results["val_curves"].values())

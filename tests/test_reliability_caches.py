@@ -14,11 +14,13 @@ from cli_runner import CLI, run_cli
 @pytest.fixture(scope="module")
 def student_checkpoint(tmp_path_factory, small_shards) -> Path:
     """A one-step DeiT trained on the cache's shards (for evaluate --cache)."""
+    from student.models import StudentConfig
     from student.train import TrainConfig, train
 
     out = tmp_path_factory.mktemp("student")
-    train(TrainConfig(shards=str(small_shards), out=str(out), model="deit_tiny_distilled_patch16_224", img_size=32,
-                      patch_size=8, embed_dim=48, depth=2, num_heads=3, recipe=RECIPE.to_dict(), epochs=1,
+    student = StudentConfig("deit_tiny_distilled_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=2,
+                            num_heads=3)
+    train(TrainConfig(shards=str(small_shards), out=str(out), student=student, recipe=RECIPE.to_dict(), epochs=1,
                       batch_size=32, warmup_epochs=0, workers=0, progress=False, max_steps_per_epoch=1,
                       distillation_type="none", device="cpu"))
     return out / "checkpoint.pt"

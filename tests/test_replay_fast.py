@@ -173,14 +173,13 @@ def test_rand_augment_interpolation_changes_only_the_affine_ops():
 @pytest.mark.filterwarnings("ignore:This DataLoader will create")
 def test_a_fast_recipe_cache_verifies_and_is_refused_on_another_kernel_class(tmp_path, small_shards,
                                                                            teacher_checkpoint, monkeypatch):
-    from cache_fixtures import cache_kwargs
+    from cache_fixtures import cache_options
     from teacher_cache import CacheError, TeacherCache, cache_teacher
     from teacher_cache.verification import verify_cache
 
     out = tmp_path / "cache"
     recipe = dataclasses.replace(FAST, input_size=32)
-    cache_teacher(small_shards, out, teacher_checkpoint=teacher_checkpoint, workers=2,
-                  **cache_kwargs(recipe=recipe, seeds=2))
+    cache_teacher(cache_options(small_shards, out, teacher_checkpoint, workers=2, recipe=recipe, seeds=2))
     # Stage one's images (two loader workers) replayed again by verify-cache: the same digests.
     report = verify_cache(out, small_shards, samples=24, device="cpu")
     assert report["digests_checked"] > 0 and report["digest_mismatches"] == []

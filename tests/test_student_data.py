@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from _student_helpers import RECIPE, single_thread
+from _student_helpers import RECIPE, one_thread  # noqa: F401 (autouse)
 
 import tracemalloc
 
@@ -12,12 +12,6 @@ from student.data import (DataPlanError, WorkItem, check_seed_budget, deal_shard
                           seeds_for_epoch, train_batches)
 from student.teachers import CachedTeacher, ReplayMismatchError
 from teacher_cache.targets import TeacherTargets
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

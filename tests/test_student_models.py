@@ -5,18 +5,12 @@ import pytest
 from pathlib import Path
 
 import torch
-from _student_helpers import TINY_DEIT, single_thread
+from _student_helpers import TINY_DEIT, one_thread  # noqa: F401 (autouse)
 
 from student.checkpoint import load_checkpoint, save_checkpoint
 from student.errors import StudentError
 from student.models import (CheckpointError, StudentConfig, create_student, init_from_checkpoint, is_distilled,
                             student_heads)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
 
 
 def tiny(**changes) -> StudentConfig:

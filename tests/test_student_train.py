@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from _student_helpers import (CACHE_BATCH, CACHE_TOPK, RECIPE, TEACHER_ARCH, TINY_DEIT, make_cache,
-                              make_teacher_checkpoint, metric_lines, model_state, single_thread, tiny_config)
+from _student_helpers import (CACHE_BATCH, CACHE_TOPK, RECIPE, TEACHER_ARCH, TINY_DEIT, make_cache,  # noqa: F401
+                              make_teacher_checkpoint, metric_lines, model_state, one_thread, single_thread,
+                              tiny_config)   # one_thread: autouse fixture
 
 import student.train as train_module
 from cli_runner import CLI, run_cli
@@ -25,12 +26,6 @@ from student.train import TrainingError, train
 from teacher_cache import CacheError, TeacherCache
 from teacher_cache.inspection import format_inspection, inspect_cache
 from teacher_cache.targets import TeacherTargets, soft_tail_mass
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with single_thread():
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +109,7 @@ def test_a_full_logit_cache_gives_exact_soft_targets_at_any_tau(setup, tmp_path)
 
 def test_resume_after_an_interrupted_epoch_matches_an_uninterrupted_run(setup, tmp_path, monkeypatch):
     options = dict(cache=str(setup["cache"]), recipe=None, distillation_type="hard", epochs=3, reuse_seeds=True,
-                   ema_decay=0.9, drop_path=0.1, warmup_epochs=1, warmup_lr=1e-4)
+                   ema_decay=0.9, student=dict(drop_path_rate=0.1), warmup_epochs=1, warmup_lr=1e-4)
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     train(tiny_config(setup["train"], whole, **options))
 
@@ -186,7 +181,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_pat
 
 def test_fine_tune_at_a_higher_resolution(setup, tmp_path):
     train(tiny_config(setup["train"], tmp_path / "base", epochs=1, max_steps_per_epoch=2))
-    cfg = tiny_config(setup["train"], tmp_path / "ft", epochs=1, max_steps_per_epoch=2, img_size=48,
+    cfg = tiny_config(setup["train"], tmp_path / "ft", epochs=1, max_steps_per_epoch=2, student=dict(img_size=48),
                       recipe=RECIPE.with_overrides(input_size=48).to_dict(),
                       init_from=str(tmp_path / "base" / "checkpoint.pt"))
     train(cfg)
