@@ -120,10 +120,9 @@ class AugRecipe:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"recipe {name} must be in [0, 1], got {value}")
-        if self.pairing_seeds < 1:
-            raise ValueError(f"recipe pairing_seeds must be >= 1, got {self.pairing_seeds}")
-        if self.input_size < 1:
-            raise ValueError(f"recipe input_size must be >= 1, got {self.input_size}")
+        for name in ("pairing_seeds", "input_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"recipe {name} must be >= 1, got {getattr(self, name)}")
         if self.rand_augment:
             parse_rand_augment(self.rand_augment)
 

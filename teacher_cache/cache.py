@@ -74,12 +74,9 @@ class TeacherCache:
         return unit_of(shard, aug_seed, self.num_seeds, self.seeds_per_unit, self.seed_generations)
 
     def is_done(self, unit: Unit) -> bool:
-        if unit.name in self._done:
-            return True
-        if unit_json_path(self.root, unit).exists():
-            self._done.add(unit.name)
-            return True
-        return False
+        if unit.name not in self._done and unit_json_path(self.root, unit).exists():
+            self._done.add(unit.name)        # done never goes back: one stat per unit
+        return unit.name in self._done
 
     def done_units(self) -> list[Unit]:
         return [u for u in self.units() if self.is_done(u)]
