@@ -45,6 +45,8 @@ from timm.data.mixup import one_hot
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
+from .io import text_seed, text_sha256
+
 # Bump when the parameter maths or the draw order changes: old caches must stop matching.
 REPLAY_ALGORITHM_VERSION = 2   # 2: uint8 items finished on the device, noise-bank erasing fill, draft decoding
 
@@ -118,10 +120,9 @@ class AugRecipe:
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"recipe {name} must be in [0, 1], got {value}")
-        if self.pairing_seeds < 1:
-            raise ValueError(f"recipe pairing_seeds must be >= 1, got {self.pairing_seeds}")
-        if self.input_size < 1:
-            raise ValueError(f"recipe input_size must be >= 1, got {self.input_size}")
+        for name in ("pairing_seeds", "input_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"recipe {name} must be >= 1, got {getattr(self, name)}")
         if self.rand_augment:
             parse_rand_augment(self.rand_augment)
 
@@ -170,9 +171,8 @@ def pixel_library_versions(recipe: AugRecipe | None = None) -> dict[str, str]:
 
 
 def recipe_fingerprint(recipe: AugRecipe) -> str:
-    blob = json.dumps({"recipe": recipe.to_dict(), "libraries": pixel_library_versions(recipe),
-                       "algorithm": REPLAY_ALGORITHM_VERSION}, sort_keys=True)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    return text_sha256(json.dumps({"recipe": recipe.to_dict(), "libraries": pixel_library_versions(recipe),
+                                   "algorithm": REPLAY_ALGORITHM_VERSION}, sort_keys=True))
 
 
 @functools.lru_cache(maxsize=64)
@@ -182,9 +182,7 @@ def _cached_fingerprint(recipe: AugRecipe) -> str:
 
 def make_rng(fingerprint: str, *parts: object) -> np.random.Generator:
     """One explicit generator per purpose, seeded from sha256(fingerprint | parts)."""
-    text = "|".join([fingerprint, *map(str, parts)])
-    seed = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:16], "little")
-    return np.random.Generator(np.random.PCG64(seed))
+    return np.random.Generator(np.random.PCG64(text_seed("|".join([fingerprint, *map(str, parts)]), 16)))
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -458,17 +456,13 @@ def augment_seeds(data: bytes, key: str, aug_seeds: Iterable[int], recipe: AugRe
     return out
 
 
-def to_normalized_tensor(img: Image.Image, recipe: AugRecipe) -> torch.Tensor:
-    x = TF.to_dtype(TF.pil_to_tensor(img), torch.float32, scale=True)
-    return TF.normalize(x, list(recipe.mean), list(recipe.std))
-
-
 def eval_image(img: Image.Image, recipe: AugRecipe) -> torch.Tensor:
     """Evaluation transform: resize shorter side to size/crop_pct (bicubic), centre crop, normalise."""
     resize = int(math.floor(recipe.input_size / recipe.eval_crop_pct))
     img = TF.resize(img, [resize], interpolation=_INTERPOLATION[recipe.interpolation][0], antialias=True)
-    img = TF.center_crop(img, [recipe.input_size, recipe.input_size])
-    return to_normalized_tensor(img, recipe)
+    x = TF.to_dtype(TF.pil_to_tensor(TF.center_crop(img, [recipe.input_size, recipe.input_size])),
+                    torch.float32, scale=True)
+    return TF.normalize(x, list(recipe.mean), list(recipe.std))
 
 
 # ----------------------------------------------------------------------------- mixing
@@ -480,16 +474,12 @@ class MixParams:
     box: tuple[int, int, int, int] | None = None   # (y_low, y_high, x_low, x_high) pasted from the partner
 
 
-def shard_id(keys: Sequence[str]) -> str:
-    return hashlib.sha256("\n".join(keys).encode("utf-8")).hexdigest()
-
-
 def mixing_order(keys: Sequence[str], aug_seed: int, recipe: AugRecipe, fingerprint: str | None = None) -> list[int]:
     """Seeded cyclic order of a shard: sample order[k] is mixed with order[(k+1) % n].
 
     Seeds g*P .. g*P+P-1 (P = recipe.pairing_seeds) share one order (repeated augmentation)."""
     group = int(aug_seed) // recipe.pairing_seeds
-    rng = make_rng(fingerprint or recipe.fingerprint(), "pairing", shard_id(keys), group)
+    rng = make_rng(fingerprint or recipe.fingerprint(), "pairing", text_sha256("\n".join(keys)), group)
     return [int(i) for i in rng.permutation(len(keys))]
 
 
@@ -675,14 +665,10 @@ class ReplayedSample:
     aug_seed: int = -1
 
 
-def replay_shard(samples: Sequence, aug_seed: int, recipe: AugRecipe, decoded: dict | None = None,
-                 slice_size: int = 64) -> Iterator[ReplayedSample]:
-    """Yield every sample of one shard, augmented, finished and mixed for `aug_seed`, in mixing order.
-
-    The shard replayed as consecutive `replay_slice`s of `slice_size` (memory stays bounded).
-    The result does not depend on the order of `samples` or on `slice_size`. (`decoded` is
-    accepted for old callers and ignored: decoding depends on each crop since draft decoding.)
-    """
+def replay_shard(samples: Sequence, aug_seed: int, recipe: AugRecipe, slice_size: int = 64) -> Iterator[ReplayedSample]:
+    """Yield every sample of one shard, augmented, finished and mixed for `aug_seed`, in mixing order,
+    as `replay_slice`s of `slice_size` (bounded memory); neither the order of `samples` nor
+    `slice_size` changes the result."""
     by_index = dict(enumerate(sorted(samples, key=lambda s: (s.position, s.key))))
     keys = [s.key for s in by_index.values()]
     n = len(keys)

@@ -76,6 +76,12 @@ class ShardSet:
     _row_order: tuple | None = field(default=None, init=False, repr=False, compare=False)
     _scanned_offsets: dict[int, list[int]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
+    def __post_init__(self):
+        shards = self.metadata["shards"]    # the description, read once
+        self.num_classes, self.content_hash = int(self.metadata["num_classes"]), self.metadata["content_hash"]
+        self.num_shards, self.shard_counts = len(shards), [s["count"] for s in shards]
+        self.rows_per_shard = int(self.metadata["shard_size"])
+
     @classmethod
     def open(cls, root: str | os.PathLike) -> "ShardSet":
         root = Path(root)
@@ -98,26 +104,6 @@ class ShardSet:
                         if metadata.get("external_shards") else "re-run make-shards")
                 raise ShardsError(f"shard {root / shard['name']} listed in {meta_path} is missing; {hint}")
         return cls(root, metadata, manifest)
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.metadata["num_classes"])
-
-    @property
-    def content_hash(self) -> str:
-        return self.metadata["content_hash"]
-
-    @property
-    def num_shards(self) -> int:
-        return len(self.metadata["shards"])
-
-    @property
-    def shard_counts(self) -> list[int]:
-        return [s["count"] for s in self.metadata["shards"]]
-
-    @property
-    def rows_per_shard(self) -> int:
-        return int(self.metadata["shard_size"])
 
     def shard_path(self, shard: int) -> Path:
         return self.root / self.metadata["shards"][shard]["name"]

@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -54,7 +54,7 @@ DEFAULT_SEEDS_PER_UNIT = 10
 DEFAULT_BATCH_SIZE = MANIFEST_DEFAULTS["batch_size"]
 
 
-# ----------------------------------------------------------------------------- options and settings
+# ----------------------------------------------------------------------------- options
 
 @dataclass
 class CacheOptions:
@@ -84,24 +84,12 @@ class CacheOptions:
     log: Callable[[str], None] = print
     on_commit: Callable[[Unit], None] | None = None        # after each commit (tests simulate crashes)
 
-
-@dataclass
-class CacheSettings:
-    """Everything that decides the cache's numbers (resolved against an existing manifest)."""
-    seeds: int
-    topk: int
-    store_full: bool
-    seeds_per_unit: int
-    precision: str
-    recipe: AugRecipe
-    teacher: str | None
-    teacher_checkpoint: str | None
-    teacher_kwargs: dict | None
-    batch_size: int = DEFAULT_BATCH_SIZE
-    channels_last: bool = False
+    @property
+    def store_full(self) -> bool:
+        return self.store_logits == "full"
 
     def specs_for(self, shard_set: ShardSet, gen: SeedGeneration) -> dict:
-        """The arrays of seed generation `gen` (layout.array_specs)."""
+        """The arrays of seed generation `gen` (layout.array_specs); on resolved options."""
         return array_specs(gen.stop - gen.start, shard_set.num_shards, shard_set.rows_per_shard,
                            shard_set.num_classes, self.topk, self.seeds_per_unit, self.store_full)
 
@@ -114,7 +102,7 @@ class CacheSettings:
                               batch_size=self.batch_size, channels_last=self.channels_last)
 
 
-def resolve_settings(shard_set: ShardSet, existing: dict | None, opts: CacheOptions) -> CacheSettings:
+def resolve_settings(shard_set: ShardSet, existing: dict | None, opts: CacheOptions) -> CacheOptions:
     """The options, completed from the existing cache or the defaults; checked before any work starts."""
     old = with_defaults(existing) if existing is not None else {}
 
@@ -129,8 +117,8 @@ def resolve_settings(shard_set: ShardSet, existing: dict | None, opts: CacheOpti
     store_logits = pick("store_logits", "topk")
     if store_logits not in ("topk", "full"):
         raise CacheError(f"--store-logits must be 'topk' or 'full', got {store_logits!r}")
-    settings = CacheSettings(
-        seeds=int(seeds), topk=int(pick("topk", DEFAULT_TOPK)), store_full=store_logits == "full",
+    settings = replace(
+        opts, seeds=int(seeds), topk=int(pick("topk", DEFAULT_TOPK)), store_logits=store_logits,
         seeds_per_unit=int(pick("seeds_per_unit", min(int(seeds), DEFAULT_SEEDS_PER_UNIT))),
         precision=pick("precision", "fp32"),
         recipe=opts.recipe if opts.recipe is not None else AugRecipe.from_dict(old.get("recipe", {})),
@@ -144,8 +132,7 @@ def resolve_settings(shard_set: ShardSet, existing: dict | None, opts: CacheOpti
         raise CacheError(f"--topk {settings.topk} must be between 1 and the class count {shard_set.num_classes}")
     if settings.seeds_per_unit < 1:
         raise CacheError(f"--seeds-per-unit must be >= 1, got {settings.seeds_per_unit}")
-    settings.seeds_per_unit = min(settings.seeds_per_unit, settings.seeds)
-    return settings
+    return replace(settings, seeds_per_unit=min(settings.seeds_per_unit, settings.seeds))
 
 
 def _resolve_teacher(opts: CacheOptions, old: dict) -> dict:
@@ -222,14 +209,9 @@ class UnitAccumulator:
         self.worker_pids: set[int] = set()    # processes that replayed its items (the record shows them)
         self.digests: dict[str, dict[str, str]] = {}
         self.started = time.time()
-        n = len(unit.seeds)
-        self.buffers = {}
-        for name, spec in specs.items():
-            width = spec["shape"][2]
-            if spec["fill_value"] == "NaN":
-                self.buffers[name] = np.full((n, rows_per_shard, width), np.nan, dtype=spec["dtype"])
-            else:
-                self.buffers[name] = np.zeros((n, rows_per_shard, width), dtype=spec["dtype"])
+        self.buffers = {name: np.full((len(unit.seeds), rows_per_shard, spec["shape"][2]),
+                                      np.nan if spec["fill_value"] == "NaN" else 0, dtype=spec["dtype"])
+                        for name, spec in specs.items()}
 
     def add(self, item: ReplayItem, digests: dict[str, str], targets, worker_pid: int) -> None:
         s = item.aug_seed - self.unit.seed_start
@@ -291,7 +273,7 @@ def cache_teacher(opts: CacheOptions) -> dict:
     if s.channels_last:
         model = model.to(memory_format=torch.channels_last)
     manifest, created = create_or_match_manifest(root, s.manifest(shard_set, model.teacher_info))
-    units = _open_storage(root, shard_set, s, manifest, opts)
+    units = _open_storage(root, shard_set, s, manifest)
 
     mine = select_units(units, job.count, job.index)
     pending = [u for u in mine if not unit_json_path(root, u).exists()]
@@ -300,8 +282,7 @@ def cache_teacher(opts: CacheOptions) -> dict:
     opts.log(f"cache-teacher: {job}: {len(mine)} of {len(units)} units are this job's, "
              f"{len(mine) - len(pending)} already done, {len(todo)} to compute ({records} images x seeds)"
              f"{' [new cache]' if created else ''}")
-    run = _JobRun(root, shard_set, s, s.specs_for(shard_set, seed_generations(manifest)[0]), model, device,
-                  job, opts)
+    run = _JobRun(root, shard_set, s.specs_for(shard_set, seed_generations(manifest)[0]), model, device, job, s)
     started = time.time()
     with tqdm(total=records, unit="img", unit_scale=True, desc=f"cache-teacher {job.index}/{job.count}",
               disable=not opts.progress, smoothing=0.1) as bar:
@@ -309,7 +290,7 @@ def cache_teacher(opts: CacheOptions) -> dict:
     return _summary(run, units, mine, time.time() - started)
 
 
-def _open_storage(root: Path, shard_set: ShardSet, s: CacheSettings, manifest: dict, opts: CacheOptions) -> list[Unit]:
+def _open_storage(root: Path, shard_set: ShardSet, s: CacheOptions, manifest: dict) -> list[Unit]:
     """Index, arrays and units folder in place, leftovers of dead jobs cleaned, the cache grown to
     `s.seeds` if asked; returns every unit of the cache."""
     specs_for = partial(s.specs_for, shard_set)
@@ -317,10 +298,10 @@ def _open_storage(root: Path, shard_set: ShardSet, s: CacheSettings, manifest: d
     first = seed_generations(manifest)[0]
     ensure_arrays(root, specs_for(first), first.dir)
     (root / UNITS_DIR).mkdir(exist_ok=True)
-    clean_leftovers(root, opts.lock_stale_after)
+    clean_leftovers(root, s.lock_stale_after)
     if s.seeds > int(manifest["seeds"]):
-        opts.log(f"cache-teacher: growing {root} from {manifest['seeds']} to {s.seeds} seeds")
-        manifest = grow_cache(root, s.seeds, specs_for, opts.lock_stale_after)
+        s.log(f"cache-teacher: growing {root} from {manifest['seeds']} to {s.seeds} seeds")
+        manifest = grow_cache(root, s.seeds, specs_for, s.lock_stale_after)
     if int(manifest["seeds"]) != s.seeds:       # another job grew it further meanwhile
         check_not_shrinking(root, manifest, s.seeds)
     generations = seed_generations(manifest)
@@ -341,7 +322,7 @@ def _summary(run: "_JobRun", units: list[Unit], mine: list[Unit], seconds: float
         "records_computed": run.records, "seconds": round(seconds, 3),
         "records_per_s": round(run.records / seconds, 1) if seconds > 0 else None,
         "teacher_seconds": round(run.teacher_seconds, 3), "device": str(run.device),
-        "precision": run.settings.precision, "cache_units_done": sum(unit_json_path(root, u).exists() for u in units),
+        "precision": run.opts.precision, "cache_units_done": sum(unit_json_path(root, u).exists() for u in units),
     }
     run.opts.log(f"cache-teacher: {job}: computed {run.committed} unit(s), {run.records} images x seeds in "
                  f"{seconds:.1f}s ({summary['records_per_s']} /s; teacher forward {run.teacher_seconds:.1f}s); "
@@ -356,12 +337,11 @@ class _JobRun:
     """Locks, computes and commits this job's units; with workers, keeps 2 units per worker in flight."""
     root: Path
     shard_set: ShardSet
-    settings: CacheSettings
     specs: dict
     model: torch.nn.Module
     device: torch.device
     job: JobSlot
-    opts: CacheOptions
+    opts: CacheOptions                                     # resolved (resolve_settings)
     committed: int = 0
     records: int = 0
     teacher_seconds: float = 0.0
@@ -402,7 +382,7 @@ class _JobRun:
                 continue
             self.keeper.add(lock)
             self.slots += 1
-            count, batch_size = self.shard_set.shard_counts[unit.shard], self.settings.batch_size
+            count, batch_size = self.shard_set.shard_counts[unit.shard], self.opts.batch_size
             self.active[self.slots] = (unit, lock, UnitAccumulator(unit, count, self.shard_set.rows_per_shard,
                                                                    self.specs))
             return self.slots, [work for seed in unit.seeds for work in unit_items(count, unit.shard, seed, batch_size)]
@@ -411,7 +391,7 @@ class _JobRun:
     def _inline_items(self) -> Iterator[UnitItem]:
         """Without workers: lock the next unit once the previous one's items are replayed."""
         tasks = ((slot, work) for slot, works in iter(self._next_locked, None) for work in works)
-        return replay_tasks(self.shard_set, self.settings.recipe, tasks)
+        return replay_tasks(self.shard_set, self.opts.recipe, tasks)
 
     def _queue(self, task: tuple[int, list[WorkItem]] | None) -> None:
         """Queue a locked unit's items, or (None) tell the workers to stop."""
@@ -432,14 +412,14 @@ class _JobRun:
             self._queue(self._next_locked())
             if self.sentinels_sent:
                 break
-        dataset = _QueuedItems(str(self.shard_set.root), self.settings.recipe.to_dict(), self.tasks)
+        dataset = _QueuedItems(str(self.shard_set.root), self.opts.recipe.to_dict(), self.tasks)
         loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.opts.workers, in_order=False,
                                              multiprocessing_context=ctx, pin_memory=self.device.type == "cuda",
                                              prefetch_factor=2)
         self._consume(loader)
 
     def _consume(self, arrivals: Iterator[UnitItem]) -> None:
-        s = self.settings
+        s = self.opts
         for got in arrivals:
             unit, lock, acc = self.active[got.unit_slot]
             images, digests = finish_batch(got.item, s.recipe, self.device)
@@ -470,7 +450,7 @@ class _JobRun:
 
     def _record(self, unit: Unit, acc: UnitAccumulator) -> dict:
         """The unit's JSON record (commit_unit adds its files' sha256)."""
-        s = self.settings
+        s = self.opts
         return {"unit": unit.name, "shard": unit.shard, "seeds": [unit.seed_start, unit.seed_stop - 1],
                 "status": "done", "count": acc.count, "records": acc.expected, "digests": acc.digests,
                 "job": self.job_label, "host": socket.gethostname(), "pid": os.getpid(),

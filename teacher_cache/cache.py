@@ -25,15 +25,21 @@ from data_shards import AugRecipe
 from .errors import CacheError
 from .layout import (INDEX_FILE, LOGITS, TAIL_LOGSUMEXP, TOPK_INDICES, TOPK_LOGPROBS, Unit, all_units,
                      storage_shard_path, unit_json_path, unit_of)
-from .manifest import read_manifest, seed_generations
+from .manifest import library_versions, read_manifest, recipe_differences, seed_generations
 from .store import open_array
 from .targets import TeacherTargets
 
 
 class TeacherCache:
     def __init__(self, root: Path, manifest: dict):
-        self.root = Path(root)
-        self.manifest = manifest
+        self.root, self.manifest = Path(root), manifest
+        shards = manifest["shards"]         # the description, read once (a format-checked manifest)
+        self.num_seeds, self.seeds_per_unit = int(manifest["seeds"]), int(manifest["seeds_per_unit"])
+        self.topk, self.num_classes = int(manifest["topk"]), int(manifest["num_classes"])
+        self.has_logits = manifest["store_logits"] == "full"
+        self.num_shards, self.rows_per_shard = int(shards["num_shards"]), int(shards["rows_per_shard"])
+        self.shard_counts = list(shards["shard_counts"])
+        self.array_names = list(manifest["arrays"])   # caches made before the tail summary lack TAIL_LOGSUMEXP
         self._arrays: dict[str, object] = {}
         self._arrays_pid = None
         self._done: set[str] = set()
@@ -52,46 +58,9 @@ class TeacherCache:
         return AugRecipe.from_dict(self.manifest["recipe"])
 
     @property
-    def num_seeds(self) -> int:
-        return int(self.manifest["seeds"])
-
-    @property
     def seed_generations(self):
         """[SeedGeneration]: the seed ranges each run added (one unless the cache was grown)."""
         return seed_generations(self.manifest)
-
-    @property
-    def seeds_per_unit(self) -> int:
-        return int(self.manifest["seeds_per_unit"])
-
-    @property
-    def topk(self) -> int:
-        return int(self.manifest["topk"])
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.manifest["num_classes"])
-
-    @property
-    def has_logits(self) -> bool:
-        return self.manifest["store_logits"] == "full"
-
-    @property
-    def num_shards(self) -> int:
-        return int(self.manifest["shards"]["num_shards"])
-
-    @property
-    def shard_counts(self) -> list[int]:
-        return list(self.manifest["shards"]["shard_counts"])
-
-    @property
-    def rows_per_shard(self) -> int:
-        return int(self.manifest["shards"]["rows_per_shard"])
-
-    @property
-    def array_names(self) -> list[str]:
-        """The stored arrays (caches made before the tail summary lack TAIL_LOGSUMEXP)."""
-        return list(self.manifest["arrays"])
 
     def units(self) -> list[Unit]:
         return all_units(self.num_shards, self.num_seeds, self.seeds_per_unit, self.seed_generations)
@@ -105,12 +74,9 @@ class TeacherCache:
         return unit_of(shard, aug_seed, self.num_seeds, self.seeds_per_unit, self.seed_generations)
 
     def is_done(self, unit: Unit) -> bool:
-        if unit.name in self._done:
-            return True
-        if unit_json_path(self.root, unit).exists():
-            self._done.add(unit.name)
-            return True
-        return False
+        if unit.name not in self._done and unit_json_path(self.root, unit).exists():
+            self._done.add(unit.name)        # done never goes back: one stat per unit
+        return unit.name in self._done
 
     def done_units(self) -> list[Unit]:
         return [u for u in self.units() if self.is_done(u)]
@@ -156,7 +122,6 @@ class TeacherCache:
             diffs.append(f"shard layout: cache {self.num_shards} shards of {self.rows_per_shard}, "
                          f"shards {shard_set.num_shards} of {shard_set.rows_per_shard}")
         if recipe is not None and recipe.fingerprint() != self.manifest["recipe_fingerprint"]:
-            from .manifest import library_versions, recipe_differences
             detail = recipe_differences(self.manifest, {"recipe": recipe.to_dict(),
                                                         "library_versions": library_versions(recipe)})
             diffs.append("augmentation recipe fingerprint: cache "

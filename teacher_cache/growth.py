@@ -55,14 +55,10 @@ def grow_cache(root: Path, seeds: int, specs_for: Callable[[SeedGeneration], dic
     specs_for(generation) gives the arrays' specs for a generation (layout.array_specs).
     """
     root = Path(root)
-    manifest = read_manifest(root)
-    check_not_shrinking(root, manifest, seeds)
-    if seeds == int(manifest["seeds"]):
-        return manifest
     (root / UNITS_DIR).mkdir(exist_ok=True)
     lock = _acquire(root, stale_after)
     try:
-        manifest = read_manifest(root)          # again, under the lock: another job may have grown it
+        manifest = read_manifest(root)          # under the lock: another job may have grown it
         held = int(manifest["seeds"])
         check_not_shrinking(root, manifest, seeds)
         if seeds == held:

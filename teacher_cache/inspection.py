@@ -105,8 +105,7 @@ def inspect_cache(path: str | os.PathLike, max_label_records: int = 200_000) -> 
     """Units done / missing, records, bytes on disk and per record, teacher top-1, top-k mass, per seed."""
     cache = TeacherCache.open(path)
     m, counts, units = cache.manifest, cache.shard_counts, cache.units()
-    done = [u for u in units if cache.is_done(u)]
-    missing = [u for u in units if not cache.is_done(u)]
+    done, missing = cache.done_units(), cache.missing_units()
     records_done = sum(counts[u.shard] * len(u.seeds) for u in done)
     chosen = _label_pairs(done, counts, max_label_records)
     per_seed = _label_stats(cache, chosen)

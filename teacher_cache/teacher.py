@@ -147,15 +147,11 @@ def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], checkpoi
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong_shape = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
-    if missing or unexpected or wrong_shape:
-        parts = []
-        if missing:
-            parts.append(f"missing {len(missing)} key(s) e.g. {', '.join(missing[:3])}")
-        if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s) e.g. {', '.join(unexpected[:3])}")
-        if wrong_shape:
-            parts.append("shape mismatch " + ", ".join(
-                f"{k} {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}" for k in wrong_shape[:3]))
+    parts = [f"{what} {len(keys)} key(s) e.g. {', '.join(keys[:3])}"
+             for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+    parts += ["shape mismatch " + ", ".join(f"{k} {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+                                            for k in wrong_shape[:3])] if wrong_shape else []
+    if parts:
         raise TeacherError(f"checkpoint {checkpoint} does not fit timm model {name!r} "
                            f"(num_classes={getattr(model, 'num_classes', '?')}): {'; '.join(parts)}. "
                            "Check --teacher and that the checkpoint was trained on these classes")
@@ -169,12 +165,6 @@ def check_precision(precision: str, device: torch.device) -> None:
         raise TeacherError("fp16 autocast needs a CUDA device; use --precision bf16 or fp32 on the CPU")
 
 
-def autocast(device: torch.device, precision: str):
-    """Autocast context for the teacher: fp32 means none; bf16 on CUDA or CPU; fp16 on CUDA only."""
-    check_precision(precision, device)
-    return io.autocast(device, precision)
-
-
 @torch.no_grad()
 def teacher_logits(model: torch.nn.Module, images: torch.Tensor, precision: str = "fp32",
                    channels_last: bool = False) -> torch.Tensor:
@@ -183,7 +173,8 @@ def teacher_logits(model: torch.nn.Module, images: torch.Tensor, precision: str 
     images = images.to(device, non_blocking=True)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
-    with autocast(device, precision):
+    check_precision(precision, device)
+    with io.autocast(device, precision):       # fp32: none; bf16 on CUDA or CPU; fp16 on CUDA only
         logits = model(images)
     if not torch.isfinite(logits).all():
         raise TeacherError("the teacher produced NaN/inf logits; check the checkpoint or use --precision fp32")
@@ -192,10 +183,7 @@ def teacher_logits(model: torch.nn.Module, images: torch.Tensor, precision: str 
 
 def teacher_forward(model: torch.nn.Module, images: torch.Tensor, topk: int, store_full: bool = False,
                     precision: str = "fp32", channels_last: bool = False) -> TeacherTargets:
-    """Replayed images -> TeacherTargets (top-k indices + fp16 log-probs [+ fp16 logits]) on the CPU.
-
-    channels_last: feed NHWC (set it when the model was converted with
-    `model.to(memory_format=torch.channels_last)`, which is faster for convnets on GPUs).
-    """
+    """Replayed images -> TeacherTargets (top-k indices + fp16 log-probs [+ fp16 logits]) on the CPU;
+    channels_last: feed NHWC (for a model converted with `model.to(memory_format=torch.channels_last)`)."""
     logits = teacher_logits(model, images, precision, channels_last)
     return encode_teacher_logits(logits, topk, store_full).to("cpu")
