@@ -18,6 +18,7 @@ from pathlib import Path
 
 import timm
 import torch
+from timm.models import clean_state_dict
 
 from data_shards import io
 from data_shards.io import file_sha256, resolve_device  # noqa: F401  (re-exported)
@@ -76,7 +77,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
         raise TeacherError(f"teacher checkpoint {path} has no tensors (top-level keys: "
                            f"{', '.join(sorted(map(str, obj))[:8])}); expected a state dict or "
                            "a dict with a 'model' state dict (DeiT's format)")
-    return _strip_prefix(tensors), arch, dict(kwargs)
+    return clean_state_dict(tensors), arch, dict(kwargs)   # DDP's / torch.compile's prefixes dropped
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str | None, dict]:
@@ -92,14 +93,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str | None, 
         kwargs = json.loads(metadata.get("model_kwargs") or "{}")
     except ValueError:
         raise TeacherError(f"{path}: metadata model_kwargs is not JSON: {metadata['model_kwargs']!r}") from None
-    return _strip_prefix(state), next((metadata[k] for k in _ARCH_KEYS if metadata.get(k)), None), kwargs
-
-
-def _strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop the 'module.' of DDP-wrapped saves."""
-    if state and all(k.startswith("module.") for k in state):
-        return {k[len("module."):]: v for k, v in state.items()}
-    return state
+    return clean_state_dict(state), next((metadata[k] for k in _ARCH_KEYS if metadata.get(k)), None), kwargs
 
 
 def load_teacher(name: str | None, checkpoint: str | os.PathLike | None = None, num_classes: int | None = None,
