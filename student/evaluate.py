@@ -41,9 +41,10 @@ def head_logits(model, images: torch.Tensor) -> dict[str, torch.Tensor]:
             "fused": ((cls_logits + dist_logits) / 2).float()}
 
 
-def _hits(logits: torch.Tensor, labels: torch.Tensor) -> list[int]:
-    """[top-1 hits, top-5 hits]: timm's accuracy is a percentage of the batch; rounded back, it is exact."""
-    return [round(float(acc) * len(labels) / 100) for acc in accuracy(logits, labels, topk=(1, 5))]
+def _hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(top-1 hits, top-5 hits), float64 on the logits' device (no host sync): timm's accuracy is a
+    percentage of the batch; rounded back, it is exact."""
+    return (torch.stack(accuracy(logits, labels, topk=(1, 5))).double() * len(labels) / 100).round()
 
 
 @torch.no_grad()
@@ -51,7 +52,7 @@ def evaluate_heads(model, shard_set: ShardSet, recipe: AugRecipe, batch_size: in
                    shards: list[int] | None = None, precision: str | None = None):
     """-> (counts (H, 3): top-1 hits, top-5 hits, samples; head names). Restores train mode."""
     names, was_training = head_names(model), model.training
-    counts = torch.zeros(len(names), 3, dtype=torch.float64)     # zeros on a rank with no val shard
+    counts = torch.zeros(len(names), 3, dtype=torch.float64, device=device)  # zeros on a rank with no val shard
     model.eval()
     try:
         for images, labels, _ in eval_batches(shard_set, recipe, batch_size, shards):
@@ -59,10 +60,11 @@ def evaluate_heads(model, shard_set: ShardSet, recipe: AugRecipe, batch_size: in
                 logits = head_logits(model, images.to(device))
             labels = labels.to(device)
             for i, name in enumerate(names):
-                counts[i] += torch.tensor([*_hits(logits[name], labels), len(labels)], dtype=torch.float64)
+                counts[i, :2] += _hits(logits[name], labels)
+                counts[i, 2] += len(labels)
     finally:
         model.train(was_training)
-    return counts, names
+    return counts.cpu(), names
 
 
 def load_student(checkpoint, device: torch.device, use_ema: bool = False):
@@ -92,34 +94,30 @@ def evaluate_checkpoint(checkpoint: str, shards: str, batch_size: int = 128, tea
     if teacher and cache:
         raise StudentError("give either --teacher or --cache, not both")
     teacher_net = load_online_teacher(teacher, num_classes, dev, teacher_model) if teacher else None
-    hits, teacher_hits, agree, split, n = {}, [0, 0], {}, dict.fromkeys(SPLIT, 0), 0
+    hits, teacher_hits, agree, split, n = {}, 0, {}, dict.fromkeys(SPLIT, 0), 0
     for images, labels, _ in eval_batches(shard_set, recipe, batch_size):
         images, labels = images.to(dev), labels.to(dev)
         logits = head_logits(model, images)
         for name, out in logits.items():
-            hits[name] = _add(hits.get(name, [0, 0]), _hits(out, labels))
+            hits[name] = hits.get(name, 0) + _hits(out, labels)
         if teacher_net is not None:
             t_logits = teacher_net(images).float()
-            teacher_hits = _add(teacher_hits, _hits(t_logits, labels))
+            teacher_hits = teacher_hits + _hits(t_logits, labels)
             _compare_with_teacher(logits, t_logits.argmax(dim=1), labels, agree, split)
         n += len(labels)
     if n == 0:
         raise StudentError(f"{shards} holds no samples")
     report = {"checkpoint": str(checkpoint), "shards": str(shards), "num_samples": n, "epoch": ckpt["epoch"],
               "weights": "ema" if use_ema else "model", "transform": "eval", "default_head": default_head(hits),
-              "heads": {name: {"top1": h[0] / n, "top5": h[1] / n} for name, h in hits.items()}}
+              "heads": {name: {"top1": h[0].item() / n, "top5": h[1].item() / n} for name, h in hits.items()}}
     if teacher_net is not None:
         report["teacher"] = {"source": teacher, "name": teacher_net.teacher_info["name"],
-                             "top1": teacher_hits[0] / n, "top5": teacher_hits[1] / n,
+                             "top1": teacher_hits[0].item() / n, "top5": teacher_hits[1].item() / n,
                              "agreement": {name: a / n for name, a in agree.items()},
                              "disagreement": {"head": report["default_head"], **split}}
     if cache:
         report["cache_agreement"] = cache_agreement(model, shard_set, cache, aug_seed, batch_size, dev)
     return report
-
-
-def _add(counts: list[int], more: list[int]) -> list[int]:
-    return [a + b for a, b in zip(counts, more)]
 
 
 def _compare_with_teacher(logits: dict, t_pred: torch.Tensor, labels: torch.Tensor, agree: dict, split: dict) -> None:
