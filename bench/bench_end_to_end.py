@@ -110,7 +110,8 @@ def main(argv=None) -> dict:
             cli("cache-teacher", "--shards", str(shards), "--out", str(work / "cache"), "--teacher", args.teacher,
                 "--teacher-checkpoint", str(teacher_ckpt), "--seeds", str(seeds), "--topk", "10",
                 "--batch-size", str(args.teacher_batch_size), "--precision", precision,
-                "--workers", str(args.workers), "--no-progress", *aug_opts)
+                "--workers", str(args.workers), "--no-progress", *aug_opts,
+                *(["--channels-last"] if args.channels_last else []))
         student_opts = [f"--model-kwarg={kv}" for kv in args.student_kwarg]
         base = ["train-student", "--shards", str(shards), "--model", args.student, *student_opts,
                 "--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--workers", str(args.workers),
