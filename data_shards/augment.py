@@ -30,8 +30,8 @@ import io
 import json
 import math
 import warnings
-from dataclasses import asdict, dataclass, field, replace
-from typing import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Sequence
 
 import numpy as np
 import PIL
@@ -446,16 +446,6 @@ def finish_images(images: torch.Tensor, erase: torch.Tensor, recipe: AugRecipe) 
     return x
 
 
-def augment_seeds(data: bytes, key: str, aug_seeds: Iterable[int], recipe: AugRecipe) -> list[torch.Tensor]:
-    """The (unmixed) training augmentation of one image for each seed: float32 CHW, normalised."""
-    fingerprint = recipe.fingerprint()
-    out = []
-    for seed in aug_seeds:
-        pixels, erase = augment_uint8(data, key, seed, recipe, fingerprint)
-        out.append(finish_images(torch.from_numpy(pixels.copy())[None], torch.tensor([erase]), recipe)[0])
-    return out
-
-
 def eval_image(img: Image.Image, recipe: AugRecipe) -> torch.Tensor:
     """Evaluation transform: resize shorter side to size/crop_pct (bicubic), centre crop, normalise."""
     resize = int(math.floor(recipe.input_size / recipe.eval_crop_pct))
@@ -650,37 +640,6 @@ def finish_item(item: ReplayItem, recipe: AugRecipe, device: torch.device | str 
         if yh > yl and xh > xl:
             out[k, :, yl:yh, xl:xh] = partner[k, :, yl:yh, xl:xh]
     return out
-
-
-@dataclass
-class ReplayedSample:
-    key: str
-    label: int
-    partner_key: str
-    partner_label: int
-    lam: float
-    image: torch.Tensor = field(repr=False)   # mixed, augmented, normalised float32 CHW
-    shard: int = -1
-    position: int = -1
-    aug_seed: int = -1
-
-
-def replay_shard(samples: Sequence, aug_seed: int, recipe: AugRecipe, slice_size: int = 64) -> Iterator[ReplayedSample]:
-    """Yield every sample of one shard, augmented, finished and mixed for `aug_seed`, in mixing order,
-    as `replay_slice`s of `slice_size` (bounded memory); neither the order of `samples` nor
-    `slice_size` changes the result."""
-    by_index = dict(enumerate(sorted(samples, key=lambda s: (s.position, s.key))))
-    keys = [s.key for s in by_index.values()]
-    n = len(keys)
-    if n == 0:
-        return
-    order = mixing_order(keys, aug_seed, recipe) if recipe.mixing else range(n)
-    for start in range(0, n, slice_size):
-        item = replay_slice(by_index, aug_seed, recipe, start, min(n, start + slice_size), keys, order)
-        images = finish_item(item, recipe)
-        for i, key in enumerate(item.keys):
-            yield ReplayedSample(key, int(item.labels[i]), item.partner_keys[i], int(item.partner_labels[i]),
-                                 float(item.lam[i]), images[i], item.shard, int(item.positions[i]), int(aug_seed))
 
 
 def tensor_digest(x: torch.Tensor) -> str:
