@@ -145,8 +145,9 @@ class AugRecipe:
     def with_overrides(self, **changes) -> "AugRecipe":
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
+    @functools.lru_cache(maxsize=64)     # asked for every sample replayed
     def fingerprint(self) -> str:
-        return _cached_fingerprint(self)
+        return recipe_fingerprint(self)
 
 
 RESIZE_KERNEL_KEY = "torch_cpu_kernel"
@@ -173,11 +174,6 @@ def pixel_library_versions(recipe: AugRecipe | None = None) -> dict[str, str]:
 def recipe_fingerprint(recipe: AugRecipe) -> str:
     return text_sha256(json.dumps({"recipe": recipe.to_dict(), "libraries": pixel_library_versions(recipe),
                                    "algorithm": REPLAY_ALGORITHM_VERSION}, sort_keys=True))
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_fingerprint(recipe: AugRecipe) -> str:
-    return recipe_fingerprint(recipe)
 
 
 def make_rng(fingerprint: str, *parts: object) -> np.random.Generator:
@@ -558,9 +554,7 @@ class ReplayItem:
         return self
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.positions, self.labels, self.partner_labels,
-                                                           self.lam, self.mix_weights, self.cut_boxes,
-                                                           self.erase, self.images))
+        return sum(t.nbytes for t in vars(self).values() if isinstance(t, torch.Tensor))
 
 
 def replay_slice(samples: Sequence, aug_seed: int, recipe: AugRecipe, start: int, stop: int,
