@@ -136,8 +136,7 @@ class AugRecipe:
 
     @classmethod
     def from_dict(cls, d: dict) -> "AugRecipe":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(d) - known
+        unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown recipe field(s): {', '.join(sorted(unknown))}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
