@@ -462,7 +462,10 @@ class MixParams:
 def mixing_order(keys: Sequence[str], aug_seed: int, recipe: AugRecipe, fingerprint: str | None = None) -> list[int]:
     """Seeded cyclic order of a shard: sample order[k] is mixed with order[(k+1) % n].
 
-    Seeds g*P .. g*P+P-1 (P = recipe.pairing_seeds) share one order (repeated augmentation)."""
+    Seeds g*P .. g*P+P-1 (P = recipe.pairing_seeds) share one order (repeated augmentation).
+    A recipe that does not mix keeps the shard order."""
+    if not recipe.mixing:
+        return list(range(len(keys)))
     group = int(aug_seed) // recipe.pairing_seeds
     rng = make_rng(fingerprint or recipe.fingerprint(), "pairing", text_sha256("\n".join(keys)), group)
     return [int(i) for i in rng.permutation(len(keys))]
@@ -572,8 +575,7 @@ def replay_slice(samples: Sequence, aug_seed: int, recipe: AugRecipe, start: int
     if not 0 <= start < stop <= n:
         raise ValueError(f"slice {start}:{stop} is not within a shard of {n} samples")
     fingerprint = recipe.fingerprint()
-    if order is None:
-        order = mixing_order(keys, aug_seed, recipe, fingerprint) if recipe.mixing else range(n)
+    order = mixing_order(keys, aug_seed, recipe, fingerprint) if order is None else order
     by_position = samples if isinstance(samples, dict) else {s.position: s for s in samples}
     primaries = [by_position[order[k]] for k in range(start, stop)]
     augmented = primaries + ([by_position[order[stop % n]]] if recipe.mixing else [])
@@ -604,12 +606,11 @@ def replay_slice(samples: Sequence, aug_seed: int, recipe: AugRecipe, start: int
 
 def slice_positions(keys: Sequence[str], aug_seed: int, recipe: AugRecipe, start: int, stop: int,
                     order: Sequence[int] | None = None) -> list[int]:
-    """Shard positions a slice reads: order[start..stop] (the last one wraps at n)."""
-    n = len(keys)
-    if not recipe.mixing:
-        return list(range(start, stop))
+    """Shard positions a slice reads: order[start:stop], and order[stop % n] (the last one's partner)
+    when the recipe mixes."""
     order = mixing_order(keys, aug_seed, recipe) if order is None else order
-    return sorted({order[k % n] for k in range(start, stop + 1)})
+    last = stop + 1 if recipe.mixing else stop
+    return sorted({order[k % len(keys)] for k in range(start, last)})
 
 
 def finish_item(item: ReplayItem, recipe: AugRecipe, device: torch.device | str | None = None) -> torch.Tensor:

@@ -32,7 +32,7 @@ def replay_shard(samples: Sequence, aug_seed: int, recipe: AugRecipe, slice_size
     by_index = dict(enumerate(sorted(samples, key=lambda s: (s.position, s.key))))
     keys = [s.key for s in by_index.values()]
     n = len(keys)
-    order = mixing_order(keys, aug_seed, recipe) if recipe.mixing else range(n)
+    order = mixing_order(keys, aug_seed, recipe)
     for start in range(0, n, slice_size):
         item = replay_slice(by_index, aug_seed, recipe, start, min(n, start + slice_size), keys, order)
         images = finish_item(item, recipe)
