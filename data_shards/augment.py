@@ -433,11 +433,9 @@ def finish_images(images: torch.Tensor, erase: torch.Tensor, recipe: AugRecipe) 
     x = images.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
     mean, std = _mean_std(recipe.mean, recipe.std, str(device))
     x = x.div_(255.0).sub_(mean).div_(std)          # torchvision to_dtype(scale=True) + normalize
-    bank = None
     for index, (top, left, h, w, offset) in enumerate(erase.tolist()):
-        if h > 0:
-            bank = noise_bank(device) if bank is None else bank
-            x[index, :, top:top + h, left:left + w] = bank[offset:offset + 3 * h * w].view(3, h, w)
+        if h > 0:     # the bank is built on first use, once per device
+            x[index, :, top:top + h, left:left + w] = noise_bank(device)[offset:offset + 3 * h * w].view(3, h, w)
     return x
 
 
@@ -473,13 +471,11 @@ def mixing_order(keys: Sequence[str], aug_seed: int, recipe: AugRecipe, fingerpr
 
 def mixing_partners(keys: Sequence[str], aug_seed: int, recipe: AugRecipe, fingerprint: str | None = None) -> list[int]:
     """partners[i]: the position sample i is mixed with (itself when the recipe does not mix)."""
-    if not recipe.mixing or len(keys) < 2:
+    if not recipe.mixing:
         return list(range(len(keys)))
     order = mixing_order(keys, aug_seed, recipe, fingerprint)
-    partners = [0] * len(order)
-    for k, i in enumerate(order):
-        partners[i] = order[(k + 1) % len(order)]
-    return partners
+    successor = dict(zip(order, order[1:] + order[:1]))
+    return [successor[i] for i in range(len(order))]
 
 
 def mix_params(key: str, partner_key: str, aug_seed: int, recipe: AugRecipe, fingerprint: str | None = None) -> MixParams:
