@@ -41,7 +41,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_shards import AugRecipe, ShardSet, decode_image, make_shards, mixed_targets, replay_shard  # noqa: E402
+from data_shards import (AugRecipe, ShardSet, decode_image, finish_item, make_shards, mixed_targets,  # noqa: E402
+                         replay_slice)
 from teacher_cache import CacheOptions, TeacherCache, cache_teacher, load_teacher  # noqa: E402
 from teacher_cache.inspection import inspect_cache  # noqa: E402
 from teacher_cache.teacher import resolve_device, teacher_logits  # noqa: E402
@@ -175,13 +176,12 @@ def train_small_teacher(shards: Path, arch: str, input_size: int, epochs: int, p
                        for i in range(0, len(perm), 64)]
         else:
             for shard in range(shard_set.num_shards):
-                replayed = list(replay_shard(shard_set.read_shard(shard), epoch, recipe))
-                for i in range(0, len(replayed), 64):
-                    part = replayed[i:i + 64]
-                    y = mixed_targets(torch.tensor([r.label for r in part]),
-                                      torch.tensor([r.partner_label for r in part]),
-                                      torch.tensor([r.lam for r in part]), shard_set.num_classes, recipe.smoothing)
-                    batches.append((torch.stack([r.image for r in part]), y))
+                samples = shard_set.read_shard(shard)
+                for i in range(0, len(samples), 64):
+                    item = replay_slice(samples, epoch, recipe, i, min(len(samples), i + 64))
+                    y = mixed_targets(item.labels, item.partner_labels, item.lam, shard_set.num_classes,
+                                      recipe.smoothing)
+                    batches.append((finish_item(item, recipe), y))
         for x, y in batches:
             if len(x) < 2:                # BatchNorm needs two samples in training mode
                 continue

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from data_shards import AugRecipe, ShardSet, replay_shard  # noqa: E402
+from data_shards import AugRecipe, ShardSet, finish_item, replay_slice  # noqa: E402
 from teacher_cache.targets import encode_teacher_logits  # noqa: E402
 from teacher_cache.teacher import load_teacher, teacher_logits  # noqa: E402
 
@@ -46,8 +46,8 @@ def main(argv=None) -> list[dict]:
     else:
         import timm
         model = timm.create_model(args.teacher, num_classes=shard_set.num_classes).eval()
-    units = [torch.stack([r.image for r in replay_shard(shard_set.read_shard(shard), args.aug_seed, recipe)])
-             for shard in range(shard_set.num_shards)]
+    shards = [shard_set.read_shard(shard) for shard in range(shard_set.num_shards)]
+    units = [finish_item(replay_slice(samples, args.aug_seed, recipe, 0, len(samples)), recipe) for samples in shards]
     images = torch.cat(units)
     b = args.reference_batch
     reference = torch.cat([teacher_logits(model, u[i:i + b]) for u in units for i in range(0, len(u), b)])

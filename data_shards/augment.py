@@ -30,8 +30,8 @@ import io
 import json
 import math
 import warnings
-from dataclasses import asdict, dataclass, field, replace
-from typing import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
+from typing import Sequence
 
 import numpy as np
 import PIL
@@ -136,8 +136,7 @@ class AugRecipe:
 
     @classmethod
     def from_dict(cls, d: dict) -> "AugRecipe":
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(d) - known
+        unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown recipe field(s): {', '.join(sorted(unknown))}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
@@ -145,8 +144,9 @@ class AugRecipe:
     def with_overrides(self, **changes) -> "AugRecipe":
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
+    @functools.lru_cache(maxsize=64)     # asked for every sample replayed
     def fingerprint(self) -> str:
-        return _cached_fingerprint(self)
+        return recipe_fingerprint(self)
 
 
 RESIZE_KERNEL_KEY = "torch_cpu_kernel"
@@ -173,11 +173,6 @@ def pixel_library_versions(recipe: AugRecipe | None = None) -> dict[str, str]:
 def recipe_fingerprint(recipe: AugRecipe) -> str:
     return text_sha256(json.dumps({"recipe": recipe.to_dict(), "libraries": pixel_library_versions(recipe),
                                    "algorithm": REPLAY_ALGORITHM_VERSION}, sort_keys=True))
-
-
-@functools.lru_cache(maxsize=64)
-def _cached_fingerprint(recipe: AugRecipe) -> str:
-    return recipe_fingerprint(recipe)
 
 
 def make_rng(fingerprint: str, *parts: object) -> np.random.Generator:
@@ -438,22 +433,10 @@ def finish_images(images: torch.Tensor, erase: torch.Tensor, recipe: AugRecipe) 
     x = images.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
     mean, std = _mean_std(recipe.mean, recipe.std, str(device))
     x = x.div_(255.0).sub_(mean).div_(std)          # torchvision to_dtype(scale=True) + normalize
-    bank = None
     for index, (top, left, h, w, offset) in enumerate(erase.tolist()):
-        if h > 0:
-            bank = noise_bank(device) if bank is None else bank
-            x[index, :, top:top + h, left:left + w] = bank[offset:offset + 3 * h * w].view(3, h, w)
+        if h > 0:     # the bank is built on first use, once per device
+            x[index, :, top:top + h, left:left + w] = noise_bank(device)[offset:offset + 3 * h * w].view(3, h, w)
     return x
-
-
-def augment_seeds(data: bytes, key: str, aug_seeds: Iterable[int], recipe: AugRecipe) -> list[torch.Tensor]:
-    """The (unmixed) training augmentation of one image for each seed: float32 CHW, normalised."""
-    fingerprint = recipe.fingerprint()
-    out = []
-    for seed in aug_seeds:
-        pixels, erase = augment_uint8(data, key, seed, recipe, fingerprint)
-        out.append(finish_images(torch.from_numpy(pixels.copy())[None], torch.tensor([erase]), recipe)[0])
-    return out
 
 
 def eval_image(img: Image.Image, recipe: AugRecipe) -> torch.Tensor:
@@ -477,7 +460,10 @@ class MixParams:
 def mixing_order(keys: Sequence[str], aug_seed: int, recipe: AugRecipe, fingerprint: str | None = None) -> list[int]:
     """Seeded cyclic order of a shard: sample order[k] is mixed with order[(k+1) % n].
 
-    Seeds g*P .. g*P+P-1 (P = recipe.pairing_seeds) share one order (repeated augmentation)."""
+    Seeds g*P .. g*P+P-1 (P = recipe.pairing_seeds) share one order (repeated augmentation).
+    A recipe that does not mix keeps the shard order."""
+    if not recipe.mixing:
+        return list(range(len(keys)))
     group = int(aug_seed) // recipe.pairing_seeds
     rng = make_rng(fingerprint or recipe.fingerprint(), "pairing", text_sha256("\n".join(keys)), group)
     return [int(i) for i in rng.permutation(len(keys))]
@@ -485,13 +471,11 @@ def mixing_order(keys: Sequence[str], aug_seed: int, recipe: AugRecipe, fingerpr
 
 def mixing_partners(keys: Sequence[str], aug_seed: int, recipe: AugRecipe, fingerprint: str | None = None) -> list[int]:
     """partners[i]: the position sample i is mixed with (itself when the recipe does not mix)."""
-    if not recipe.mixing or len(keys) < 2:
+    if not recipe.mixing:
         return list(range(len(keys)))
     order = mixing_order(keys, aug_seed, recipe, fingerprint)
-    partners = [0] * len(order)
-    for k, i in enumerate(order):
-        partners[i] = order[(k + 1) % len(order)]
-    return partners
+    successor = dict(zip(order, order[1:] + order[:1]))
+    return [successor[i] for i in range(len(order))]
 
 
 def mix_params(key: str, partner_key: str, aug_seed: int, recipe: AugRecipe, fingerprint: str | None = None) -> MixParams:
@@ -568,9 +552,7 @@ class ReplayItem:
         return self
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.positions, self.labels, self.partner_labels,
-                                                           self.lam, self.mix_weights, self.cut_boxes,
-                                                           self.erase, self.images))
+        return sum(t.nbytes for t in vars(self).values() if isinstance(t, torch.Tensor))
 
 
 def replay_slice(samples: Sequence, aug_seed: int, recipe: AugRecipe, start: int, stop: int,
@@ -589,8 +571,7 @@ def replay_slice(samples: Sequence, aug_seed: int, recipe: AugRecipe, start: int
     if not 0 <= start < stop <= n:
         raise ValueError(f"slice {start}:{stop} is not within a shard of {n} samples")
     fingerprint = recipe.fingerprint()
-    if order is None:
-        order = mixing_order(keys, aug_seed, recipe, fingerprint) if recipe.mixing else range(n)
+    order = mixing_order(keys, aug_seed, recipe, fingerprint) if order is None else order
     by_position = samples if isinstance(samples, dict) else {s.position: s for s in samples}
     primaries = [by_position[order[k]] for k in range(start, stop)]
     augmented = primaries + ([by_position[order[stop % n]]] if recipe.mixing else [])
@@ -621,12 +602,11 @@ def replay_slice(samples: Sequence, aug_seed: int, recipe: AugRecipe, start: int
 
 def slice_positions(keys: Sequence[str], aug_seed: int, recipe: AugRecipe, start: int, stop: int,
                     order: Sequence[int] | None = None) -> list[int]:
-    """Shard positions a slice reads: order[start..stop] (the last one wraps at n)."""
-    n = len(keys)
-    if not recipe.mixing:
-        return list(range(start, stop))
+    """Shard positions a slice reads: order[start:stop], and order[stop % n] (the last one's partner)
+    when the recipe mixes."""
     order = mixing_order(keys, aug_seed, recipe) if order is None else order
-    return sorted({order[k % n] for k in range(start, stop + 1)})
+    last = stop + 1 if recipe.mixing else stop
+    return sorted({order[k % len(keys)] for k in range(start, last)})
 
 
 def finish_item(item: ReplayItem, recipe: AugRecipe, device: torch.device | str | None = None) -> torch.Tensor:
@@ -650,37 +630,6 @@ def finish_item(item: ReplayItem, recipe: AugRecipe, device: torch.device | str 
         if yh > yl and xh > xl:
             out[k, :, yl:yh, xl:xh] = partner[k, :, yl:yh, xl:xh]
     return out
-
-
-@dataclass
-class ReplayedSample:
-    key: str
-    label: int
-    partner_key: str
-    partner_label: int
-    lam: float
-    image: torch.Tensor = field(repr=False)   # mixed, augmented, normalised float32 CHW
-    shard: int = -1
-    position: int = -1
-    aug_seed: int = -1
-
-
-def replay_shard(samples: Sequence, aug_seed: int, recipe: AugRecipe, slice_size: int = 64) -> Iterator[ReplayedSample]:
-    """Yield every sample of one shard, augmented, finished and mixed for `aug_seed`, in mixing order,
-    as `replay_slice`s of `slice_size` (bounded memory); neither the order of `samples` nor
-    `slice_size` changes the result."""
-    by_index = dict(enumerate(sorted(samples, key=lambda s: (s.position, s.key))))
-    keys = [s.key for s in by_index.values()]
-    n = len(keys)
-    if n == 0:
-        return
-    order = mixing_order(keys, aug_seed, recipe) if recipe.mixing else range(n)
-    for start in range(0, n, slice_size):
-        item = replay_slice(by_index, aug_seed, recipe, start, min(n, start + slice_size), keys, order)
-        images = finish_item(item, recipe)
-        for i, key in enumerate(item.keys):
-            yield ReplayedSample(key, int(item.labels[i]), item.partner_keys[i], int(item.partner_labels[i]),
-                                 float(item.lam[i]), images[i], item.shard, int(item.positions[i]), int(aug_seed))
 
 
 def tensor_digest(x: torch.Tensor) -> str:

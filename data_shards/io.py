@@ -132,17 +132,14 @@ def load_weights_only(path: str | os.PathLike, error: type[Exception] = ValueErr
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """'auto' -> this rank's GPU (LOCAL_RANK under torchrun) when CUDA is available, else the CPU."""
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if str(device) != "auto":
-        device = torch.device(device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise DeviceError("--device cuda asked but CUDA is not available; use --device cpu or auto")
-        if device.type == "cuda" and device.index is None:   # plain "cuda": this rank's GPU
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
-    return torch.device("cpu")
+    if str(device) == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise DeviceError("--device cuda asked but CUDA is not available; use --device cpu or auto")
+    if device.type == "cuda" and device.index is None:   # plain "cuda": this rank's GPU
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+    return device
 
 
 def autocast(device: torch.device, precision: str | torch.dtype | None):

@@ -30,7 +30,7 @@ def replay_item(shard_set: ShardSet, item: WorkItem, recipe: AugRecipe,
         keys_cache.clear()       # one shard's keys at a time: memory independent of the shard count
         keys_cache[item.shard] = shard_set.shard_keys(item.shard)
     keys = keys_cache[item.shard]
-    order = mixing_order(keys, item.aug_seed, recipe) if recipe.mixing else range(len(keys))
+    order = mixing_order(keys, item.aug_seed, recipe)
     positions = slice_positions(keys, item.aug_seed, recipe, item.start, item.stop, order)
     samples = shard_set.read_samples(item.shard, positions)
     return replay_slice(samples, item.aug_seed, recipe, item.start, item.stop, keys, order)

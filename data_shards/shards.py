@@ -49,13 +49,6 @@ def hash_manifest_rows(h: "hashlib._Hash", rows: Iterable[tuple]) -> None:
         h.update(("\t".join(str(v) for v in row) + "\n").encode("utf-8"))
 
 
-def manifest_hash(table: pa.Table) -> str:
-    """Content hash of a manifest: every row's key, label, place, size and image hash."""
-    h = hashlib.sha256()
-    hash_manifest_rows(h, zip(*[table.column(name).to_pylist() for name in CONTENT_COLUMNS]))
-    return h.hexdigest()
-
-
 # ----------------------------------------------------------------------------- reading
 
 @dataclass(frozen=True)

@@ -94,36 +94,33 @@ def in_val_split(key: str, val_fraction: float) -> bool:
     return (text_seed(key, byteorder="big") / 2**64) < val_fraction
 
 
-@dataclass
-class ImageFolderSource:
-    root: Path
+def folder_classes(root: Path) -> list[str]:
+    """An ImageFolder tree's classes: its sub-folders, sorted."""
+    if not root.is_dir():
+        raise SourceError(f"source folder {root} does not exist or is not a folder")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise SourceError(f"source folder {root} has no class sub-folders "
+                          "(expected ImageFolder layout: ROOT/CLASS_NAME/IMAGE)")
+    return classes
 
-    def classes(self) -> list[str]:
-        if not self.root.is_dir():
-            raise SourceError(f"source folder {self.root} does not exist or is not a folder")
-        classes = sorted(d.name for d in self.root.iterdir() if d.is_dir() and not d.name.startswith("."))
-        if not classes:
-            raise SourceError(f"source folder {self.root} has no class sub-folders "
-                              "(expected ImageFolder layout: ROOT/CLASS_NAME/IMAGE)")
-        return classes
 
-    def list_candidates(self) -> list[Candidate]:
-        """Every file under each class folder, in sorted path order; nothing is read.
+def folder_candidates(root: str, classes: list[str]) -> list[Candidate]:
+    """Every file under each class folder, in sorted path order; nothing is read.
 
-        Plain strings only (no Path per file): this list is the one thing make-shards holds
-        per image, so its size sets how memory grows with the data set.
-        """
-        out = []
-        root = str(self.root)
-        for label, name in enumerate(self.classes()):
-            for dirpath, dirnames, filenames in os.walk(os.path.join(root, name), onerror=None):
-                dirnames.sort()
-                rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
-                for fn in sorted(filenames):
-                    if not fn.startswith("."):
-                        path = os.path.join(dirpath, fn)
-                        out.append(Candidate(make_key(f"{rel_dir}/{fn}"), label, path, path))
-        return out
+    Plain strings only (no Path per file): this list is the one thing make-shards holds
+    per image, so its size sets how memory grows with the data set.
+    """
+    out = []
+    for label, name in enumerate(classes):
+        for dirpath, dirnames, filenames in os.walk(os.path.join(root, name)):
+            dirnames.sort()
+            rel_dir = os.path.relpath(dirpath, root).replace(os.sep, "/")
+            for fn in sorted(filenames):
+                if not fn.startswith("."):
+                    path = os.path.join(dirpath, fn)
+                    out.append(Candidate(make_key(f"{rel_dir}/{fn}"), label, path, path))
+    return out
 
 
 def _read_ref(ref: str | bytes | tuple) -> bytes:
@@ -180,8 +177,8 @@ def list_source(source: str, split: str, val_fraction: float) -> tuple[list[str]
     if source == "digits":
         classes, candidates = digits_candidates()
     else:
-        folder = ImageFolderSource(Path(source))
-        classes, candidates = folder.classes(), folder.list_candidates()
+        classes = folder_classes(Path(source))
+        candidates = folder_candidates(str(Path(source)), classes)
     if val_fraction > 0 or source == "digits":
         candidates = [c for c in candidates if in_val_split(c.key, val_fraction) == (split == "val")]
     return classes, candidates

@@ -46,12 +46,6 @@ class SampleTarWriter:
         self._tar.close()
         self._file.close()
 
-    def __enter__(self) -> "SampleTarWriter":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
 
 def iter_members(path: str | os.PathLike) -> Iterator[tuple[str, int, int]]:
     """(name, data offset, size) of each regular file in a tar, in tar order, from headers only.

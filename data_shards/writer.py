@@ -62,7 +62,7 @@ class ManifestBuilder:
             self._rows = {name: [] for name in MANIFEST_SCHEMA.names}
 
     def close(self) -> str:
-        """Write what is left; return the content hash (= shards.manifest_hash of the table)."""
+        """Write what is left; return the content hash (of the rows' CONTENT_COLUMNS, in write order)."""
         self._flush()
         self._writer.close()
         return self._hash.hexdigest()

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from conftest import sample_photo_paths
-from data_shards import AugRecipe, ShardSet, augment_seeds, decode_image, make_shards
+from data_shards import AugRecipe, ShardSet, decode_image, make_shards
+from replay_helpers import augment_seeds
 
 
 def save(img: Image.Image, path: Path, **kw) -> None:

@@ -9,7 +9,8 @@ import torch
 import zarr
 
 from cache_fixtures import RECIPE, SEEDS, SEEDS_PER_UNIT, cache_options, leftovers, make_teacher
-from data_shards import ShardSet, replay_shard, tensor_digest
+from data_shards import ShardSet, tensor_digest
+from replay_helpers import replay_shard
 from teacher_cache import CacheError, TeacherCache, cache_teacher, encode_teacher_logits
 from teacher_cache.layout import all_units, storage_shard_path
 

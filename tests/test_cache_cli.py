@@ -10,7 +10,8 @@ import torch
 
 from cache_fixtures import RECIPE, SEEDS, TEACHER_ARCH, cache_kwargs, cache_options, make_teacher
 from cli_runner import CLI, run_cli
-from data_shards import ShardSet, replay_shard
+from data_shards import ShardSet
+from replay_helpers import replay_shard
 from teacher_cache import CacheError, CacheOptions, TeacherCache, cache_teacher
 from teacher_cache.layout import LOGITS, TOPK_INDICES, TOPK_LOGPROBS, storage_shard_path
 from teacher_cache.store import commit_unit

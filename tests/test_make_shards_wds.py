@@ -12,7 +12,8 @@ import webdataset as wds
 from PIL import Image
 
 from cli_runner import CLI, run_cli
-from data_shards import AugRecipe, ShardSet, ShardsError, SourceError, make_shards, replay_shard, tensor_digest
+from data_shards import AugRecipe, ShardSet, ShardsError, SourceError, make_shards, tensor_digest
+from replay_helpers import replay_shard
 
 PER_TAR = 12
 

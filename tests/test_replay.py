@@ -15,9 +15,10 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from conftest import sample_photo_paths
-from data_shards import (AugRecipe, ShardSet, augment_seeds, decode_image, finish_item, mixed_targets, replay_shard,
-                         replay_slice, slice_positions, tensor_digest)
+from data_shards import (AugRecipe, ShardSet, decode_image, finish_item, mixed_targets, replay_slice, slice_positions,
+                         tensor_digest)
 from data_shards.augment import mix_params
+from replay_helpers import augment_seeds, replay_shard
 
 RECIPE_32 = AugRecipe(input_size=32)
 RECIPE_32_FAST = AugRecipe(input_size=32, resize_backend="torch", rand_augment_interpolation="bilinear")
@@ -140,8 +141,10 @@ def test_cutmix_pastes_the_partner_box(digits_shards):
 
 FRESH_PROCESS = textwrap.dedent("""
     import json, sys
-    from data_shards import AugRecipe, ShardSet, augment_seeds, replay_shard, tensor_digest
     root, photo = sys.argv[1], sys.argv[2]
+    sys.path.insert(0, sys.argv[3])
+    from data_shards import AugRecipe, ShardSet, tensor_digest
+    from replay_helpers import augment_seeds, replay_shard
     samples = ShardSet.open(root).read_shard(0)
     mixed = {r.key: [tensor_digest(r.image), r.lam, r.partner_key] for r in replay_shard(samples, 7, AugRecipe(input_size=32))}
     data = open(photo, "rb").read()
@@ -153,7 +156,8 @@ FRESH_PROCESS = textwrap.dedent("""
 
 def test_fresh_process_and_photo_digest(digits_shards):
     photo = sample_photo_paths()[0]
-    run = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(digits_shards["train"]), str(photo)],
+    run = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(digits_shards["train"]), str(photo),
+                          str(Path(__file__).parent)],
                          capture_output=True, text=True, check=True)
     other = json.loads(run.stdout)
     samples = ShardSet.open(digits_shards["train"]).read_shard(0)

@@ -188,9 +188,9 @@ def test_a_fast_recipe_cache_verifies_and_is_refused_on_another_kernel_class(tmp
     cache.check_compatible(shard_set, recipe)
     other = "DEFAULT" if augment.torch_resize_kernel_class() != "default" else "AVX2"
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: other)
-    augment._cached_fingerprint.cache_clear()
+    AugRecipe.fingerprint.cache_clear()
     try:
         with pytest.raises(CacheError, match="torch_cpu_kernel"):
             cache.check_compatible(shard_set, recipe)
     finally:
-        augment._cached_fingerprint.cache_clear()     # no fingerprint of the pretended class stays cached
+        AugRecipe.fingerprint.cache_clear()     # no fingerprint of the pretended class stays cached
