@@ -141,13 +141,8 @@ def _label_pairs(done: list[Unit], counts: list[int], max_records: int) -> list[
     """A deterministic spread of done (shard, seed) pairs holding up to about `max_records` records."""
     pairs = sorted({(u.shard, s) for u in done for s in u.seeds}, key=lambda p: (p[1], p[0]))
     np.random.default_rng(0).shuffle(pairs)
-    chosen, budget = [], max_records
-    for shard, seed in pairs:
-        if budget <= 0:
-            break
-        chosen.append((shard, seed))
-        budget -= counts[shard]
-    return chosen
+    ahead = np.cumsum([0] + [counts[shard] for shard, _ in pairs])     # records of the pairs before each
+    return [pair for pair, records in zip(pairs, ahead) if records < max_records]
 
 
 def _storage(cache: TeacherCache, records_done: int) -> dict:
