@@ -94,12 +94,7 @@ class CacheOptions:
                            shard_set.num_classes, self.topk, self.seeds_per_unit, self.store_full)
 
     def manifest(self, shard_set: ShardSet, teacher_info: dict) -> dict:
-        return build_manifest(shard_set=shard_set, recipe=self.recipe, teacher_info=teacher_info,
-                              num_seeds=self.seeds, seeds_per_unit=self.seeds_per_unit, topk=self.topk,
-                              store_full=self.store_full, precision=self.precision,
-                              arrays=self.specs_for(shard_set, SeedGeneration(0, self.seeds)),
-                              num_units=len(all_units(shard_set.num_shards, self.seeds, self.seeds_per_unit)),
-                              batch_size=self.batch_size, channels_last=self.channels_last)
+        return build_manifest(self, shard_set, teacher_info, self.specs_for(shard_set, SeedGeneration(0, self.seeds)))
 
 
 def resolve_settings(shard_set: ShardSet, existing: dict | None, opts: CacheOptions) -> CacheOptions:
