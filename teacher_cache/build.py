@@ -42,7 +42,7 @@ from .growth import check_not_shrinking, grow_cache
 from .jobs import JobSlot, resolve_job
 from .layout import (INDEX_FILE, MANIFEST_FILE, SeedGeneration, Unit, all_units, array_specs, select_units,
                      unit_json_path, UNITS_DIR)
-from .locks import DEFAULT_STALE_AFTER, LockKeeper, try_lock
+from .locks import DEFAULT_STALE_AFTER, HEARTBEAT_SECONDS, LockKeeper, try_lock
 from .manifest import (MANIFEST_DEFAULTS, build_manifest, create_or_match_manifest, read_manifest, refuse_differences,
                        seed_generations, with_defaults)
 from .store import clean_leftovers, commit_unit, ensure_arrays
@@ -345,7 +345,7 @@ class _JobRun:
         return f"{self.job.index}/{self.job.count}"
 
     def execute(self, todo: list[Unit], bar) -> None:
-        self.keeper = LockKeeper(interval=min(20.0, self.opts.lock_stale_after / 4))
+        self.keeper = LockKeeper(interval=min(HEARTBEAT_SECONDS, self.opts.lock_stale_after / 4))
         self.pending, self.bar = list(todo), bar
         try:
             if self.opts.workers == 0:

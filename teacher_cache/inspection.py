@@ -109,8 +109,7 @@ def inspect_cache(path: str | os.PathLike, max_label_records: int = 200_000) -> 
     records_done = sum(counts[u.shard] * len(u.seeds) for u in done)
     chosen = _label_pairs(done, counts, max_label_records)
     per_seed = _label_stats(cache, chosen)
-    units_dir = cache.root / UNITS_DIR
-    locks = sorted(p.name for p in units_dir.glob("*.lock.*")) if units_dir.is_dir() else []
+    locks = sorted(p.name for p in (cache.root / UNITS_DIR).glob("*.lock.*"))
     return {
         "cache": str(cache.root),
         "teacher": m["teacher"],

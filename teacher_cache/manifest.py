@@ -147,8 +147,7 @@ def read_manifest(root: str | os.PathLike, retries: int = 20) -> dict:
     path = Path(root) / MANIFEST_FILE
     for attempt in range(retries):
         try:
-            text = path.read_text()
-            manifest = json.loads(text)
+            manifest = json.loads(path.read_text())
             break
         except FileNotFoundError:
             raise CacheError(f"{path} not found: {root} is not a teacher cache "

@@ -68,10 +68,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
         raise TeacherError(f"teacher checkpoint {path} holds a {type(obj).__name__}, not a state dict")
     arch = next((obj[k] for k in _ARCH_KEYS if isinstance(obj.get(k), str)), None)
     kwargs = obj.get("model_kwargs") if isinstance(obj.get("model_kwargs"), dict) else {}
-    for key in _STATE_DICT_KEYS:
-        if isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
+    obj = next((obj[k] for k in _STATE_DICT_KEYS if isinstance(obj.get(k), dict)), obj)
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise TeacherError(f"teacher checkpoint {path} has no tensors (top-level keys: "
