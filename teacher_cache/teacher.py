@@ -21,7 +21,7 @@ import torch
 from timm.models import clean_state_dict
 
 from data_shards import io
-from data_shards.io import file_sha256, resolve_device  # noqa: F401  (re-exported)
+from data_shards.io import file_sha256
 
 from .errors import CacheError
 from .targets import TeacherTargets, encode_teacher_logits
