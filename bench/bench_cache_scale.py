@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data_shards import AugRecipe, ShardSet, make_shards  # noqa: E402
-from teacher_cache.build import write_index  # noqa: E402
+from teacher_cache.build import CacheOptions, resolve_settings, write_index  # noqa: E402
 from teacher_cache.layout import TOPK_INDICES, TOPK_LOGPROBS, all_units, array_specs, index_dtype  # noqa: E402
 from teacher_cache.manifest import build_manifest, create_or_match_manifest  # noqa: E402
 from teacher_cache.store import commit_unit, ensure_arrays  # noqa: E402
@@ -59,10 +59,10 @@ def write_cache(shards: Path, out: Path, num_seeds: int) -> dict:
     specs = array_specs(num_seeds, shard_set.num_shards, shard_set.rows_per_shard, shard_set.num_classes, TOPK,
                         SEEDS_PER_UNIT, store_full=False)
     units = all_units(shard_set.num_shards, num_seeds, SEEDS_PER_UNIT)
-    manifest = build_manifest(shard_set=shard_set, recipe=AugRecipe(input_size=32),
-                              teacher_info={"name": "synthetic", "checkpoint_sha256": None},
-                              num_seeds=num_seeds, seeds_per_unit=SEEDS_PER_UNIT, topk=TOPK, store_full=False,
-                              precision="fp32", arrays=specs, num_units=len(units))
+    opts = CacheOptions(shards, out, seeds=num_seeds, topk=TOPK, seeds_per_unit=SEEDS_PER_UNIT,
+                        recipe=AugRecipe(input_size=32), teacher="synthetic")
+    opts = resolve_settings(shard_set, None, opts)
+    manifest = build_manifest(opts, shard_set, {"name": "synthetic", "checkpoint_sha256": None}, specs)
     create_or_match_manifest(out, manifest)
     write_index(out, shard_set)
     ensure_arrays(out, specs)

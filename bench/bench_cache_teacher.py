@@ -43,9 +43,10 @@ sys.path.insert(0, str(ROOT))
 
 from data_shards import (AugRecipe, ShardSet, decode_image, finish_item, make_shards, mixed_targets,  # noqa: E402
                          replay_slice)
+from data_shards.io import resolve_device  # noqa: E402
 from teacher_cache import CacheOptions, TeacherCache, cache_teacher, load_teacher  # noqa: E402
 from teacher_cache.inspection import inspect_cache  # noqa: E402
-from teacher_cache.teacher import resolve_device, teacher_logits  # noqa: E402
+from teacher_cache.teacher import teacher_logits  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "cache_teacher.json"
 

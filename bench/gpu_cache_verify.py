@@ -26,8 +26,8 @@ from PIL import Image
 
 from bench_cache_teacher import ROOT, bare_forward_rate, machine, random_teacher  # noqa: E402  (sets sys.path)
 from data_shards import AugRecipe, make_shards  # noqa: E402
+from data_shards.io import resolve_device  # noqa: E402
 from teacher_cache import CacheOptions, cache_teacher, load_teacher  # noqa: E402
-from teacher_cache.teacher import resolve_device  # noqa: E402
 from teacher_cache.verification import verify_cache  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "gpu_cache_verify.json"

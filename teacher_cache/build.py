@@ -42,7 +42,7 @@ from .growth import check_not_shrinking, grow_cache
 from .jobs import JobSlot, resolve_job
 from .layout import (INDEX_FILE, MANIFEST_FILE, SeedGeneration, Unit, all_units, array_specs, select_units,
                      unit_json_path, UNITS_DIR)
-from .locks import DEFAULT_STALE_AFTER, LockKeeper, try_lock
+from .locks import DEFAULT_STALE_AFTER, HEARTBEAT_SECONDS, LockKeeper, try_lock
 from .manifest import (MANIFEST_DEFAULTS, build_manifest, create_or_match_manifest, read_manifest, refuse_differences,
                        seed_generations, with_defaults)
 from .store import clean_leftovers, commit_unit, ensure_arrays
@@ -94,12 +94,7 @@ class CacheOptions:
                            shard_set.num_classes, self.topk, self.seeds_per_unit, self.store_full)
 
     def manifest(self, shard_set: ShardSet, teacher_info: dict) -> dict:
-        return build_manifest(shard_set=shard_set, recipe=self.recipe, teacher_info=teacher_info,
-                              num_seeds=self.seeds, seeds_per_unit=self.seeds_per_unit, topk=self.topk,
-                              store_full=self.store_full, precision=self.precision,
-                              arrays=self.specs_for(shard_set, SeedGeneration(0, self.seeds)),
-                              num_units=len(all_units(shard_set.num_shards, self.seeds, self.seeds_per_unit)),
-                              batch_size=self.batch_size, channels_last=self.channels_last)
+        return build_manifest(self, shard_set, teacher_info, self.specs_for(shard_set, SeedGeneration(0, self.seeds)))
 
 
 def resolve_settings(shard_set: ShardSet, existing: dict | None, opts: CacheOptions) -> CacheOptions:
@@ -124,14 +119,12 @@ def resolve_settings(shard_set: ShardSet, existing: dict | None, opts: CacheOpti
         recipe=opts.recipe if opts.recipe is not None else AugRecipe.from_dict(old.get("recipe", {})),
         batch_size=int(pick("batch_size", DEFAULT_BATCH_SIZE)), channels_last=bool(pick("channels_last", False)),
         **_resolve_teacher(opts, old))
-    if settings.batch_size < 1:
-        raise CacheError(f"--batch-size must be >= 1, got {settings.batch_size}")
-    if settings.seeds < 1:
-        raise CacheError(f"--seeds must be >= 1, got {settings.seeds}")
+    for option, value in (("--batch-size", settings.batch_size), ("--seeds", settings.seeds),
+                          ("--seeds-per-unit", settings.seeds_per_unit)):
+        if value < 1:
+            raise CacheError(f"{option} must be >= 1, got {value}")
     if not 1 <= settings.topk <= shard_set.num_classes:
         raise CacheError(f"--topk {settings.topk} must be between 1 and the class count {shard_set.num_classes}")
-    if settings.seeds_per_unit < 1:
-        raise CacheError(f"--seeds-per-unit must be >= 1, got {settings.seeds_per_unit}")
     return replace(settings, seeds_per_unit=min(settings.seeds_per_unit, settings.seeds))
 
 
@@ -224,10 +217,6 @@ class UnitAccumulator:
         self.items += 1
         self.worker_pids.add(worker_pid)
 
-    @property
-    def complete(self) -> bool:
-        return self.received == self.expected
-
 
 def write_index(root: Path, shard_set: ShardSet) -> None:
     """index.parquet: key, label, shard, position, row (row = shard * rows_per_shard + position)."""
@@ -238,12 +227,9 @@ def write_index(root: Path, shard_set: ShardSet) -> None:
                 return
         except (OSError, pa.ArrowException):
             pass                                    # damaged: rewrite below
-    m = shard_set.manifest
-    shard = np.asarray(m.column("shard").to_numpy(), dtype=np.int64)
-    position = np.asarray(m.column("position").to_numpy(), dtype=np.int64)
-    table = pa.table({"key": m.column("key"), "label": m.column("label"), "shard": m.column("shard"),
-                      "position": m.column("position"),
-                      "row": pa.array(shard * shard_set.rows_per_shard + position, pa.int64())})
+    columns = {name: shard_set.manifest.column(name) for name in ("key", "label", "shard", "position")}
+    row = columns["shard"].to_numpy().astype(np.int64) * shard_set.rows_per_shard + columns["position"].to_numpy()
+    table = pa.table({**columns, "row": pa.array(row, pa.int64())})
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
 
@@ -302,8 +288,7 @@ def _open_storage(root: Path, shard_set: ShardSet, s: CacheOptions, manifest: di
     if s.seeds > int(manifest["seeds"]):
         s.log(f"cache-teacher: growing {root} from {manifest['seeds']} to {s.seeds} seeds")
         manifest = grow_cache(root, s.seeds, specs_for, s.lock_stale_after)
-    if int(manifest["seeds"]) != s.seeds:       # another job grew it further meanwhile
-        check_not_shrinking(root, manifest, s.seeds)
+    check_not_shrinking(root, manifest, s.seeds)       # another job may have grown it further meanwhile
     generations = seed_generations(manifest)
     for gen in generations[1:]:
         ensure_arrays(root, specs_for(gen), gen.dir)       # checks the metadata (created by the growth)
@@ -360,7 +345,7 @@ class _JobRun:
         return f"{self.job.index}/{self.job.count}"
 
     def execute(self, todo: list[Unit], bar) -> None:
-        self.keeper = LockKeeper(interval=min(20.0, self.opts.lock_stale_after / 4))
+        self.keeper = LockKeeper(interval=min(HEARTBEAT_SECONDS, self.opts.lock_stale_after / 4))
         self.pending, self.bar = list(todo), bar
         try:
             if self.opts.workers == 0:
@@ -429,7 +414,7 @@ class _JobRun:
             crash_point("teacher-batch")
             acc.add(got.item, digests, targets, got.worker_pid)
             self.bar.update(len(got.item))
-            if acc.complete:
+            if acc.received == acc.expected:      # the unit's last item
                 self._finish(got.unit_slot)
 
     def _finish(self, slot) -> None:

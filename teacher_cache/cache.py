@@ -19,14 +19,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
+import zarr
+from zarr.storage import LocalStore
 
 from data_shards import AugRecipe
 
 from .errors import CacheError
-from .layout import (INDEX_FILE, LOGITS, TAIL_LOGSUMEXP, TOPK_INDICES, TOPK_LOGPROBS, Unit, all_units,
+from .layout import (INDEX_FILE, LOGITS, TAIL_LOGSUMEXP, TOPK_INDICES, TOPK_LOGPROBS, Unit, all_units, array_path,
                      storage_shard_path, unit_json_path, unit_of)
 from .manifest import library_versions, read_manifest, recipe_differences, seed_generations
-from .store import open_array
 from .targets import TeacherTargets
 
 
@@ -137,7 +138,8 @@ class TeacherCache:
         if self._arrays_pid != os.getpid():      # re-open after fork (DataLoader workers)
             self._arrays, self._arrays_pid = {}, os.getpid()
         if (array_dir, name) not in self._arrays:
-            self._arrays[(array_dir, name)] = open_array(self.root, name, array_dir)
+            store = LocalStore(array_path(self.root, name, array_dir), read_only=True)
+            self._arrays[(array_dir, name)] = zarr.open_array(store, mode="r")
         return self._arrays[(array_dir, name)]
 
     def read(self, shard: int, aug_seed: int) -> TeacherTargets:
@@ -145,15 +147,14 @@ class TeacherCache:
         unit = self.unit_for(shard, aug_seed)
         if not self.is_done(unit):
             raise self._not_done(unit)
-        count = self.shard_counts[shard]
-        start = shard * self.rows_per_shard
+        start, stop = shard * self.rows_per_shard, shard * self.rows_per_shard + self.shard_counts[shard]
+        local_seed = unit.local_seeds.start + aug_seed - unit.seed_start    # index in its generation's arrays
         data = {}
         for name in self.array_names:
-            if not storage_shard_path(self.root, name, unit).is_file():
-                raise self._damaged(unit, f"{storage_shard_path(self.root, name, unit)} is missing")
+            if not (path := storage_shard_path(self.root, name, unit)).is_file():
+                raise self._damaged(unit, f"{path} is missing")
             try:
-                local_seed = unit.local_seeds.start + aug_seed - unit.seed_start    # index in its generation
-                data[name] = np.asarray(self._array(name, unit.array_dir)[local_seed, start:start + count])
+                data[name] = np.asarray(self._array(name, unit.array_dir)[local_seed, start:stop])
             except Exception as exc:  # zarr/numcodecs raise ValueError, RuntimeError, OSError...
                 raise self._damaged(unit, f"{name} chunk for seed {aug_seed} cannot be decoded: {exc}") from None
         for name in (TOPK_LOGPROBS, LOGITS, TAIL_LOGSUMEXP):

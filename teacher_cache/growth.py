@@ -37,15 +37,12 @@ class _GrowthLockName:
     name: str = "grow"
 
 
-def shrink_message(root: Path, held: int, wanted: int) -> str:
-    return (f"teacher cache {root} holds {held} seeds (0..{held - 1}); --seeds {wanted} would shrink it, and a "
-            f"cache never shrinks. Train with fewer seeds instead (train-student uses seeds 0..E-1 for E "
-            f"epochs), or omit --seeds to resume the cache as it is")
-
-
 def check_not_shrinking(root: Path, manifest: dict, seeds: int) -> None:
-    if seeds < int(manifest["seeds"]):
-        raise CacheError(shrink_message(root, int(manifest["seeds"]), seeds))
+    held = int(manifest["seeds"])
+    if seeds < held:
+        raise CacheError(f"teacher cache {root} holds {held} seeds (0..{held - 1}); --seeds {seeds} would shrink "
+                         "it, and a cache never shrinks. Train with fewer seeds instead (train-student uses seeds "
+                         "0..E-1 for E epochs), or omit --seeds to resume the cache as it is")
 
 
 def grow_cache(root: Path, seeds: int, specs_for: Callable[[SeedGeneration], dict],

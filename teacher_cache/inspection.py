@@ -109,8 +109,7 @@ def inspect_cache(path: str | os.PathLike, max_label_records: int = 200_000) -> 
     records_done = sum(counts[u.shard] * len(u.seeds) for u in done)
     chosen = _label_pairs(done, counts, max_label_records)
     per_seed = _label_stats(cache, chosen)
-    units_dir = cache.root / UNITS_DIR
-    locks = sorted(p.name for p in units_dir.glob("*.lock.*")) if units_dir.is_dir() else []
+    locks = sorted(p.name for p in (cache.root / UNITS_DIR).glob("*.lock.*"))
     return {
         "cache": str(cache.root),
         "teacher": m["teacher"],
@@ -141,13 +140,8 @@ def _label_pairs(done: list[Unit], counts: list[int], max_records: int) -> list[
     """A deterministic spread of done (shard, seed) pairs holding up to about `max_records` records."""
     pairs = sorted({(u.shard, s) for u in done for s in u.seeds}, key=lambda p: (p[1], p[0]))
     np.random.default_rng(0).shuffle(pairs)
-    chosen, budget = [], max_records
-    for shard, seed in pairs:
-        if budget <= 0:
-            break
-        chosen.append((shard, seed))
-        budget -= counts[shard]
-    return chosen
+    ahead = np.cumsum([0] + [counts[shard] for shard, _ in pairs])     # records of the pairs before each
+    return [pair for pair, records in zip(pairs, ahead) if records < max_records]
 
 
 def _storage(cache: TeacherCache, records_done: int) -> dict:

@@ -26,7 +26,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_shards.io import pid_alive, temp_path
+from data_shards.io import fsync_file, pid_alive, temp_path
 
 from .layout import UNITS_DIR, Unit, unit_json_path
 
@@ -46,10 +46,8 @@ def create_exclusive(path: Path, text: str) -> bool:
     """
     path = Path(path)
     tmp = temp_path(path)
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    tmp.write_text(text)
+    fsync_file(tmp)
     try:
         os.link(tmp, path)
         return True
@@ -64,8 +62,7 @@ def create_exclusive(path: Path, text: str) -> bool:
             return False
         with os.fdopen(fd, "w") as f:
             f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        fsync_file(path)
         return True
     finally:
         tmp.unlink(missing_ok=True)
@@ -79,18 +76,17 @@ def _top_generation(root: Path, unit: Unit) -> int:
     return g
 
 
-def lock_is_stale(path: Path, stale_after: float, now: float | None = None) -> bool:
+def lock_is_stale(path: Path, stale_after: float) -> bool:
     try:
-        age = (now or time.time()) - path.stat().st_mtime
+        age = time.time() - path.stat().st_mtime
         info = json.loads(path.read_text() or "{}")
     except FileNotFoundError:
         return True
     except (json.JSONDecodeError, UnicodeDecodeError):
         info = {}                    # only possible with the O_EXCL fallback: age decides
-    if info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int):
-        if not pid_alive(info["pid"]):
-            return True
-    return age > stale_after
+    holder_dead = info.get("host") == socket.gethostname() and isinstance(info.get("pid"), int) \
+        and not pid_alive(info["pid"])
+    return holder_dead or age > stale_after
 
 
 @dataclass

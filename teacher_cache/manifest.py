@@ -30,7 +30,7 @@ from data_shards.io import write_text_atomic
 from data_shards.augment import LATER_FIELD_DEFAULTS, RESIZE_KERNEL_KEY, AugRecipe, pixel_library_versions
 
 from .errors import CacheError
-from .layout import MANIFEST_FILE, SeedGeneration
+from .layout import MANIFEST_FILE, SeedGeneration, all_units
 from .locks import create_exclusive
 
 FORMAT = "deit-pipeline teacher cache"
@@ -78,9 +78,9 @@ def library_versions(recipe: AugRecipe | None = None) -> dict[str, str]:
             "pyarrow": pyarrow.__version__, "python": platform.python_version()}
 
 
-def build_manifest(*, shard_set, recipe, teacher_info: dict, num_seeds: int, seeds_per_unit: int, topk: int,
-                   store_full: bool, precision: str, arrays: dict, num_units: int, batch_size: int,
-                   channels_last: bool) -> dict:
+def build_manifest(opts, shard_set, teacher_info: dict, arrays: dict) -> dict:
+    """A new cache's manifest; `opts`: resolved CacheOptions (build.resolve_settings)."""
+    num_units = len(all_units(shard_set.num_shards, opts.seeds, opts.seeds_per_unit))
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -90,16 +90,16 @@ def build_manifest(*, shard_set, recipe, teacher_info: dict, num_seeds: int, see
                                                      "weights_sha256", "pretrained", "model_kwargs")},
         "num_classes": shard_set.num_classes,
         "classes": shard_set.metadata.get("classes"),
-        "topk": topk,
-        "store_logits": "full" if store_full else "topk",
-        "precision": precision,
-        "seeds": num_seeds,
-        "seed_generations": [[0, num_seeds]],     # growth.py appends [S1, S2] (arrays under arrays.zarr/seeds-…)
-        "seeds_per_unit": seeds_per_unit,
-        "batch_size": batch_size,                 # verify-cache recomputes records in these batches
-        "channels_last": channels_last,
-        "recipe": recipe.to_dict(),
-        "recipe_fingerprint": recipe.fingerprint(),
+        "topk": opts.topk,
+        "store_logits": opts.store_logits,
+        "precision": opts.precision,
+        "seeds": opts.seeds,
+        "seed_generations": [[0, opts.seeds]],    # growth.py appends [S1, S2] (arrays under arrays.zarr/seeds-…)
+        "seeds_per_unit": opts.seeds_per_unit,
+        "batch_size": opts.batch_size,            # verify-cache recomputes records in these batches
+        "channels_last": opts.channels_last,
+        "recipe": opts.recipe.to_dict(),
+        "recipe_fingerprint": opts.recipe.fingerprint(),
         "shards": {"path": str(Path(shard_set.root).resolve()), "content_hash": shard_set.content_hash,
                    "num_shards": shard_set.num_shards, "shard_counts": shard_set.shard_counts,
                    "rows_per_shard": shard_set.rows_per_shard, "num_samples": sum(shard_set.shard_counts),
@@ -107,7 +107,7 @@ def build_manifest(*, shard_set, recipe, teacher_info: dict, num_seeds: int, see
         "arrays": arrays,
         "units": {"count": num_units, "dir": "units",
                   "status": "a unit is done when units/<unit>.json exists; see `deit-pipeline inspect-cache`"},
-        "library_versions": library_versions(recipe),
+        "library_versions": library_versions(opts.recipe),
     }
 
 
@@ -118,19 +118,6 @@ def _get(manifest: dict, dotted: str):
             return None
         value = value.get(part)
     return value
-
-
-def manifest_differences(existing: dict, wanted: dict) -> list[str]:
-    """Human-readable list of the identity fields that differ (empty when compatible)."""
-    diffs = []
-    existing, wanted = with_defaults(existing), with_defaults(wanted)
-    for path, label in IDENTITY_FIELDS:
-        old, new = _get(existing, path), _get(wanted, path)
-        if old != new:
-            diffs.append(f"{label}: cache has {_short(old)}, this run has {_short(new)}")
-            if path == "recipe_fingerprint":
-                diffs.extend(recipe_differences(existing, wanted))
-    return diffs
 
 
 def recipe_differences(existing: dict, wanted: dict) -> list[str]:
@@ -160,8 +147,7 @@ def read_manifest(root: str | os.PathLike, retries: int = 20) -> dict:
     path = Path(root) / MANIFEST_FILE
     for attempt in range(retries):
         try:
-            text = path.read_text()
-            manifest = json.loads(text)
+            manifest = json.loads(path.read_text())
             break
         except FileNotFoundError:
             raise CacheError(f"{path} not found: {root} is not a teacher cache "
@@ -201,7 +187,14 @@ def create_or_match_manifest(root: Path, wanted: dict) -> tuple[dict, bool]:
 
 def refuse_differences(root: Path, existing: dict, wanted: dict) -> None:
     """CacheError naming every identity field in which `wanted` differs from the cache's manifest."""
-    diffs = manifest_differences(existing, wanted)
+    diffs = []
+    existing, wanted = with_defaults(existing), with_defaults(wanted)
+    for path, label in IDENTITY_FIELDS:
+        old, new = _get(existing, path), _get(wanted, path)
+        if old != new:
+            diffs.append(f"{label}: cache has {_short(old)}, this run has {_short(new)}")
+            if path == "recipe_fingerprint":
+                diffs.extend(recipe_differences(existing, wanted))
     if diffs:
         raise CacheError(f"{root} already holds a cache computed differently:\n  " + "\n  ".join(diffs) +
                          "\nUse another --out folder, or rerun with the cache's settings "

@@ -1,4 +1,4 @@
-"""Zarr storage of a cache: creating the arrays, committing one unit atomically, reading a chunk.
+"""Zarr storage of a cache: creating the arrays, committing one unit atomically (cache.py reads).
 
 Commit protocol of a unit (see DESIGN.md):
   1. write the unit's region into a private zarr array under CACHE/tmp/ whose zarr.json is
@@ -24,7 +24,8 @@ from zarr.storage import LocalStore
 from data_shards.io import crash_point, file_sha256, fsync_file, owned_name, owner_gone
 
 from .errors import CacheError
-from .layout import ARRAYS_DIR, TMP_DIR, UNITS_DIR, Unit, array_path, compressors, storage_shard_path, unit_json_path
+from .layout import (ARRAYS_DIR, LOGITS, TAIL_LOGSUMEXP, TMP_DIR, UNITS_DIR, Unit, array_path, compressors,
+                     storage_shard_path, unit_json_path)
 from .manifest import write_json_atomic
 
 
@@ -48,16 +49,15 @@ def ensure_arrays(root: Path, specs: dict[str, dict], array_dir: str = "") -> No
             parent.create_array(name, shape=tuple(spec["shape"]), dtype=spec["dtype"], chunks=tuple(spec["chunks"]),
                                 shards=tuple(spec["shards"]), compressors=compressors(spec["dtype"]),
                                 fill_value=float("nan") if spec["fill_value"] == "NaN" else spec["fill_value"],
-                                dimension_names=("aug_seed", "row", {"logits": "class", "tail_logsumexp": "tau"}.get(name, "rank")))
-        prefix = f"{array_dir}/" if array_dir else ""
+                                dimension_names=("aug_seed", "row",
+                                                 {LOGITS: "class", TAIL_LOGSUMEXP: "tau"}.get(name, "rank")))
         # Parents first: a reader never finds an array inside a group without metadata.
-        rels = ["zarr.json"] + ([f"{array_dir}/zarr.json"] if array_dir else [])
-        for rel in rels + [f"{prefix}{name}/zarr.json" for name in specs]:
-            dest = arrays_root / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if rel == "zarr.json" and dest.exists():
-                continue                  # the root group's metadata never changes once written
-            os.replace(scratch / ARRAYS_DIR / rel, dest)
+        rels = [f"{array_dir}/zarr.json"] if array_dir else []
+        if not (arrays_root / "zarr.json").exists():      # the root group's metadata never changes once written
+            rels.insert(0, "zarr.json")
+        for rel in rels + [str(Path(array_dir, name, "zarr.json")) for name in specs]:
+            (arrays_root / rel).parent.mkdir(parents=True, exist_ok=True)
+            os.replace(scratch / ARRAYS_DIR / rel, arrays_root / rel)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     check_array_metadata(root, specs, array_dir)
@@ -72,8 +72,8 @@ def check_array_metadata(root: Path, specs: dict[str, dict], array_dir: str = ""
             raise CacheError(f"cannot read {path}: {exc}; the cache is damaged - recreate it") from None
         inner = meta["codecs"][0]["configuration"]["chunk_shape"] if meta.get("codecs") else None
         got = (meta.get("shape"), meta.get("data_type"), meta["chunk_grid"]["configuration"]["chunk_shape"], inner)
-        want = (spec["shape"], spec["dtype"], spec["shards"], spec["chunks"])
-        if [list(x) if isinstance(x, (list, tuple)) else x for x in got] != [list(x) if isinstance(x, (list, tuple)) else x for x in want]:
+        want = (spec["shape"], spec["dtype"], spec["shards"], spec["chunks"])     # JSON and array_specs: lists
+        if got != want:
             raise CacheError(f"{path} describes shape/dtype/shards/chunks {got}, the manifest implies {want}; "
                              "the cache is damaged - recreate it")
 
@@ -91,7 +91,7 @@ def clean_leftovers(root: Path, stale_after: float) -> int:
     root = Path(root)
     removed = 0
     candidates = list((root / TMP_DIR).iterdir()) if (root / TMP_DIR).is_dir() else []
-    candidates += [p for p in root.glob(".*.tmp")]
+    candidates += list(root.glob(".*.tmp"))
     units_dir = root / UNITS_DIR
     names = os.listdir(units_dir) if units_dir.is_dir() else []      # one listing, also for ImageNet
     candidates += [units_dir / n for n in names if n.startswith(".") and n.endswith(".tmp")]
@@ -139,19 +139,15 @@ def commit_unit(root: Path, unit: Unit, rows_per_shard: int, buffers: dict[str, 
 def _stage(root: Path, scratch: Path, unit: Unit, name: str, data: np.ndarray, rows_per_shard: int) -> tuple[Path, dict]:
     """Write the unit's region of array `name` into a private copy of the array (the same zarr.json);
     returns the one storage-shard file zarr wrote, fsynced, and its record (path, sha256, bytes)."""
-    (scratch / name).mkdir()
-    shutil.copyfile(array_path(root, name, unit.array_dir) / "zarr.json", scratch / name / "zarr.json")
-    arr = zarr.open_array(LocalStore(scratch / name), mode="r+")
+    folder = array_path(scratch, name, unit.array_dir)       # the cache's layout, inside the scratch folder
+    folder.mkdir(parents=True)
+    shutil.copyfile(array_path(root, name, unit.array_dir) / "zarr.json", folder / "zarr.json")
+    arr = zarr.open_array(LocalStore(folder), mode="r+")
     arr[unit.local_seeds, unit.shard * rows_per_shard:(unit.shard + 1) * rows_per_shard] = data
-    rel = storage_shard_path(Path("."), name, unit).relative_to(array_path(Path("."), name, unit.array_dir))
-    staged = scratch / name / rel
+    staged = storage_shard_path(scratch, name, unit)
     if not staged.is_file():
-        raise CacheError(f"zarr did not write the expected storage shard {rel} for {unit}; "
+        raise CacheError(f"zarr did not write the expected storage shard {staged.relative_to(folder)} for {unit}; "
                          f"this zarr ({zarr.__version__}) lays files out differently")
     fsync_file(staged)
-    return staged, {"path": str(storage_shard_path(Path("."), name, unit)), "sha256": file_sha256(staged),
+    return staged, {"path": str(staged.relative_to(scratch)), "sha256": file_sha256(staged),
                     "bytes": staged.stat().st_size}
-
-
-def open_array(root: Path, name: str, array_dir: str = "") -> zarr.Array:
-    return zarr.open_array(LocalStore(array_path(root, name, array_dir), read_only=True), mode="r")

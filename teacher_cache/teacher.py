@@ -21,7 +21,7 @@ import torch
 from timm.models import clean_state_dict
 
 from data_shards import io
-from data_shards.io import file_sha256, resolve_device  # noqa: F401  (re-exported)
+from data_shards.io import file_sha256
 
 from .errors import CacheError
 from .targets import TeacherTargets, encode_teacher_logits
@@ -68,10 +68,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
         raise TeacherError(f"teacher checkpoint {path} holds a {type(obj).__name__}, not a state dict")
     arch = next((obj[k] for k in _ARCH_KEYS if isinstance(obj.get(k), str)), None)
     kwargs = obj.get("model_kwargs") if isinstance(obj.get("model_kwargs"), dict) else {}
-    for key in _STATE_DICT_KEYS:
-        if isinstance(obj.get(key), dict):
-            obj = obj[key]
-            break
+    obj = next((obj[k] for k in _STATE_DICT_KEYS if isinstance(obj.get(k), dict)), obj)
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise TeacherError(f"teacher checkpoint {path} has no tensors (top-level keys: "

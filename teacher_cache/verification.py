@@ -56,10 +56,7 @@ def unit_batch_settings(cache: TeacherCache, unit: Unit) -> tuple[int, bool]:
     channels-last was implicit before it was recorded: on for CUDA devices."""
     record = cache.unit_record(unit)
     batch_size = int(record.get("batch_size") or with_defaults(cache.manifest)["batch_size"])
-    channels_last = record.get("channels_last")
-    if channels_last is None:
-        channels_last = str(record.get("device", "")).startswith("cuda")
-    return batch_size, bool(channels_last)
+    return batch_size, bool(record.get("channels_last", str(record.get("device", "")).startswith("cuda")))
 
 
 def sample_records(cache: TeacherCache, samples: int, seed: int = 0) -> list[Pick]:
@@ -70,7 +67,6 @@ def sample_records(cache: TeacherCache, samples: int, seed: int = 0) -> list[Pic
         raise CacheError(f"teacher cache {cache.root} has no computed unit yet; {cache.fix_command()}")
     rng = np.random.default_rng(seed)
     pairs = [(u, s) for u in done for s in u.seeds]
-    settings = {}
     used: dict[int, set[int]] = {}
     picks, remaining = [], samples
     while remaining > 0:
@@ -79,9 +75,7 @@ def sample_records(cache: TeacherCache, samples: int, seed: int = 0) -> list[Pic
             if remaining <= 0:
                 break
             unit, aug_seed = pairs[i]
-            if unit.name not in settings:
-                settings[unit.name] = unit_batch_settings(cache, unit)
-            batch_size, channels_last = settings[unit.name]
+            batch_size, channels_last = unit_batch_settings(cache, unit)      # unit records are read once
             count = cache.shard_counts[unit.shard]
             free = sorted(set(range(math.ceil(count / batch_size))) - used.setdefault(int(i), set()))
             if not free:
