@@ -23,9 +23,8 @@ on (shards, recipe, seed, epoch, rank, world size, batch size), not on the numbe
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -57,8 +56,7 @@ def deal_shards(num_shards: int, world_size: int, epoch: int, seed: int) -> list
 class EpochPlan:
     epoch: int
     aug_seeds: list[int]
-    units: list[tuple[int, int]]        # (shard, aug seed) of this rank, in stream order
-    items: list[WorkItem]               # the units' replayed slices, in stream order
+    items: list[WorkItem]               # this rank's replayed slices of units (shard, aug seed), in stream order
     steps: int                          # the same on every rank
     samples_per_rank: list[int]         # available samples of every rank (for the log)
 
@@ -81,12 +79,11 @@ def plan_epoch(shard_set: ShardSet, epoch: int, batch_size: int, rank: int, worl
                             f"{batch_size}; lower --batch-size or use fewer processes")
     if max_steps is not None:
         steps = min(steps, max_steps)
-    units, items, needed, offset = [], [], steps * batch_size, 0
+    items, needed, offset = [], steps * batch_size, 0
     for aug_seed in seeds:
         for shard in dealt[rank]:
             if offset >= needed:
                 break            # surplus units of the richer ranks are never replayed
-            units.append((shard, aug_seed))
             n, start = counts[shard], 0
             while start < n and offset < needed:
                 if teacher_batch_size:
@@ -96,7 +93,7 @@ def plan_epoch(shard_set: ShardSet, epoch: int, batch_size: int, rank: int, worl
                 items.append(WorkItem(shard, aug_seed, start, stop))
                 offset += stop - start
                 start = stop
-    return EpochPlan(epoch, seeds, units, items, steps, samples)
+    return EpochPlan(epoch, seeds, items, steps, samples)
 
 
 def _plan_repeated(shard_set: ShardSet, epoch: int, batch_size: int, rank: int, world_size: int, seed: int,
@@ -107,8 +104,8 @@ def _plan_repeated(shard_set: ShardSet, epoch: int, batch_size: int, rank: int, 
     plan = plan_repeated_epoch(shard_set.shard_counts, epoch, batch_size, rank, world_size, seed, num_seeds,
                                repeated_aug, max_steps)
     items = [item for step in plan.steps for item in step]
-    units = list(dict.fromkeys((item.shard, item.aug_seed) for item in items))
-    return EpochPlan(epoch, plan.aug_seeds, units, items, plan.num_steps, [plan.num_steps * batch_size] * world_size)
+    steps = len(plan.steps)
+    return EpochPlan(epoch, plan.aug_seeds, items, steps, [steps * batch_size] * world_size)
 
 
 # ----------------------------------------------------------------------------- work items
@@ -148,12 +145,6 @@ def iter_items(shard_set: ShardSet, items: list[WorkItem], recipe: AugRecipe,
 
 # ----------------------------------------------------------------------------- batches
 
-class TeacherSource(Protocol):
-    """Teacher targets for the samples of a work item, given its finished images."""
-
-    def item_targets(self, item: ReplayItem, images: torch.Tensor) -> TeacherTargets: ...
-
-
 @dataclass
 class TrainBatch:
     images: torch.Tensor               # (B, 3, H, W) float32, finished, on the training device
@@ -162,25 +153,11 @@ class TrainBatch:
     keys: list[str]
 
 
-@dataclass
-class DataTimer:
-    """Seconds the training loop waited for its next batch (the rest of the epoch is compute)."""
-    wait_s: float = 0.0
-
-    def timed(self, batches: Iterator[TrainBatch]) -> Iterator[TrainBatch]:
-        while True:
-            started = time.perf_counter()
-            batch = next(batches, None)
-            self.wait_s += time.perf_counter() - started
-            if batch is None:
-                return
-            yield batch
-
-
 def train_batches(shard_set: ShardSet, plan: EpochPlan, recipe: AugRecipe, batch_size: int,
-                  teacher: TeacherSource | None = None, workers: int = 0, pin_memory: bool = False,
+                  teacher=None, workers: int = 0, pin_memory: bool = False,
                   device: torch.device | str = "cpu") -> Iterator[TrainBatch]:
-    """Exactly plan.steps batches of batch_size samples for this rank, finished on `device`."""
+    """Exactly plan.steps batches of batch_size samples for this rank, finished on `device`; targets
+    from `teacher.item_targets(item, images)` (student/teachers.py) when a teacher is given."""
     pending: list[TrainBatch] = []
     held, done = 0, 0
     items = iter_items(shard_set, plan.items, recipe, workers, pin_memory)

@@ -108,11 +108,6 @@ class RepeatedPlan:
     aug_seeds: list[int]
     steps: list[list[WorkItem]]       # this rank's pieces, step by step, in batch order
     images: int                       # distinct images of the epoch (all ranks)
-    images_per_step: int              # P
-
-    @property
-    def num_steps(self) -> int:
-        return len(self.steps)
 
 
 def plan_epoch(shard_counts: list[int], epoch: int, batch_size: int, rank: int, world_size: int, seed: int,
@@ -139,4 +134,4 @@ def plan_epoch(shard_counts: list[int], epoch: int, batch_size: int, rank: int, 
             pieces += [WorkItem(shard, aug_seed, a, b) for shard, a, b in _take(step_segments, first, last - first)
                        ] if last > first else []
         plan.append(pieces)
-    return RepeatedPlan(epoch, seeds, plan, images, per_step)
+    return RepeatedPlan(epoch, seeds, plan, images)

@@ -34,7 +34,7 @@ from data_shards.faults import crash_point
 
 from . import distributed as D
 from .checkpoint import LAST_CHECKPOINT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .data import DataTimer, check_seed_budget, plan_epoch, train_batches
+from .data import check_seed_budget, plan_epoch, train_batches
 from .schedule import epochs_supported
 from .errors import StudentError
 from .evaluate import evaluate_heads
@@ -189,9 +189,8 @@ def resolve_teacher(cfg: TrainConfig, shard_set: ShardSet, device: torch.device,
 def _cached_teacher(cfg: TrainConfig, shard_set: ShardSet, device: torch.device, log: Logger):
     from teacher_cache.cache import TeacherCache
     cache = TeacherCache.open(cfg.cache)
-    recipe = cache.recipe
-    if cfg.recipe is not None:     # the user asked for a recipe: it has to be the cache's
-        recipe = AugRecipe.from_dict(cfg.recipe)
+    # a recipe the user asked for has to be the cache's
+    recipe = AugRecipe.from_dict(cfg.recipe) if cfg.recipe is not None else cache.recipe
     cache.check_compatible(shard_set, recipe)
     if cfg.num_seeds is not None and cfg.num_seeds != cache.num_seeds:
         raise StudentError(f"--num-seeds {cfg.num_seeds} differs from the cache's {cache.num_seeds} seeds; "
@@ -335,20 +334,16 @@ def train(cfg: TrainConfig) -> dict:
     """Run (or resume) a training; returns a summary. Works under torchrun or as one process."""
     ctx = D.init_distributed(cfg.device)
     try:
-        return _train(cfg, ctx)
+        run = setup(cfg, ctx)
+        start_epoch, global_step, metrics = resume_or_start(run)
+        for epoch in range(start_epoch, cfg.epochs):
+            metrics, global_step = train_one_epoch(run, epoch, global_step)
+            if run.val_set is not None:
+                metrics["val"] = evaluate(run)
+            save(run, epoch + 1, global_step, metrics)
+            run.log.metrics(metrics)
     finally:
         D.close_distributed()
-
-
-def _train(cfg: TrainConfig, ctx: D.DistContext) -> dict:
-    run = setup(cfg, ctx)
-    start_epoch, global_step, metrics = resume_or_start(run)
-    for epoch in range(start_epoch, cfg.epochs):
-        metrics, global_step = train_one_epoch(run, epoch, global_step)
-        if run.val_set is not None:
-            metrics["val"] = evaluate(run)
-        save(run, epoch + 1, global_step, metrics)
-        run.log.metrics(metrics)
     if isinstance(run.teacher, CachedTeacher):
         run.log.note(f"cache: {run.teacher.units_read} batched unit reads, "
                      f"{run.teacher.digests_checked} image digests verified")
@@ -389,7 +384,7 @@ def train_one_epoch(run: Run, epoch: int, global_step: int) -> tuple[dict, int]:
                             pin_memory=device.type == "cuda", device=device)
     bar = tqdm(total=plan.steps, desc=f"epoch {epoch}", unit="step", disable=not (ctx.is_main and cfg.progress),
                file=sys.stderr, leave=False)
-    for step, batch in enumerate(meter.data_timer.timed(batches)):
+    for step, batch in enumerate(meter.timed(batches)):
         meter.add(train_step(run, batch, global_step), step)
         global_step += 1
         crash_point("train-step")
@@ -424,15 +419,25 @@ def train_step(run: Run, batch, global_step: int):
 
 class EpochMeter:
     """An epoch's loss sums (total, base, distill), kept on the device between log points (no host sync
-    per step), its first non-finite step, its data wait and its time."""
+    per step), its first non-finite step, the seconds it waited for data (the rest is compute) and its time."""
     NONE = 2**62                           # first_bad when every step was finite
 
     def __init__(self, device: torch.device):
         self.epoch_sums = torch.zeros(3, device=device)
         self.sums = torch.zeros(3, device=device)            # of the log window
         self.first_bad = torch.full((), self.NONE, dtype=torch.int64, device=device)
-        self.data_timer, self.epoch_start = DataTimer(), time.perf_counter()
+        self.wait_s, self.epoch_start = 0.0, time.perf_counter()
         self.done, self.steps, self.start = 0, 0, time.perf_counter()
+
+    def timed(self, batches):
+        """The batches, adding the time spent waiting for each to wait_s."""
+        while True:
+            started = time.perf_counter()
+            batch = next(batches, None)
+            self.wait_s += time.perf_counter() - started
+            if batch is None:
+                return
+            yield batch
 
     def add(self, loss, step: int) -> None:
         self.sums += torch.stack([loss.total.detach(), loss.base.detach(), loss.distill.detach()])
@@ -454,7 +459,7 @@ class EpochMeter:
 
     def epoch_metrics(self, run: Run, plan, epoch: int, lr: float) -> dict:
         ctx, device, done = run.ctx, run.ctx.device, self.done
-        epoch_time, wait = time.perf_counter() - self.epoch_start, self.data_timer.wait_s
+        epoch_time, wait = time.perf_counter() - self.epoch_start, self.wait_s
         steps_per_rank = D.all_gather_rows(torch.tensor([done], dtype=torch.int64), ctx)[:, 0].tolist()
         totals = (D.all_reduce_sum(self.epoch_sums.clone(), ctx) / max(done * ctx.world_size, 1)).tolist()
         return {"event": "epoch", "epoch": epoch, "steps": done, "steps_per_rank": steps_per_rank,
@@ -494,9 +499,8 @@ def evaluate(run: Run) -> dict:
 
 def save(run: Run, next_epoch: int, global_step: int, metrics: dict) -> None:
     ctx, cfg = run.ctx, run.cfg
-    rng = rng_state(ctx.device)       # every rank's state, so drop path continues exactly
-    rng_rows = {"torch": D.all_gather_rows(rng["torch"], ctx),
-                "cuda": None if rng["cuda"] is None else D.all_gather_rows(rng["cuda"], ctx)}
+    # every rank's RNG state, so drop path continues exactly
+    rng_rows = {k: None if v is None else D.all_gather_rows(v, ctx) for k, v in rng_state(ctx.device).items()}
     if ctx.is_main:
         save_checkpoint(run.checkpoint, {
             "model": run.model.state_dict(), "arch": run.student.model, "student": run.student.to_dict(),
@@ -532,8 +536,7 @@ def restore(run: Run) -> tuple[int, int, dict]:
         run.ema.load_state_dict(ckpt["ema"])
     rows = ckpt["rng"]
     if ckpt["data"]["world_size"] == ctx.world_size:
-        set_rng_state({"torch": rows["torch"][ctx.rank],
-                       "cuda": None if rows["cuda"] is None else rows["cuda"][ctx.rank]}, ctx.device)
+        set_rng_state({k: None if v is None else v[ctx.rank] for k, v in rows.items()}, ctx.device)
     else:
         run.log.note(f"--resume: world size {ckpt['data']['world_size']} -> {ctx.world_size}; the data is dealt "
                      "differently and RNG reseeded, so the run will not match an uninterrupted one")
