@@ -58,11 +58,9 @@ def main():
               help="Processes that read and decode-validate images (default: all cores). Output is the same for any value.")
 @click.option("--classes", "classes_file", type=click.Path(dir_okay=False), default=None,
               help="WebDataset tars only: class names, one per line (line i = class index i). Default: the indices.")
-def make_shards_cmd(source, out, split, shard_size, val_fraction, overwrite, allow_empty_classes, workers, classes_file):
+def make_shards_cmd(out, **options):
     """Write SOURCE as WebDataset shards + Parquet manifest + metadata.json."""
-    meta = run_or_explain(make_shards, source, out, split=split, shard_size=shard_size, val_fraction=val_fraction,
-                          overwrite=overwrite, allow_empty_classes=allow_empty_classes, workers=workers,
-                          classes_file=classes_file)
+    meta = run_or_explain(make_shards, out=out, **options)
     verb = "indexed in place" if meta.get("external_shards") else "wrote"
     click.echo(f"{verb} {meta['num_samples']} images of {meta['num_classes']} classes in {len(meta['shards'])} "
                f"shard(s) to {out} (content hash {meta['content_hash'][:12]}); skipped {len(meta['skipped'])}")

@@ -135,10 +135,9 @@ def train_student_cmd(input_size, recipe_source, aug_overrides, model_kwargs, di
 @click.option("--ema", "use_ema", is_flag=True, help="Evaluate the EMA weights.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def evaluate_cmd(checkpoint, shards, teacher, teacher_model, cache, aug_seed, batch_size, use_ema, device, as_json):
+def evaluate_cmd(as_json, **options):
     """Top-1/top-5 of the class head, the distillation head and their late fusion (eval transform)."""
-    report = run_or_explain(evaluate_checkpoint, checkpoint, shards, batch_size=batch_size, teacher=teacher,
-                            teacher_model=teacher_model, cache=cache, aug_seed=aug_seed, use_ema=use_ema, device=device)
+    report = run_or_explain(evaluate_checkpoint, **options)
     if as_json:
         echo_json(report)
         return
