@@ -26,21 +26,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from data_shards import AugRecipe, ReplayItem, ShardSet, decode_image, eval_image, finish_item, mixed_targets
-from data_shards.io import text_seed
 from data_shards.items import WorkItem, replay_item, unit_items  # noqa: F401 (re-exported)
 from teacher_cache.targets import TeacherTargets
 
-from .schedule import DataPlanError, check_seed_budget, seeds_for_epoch
+from .schedule import DataPlanError, check_seed_budget, plan_rng, seeds_for_epoch
 from .schedule import plan_epoch as plan_repeated_epoch
-
-
-def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
-    return np.random.Generator(np.random.PCG64(text_seed(f"deit-pipeline|shard-order|{seed}|{epoch}", 16)))
 
 
 def deal_shards(num_shards: int, world_size: int, epoch: int, seed: int) -> list[list[int]]:
@@ -48,7 +42,7 @@ def deal_shards(num_shards: int, world_size: int, epoch: int, seed: int) -> list
     if num_shards < world_size:
         raise DataPlanError(f"{num_shards} shard(s) cannot feed {world_size} ranks (a rank would get no data); "
                             "re-run make-shards with a smaller --shard-size or use fewer processes")
-    order = [int(i) for i in _epoch_rng(seed, epoch).permutation(num_shards)]
+    order = [int(i) for i in plan_rng("shard-order", seed, epoch).permutation(num_shards)]
     return [order[rank::world_size] for rank in range(world_size)]
 
 

@@ -71,14 +71,15 @@ def check_seed_budget(epochs: int, num_seeds: int | None, repeated_aug: int, reu
     return message + f"; --reuse-seeds: records repeat every {supported} epoch(s)"
 
 
-def _rng(*parts: object) -> np.random.Generator:
-    return np.random.Generator(np.random.PCG64(text_seed("|".join(["deit-pipeline", "schedule", *map(str, parts)]), 16)))
+def plan_rng(*parts: object) -> np.random.Generator:
+    """Seeded by the text "deit-pipeline|part|...": the same on every rank."""
+    return np.random.Generator(np.random.PCG64(text_seed("|".join(["deit-pipeline", *map(str, parts)]), 16)))
 
 
 def epoch_segments(shard_counts: list[int], epoch: int, repeated_aug: int, seed: int) -> list[tuple[int, int, int]]:
     """The epoch's images: part (epoch mod R) of every shard's mixing order, shards shuffled per group."""
     group, part = divmod(epoch, repeated_aug)
-    order = _rng("shards", seed, group).permutation(len(shard_counts))
+    order = plan_rng("schedule", "shards", seed, group).permutation(len(shard_counts))
     segments = []
     for shard in (int(s) for s in order):
         n = shard_counts[shard]

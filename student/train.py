@@ -424,10 +424,10 @@ class EpochMeter:
 
     def __init__(self, device: torch.device):
         self.epoch_sums = torch.zeros(3, device=device)
-        self.sums = torch.zeros(3, device=device)            # of the log window
+        self.sums = torch.zeros(3, device=device)            # of the log window, as steps and start
         self.first_bad = torch.full((), self.NONE, dtype=torch.int64, device=device)
         self.wait_s, self.epoch_start = 0.0, time.perf_counter()
-        self.done, self.steps, self.start = 0, 0, time.perf_counter()
+        self.steps, self.start = 0, time.perf_counter()
 
     def timed(self, batches):
         """The batches, adding the time spent waiting for each to wait_s."""
@@ -443,7 +443,7 @@ class EpochMeter:
         self.sums += torch.stack([loss.total.detach(), loss.base.detach(), loss.distill.detach()])
         self.first_bad = torch.where(torch.isfinite(loss.total.detach()), self.first_bad,
                                      self.first_bad.clamp(max=step))
-        self.done, self.steps = self.done + 1, self.steps + 1
+        self.steps += 1
 
     def close_window(self, run: Run, epoch: int, step: int) -> tuple[list[float], float]:
         """-> (mean (total, base, distill) over all ranks' window steps, steps/s); stops on a non-finite loss."""
@@ -458,10 +458,10 @@ class EpochMeter:
         return mean, rate
 
     def epoch_metrics(self, run: Run, plan, epoch: int, lr: float) -> dict:
-        ctx, device, done = run.ctx, run.ctx.device, self.done
+        ctx, device, done = run.ctx, run.ctx.device, plan.steps      # train_batches gives all or raises
         epoch_time, wait = time.perf_counter() - self.epoch_start, self.wait_s
         steps_per_rank = D.all_gather_rows(torch.tensor([done], dtype=torch.int64), ctx)[:, 0].tolist()
-        totals = (D.all_reduce_sum(self.epoch_sums.clone(), ctx) / max(done * ctx.world_size, 1)).tolist()
+        totals = (D.all_reduce_sum(self.epoch_sums.clone(), ctx) / (done * ctx.world_size)).tolist()
         return {"event": "epoch", "epoch": epoch, "steps": done, "steps_per_rank": steps_per_rank,
                 "samples_per_rank": plan.samples_per_rank, "aug_seeds": plan.aug_seeds,
                 "lr": lr, "loss": totals[0], "loss_base": totals[1], "loss_distill": totals[2],
