@@ -11,10 +11,8 @@ from teacher_cache.inspection import format_inspection, inspect_cache
 from teacher_cache.locks import DEFAULT_STALE_AFTER
 from teacher_cache.verification import NEAR_TIE_TOLERANCE, verify_cache
 
-from .cli import echo_json, main, register_user_errors, run_or_explain
+from .cli import echo_json, main, run_or_explain
 from .options import recipe_from_options, recipe_given, recipe_options
-
-register_user_errors(CacheError)
 
 
 def parse_json_option(name: str, text: str | None) -> dict | None:

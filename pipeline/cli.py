@@ -13,6 +13,8 @@ import click
 from data_shards import SourceError, make_shards
 from data_shards.io import DeviceError
 from data_shards.shards import ShardsError
+from student.errors import StudentError
+from teacher_cache.errors import CacheError
 
 
 class UserError(click.ClickException):
@@ -21,12 +23,7 @@ class UserError(click.ClickException):
 
 
 # Errors raised by the library for bad input; the CLI shows their message without a traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (SourceError, ShardsError, DeviceError, FileNotFoundError)
-
-
-def register_user_errors(*types: type[BaseException]) -> None:
-    global USER_ERRORS
-    USER_ERRORS = USER_ERRORS + tuple(types)
+USER_ERRORS = (SourceError, ShardsError, DeviceError, FileNotFoundError, CacheError, StudentError)
 
 
 def run_or_explain(fn, *args, **kwargs):

@@ -6,17 +6,12 @@ import os
 
 import click
 
-from data_shards.shards import ShardsError
-from student.errors import StudentError
 from student.evaluate import evaluate_checkpoint
 from student.train import TrainConfig, train
 from teacher_cache.cache import TeacherCache
-from teacher_cache.errors import CacheError
 
-from .cli import echo_json, main, register_user_errors, run_or_explain
+from .cli import echo_json, main, run_or_explain
 from .options import parse_key_values, recipe_from_options, recipe_given, recipe_options
-
-register_user_errors(CacheError, StudentError, ShardsError)
 
 
 @main.command("train-student")

@@ -141,9 +141,7 @@ def cache_agreement(model, shard_set: ShardSet, cache_path: str, aug_seed: int, 
     cache.check_compatible(shard_set, cache.recipe)
     if not 0 <= aug_seed < cache.num_seeds:
         raise StudentError(f"--aug-seed {aug_seed} is not cached (the cache holds seeds 0..{cache.num_seeds - 1})")
-    agree: dict[str, int] = {}
-    in_topk: dict[str, int] = {}
-    n = 0
+    agree, in_topk, n = {}, {}, 0
     items = [item for shard in range(shard_set.num_shards)
              for item in unit_items(shard_set.shard_counts[shard], shard, aug_seed, batch_size)]
     unit_targets = (None, None)             # one cache read per unit

@@ -31,10 +31,10 @@ class CachedTeacher:
     Recorded image digests (stage one records the first samples of each (shard, seed), which
     lie in the unit's first item) are checked on the way, so every unit is verified before
     any of its targets are used."""
+    UNITS_KEPT = 4
 
-    def __init__(self, cache, units_kept: int = 4, device: torch.device | str = "cpu"):
+    def __init__(self, cache, device: torch.device | str = "cpu"):
         self.cache, self.device = cache, torch.device(device)
-        self.units_kept = units_kept
         self._units: OrderedDict[tuple[int, int], TeacherTargets] = OrderedDict()
         self.units_read = 0
         self.digests_checked = 0
@@ -46,7 +46,7 @@ class CachedTeacher:
             # position order, one read; moved to the device once per unit, not per step
             self._units[unit] = _to_device(self.cache.read(item.shard, item.aug_seed), self.device)
             self.units_read += 1
-            while len(self._units) > self.units_kept:
+            while len(self._units) > self.UNITS_KEPT:
                 self._units.popitem(last=False)
         self._units.move_to_end(unit)
         return self._units[unit].select(item.positions.to(self.device, non_blocking=True))
