@@ -125,7 +125,8 @@ def test_pickled_checkpoint_is_refused_without_running_it(tmp_path, small_shards
                         "--device", "cpu")
         assert result.returncode != 0 and "evil.pth" in result.output
     else:
-        load = {"init-from": lambda path: init_from_checkpoint(torch.nn.Linear(1, 1), path), "resume": load_checkpoint, "teacher-online": _load_student_teacher}
+        load = {"init-from": lambda path: init_from_checkpoint(torch.nn.Linear(1, 1), path),
+                "resume": load_checkpoint, "teacher-online": _load_student_teacher}
         with pytest.raises(Exception, match="evil.pth"):
             load[reader](evil)
     assert not sentinel.exists(), "the pickled payload was executed"
