@@ -124,17 +124,13 @@ def _as_is(item: ReplayItem) -> ReplayItem:
 
 def iter_items(shard_set: ShardSet, items: list[WorkItem], recipe: AugRecipe,
                workers: int = 0, pin_memory: bool = False) -> Iterator[ReplayItem]:
-    if workers <= 0:
-        keys_cache: dict[int, list[str]] = {}
-        for item in items:
-            yield replay_item(shard_set, item, recipe, keys_cache)
-        return
-    loader = DataLoader(_ItemDataset(shard_set, items, recipe), batch_size=None, shuffle=False,
-                        num_workers=min(workers, len(items)) or 1, collate_fn=_as_is, prefetch_factor=2,
-                        pin_memory=pin_memory, generator=torch.Generator().manual_seed(0))
-    # (own generator: a DataLoader draws its worker base seed from the global RNG otherwise, which
-    # would shift drop path's random stream by the worker setting)
-    yield from loader
+    """The items replayed in plan order by `workers` processes (0: in this one)."""
+    workers = max(0, min(workers, len(items)))
+    # own generator: a DataLoader draws its worker base seed from the global RNG otherwise, which
+    # would shift drop path's random stream by the worker setting
+    return iter(DataLoader(_ItemDataset(shard_set, items, recipe), batch_size=None, collate_fn=_as_is,
+                           num_workers=workers, prefetch_factor=2 if workers else None, pin_memory=pin_memory,
+                           generator=torch.Generator().manual_seed(0)))
 
 
 # ----------------------------------------------------------------------------- batches
@@ -154,11 +150,7 @@ def train_batches(shard_set: ShardSet, plan: EpochPlan, recipe: AugRecipe, batch
     from `teacher.item_targets(item, images)` (student/teachers.py) when a teacher is given."""
     pending: list[TrainBatch] = []
     held, done = 0, 0
-    items = iter_items(shard_set, plan.items, recipe, workers, pin_memory)
-    while done < plan.steps:
-        item = next(items, None)
-        if item is None:
-            break
+    for item in iter_items(shard_set, plan.items, recipe, workers, pin_memory):
         images = finish_item(item, recipe, device)
         # dense targets built on the device from (pinned) labels: no per-step host sync or big copy
         targets = mixed_targets(item.labels.to(device, non_blocking=True),
@@ -174,6 +166,8 @@ def train_batches(shard_set: ShardSet, plan: EpochPlan, recipe: AugRecipe, batch
             held -= batch_size
             done += 1
             yield batch
+        if done == plan.steps:
+            break                # rows and items past the epoch's end are surplus
     if done < plan.steps:
         raise DataPlanError(f"epoch {plan.epoch}: the items gave {done} batches, the plan needs {plan.steps}; "
                             "a shard holds fewer samples than its metadata says - re-run make-shards")

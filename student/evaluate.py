@@ -50,20 +50,18 @@ def _hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_heads(model, shard_set: ShardSet, recipe: AugRecipe, batch_size: int, device: torch.device,
                    shards: list[int] | None = None, precision: str | None = None):
-    """-> (counts (H, 3): top-1 hits, top-5 hits, samples; head names). Restores train mode."""
-    names, was_training = head_names(model), model.training
+    """-> (counts (H, 3): top-1 hits, top-5 hits, samples; head names). As DeiT's engine, leaves the
+    model in eval mode (train_one_epoch sets train mode)."""
+    names = head_names(model)
     counts = torch.zeros(len(names), 3, dtype=torch.float64, device=device)  # zeros on a rank with no val shard
     model.eval()
-    try:
-        for images, labels, _ in eval_batches(shard_set, recipe, batch_size, shards):
-            with autocast(device, precision):
-                logits = head_logits(model, images.to(device))
-            labels = labels.to(device)
-            for i, name in enumerate(names):
-                counts[i, :2] += _hits(logits[name], labels)
-                counts[i, 2] += len(labels)
-    finally:
-        model.train(was_training)
+    for images, labels, _ in eval_batches(shard_set, recipe, batch_size, shards):
+        with autocast(device, precision):
+            logits = head_logits(model, images.to(device))
+        labels = labels.to(device)
+        for i, name in enumerate(names):
+            counts[i, :2] += _hits(logits[name], labels)
+            counts[i, 2] += len(labels)
     return counts.cpu(), names
 
 
