@@ -23,7 +23,7 @@ from .checkpoint import load_checkpoint
 from .data import eval_batches, iter_items, unit_items
 from .errors import StudentError
 from .models import StudentConfig, create_student, is_distilled, student_heads
-from .teachers import load_online_teacher
+from .teachers import CachedTeacher, load_online_teacher
 
 SPLIT = ("both_correct", "student_only", "teacher_only", "both_wrong")   # student (default head) / teacher right
 
@@ -142,12 +142,10 @@ def cache_agreement(model, shard_set: ShardSet, cache_path: str, aug_seed: int, 
     agree, in_topk, n = {}, {}, 0
     items = [item for shard in range(shard_set.num_shards)
              for item in unit_items(shard_set.shard_counts[shard], shard, aug_seed, batch_size)]
-    unit_targets = (None, None)             # one cache read per unit
+    teacher = CachedTeacher(cache, device)          # as training reads it: one read per unit, digests checked
     for item in iter_items(shard_set, items, cache.recipe):
-        if unit_targets[0] != item.shard:
-            unit_targets = (item.shard, cache.read(item.shard, item.aug_seed))
-        t = unit_targets[1].select(item.positions).to(device)
-        logits = head_logits(model, finish_item(item, cache.recipe, device))
+        images = finish_item(item, cache.recipe, device)
+        t, logits = teacher.item_targets(item, images), head_logits(model, images)
         for name, out in logits.items():
             pred = out.argmax(dim=1)
             agree[name] = agree.get(name, 0) + int((pred == t.label).sum())
