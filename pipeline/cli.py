@@ -6,7 +6,6 @@ this file only holds the group and the shared error handling.
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
@@ -71,7 +70,3 @@ def echo_json(obj) -> None:
 
 # Stage commands register themselves on `main`.
 from . import cache_commands, student_commands, demo_commands  # noqa: E402,F401
-
-
-if __name__ == "__main__":
-    sys.exit(main())

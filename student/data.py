@@ -118,18 +118,15 @@ class _ItemDataset(Dataset):
         return replay_item(self.shard_set, self.items[index], self.recipe, self._keys)
 
 
-def _as_is(item: ReplayItem) -> ReplayItem:
-    return item
-
-
 def iter_items(shard_set: ShardSet, items: list[WorkItem], recipe: AugRecipe,
                workers: int = 0, pin_memory: bool = False) -> Iterator[ReplayItem]:
     """The items replayed in plan order by `workers` processes (0: in this one)."""
     workers = max(0, min(workers, len(items)))
-    # own generator: a DataLoader draws its worker base seed from the global RNG otherwise, which
-    # would shift drop path's random stream by the worker setting
-    return iter(DataLoader(_ItemDataset(shard_set, items, recipe), batch_size=None, collate_fn=_as_is,
-                           num_workers=workers, prefetch_factor=2 if workers else None, pin_memory=pin_memory,
+    # batch_size=None: items come as they are (default_convert leaves a ReplayItem alone). Own generator:
+    # a DataLoader draws its worker base seed from the global RNG otherwise, which would shift drop path's
+    # random stream by the worker setting.
+    return iter(DataLoader(_ItemDataset(shard_set, items, recipe), batch_size=None, num_workers=workers,
+                           prefetch_factor=2 if workers else None, pin_memory=pin_memory,
                            generator=torch.Generator().manual_seed(0)))
 
 
