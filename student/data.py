@@ -136,7 +136,7 @@ def iter_items(shard_set: ShardSet, items: list[WorkItem], recipe: AugRecipe,
 class TrainBatch:
     images: torch.Tensor               # (B, 3, H, W) float32, finished, on the training device
     targets: torch.Tensor              # (B, C) mixed, smoothed true-label targets, on the device
-    teacher: TeacherTargets | None
+    teacher: TeacherTargets | None     # on the device (the teacher sources put them there)
     keys: list[str]
 
 

@@ -90,7 +90,7 @@ def epoch_segments(shard_counts: list[int], epoch: int, repeated_aug: int, seed:
 
 
 def _take(segments: list[tuple[int, int, int]], first: int, count: int) -> list[tuple[int, int, int]]:
-    """Images [first, first+count) of the segment sequence, as sub-segments."""
+    """Images [first, first+count) of the segment sequence, as sub-segments (none when count <= 0)."""
     out, offset = [], 0
     for shard, start, stop in segments:
         n = stop - start
@@ -132,7 +132,6 @@ def plan_epoch(shard_counts: list[int], epoch: int, batch_size: int, rank: int, 
         pieces = []
         for j, aug_seed in enumerate(seeds):
             first, last = max(lo - j * per_step, 0), min(hi - j * per_step, per_step)
-            pieces += [WorkItem(shard, aug_seed, a, b) for shard, a, b in _take(step_segments, first, last - first)
-                       ] if last > first else []
+            pieces += [WorkItem(shard, aug_seed, a, b) for shard, a, b in _take(step_segments, first, last - first)]
         plan.append(pieces)
     return RepeatedPlan(epoch, seeds, plan, images)

@@ -401,10 +401,9 @@ def train_one_epoch(run: Run, epoch: int, global_step: int) -> tuple[dict, int]:
 
 def train_step(run: Run, batch, global_step: int):
     """Forward (autocast), DeiT's loss, backward, (clip), optimizer step, EMA; -> the loss parts."""
-    teacher_targets = batch.teacher.to(run.ctx.device) if batch.teacher is not None else None
     with autocast(run.ctx.device, run.precision):
-        outputs = run.train_model(batch.images)          # finished on the device already
-    loss = run.criterion(outputs, batch.targets, teacher_targets)
+        outputs = run.train_model(batch.images)          # batches (teacher targets too) are on the device already
+    loss = run.criterion(outputs, batch.targets, batch.teacher)
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss.total).backward()
     if run.cfg.clip_grad is not None:
