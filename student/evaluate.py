@@ -28,12 +28,8 @@ from .teachers import CachedTeacher, load_online_teacher
 SPLIT = ("both_correct", "student_only", "teacher_only", "both_wrong")   # student (default head) / teacher right
 
 
-def head_names(model) -> list[str]:
-    return ["class", "distillation", "fused"] if is_distilled(model) else ["class"]
-
-
 def head_logits(model, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Logits per head (head_names); a one-head model has only 'class'."""
+    """Logits per head: class, distillation, fused; a one-head model has only 'class'."""
     cls_logits, dist_logits = student_heads(model, images)
     if dist_logits is None:
         return {"class": cls_logits.float()}
@@ -52,7 +48,7 @@ def evaluate_heads(model, shard_set: ShardSet, recipe: AugRecipe, batch_size: in
                    shards: list[int] | None = None, precision: str | None = None):
     """-> (counts (H, 3): top-1 hits, top-5 hits, samples; head names). As DeiT's engine, leaves the
     model in eval mode (train_one_epoch sets train mode)."""
-    names = head_names(model)
+    names = ["class", "distillation", "fused"] if is_distilled(model) else ["class"]   # as head_logits
     counts = torch.zeros(len(names), 3, dtype=torch.float64, device=device)  # zeros on a rank with no val shard
     model.eval()
     for images, labels, _ in eval_batches(shard_set, recipe, batch_size, shards):
