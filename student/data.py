@@ -1,25 +1,17 @@
 """Training data per epoch: work items (slices of replayed units) + teacher targets, cut into batches.
 
-Seed schedule (DESIGN.md, student/schedule.py): with R = 1 epoch e uses augmentation seed e mod S,
-S = seeds in the cache, and streams every image once. With DeiT's repeated augmentation (R > 1,
-student/schedule.py) an epoch is still about N samples: N/R images, each under the R seeds of
-its seed group, the copies in the same step. Without a cache S is unbounded unless given.
+Seed schedule (DESIGN.md): with R = 1 epoch e uses augmentation seed e mod S (S = the cache's seeds;
+unbounded without a cache unless given) and streams every image once; DeiT's repeated augmentation
+(R > 1) is planned by student/schedule.py.
 
-The R = 1 plan:
-
-A *unit* is one shard replayed for one seed, in its seeded mixing order. An epoch on a rank is
-a list of units; the rank's sample stream is the units' samples back to back, cut into batches
-of `batch_size`. Shards are dealt to ranks after a per-epoch shuffle shared by all ranks, and
-every rank runs the same number of steps: min over ranks of samples // batch, computed from the
-shard metadata alone (no communication, no DDP hang on uneven shards).
-
-The stream is replayed as *work items*: slices (shard, seed, start, stop) of a unit's mixing
-order, cut where the stream's batches end (or, with an online teacher, at the teacher's batch
-boundaries inside the unit, so it batches exactly as cache-teacher did). Items are at most one
-batch long: every loader worker has work whatever the shard count, and its memory is bounded
-by the item, not the shard. Workers return uint8 items in plan order; the main process moves
-them to the device and finishes them there (`data_shards.finish_item`). The stream depends only
-on (shards, recipe, seed, epoch, rank, world size, batch size), not on the number of workers.
+R = 1: a *unit* is one shard replayed for one seed, in its mixing order. A rank's epoch is a list of
+units, their samples back to back cut into batches. Shards are dealt to ranks after a per-epoch shuffle,
+and every rank runs min over ranks of samples // batch steps, from the shard metadata alone (no
+communication, no DDP hang on uneven shards). The stream is replayed as *work items* (shard, seed,
+start, stop) cut where its batches end (with an online teacher: at the teacher's batches, as
+cache-teacher ran them): at most one batch, so every loader worker has work and holds an item, not a
+shard. Workers return uint8 items in plan order, finished on the device (`finish_item`): the stream
+depends on (shards, recipe, seed, epoch, rank, world size, batch size), not on the number of workers.
 """
 from __future__ import annotations
 
