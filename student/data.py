@@ -25,7 +25,7 @@ from data_shards import AugRecipe, ReplayItem, ShardSet, decode_image, eval_imag
 from data_shards.items import WorkItem, replay_item, unit_items  # noqa: F401 (re-exported)
 from teacher_cache.targets import TeacherTargets
 
-from .schedule import DataPlanError, check_seed_budget, plan_rng, seeds_for_epoch
+from .schedule import DataPlanError, plan_rng, seeds_for_epoch
 from .schedule import plan_epoch as plan_repeated_epoch
 
 

@@ -52,9 +52,7 @@ class StudentConfig:
     def timm_kwargs(self) -> dict:
         sizes = {"img_size": self.img_size, "patch_size": self.patch_size, "embed_dim": self.embed_dim,
                  "depth": self.depth, "num_heads": self.num_heads}
-        kwargs = {k: v for k, v in sizes.items() if v is not None}
-        kwargs.update(self.model_kwargs)
-        return kwargs
+        return {**{k: v for k, v in sizes.items() if v is not None}, **self.model_kwargs}
 
 
 def create_student(config: StudentConfig, distilled_training: bool = True) -> nn.Module:

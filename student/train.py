@@ -34,8 +34,8 @@ from data_shards.faults import crash_point
 
 from . import distributed as D
 from .checkpoint import LAST_CHECKPOINT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .data import check_seed_budget, plan_epoch, train_batches
-from .schedule import epochs_supported
+from .data import plan_epoch, train_batches
+from .schedule import check_seed_budget, epochs_supported
 from .errors import StudentError
 from .evaluate import evaluate_heads
 from .losses import DistillationLoss
@@ -237,9 +237,8 @@ def check_seed_schedule(cfg: TrainConfig, recipe: AugRecipe, num_seeds: int | No
     if num_seeds:
         log.note(f"a cache of {num_seeds} seeds serves {epochs_supported(num_seeds, cfg.repeated_aug)} epochs at "
                  f"--repeated-aug {cfg.repeated_aug} before a record is used twice")
-    seed_note = check_seed_budget(cfg.epochs, num_seeds, cfg.repeated_aug, cfg.reuse_seeds)
-    if seed_note:
-        log.note(seed_note)
+    if note := check_seed_budget(cfg.epochs, num_seeds, cfg.repeated_aug, cfg.reuse_seeds):
+        log.note(note)
 
 
 def build_student(cfg: TrainConfig, num_classes: int, recipe: AugRecipe, log: Logger):

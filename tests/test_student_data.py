@@ -8,8 +8,8 @@ from _student_helpers import RECIPE, one_thread  # noqa: F401 (autouse)
 import tracemalloc
 
 from data_shards import ShardSet, finish_item, make_shards, tensor_digest
-from student.data import (DataPlanError, WorkItem, check_seed_budget, deal_shards, plan_epoch, replay_item,
-                          seeds_for_epoch, train_batches)
+from student.data import DataPlanError, WorkItem, deal_shards, plan_epoch, replay_item, train_batches
+from student.schedule import check_seed_budget, seeds_for_epoch
 from student.teachers import CachedTeacher, ReplayMismatchError
 from teacher_cache.targets import TeacherTargets
 
