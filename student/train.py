@@ -422,7 +422,7 @@ class EpochMeter:
 
     def __init__(self, device: torch.device):
         self.epoch_sums = torch.zeros(3, device=device)
-        self.sums = torch.zeros(3, device=device)            # of the log window, as steps and start
+        self.sums = torch.zeros(3, device=device)            # of the log window (as steps, start)
         self.first_bad = torch.full((), self.NONE, dtype=torch.int64, device=device)
         self.wait_s, self.epoch_start = 0.0, time.perf_counter()
         self.steps, self.start = 0, time.perf_counter()
