@@ -11,10 +11,8 @@ from teacher_cache.inspection import format_inspection, inspect_cache
 from teacher_cache.locks import DEFAULT_STALE_AFTER
 from teacher_cache.verification import NEAR_TIE_TOLERANCE, verify_cache
 
-from .cli import echo_json, main, register_user_errors, run_or_explain
+from .cli import echo_json, main, run_or_explain
 from .options import recipe_from_options, recipe_given, recipe_options
-
-register_user_errors(CacheError)
 
 
 def parse_json_option(name: str, text: str | None) -> dict | None:
@@ -67,9 +65,7 @@ def parse_json_option(name: str, text: str | None) -> dict | None:
               help="Seconds without heartbeat after which another job's unit lock counts as abandoned.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def cache_teacher_cmd(shards, out, teacher, teacher_checkpoint, teacher_kwargs, seeds, topk, store_logits, seeds_per_unit,
-                      input_size, recipe_source, aug_overrides, batch_size, channels_last, device, precision, num_jobs, job_index, workers,
-                      max_units, lock_stale_after, as_json, no_progress):
+def cache_teacher_cmd(input_size, recipe_source, aug_overrides, teacher_kwargs, as_json, no_progress, **options):
     """Run the teacher on every (sample, augmentation seed) and store its top-k in a Zarr cache.
 
     Resumable: rerunning skips finished units. Jobs split the units round-robin; several
@@ -78,12 +74,9 @@ def cache_teacher_cmd(shards, out, teacher, teacher_checkpoint, teacher_kwargs, 
     # Unset recipe options mean: the existing cache's recipe (or DeiT's for a new cache).
     recipe = (recipe_from_options(input_size, recipe_source, aug_overrides)
               if recipe_given(input_size, recipe_source, aug_overrides) else None)
-    opts = CacheOptions(shards, out, seeds=seeds, topk=topk, store_logits=store_logits, seeds_per_unit=seeds_per_unit,
-                        precision=precision, recipe=recipe, teacher=teacher, teacher_checkpoint=teacher_checkpoint,
+    opts = CacheOptions(**options, recipe=recipe, progress=not no_progress,
                         teacher_kwargs=run_or_explain(parse_json_option, "--teacher-kwargs", teacher_kwargs),
-                        batch_size=batch_size, channels_last=channels_last, device=device, num_jobs=num_jobs,
-                        job_index=job_index, workers=workers, max_units=max_units, lock_stale_after=lock_stale_after,
-                        progress=not no_progress, log=(lambda msg: click.echo(msg, err=True)) if as_json else click.echo)
+                        log=(lambda msg: click.echo(msg, err=True)) if as_json else click.echo)
     summary = run_or_explain(cache_teacher, opts)
     if as_json:
         echo_json(summary)
@@ -121,13 +114,11 @@ def inspect_cache_cmd(cache, as_json, max_label_records):
               help="Default: the cache's precision.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Which random records.")
 @click.option("--json", "as_json", is_flag=True)
-def verify_cache_cmd(cache, shards, samples, min_agreement, near_tie_tolerance, max_logprob_diff, teacher_checkpoint,
-                     device, precision, seed, as_json):
+def verify_cache_cmd(cache, shards, as_json, **options):
     """Recompute random cached records in the batches that produced them (the unit's recorded batch size,
     order and channels-last); exit 1 if they disagree."""
-    report = run_or_explain(verify_cache, cache, shards, samples=samples, min_agreement=min_agreement,
-                            max_logprob_diff=max_logprob_diff, device=device, precision=precision,
-                            teacher_checkpoint=teacher_checkpoint, seed=seed, near_tie_tolerance=near_tie_tolerance)
+    report = run_or_explain(verify_cache, cache, shards, **options)
+    min_agreement = options["min_agreement"]
     if as_json:
         echo_json(report)
     else:

@@ -6,13 +6,14 @@ this file only holds the group and the shared error handling.
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
 from data_shards import SourceError, make_shards
 from data_shards.io import DeviceError
 from data_shards.shards import ShardsError
+from student.errors import StudentError
+from teacher_cache.errors import CacheError
 
 
 class UserError(click.ClickException):
@@ -21,12 +22,7 @@ class UserError(click.ClickException):
 
 
 # Errors raised by the library for bad input; the CLI shows their message without a traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (SourceError, ShardsError, DeviceError, FileNotFoundError)
-
-
-def register_user_errors(*types: type[BaseException]) -> None:
-    global USER_ERRORS
-    USER_ERRORS = USER_ERRORS + tuple(types)
+USER_ERRORS = (SourceError, ShardsError, DeviceError, FileNotFoundError, CacheError, StudentError)
 
 
 def run_or_explain(fn, *args, **kwargs):
@@ -58,11 +54,9 @@ def main():
               help="Processes that read and decode-validate images (default: all cores). Output is the same for any value.")
 @click.option("--classes", "classes_file", type=click.Path(dir_okay=False), default=None,
               help="WebDataset tars only: class names, one per line (line i = class index i). Default: the indices.")
-def make_shards_cmd(source, out, split, shard_size, val_fraction, overwrite, allow_empty_classes, workers, classes_file):
+def make_shards_cmd(out, **options):
     """Write SOURCE as WebDataset shards + Parquet manifest + metadata.json."""
-    meta = run_or_explain(make_shards, source, out, split=split, shard_size=shard_size, val_fraction=val_fraction,
-                          overwrite=overwrite, allow_empty_classes=allow_empty_classes, workers=workers,
-                          classes_file=classes_file)
+    meta = run_or_explain(make_shards, out=out, **options)
     verb = "indexed in place" if meta.get("external_shards") else "wrote"
     click.echo(f"{verb} {meta['num_samples']} images of {meta['num_classes']} classes in {len(meta['shards'])} "
                f"shard(s) to {out} (content hash {meta['content_hash'][:12]}); skipped {len(meta['skipped'])}")
@@ -76,7 +70,3 @@ def echo_json(obj) -> None:
 
 # Stage commands register themselves on `main`.
 from . import cache_commands, student_commands, demo_commands  # noqa: E402,F401
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,8 @@
 """`deit-pipeline demo`: the embedded two-stage demo on digits (a thin wrapper over pipeline.demo)."""
 from __future__ import annotations
 
+import dataclasses
+
 import click
 
 from .cli import main, run_or_explain
@@ -16,10 +18,8 @@ from .cli import main, run_or_explain
 @click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
               help="Replay worker processes; the other cores go to torch. 0 is fastest on quiet cores; "
                    "1 degrades more gracefully when other jobs share a small machine.")
-def demo_cmd(out, device, quick, student_seeds, workers):
+def demo_cmd(out, quick, **options):
     """Whole two-stage flow on scikit-learn's digits: shards, teacher, cache, 3 students, results."""
     from .demo import DemoSettings, run_demo
 
-    settings = DemoSettings.quick() if quick else DemoSettings()
-    settings.device, settings.student_seeds, settings.workers = device, student_seeds, workers
-    run_or_explain(run_demo, out, settings)
+    run_or_explain(run_demo, out, dataclasses.replace(DemoSettings.quick() if quick else DemoSettings(), **options))

@@ -6,18 +6,12 @@ import os
 
 import click
 
-from data_shards.shards import ShardsError
-from student.errors import StudentError
 from student.evaluate import evaluate_checkpoint
-from student.models import StudentConfig
 from student.train import TrainConfig, train
 from teacher_cache.cache import TeacherCache
-from teacher_cache.errors import CacheError
 
-from .cli import echo_json, main, register_user_errors, run_or_explain
+from .cli import echo_json, main, run_or_explain
 from .options import parse_key_values, recipe_from_options, recipe_given, recipe_options
-
-register_user_errors(CacheError, StudentError, ShardsError)
 
 
 @main.command("train-student")
@@ -86,8 +80,8 @@ register_user_errors(CacheError, StudentError, ShardsError)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--no-progress", is_flag=True, help="No tqdm bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def train_student_cmd(input_size, recipe_source, aug_overrides, model, img_size, patch_size, embed_dim, depth,
-                      num_heads, model_kwargs, drop_path, distillation_type, no_progress, as_json, **options):
+def train_student_cmd(input_size, recipe_source, aug_overrides, model_kwargs, distillation_type, no_progress, as_json,
+                      **options):
     """Train a student on the shards, distilling from a teacher cache or an online teacher.
 
     Epoch e uses augmentation seed e mod S (S = the cache's seeds). Works as one process or
@@ -95,7 +89,7 @@ def train_student_cmd(input_size, recipe_source, aug_overrides, model, img_size,
     """
     recipe = None
     if recipe_given(input_size, recipe_source, aug_overrides):
-        parsed = recipe_from_options(input_size or img_size, recipe_source, aug_overrides)
+        parsed = recipe_from_options(input_size or options["img_size"], recipe_source, aug_overrides)
         if options["cache"] and not recipe_source:
             # With a cache, --input-size / --aug change the cache's recipe (and are then refused by
             # the compatibility check, naming the field): the other fields stay the cache's.
@@ -105,11 +99,10 @@ def train_student_cmd(input_size, recipe_source, aug_overrides, model, img_size,
         recipe = parsed.to_dict()
     if distillation_type is None:
         distillation_type = "hard" if (options["cache"] or options["teacher_online"]) else "none"
-    student = StudentConfig(model, img_size=img_size, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-                            num_heads=num_heads, drop_path_rate=drop_path,
-                            model_kwargs=parse_key_values(model_kwargs, "--model-kwarg"))
-    cfg = TrainConfig(**options, recipe=recipe, student=student, distillation_type=distillation_type,
-                      progress=not no_progress)
+    # the options are TrainConfig's flat (checkpoint "args") form, the student's under their CLI names
+    cfg = TrainConfig.from_dict({**options, "recipe": recipe, "distillation_type": distillation_type,
+                                 "model_kwargs": parse_key_values(model_kwargs, "--model-kwarg"),
+                                 "progress": not no_progress})
     summary = run_or_explain(train, cfg)
     if int(os.environ.get("RANK", 0)) != 0:        # torchrun: rank 0 reports
         return
@@ -137,10 +130,9 @@ def train_student_cmd(input_size, recipe_source, aug_overrides, model, img_size,
 @click.option("--ema", "use_ema", is_flag=True, help="Evaluate the EMA weights.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def evaluate_cmd(checkpoint, shards, teacher, teacher_model, cache, aug_seed, batch_size, use_ema, device, as_json):
+def evaluate_cmd(as_json, **options):
     """Top-1/top-5 of the class head, the distillation head and their late fusion (eval transform)."""
-    report = run_or_explain(evaluate_checkpoint, checkpoint, shards, batch_size=batch_size, teacher=teacher,
-                            teacher_model=teacher_model, cache=cache, aug_seed=aug_seed, use_ema=use_ema, device=device)
+    report = run_or_explain(evaluate_checkpoint, **options)
     if as_json:
         echo_json(report)
         return

@@ -39,7 +39,7 @@ def _check_plain(obj, where: str = "checkpoint") -> None:
         raise TypeError(f"{where} is a {type(obj).__name__}; checkpoints hold tensors and primitives only")
 
 
-def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     """Write `state` atomically: to a private temporary file, fsync, then os.replace."""
     path = Path(path)
     state = {"format": CHECKPOINT_FORMAT, **state}
@@ -48,15 +48,13 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> Path:
     remove_stale_temporaries(path)
     with atomic_path(path, crash="checkpoint-written") as tmp:
         torch.save(state, tmp)
-    return path
 
 
-def remove_stale_temporaries(path: Path) -> list[Path]:
+def remove_stale_temporaries(path: Path) -> None:
     """Delete half-written temporaries (io.temp_path) of dead writers on this host (never loaded anyway)."""
-    removed = [tmp for tmp in path.parent.glob(f".{path.name}@*.tmp") if owner_gone(tmp)]
-    for tmp in removed:
-        tmp.unlink(missing_ok=True)
-    return removed
+    for tmp in path.parent.glob(f".{path.name}@*.tmp"):
+        if owner_gone(tmp):
+            tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict:

@@ -1,47 +1,32 @@
 """Training data per epoch: work items (slices of replayed units) + teacher targets, cut into batches.
 
-Seed schedule (DESIGN.md, student/schedule.py): with R = 1 epoch e uses augmentation seed e mod S,
-S = seeds in the cache, and streams every image once. With DeiT's repeated augmentation (R > 1,
-student/schedule.py) an epoch is still about N samples: N/R images, each under the R seeds of
-its seed group, the copies in the same step. Without a cache S is unbounded unless given.
+Seed schedule (DESIGN.md): with R = 1 epoch e uses augmentation seed e mod S (S = the cache's seeds;
+unbounded without a cache unless given) and streams every image once; DeiT's repeated augmentation
+(R > 1) is planned by student/schedule.py.
 
-The R = 1 plan:
-
-A *unit* is one shard replayed for one seed, in its seeded mixing order. An epoch on a rank is
-a list of units; the rank's sample stream is the units' samples back to back, cut into batches
-of `batch_size`. Shards are dealt to ranks after a per-epoch shuffle shared by all ranks, and
-every rank runs the same number of steps: min over ranks of samples // batch, computed from the
-shard metadata alone (no communication, no DDP hang on uneven shards).
-
-The stream is replayed as *work items*: slices (shard, seed, start, stop) of a unit's mixing
-order, cut where the stream's batches end (or, with an online teacher, at the teacher's batch
-boundaries inside the unit, so it batches exactly as cache-teacher did). Items are at most one
-batch long: every loader worker has work whatever the shard count, and its memory is bounded
-by the item, not the shard. Workers return uint8 items in plan order; the main process moves
-them to the device and finishes them there (`data_shards.finish_item`). The stream depends only
-on (shards, recipe, seed, epoch, rank, world size, batch size), not on the number of workers.
+R = 1: a *unit* is one shard replayed for one seed, in its mixing order. A rank's epoch is a list of
+units, their samples back to back cut into batches. Shards are dealt to ranks after a per-epoch shuffle,
+and every rank runs min over ranks of samples // batch steps, from the shard metadata alone (no
+communication, no DDP hang on uneven shards). The stream is replayed as *work items* (shard, seed,
+start, stop) cut where its batches end (with an online teacher: at the teacher's batches, as
+cache-teacher ran them): at most one batch, so every loader worker has work and holds an item, not a
+shard. Workers return uint8 items in plan order, finished on the device (`finish_item`): the stream
+depends on (shards, recipe, seed, epoch, rank, world size, batch size), not on the number of workers.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
-from typing import Iterator, Protocol
+from typing import Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from data_shards import AugRecipe, ReplayItem, ShardSet, decode_image, eval_image, finish_item, mixed_targets
-from data_shards.io import text_seed
 from data_shards.items import WorkItem, replay_item, unit_items  # noqa: F401 (re-exported)
 from teacher_cache.targets import TeacherTargets
 
-from .schedule import DataPlanError, check_seed_budget, seeds_for_epoch
+from .schedule import DataPlanError, plan_rng, seeds_for_epoch
 from .schedule import plan_epoch as plan_repeated_epoch
-
-
-def _epoch_rng(seed: int, epoch: int) -> np.random.Generator:
-    return np.random.Generator(np.random.PCG64(text_seed(f"deit-pipeline|shard-order|{seed}|{epoch}", 16)))
 
 
 def deal_shards(num_shards: int, world_size: int, epoch: int, seed: int) -> list[list[int]]:
@@ -49,7 +34,7 @@ def deal_shards(num_shards: int, world_size: int, epoch: int, seed: int) -> list
     if num_shards < world_size:
         raise DataPlanError(f"{num_shards} shard(s) cannot feed {world_size} ranks (a rank would get no data); "
                             "re-run make-shards with a smaller --shard-size or use fewer processes")
-    order = [int(i) for i in _epoch_rng(seed, epoch).permutation(num_shards)]
+    order = [int(i) for i in plan_rng("shard-order", seed, epoch).permutation(num_shards)]
     return [order[rank::world_size] for rank in range(world_size)]
 
 
@@ -57,8 +42,7 @@ def deal_shards(num_shards: int, world_size: int, epoch: int, seed: int) -> list
 class EpochPlan:
     epoch: int
     aug_seeds: list[int]
-    units: list[tuple[int, int]]        # (shard, aug seed) of this rank, in stream order
-    items: list[WorkItem]               # the units' replayed slices, in stream order
+    items: list[WorkItem]               # this rank's replayed slices of units (shard, aug seed), in stream order
     steps: int                          # the same on every rank
     samples_per_rank: list[int]         # available samples of every rank (for the log)
 
@@ -81,12 +65,11 @@ def plan_epoch(shard_set: ShardSet, epoch: int, batch_size: int, rank: int, worl
                             f"{batch_size}; lower --batch-size or use fewer processes")
     if max_steps is not None:
         steps = min(steps, max_steps)
-    units, items, needed, offset = [], [], steps * batch_size, 0
+    items, needed, offset = [], steps * batch_size, 0
     for aug_seed in seeds:
         for shard in dealt[rank]:
             if offset >= needed:
                 break            # surplus units of the richer ranks are never replayed
-            units.append((shard, aug_seed))
             n, start = counts[shard], 0
             while start < n and offset < needed:
                 if teacher_batch_size:
@@ -96,7 +79,7 @@ def plan_epoch(shard_set: ShardSet, epoch: int, batch_size: int, rank: int, worl
                 items.append(WorkItem(shard, aug_seed, start, stop))
                 offset += stop - start
                 start = stop
-    return EpochPlan(epoch, seeds, units, items, steps, samples)
+    return EpochPlan(epoch, seeds, items, steps, samples)
 
 
 def _plan_repeated(shard_set: ShardSet, epoch: int, batch_size: int, rank: int, world_size: int, seed: int,
@@ -107,8 +90,8 @@ def _plan_repeated(shard_set: ShardSet, epoch: int, batch_size: int, rank: int, 
     plan = plan_repeated_epoch(shard_set.shard_counts, epoch, batch_size, rank, world_size, seed, num_seeds,
                                repeated_aug, max_steps)
     items = [item for step in plan.steps for item in step]
-    units = list(dict.fromkeys((item.shard, item.aug_seed) for item in items))
-    return EpochPlan(epoch, plan.aug_seeds, units, items, plan.num_steps, [plan.num_steps * batch_size] * world_size)
+    steps = len(plan.steps)
+    return EpochPlan(epoch, plan.aug_seeds, items, steps, [steps * batch_size] * world_size)
 
 
 # ----------------------------------------------------------------------------- work items
@@ -127,67 +110,36 @@ class _ItemDataset(Dataset):
         return replay_item(self.shard_set, self.items[index], self.recipe, self._keys)
 
 
-def _as_is(item: ReplayItem) -> ReplayItem:
-    return item
-
-
 def iter_items(shard_set: ShardSet, items: list[WorkItem], recipe: AugRecipe,
                workers: int = 0, pin_memory: bool = False) -> Iterator[ReplayItem]:
-    if workers <= 0:
-        keys_cache: dict[int, list[str]] = {}
-        for item in items:
-            yield replay_item(shard_set, item, recipe, keys_cache)
-        return
-    loader = DataLoader(_ItemDataset(shard_set, items, recipe), batch_size=None, shuffle=False,
-                        num_workers=min(workers, len(items)) or 1, collate_fn=_as_is, prefetch_factor=2,
-                        pin_memory=pin_memory, generator=torch.Generator().manual_seed(0))
-    # (own generator: a DataLoader draws its worker base seed from the global RNG otherwise, which
-    # would shift drop path's random stream by the worker setting)
-    yield from loader
+    """The items replayed in plan order by `workers` processes (0: in this one)."""
+    workers = max(0, min(workers, len(items)))
+    # batch_size=None: items come as they are (default_convert leaves a ReplayItem alone). Own generator:
+    # a DataLoader draws its worker base seed from the global RNG otherwise, which would shift drop path's
+    # random stream by the worker setting.
+    return iter(DataLoader(_ItemDataset(shard_set, items, recipe), batch_size=None, num_workers=workers,
+                           prefetch_factor=2 if workers else None, pin_memory=pin_memory,
+                           generator=torch.Generator().manual_seed(0)))
 
 
 # ----------------------------------------------------------------------------- batches
-
-class TeacherSource(Protocol):
-    """Teacher targets for the samples of a work item, given its finished images."""
-
-    def item_targets(self, item: ReplayItem, images: torch.Tensor) -> TeacherTargets: ...
-
 
 @dataclass
 class TrainBatch:
     images: torch.Tensor               # (B, 3, H, W) float32, finished, on the training device
     targets: torch.Tensor              # (B, C) mixed, smoothed true-label targets, on the device
-    teacher: TeacherTargets | None
+    teacher: TeacherTargets | None     # on the device (the teacher sources put them there)
     keys: list[str]
 
 
-@dataclass
-class DataTimer:
-    """Seconds the training loop waited for its next batch (the rest of the epoch is compute)."""
-    wait_s: float = 0.0
-
-    def timed(self, batches: Iterator[TrainBatch]) -> Iterator[TrainBatch]:
-        while True:
-            started = time.perf_counter()
-            batch = next(batches, None)
-            self.wait_s += time.perf_counter() - started
-            if batch is None:
-                return
-            yield batch
-
-
 def train_batches(shard_set: ShardSet, plan: EpochPlan, recipe: AugRecipe, batch_size: int,
-                  teacher: TeacherSource | None = None, workers: int = 0, pin_memory: bool = False,
+                  teacher=None, workers: int = 0, pin_memory: bool = False,
                   device: torch.device | str = "cpu") -> Iterator[TrainBatch]:
-    """Exactly plan.steps batches of batch_size samples for this rank, finished on `device`."""
+    """Exactly plan.steps batches of batch_size samples for this rank, finished on `device`; targets
+    from `teacher.item_targets(item, images)` (student/teachers.py) when a teacher is given."""
     pending: list[TrainBatch] = []
     held, done = 0, 0
-    items = iter_items(shard_set, plan.items, recipe, workers, pin_memory)
-    while done < plan.steps:
-        item = next(items, None)
-        if item is None:
-            break
+    for item in iter_items(shard_set, plan.items, recipe, workers, pin_memory):
         images = finish_item(item, recipe, device)
         # dense targets built on the device from (pinned) labels: no per-step host sync or big copy
         targets = mixed_targets(item.labels.to(device, non_blocking=True),
@@ -203,6 +155,8 @@ def train_batches(shard_set: ShardSet, plan: EpochPlan, recipe: AugRecipe, batch
             held -= batch_size
             done += 1
             yield batch
+        if done == plan.steps:
+            break                # rows and items past the epoch's end are surplus
     if done < plan.steps:
         raise DataPlanError(f"epoch {plan.epoch}: the items gave {done} batches, the plan needs {plan.steps}; "
                             "a shard holds fewer samples than its metadata says - re-run make-shards")

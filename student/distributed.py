@@ -14,7 +14,6 @@ from data_shards.io import resolve_device  # one device rule for both stages
 class DistContext:
     rank: int
     world_size: int
-    local_rank: int
     device: torch.device
 
     @property
@@ -27,16 +26,15 @@ class DistContext:
 
 
 def init_distributed(device: str = "auto") -> DistContext:
-    """Read torchrun's RANK / WORLD_SIZE / LOCAL_RANK; nccl on GPUs, gloo on CPUs."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    """Read torchrun's RANK / WORLD_SIZE; nccl on GPUs, gloo on CPUs."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     dev = resolve_device(device)          # honours LOCAL_RANK like cache-teacher
     if world_size > 1 and not dist.is_initialized():
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
                                 device_id=dev if dev.type == "cuda" else None)
-    return DistContext(rank, world_size, local_rank, dev)
+    return DistContext(rank, world_size, dev)
 
 
 def close_distributed() -> None:

@@ -23,17 +23,13 @@ from .checkpoint import load_checkpoint
 from .data import eval_batches, iter_items, unit_items
 from .errors import StudentError
 from .models import StudentConfig, create_student, is_distilled, student_heads
-from .teachers import load_online_teacher
+from .teachers import CachedTeacher, load_online_teacher
 
 SPLIT = ("both_correct", "student_only", "teacher_only", "both_wrong")   # student (default head) / teacher right
 
 
-def head_names(model) -> list[str]:
-    return ["class", "distillation", "fused"] if is_distilled(model) else ["class"]
-
-
 def head_logits(model, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Logits per head (head_names); a one-head model has only 'class'."""
+    """Logits per head: class, distillation, fused; a one-head model has only 'class'."""
     cls_logits, dist_logits = student_heads(model, images)
     if dist_logits is None:
         return {"class": cls_logits.float()}
@@ -50,20 +46,18 @@ def _hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def evaluate_heads(model, shard_set: ShardSet, recipe: AugRecipe, batch_size: int, device: torch.device,
                    shards: list[int] | None = None, precision: str | None = None):
-    """-> (counts (H, 3): top-1 hits, top-5 hits, samples; head names). Restores train mode."""
-    names, was_training = head_names(model), model.training
+    """-> (counts (H, 3): top-1 hits, top-5 hits, samples; head names). As DeiT's engine, leaves the
+    model in eval mode (train_one_epoch sets train mode)."""
+    names = ["class", "distillation", "fused"] if is_distilled(model) else ["class"]   # as head_logits
     counts = torch.zeros(len(names), 3, dtype=torch.float64, device=device)  # zeros on a rank with no val shard
     model.eval()
-    try:
-        for images, labels, _ in eval_batches(shard_set, recipe, batch_size, shards):
-            with autocast(device, precision):
-                logits = head_logits(model, images.to(device))
-            labels = labels.to(device)
-            for i, name in enumerate(names):
-                counts[i, :2] += _hits(logits[name], labels)
-                counts[i, 2] += len(labels)
-    finally:
-        model.train(was_training)
+    for images, labels, _ in eval_batches(shard_set, recipe, batch_size, shards):
+        with autocast(device, precision):
+            logits = head_logits(model, images.to(device))
+        labels = labels.to(device)
+        for i, name in enumerate(names):
+            counts[i, :2] += _hits(logits[name], labels)
+            counts[i, 2] += len(labels)
     return counts.cpu(), names
 
 
@@ -141,17 +135,13 @@ def cache_agreement(model, shard_set: ShardSet, cache_path: str, aug_seed: int, 
     cache.check_compatible(shard_set, cache.recipe)
     if not 0 <= aug_seed < cache.num_seeds:
         raise StudentError(f"--aug-seed {aug_seed} is not cached (the cache holds seeds 0..{cache.num_seeds - 1})")
-    agree: dict[str, int] = {}
-    in_topk: dict[str, int] = {}
-    n = 0
+    agree, in_topk, n = {}, {}, 0
     items = [item for shard in range(shard_set.num_shards)
              for item in unit_items(shard_set.shard_counts[shard], shard, aug_seed, batch_size)]
-    unit_targets = (None, None)             # one cache read per unit
+    teacher = CachedTeacher(cache, device)          # as training reads it: one read per unit, digests checked
     for item in iter_items(shard_set, items, cache.recipe):
-        if unit_targets[0] != item.shard:
-            unit_targets = (item.shard, cache.read(item.shard, item.aug_seed))
-        t = unit_targets[1].select(item.positions).to(device)
-        logits = head_logits(model, finish_item(item, cache.recipe, device))
+        images = finish_item(item, cache.recipe, device)
+        t, logits = teacher.item_targets(item, images), head_logits(model, images)
         for name, out in logits.items():
             pred = out.argmax(dim=1)
             agree[name] = agree.get(name, 0) + int((pred == t.label).sum())

@@ -17,10 +17,9 @@ from dataclasses import asdict, dataclass, field
 import timm
 import torch
 from timm.layers import resample_abs_pos_embed
-from timm.models import clean_state_dict
 from torch import nn
 
-from data_shards.io import load_weights_only
+from teacher_cache.teacher import read_checkpoint
 
 from .errors import StudentError
 
@@ -53,9 +52,7 @@ class StudentConfig:
     def timm_kwargs(self) -> dict:
         sizes = {"img_size": self.img_size, "patch_size": self.patch_size, "embed_dim": self.embed_dim,
                  "depth": self.depth, "num_heads": self.num_heads}
-        kwargs = {k: v for k, v in sizes.items() if v is not None}
-        kwargs.update(self.model_kwargs)
-        return kwargs
+        return {**{k: v for k, v in sizes.items() if v is not None}, **self.model_kwargs}
 
 
 def create_student(config: StudentConfig, distilled_training: bool = True) -> nn.Module:
@@ -95,19 +92,6 @@ def student_heads(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor,
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The model weights of a checkpoint: ours (key 'model'), DeiT's ('model') or a bare state dict."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint {path} not found")
-    state = load_weights_only(path, CheckpointError, "only plain tensor checkpoints are accepted (no pickled objects)")
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path} holds no state dict (looked at the top level and keys 'model', 'state_dict')")
-    return clean_state_dict(state)          # DDP's "module." (and torch.compile's) prefixes dropped
-
-
 def adapt_pos_embed(state: dict[str, torch.Tensor], model: nn.Module) -> list[str]:
     """Resample an absolute position embedding to the model's patch grid (timm's helper).
 
@@ -134,7 +118,7 @@ def init_from_checkpoint(model: nn.Module, path: str | os.PathLike) -> list[str]
 
     Everything else must match (a missing or misshapen weight is an error naming it).
     """
-    state = read_state_dict(path)
+    state = read_checkpoint(path)[0]        # as stage one reads a teacher: ours, DeiT's, timm's, .safetensors
     notes = adapt_pos_embed(state, model)
     own = model.state_dict()
     heads = ("head.weight", "head.bias", "head_dist.weight", "head_dist.bias")

@@ -71,14 +71,15 @@ def check_seed_budget(epochs: int, num_seeds: int | None, repeated_aug: int, reu
     return message + f"; --reuse-seeds: records repeat every {supported} epoch(s)"
 
 
-def _rng(*parts: object) -> np.random.Generator:
-    return np.random.Generator(np.random.PCG64(text_seed("|".join(["deit-pipeline", "schedule", *map(str, parts)]), 16)))
+def plan_rng(*parts: object) -> np.random.Generator:
+    """Seeded by the text "deit-pipeline|part|...": the same on every rank."""
+    return np.random.Generator(np.random.PCG64(text_seed("|".join(["deit-pipeline", *map(str, parts)]), 16)))
 
 
 def epoch_segments(shard_counts: list[int], epoch: int, repeated_aug: int, seed: int) -> list[tuple[int, int, int]]:
     """The epoch's images: part (epoch mod R) of every shard's mixing order, shards shuffled per group."""
     group, part = divmod(epoch, repeated_aug)
-    order = _rng("shards", seed, group).permutation(len(shard_counts))
+    order = plan_rng("schedule", "shards", seed, group).permutation(len(shard_counts))
     segments = []
     for shard in (int(s) for s in order):
         n = shard_counts[shard]
@@ -89,7 +90,7 @@ def epoch_segments(shard_counts: list[int], epoch: int, repeated_aug: int, seed:
 
 
 def _take(segments: list[tuple[int, int, int]], first: int, count: int) -> list[tuple[int, int, int]]:
-    """Images [first, first+count) of the segment sequence, as sub-segments."""
+    """Images [first, first+count) of the segment sequence, as sub-segments (none when count <= 0)."""
     out, offset = [], 0
     for shard, start, stop in segments:
         n = stop - start
@@ -108,11 +109,6 @@ class RepeatedPlan:
     aug_seeds: list[int]
     steps: list[list[WorkItem]]       # this rank's pieces, step by step, in batch order
     images: int                       # distinct images of the epoch (all ranks)
-    images_per_step: int              # P
-
-    @property
-    def num_steps(self) -> int:
-        return len(self.steps)
 
 
 def plan_epoch(shard_counts: list[int], epoch: int, batch_size: int, rank: int, world_size: int, seed: int,
@@ -136,7 +132,6 @@ def plan_epoch(shard_counts: list[int], epoch: int, batch_size: int, rank: int, 
         pieces = []
         for j, aug_seed in enumerate(seeds):
             first, last = max(lo - j * per_step, 0), min(hi - j * per_step, per_step)
-            pieces += [WorkItem(shard, aug_seed, a, b) for shard, a, b in _take(step_segments, first, last - first)
-                       ] if last > first else []
+            pieces += [WorkItem(shard, aug_seed, a, b) for shard, a, b in _take(step_segments, first, last - first)]
         plan.append(pieces)
-    return RepeatedPlan(epoch, seeds, plan, images, per_step)
+    return RepeatedPlan(epoch, seeds, plan, images)

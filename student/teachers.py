@@ -12,13 +12,9 @@ from pathlib import Path
 import torch
 
 from data_shards import ReplayItem, tensor_digest
-from data_shards.io import load_weights_only
 from teacher_cache.errors import CacheError
 from teacher_cache.targets import TeacherTargets
 from teacher_cache.teacher import load_teacher, teacher_forward
-
-from .checkpoint import CHECKPOINT_FORMAT
-from .models import StudentConfig
 
 
 class ReplayMismatchError(CacheError):
@@ -31,10 +27,10 @@ class CachedTeacher:
     Recorded image digests (stage one records the first samples of each (shard, seed), which
     lie in the unit's first item) are checked on the way, so every unit is verified before
     any of its targets are used."""
+    UNITS_KEPT = 4
 
-    def __init__(self, cache, units_kept: int = 4, device: torch.device | str = "cpu"):
+    def __init__(self, cache, device: torch.device | str = "cpu"):
         self.cache, self.device = cache, torch.device(device)
-        self.units_kept = units_kept
         self._units: OrderedDict[tuple[int, int], TeacherTargets] = OrderedDict()
         self.units_read = 0
         self.digests_checked = 0
@@ -46,7 +42,7 @@ class CachedTeacher:
             # position order, one read; moved to the device once per unit, not per step
             self._units[unit] = _to_device(self.cache.read(item.shard, item.aug_seed), self.device)
             self.units_read += 1
-            while len(self._units) > self.units_kept:
+            while len(self._units) > self.UNITS_KEPT:
                 self._units.popitem(last=False)
         self._units.move_to_end(unit)
         return self._units[unit].select(item.positions.to(self.device, non_blocking=True))
@@ -109,18 +105,10 @@ class OnlineTeacher:
 def load_online_teacher(spec: str, num_classes: int, device, teacher_model: str | None = None):
     """NAME_OR_CHECKPOINT -> teacher in eval mode (stage one's load_teacher).
 
-    A train-student checkpoint (e.g. a teacher trained with --distillation-type none) brings its
-    own architecture and size options; other checkpoints name it inside or need `teacher_model`.
+    A train-student checkpoint (e.g. a teacher trained with --distillation-type none) records its
+    architecture and size options ("arch", "model_kwargs"), which load_teacher reads; other
+    checkpoints name it inside or need `teacher_model`.
     """
-    path = Path(spec)
-    if not path.is_file():
-        return load_teacher(spec, None, num_classes=num_classes, device=device)
-    try:
-        peek = load_weights_only(path)
-    except ValueError:      # load_teacher explains unreadable files
-        peek = None
-    if isinstance(peek, dict) and peek.get("format") == CHECKPOINT_FORMAT:
-        config = StudentConfig.from_dict(peek["student"])
-        return load_teacher(teacher_model or config.model, path, num_classes=num_classes, device=device,
-                            model_kwargs=config.timm_kwargs())
-    return load_teacher(teacher_model, path, num_classes=num_classes, device=device)
+    if Path(spec).is_file():
+        return load_teacher(teacher_model, spec, num_classes=num_classes, device=device)
+    return load_teacher(spec, None, num_classes=num_classes, device=device)

@@ -34,8 +34,8 @@ from data_shards.faults import crash_point
 
 from . import distributed as D
 from .checkpoint import LAST_CHECKPOINT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .data import DataTimer, check_seed_budget, plan_epoch, train_batches
-from .schedule import epochs_supported
+from .data import plan_epoch, train_batches
+from .schedule import check_seed_budget, epochs_supported
 from .errors import StudentError
 from .evaluate import evaluate_heads
 from .losses import DistillationLoss
@@ -189,9 +189,8 @@ def resolve_teacher(cfg: TrainConfig, shard_set: ShardSet, device: torch.device,
 def _cached_teacher(cfg: TrainConfig, shard_set: ShardSet, device: torch.device, log: Logger):
     from teacher_cache.cache import TeacherCache
     cache = TeacherCache.open(cfg.cache)
-    recipe = cache.recipe
-    if cfg.recipe is not None:     # the user asked for a recipe: it has to be the cache's
-        recipe = AugRecipe.from_dict(cfg.recipe)
+    # a recipe the user asked for has to be the cache's
+    recipe = AugRecipe.from_dict(cfg.recipe) if cfg.recipe is not None else cache.recipe
     cache.check_compatible(shard_set, recipe)
     if cfg.num_seeds is not None and cfg.num_seeds != cache.num_seeds:
         raise StudentError(f"--num-seeds {cfg.num_seeds} differs from the cache's {cache.num_seeds} seeds; "
@@ -238,9 +237,8 @@ def check_seed_schedule(cfg: TrainConfig, recipe: AugRecipe, num_seeds: int | No
     if num_seeds:
         log.note(f"a cache of {num_seeds} seeds serves {epochs_supported(num_seeds, cfg.repeated_aug)} epochs at "
                  f"--repeated-aug {cfg.repeated_aug} before a record is used twice")
-    seed_note = check_seed_budget(cfg.epochs, num_seeds, cfg.repeated_aug, cfg.reuse_seeds)
-    if seed_note:
-        log.note(seed_note)
+    if note := check_seed_budget(cfg.epochs, num_seeds, cfg.repeated_aug, cfg.reuse_seeds):
+        log.note(note)
 
 
 def build_student(cfg: TrainConfig, num_classes: int, recipe: AugRecipe, log: Logger):
@@ -335,20 +333,16 @@ def train(cfg: TrainConfig) -> dict:
     """Run (or resume) a training; returns a summary. Works under torchrun or as one process."""
     ctx = D.init_distributed(cfg.device)
     try:
-        return _train(cfg, ctx)
+        run = setup(cfg, ctx)
+        start_epoch, global_step, metrics = resume_or_start(run)
+        for epoch in range(start_epoch, cfg.epochs):
+            metrics, global_step = train_one_epoch(run, epoch, global_step)
+            if run.val_set is not None:
+                metrics["val"] = evaluate(run)
+            save(run, epoch + 1, global_step, metrics)
+            run.log.metrics(metrics)
     finally:
         D.close_distributed()
-
-
-def _train(cfg: TrainConfig, ctx: D.DistContext) -> dict:
-    run = setup(cfg, ctx)
-    start_epoch, global_step, metrics = resume_or_start(run)
-    for epoch in range(start_epoch, cfg.epochs):
-        metrics, global_step = train_one_epoch(run, epoch, global_step)
-        if run.val_set is not None:
-            metrics["val"] = evaluate(run)
-        save(run, epoch + 1, global_step, metrics)
-        run.log.metrics(metrics)
     if isinstance(run.teacher, CachedTeacher):
         run.log.note(f"cache: {run.teacher.units_read} batched unit reads, "
                      f"{run.teacher.digests_checked} image digests verified")
@@ -389,7 +383,7 @@ def train_one_epoch(run: Run, epoch: int, global_step: int) -> tuple[dict, int]:
                             pin_memory=device.type == "cuda", device=device)
     bar = tqdm(total=plan.steps, desc=f"epoch {epoch}", unit="step", disable=not (ctx.is_main and cfg.progress),
                file=sys.stderr, leave=False)
-    for step, batch in enumerate(meter.data_timer.timed(batches)):
+    for step, batch in enumerate(meter.timed(batches)):
         meter.add(train_step(run, batch, global_step), step)
         global_step += 1
         crash_point("train-step")
@@ -406,10 +400,9 @@ def train_one_epoch(run: Run, epoch: int, global_step: int) -> tuple[dict, int]:
 
 def train_step(run: Run, batch, global_step: int):
     """Forward (autocast), DeiT's loss, backward, (clip), optimizer step, EMA; -> the loss parts."""
-    teacher_targets = batch.teacher.to(run.ctx.device) if batch.teacher is not None else None
     with autocast(run.ctx.device, run.precision):
-        outputs = run.train_model(batch.images)          # finished on the device already
-    loss = run.criterion(outputs, batch.targets, teacher_targets)
+        outputs = run.train_model(batch.images)          # batches (teacher targets too) are on the device already
+    loss = run.criterion(outputs, batch.targets, batch.teacher)
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss.total).backward()
     if run.cfg.clip_grad is not None:
@@ -424,21 +417,31 @@ def train_step(run: Run, batch, global_step: int):
 
 class EpochMeter:
     """An epoch's loss sums (total, base, distill), kept on the device between log points (no host sync
-    per step), its first non-finite step, its data wait and its time."""
+    per step), its first non-finite step, the seconds it waited for data (the rest is compute) and its time."""
     NONE = 2**62                           # first_bad when every step was finite
 
     def __init__(self, device: torch.device):
         self.epoch_sums = torch.zeros(3, device=device)
-        self.sums = torch.zeros(3, device=device)            # of the log window
+        self.sums = torch.zeros(3, device=device)            # of the log window (as steps, start)
         self.first_bad = torch.full((), self.NONE, dtype=torch.int64, device=device)
-        self.data_timer, self.epoch_start = DataTimer(), time.perf_counter()
-        self.done, self.steps, self.start = 0, 0, time.perf_counter()
+        self.wait_s, self.epoch_start = 0.0, time.perf_counter()
+        self.steps, self.start = 0, time.perf_counter()
+
+    def timed(self, batches):
+        """The batches, adding the time spent waiting for each to wait_s."""
+        while True:
+            started = time.perf_counter()
+            batch = next(batches, None)
+            self.wait_s += time.perf_counter() - started
+            if batch is None:
+                return
+            yield batch
 
     def add(self, loss, step: int) -> None:
         self.sums += torch.stack([loss.total.detach(), loss.base.detach(), loss.distill.detach()])
         self.first_bad = torch.where(torch.isfinite(loss.total.detach()), self.first_bad,
                                      self.first_bad.clamp(max=step))
-        self.done, self.steps = self.done + 1, self.steps + 1
+        self.steps += 1
 
     def close_window(self, run: Run, epoch: int, step: int) -> tuple[list[float], float]:
         """-> (mean (total, base, distill) over all ranks' window steps, steps/s); stops on a non-finite loss."""
@@ -453,10 +456,10 @@ class EpochMeter:
         return mean, rate
 
     def epoch_metrics(self, run: Run, plan, epoch: int, lr: float) -> dict:
-        ctx, device, done = run.ctx, run.ctx.device, self.done
-        epoch_time, wait = time.perf_counter() - self.epoch_start, self.data_timer.wait_s
+        ctx, device, done = run.ctx, run.ctx.device, plan.steps      # train_batches gives all or raises
+        epoch_time, wait = time.perf_counter() - self.epoch_start, self.wait_s
         steps_per_rank = D.all_gather_rows(torch.tensor([done], dtype=torch.int64), ctx)[:, 0].tolist()
-        totals = (D.all_reduce_sum(self.epoch_sums.clone(), ctx) / max(done * ctx.world_size, 1)).tolist()
+        totals = (D.all_reduce_sum(self.epoch_sums.clone(), ctx) / (done * ctx.world_size)).tolist()
         return {"event": "epoch", "epoch": epoch, "steps": done, "steps_per_rank": steps_per_rank,
                 "samples_per_rank": plan.samples_per_rank, "aug_seeds": plan.aug_seeds,
                 "lr": lr, "loss": totals[0], "loss_base": totals[1], "loss_distill": totals[2],
@@ -494,9 +497,8 @@ def evaluate(run: Run) -> dict:
 
 def save(run: Run, next_epoch: int, global_step: int, metrics: dict) -> None:
     ctx, cfg = run.ctx, run.cfg
-    rng = rng_state(ctx.device)       # every rank's state, so drop path continues exactly
-    rng_rows = {"torch": D.all_gather_rows(rng["torch"], ctx),
-                "cuda": None if rng["cuda"] is None else D.all_gather_rows(rng["cuda"], ctx)}
+    # every rank's RNG state, so drop path continues exactly
+    rng_rows = {k: None if v is None else D.all_gather_rows(v, ctx) for k, v in rng_state(ctx.device).items()}
     if ctx.is_main:
         save_checkpoint(run.checkpoint, {
             "model": run.model.state_dict(), "arch": run.student.model, "student": run.student.to_dict(),
@@ -532,8 +534,7 @@ def restore(run: Run) -> tuple[int, int, dict]:
         run.ema.load_state_dict(ckpt["ema"])
     rows = ckpt["rng"]
     if ckpt["data"]["world_size"] == ctx.world_size:
-        set_rng_state({"torch": rows["torch"][ctx.rank],
-                       "cuda": None if rows["cuda"] is None else rows["cuda"][ctx.rank]}, ctx.device)
+        set_rng_state({k: None if v is None else v[ctx.rank] for k, v in rows.items()}, ctx.device)
     else:
         run.log.note(f"--resume: world size {ckpt['data']['world_size']} -> {ctx.world_size}; the data is dealt "
                      "differently and RNG reseeded, so the run will not match an uninterrupted one")

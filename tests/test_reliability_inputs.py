@@ -115,7 +115,7 @@ def _load_student_teacher(path):
 def test_pickled_checkpoint_is_refused_without_running_it(tmp_path, small_shards, reader):
     """Every checkpoint reader refuses a file whose unpickling would run code, and never runs it."""
     from student.checkpoint import load_checkpoint
-    from student.models import read_state_dict
+    from student.models import init_from_checkpoint
     sentinel = tmp_path / "code-ran"
     evil = tmp_path / "evil.pth"
     torch.save({"model": {"w": torch.zeros(1)}, "extra": Payload(sentinel)}, evil)
@@ -125,7 +125,8 @@ def test_pickled_checkpoint_is_refused_without_running_it(tmp_path, small_shards
                         "--device", "cpu")
         assert result.returncode != 0 and "evil.pth" in result.output
     else:
-        load = {"init-from": read_state_dict, "resume": load_checkpoint, "teacher-online": _load_student_teacher}
+        load = {"init-from": lambda path: init_from_checkpoint(torch.nn.Linear(1, 1), path),
+                "resume": load_checkpoint, "teacher-online": _load_student_teacher}
         with pytest.raises(Exception, match="evil.pth"):
             load[reader](evil)
     assert not sentinel.exists(), "the pickled payload was executed"

@@ -8,8 +8,8 @@ from _student_helpers import RECIPE, one_thread  # noqa: F401 (autouse)
 import tracemalloc
 
 from data_shards import ShardSet, finish_item, make_shards, tensor_digest
-from student.data import (DataPlanError, WorkItem, check_seed_budget, deal_shards, plan_epoch, replay_item,
-                          seeds_for_epoch, train_batches)
+from student.data import DataPlanError, WorkItem, deal_shards, plan_epoch, replay_item, train_batches
+from student.schedule import check_seed_budget, seeds_for_epoch
 from student.teachers import CachedTeacher, ReplayMismatchError
 from teacher_cache.targets import TeacherTargets
 
@@ -44,6 +44,11 @@ def test_shards_are_dealt_the_same_on_every_rank_and_reshuffled_per_epoch():
         deal_shards(6, 7, epoch=0, seed=0)
 
 
+def units(plan) -> list[tuple[int, int]]:
+    """The (shard, aug seed) units a plan replays, in stream order."""
+    return list(dict.fromkeys((item.shard, item.aug_seed) for item in plan.items))
+
+
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_every_rank_gets_the_same_number_of_steps_on_uneven_shards(train_set, world_size):
     for epoch in range(3):
@@ -52,14 +57,14 @@ def test_every_rank_gets_the_same_number_of_steps_on_uneven_shards(train_set, wo
         assert {p.steps for p in plans} == {min(samples) // 64}
         if world_size == 2:
             assert len(set(samples)) == 2          # uneven (one shard holds 193), yet equal steps
-        shards = [s for p in plans for s, _ in p.units]
+        shards = [s for p in plans for s, _ in units(p)]
         assert len(shards) == len(set(shards))     # no shard on two ranks
-        assert {seed for p in plans for _, seed in p.units} == {epoch % 3}
+        assert {seed for p in plans for _, seed in units(p)} == {epoch % 3}
 
 
 def test_surplus_units_are_not_replayed(train_set):
     plan = plan_epoch(train_set, 0, 32, 0, 1, seed=0, num_seeds=None, max_steps=3)
-    assert plan.steps == 3 and len(plan.units) == 1      # 96 samples fit in the first shard
+    assert plan.steps == 3 and len(units(plan)) == 1      # 96 samples fit in the first shard
 
 
 def test_batches_do_not_depend_on_worker_count(train_set):
@@ -101,7 +106,7 @@ def test_one_cache_read_per_unit_and_targets_follow_the_samples(train_set):
         assert batch.teacher.label.tolist() == [position[k] % 10 for k in batch.keys]
         seen += len(batch.keys)
     assert seen == plan.steps * 64
-    assert cache.reads == plan.units and len(set(cache.reads)) == len(cache.reads)
+    assert cache.reads == units(plan) and len(set(cache.reads)) == len(cache.reads)
 
 
 def test_a_replayed_image_that_differs_from_the_recorded_digest_stops(train_set):
@@ -123,7 +128,7 @@ def test_items_are_batch_sized_slices_that_cover_the_stream(train_set):
     plan = plan_epoch(train_set, 0, 100, 0, 1, seed=0, num_seeds=2)
     assert sum(i.stop - i.start for i in plan.items) == plan.steps * 100
     assert all(0 < i.stop - i.start <= 100 for i in plan.items)
-    assert [(i.shard, i.aug_seed) for i in plan.items if i.start == 0] == plan.units
+    assert [(i.shard, i.aug_seed) for i in plan.items if i.start == 0] == units(plan)
     offset = 0
     for item in plan.items:     # no item crosses a batch boundary
         assert offset // 100 == (offset + item.stop - item.start - 1) // 100

@@ -267,3 +267,14 @@ def test_ddp_two_cpu_processes_take_the_same_number_of_steps(setup, tmp_path):
         assert line["val"]["num_samples"] == sum(ShardSet.open(setup["val"]).shard_counts)
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert ckpt["rng"]["torch"].shape[0] == 2 and ckpt["data"]["world_size"] == 2
+
+
+def test_every_train_student_option_reaches_the_config():
+    """train-student builds TrainConfig.from_dict(options), which ignores unknown keys: each option the
+    command does not consume itself must be a key of the config's flat form, or it would be lost."""
+    from pipeline.cli import main
+    consumed = {"input_size", "recipe_source", "aug_overrides", "model_kwargs", "distillation_type", "no_progress",
+                "as_json"}
+    options = {p.name for p in main.commands["train-student"].params} - consumed
+    assert options - set(tiny_config("s", "o").to_dict()) == set()
+    assert {"drop_path", "model", "resume", "teacher_channels_last"} <= options
