@@ -125,15 +125,19 @@ def inspect_cache(path: str | os.PathLike, max_label_records: int = 200_000) -> 
         **_storage(cache, records_done),
         "teacher_quality": _quality({k: sum(r[k] for r in per_seed.values()) for k in STAT_NAMES}),
         "soft_target_tv_bound_by_tau": soft_target_bounds(cache, chosen[:8]),
-        "per_seed": [{"seed": seed, "units_done": sum(1 for u in done if seed in u.seeds),
-                      "units_total": cache.num_shards, "records_checked": int(r["records"]),
-                      "top1_vs_label": _ratio(r["top1"], r["records"]),
-                      "agreement_with_dominant_label": _ratio(r["dominant"], r["records"]),
-                      "mean_topk_mass": _ratio(r["mass"], r["records"])}
-                     for seed, r in sorted(per_seed.items())] +
-                    [{"seed": seed, "units_done": 0, "units_total": cache.num_shards, "records_checked": 0}
-                     for seed in range(cache.num_seeds) if seed not in per_seed],
+        "per_seed": [_seed_row(seed, per_seed.get(seed), done, cache.num_shards) for seed in range(cache.num_seeds)],
     }
+
+
+def _seed_row(seed: int, stats: dict | None, done: list[Unit], num_shards: int) -> dict:
+    """One seed's units done (all of them, sampled or not) and, when sampled, its label statistics."""
+    row = {"seed": seed, "units_done": sum(1 for u in done if seed in u.seeds), "units_total": num_shards,
+           "records_checked": int(stats["records"]) if stats else 0}
+    if stats:
+        row |= {"top1_vs_label": _ratio(stats["top1"], stats["records"]),
+                "agreement_with_dominant_label": _ratio(stats["dominant"], stats["records"]),
+                "mean_topk_mass": _ratio(stats["mass"], stats["records"])}
+    return row
 
 
 def _label_pairs(done: list[Unit], counts: list[int], max_records: int) -> list[tuple[int, int]]:

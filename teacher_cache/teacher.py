@@ -59,19 +59,19 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
     """
     path = Path(path)
     if not path.is_file():
-        raise TeacherError(f"teacher checkpoint {path} not found")
+        raise TeacherError(f"checkpoint {path} not found")
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
-    obj = io.load_weights_only(path, TeacherError, "save the teacher as a state dict of tensors "
+    obj = io.load_weights_only(path, TeacherError, "save the weights as a state dict of tensors "
                                "(or {'model': state_dict}) or as .safetensors")
     if not isinstance(obj, dict):
-        raise TeacherError(f"teacher checkpoint {path} holds a {type(obj).__name__}, not a state dict")
+        raise TeacherError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
     arch = next((obj[k] for k in _ARCH_KEYS if isinstance(obj.get(k), str)), None)
     kwargs = obj.get("model_kwargs") if isinstance(obj.get("model_kwargs"), dict) else {}
     obj = next((obj[k] for k in _STATE_DICT_KEYS if isinstance(obj.get(k), dict)), obj)
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
-        raise TeacherError(f"teacher checkpoint {path} has no tensors (top-level keys: "
+        raise TeacherError(f"checkpoint {path} has no tensors (top-level keys: "
                            f"{', '.join(sorted(map(str, obj))[:8])}); expected a state dict or "
                            "a dict with a 'model' state dict (DeiT's format)")
     return clean_state_dict(tensors), arch, dict(kwargs)   # DDP's / torch.compile's prefixes dropped

@@ -61,6 +61,14 @@ def test_inspect_cache_reports_units_bytes_and_teacher_quality(reference_cache, 
     assert set(info["soft_target_tv_bound_by_tau"].values()) == {0.0}
 
 
+def test_inspect_cache_counts_the_units_of_seeds_it_did_not_sample(reference_cache):
+    from teacher_cache.inspection import inspect_cache
+    info = inspect_cache(reference_cache, max_label_records=1)      # labels read from one (shard, seed) only
+    sampled = [row for row in info["per_seed"] if row["records_checked"]]
+    assert len(sampled) == 1 and len(info["per_seed"]) == SEEDS
+    assert [row["units_done"] for row in info["per_seed"]] == [info["shards"]["num_shards"]] * SEEDS   # all done
+
+
 def test_inspect_cache_lists_missing_units(tmp_path, small_shards, teacher_checkpoint):
     out = tmp_path / "partial"
     cache_teacher(cache_options(small_shards, out, teacher_checkpoint, max_units=4))
