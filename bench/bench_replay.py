@@ -141,6 +141,8 @@ def main(argv=None) -> dict:
     p.add_argument("--repeats", type=int, default=2, help="Alternating rounds; the best of each is reported.")
     p.add_argument("--json", type=Path, default=None, help="Also write the result here.")
     args = p.parse_args(argv)
+    if args.images < args.item_size:
+        p.error(f"--images {args.images} must be at least --item-size {args.item_size} (one work item)")
     torch.set_num_threads(1)
     jpegs = imagenet_like_jpegs(args.images)
     samples = as_samples(jpegs)
