@@ -106,7 +106,8 @@ def inspect_cache_cmd(cache, as_json, max_label_records):
 @click.option("--near-tie-tolerance", type=float, default=NEAR_TIE_TOLERANCE, show_default=True,
               help="A disagreement is a near-tie when the recomputed log-probs of the two classes, and the stored "
                    "and recomputed top-1 log-prob, are within this many nats.")
-@click.option("--max-logprob-diff", type=float, default=None, help="Also fail above this top-k log-prob difference.")
+@click.option("--max-logprob-diff", type=float, default=None,
+              help="Also fail above this top-k log-prob (or tail log-sum-exp) difference, in nats.")
 @click.option("--teacher-checkpoint", type=click.Path(dir_okay=False), default=None,
               help="Where the cache's teacher checkpoint is now, if it moved (its weights must match).")
 @click.option("--device", default="auto", show_default=True)
@@ -128,7 +129,9 @@ def verify_cache_cmd(cache, shards, as_json, **options):
                    f"{'/'.join(map(str, report['channels_last']))})")
         click.echo(f"  argmax agreement {100 * report['argmax_agreement']:.2f}% (min {100 * min_agreement:.2f}%), "
                    f"max top-k log-prob diff {report['max_logprob_diff']:.4g}"
-                   + (f", max logit diff {report['max_logit_diff']:.4g}" if report["max_logit_diff"] is not None else ""))
+                   + (f", max logit diff {report['max_logit_diff']:.4g}" if report["max_logit_diff"] is not None else "")
+                   + (f", max tail log-sum-exp diff {report['max_tail_logsumexp_diff']:.4g}"
+                      if report["max_tail_logsumexp_diff"] is not None else ""))
         click.echo(f"  replay digests {report['digests_checked'] - len(report['digest_mismatches'])}/"
                    f"{report['digests_checked']} match; storage files {report['files_checked'] - len(report['file_hash_mismatches'])}"
                    f"/{report['files_checked']} match their sha256")

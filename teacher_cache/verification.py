@@ -31,7 +31,7 @@ from data_shards.io import file_sha256, resolve_device
 from .build import DIGESTS_PER_SEED, finish_batch
 from .cache import TeacherCache
 from .errors import CacheError
-from .layout import Unit, storage_shard_path
+from .layout import TAIL_LOGSUMEXP, Unit, storage_shard_path
 from .manifest import with_defaults
 from .targets import encode_teacher_logits
 from .teacher import check_precision, load_teacher, teacher_logits
@@ -108,8 +108,8 @@ def verify_cache(path: str | os.PathLike, shards: str | os.PathLike, samples: in
                  teacher_checkpoint: str | None = None, seed: int = 0,
                  near_tie_tolerance: float = NEAR_TIE_TOLERANCE) -> dict:
     """Recompute about `samples` sampled records; "ok" is False on any real mismatch, below `min_agreement`
-    exact argmax agreement (near-ties count as disagreement), on a digest or file-hash mismatch, or above
-    `max_logprob_diff` when given."""
+    exact argmax agreement (near-ties count as disagreement), on a digest or file-hash mismatch, or when a
+    top-k log-prob or tail log-sum-exp differs by more than `max_logprob_diff` (when given)."""
     if samples < 1:
         raise CacheError(f"--samples must be >= 1, got {samples}")
     cache = TeacherCache.open(path)
@@ -126,13 +126,14 @@ def verify_cache(path: str | os.PathLike, shards: str | os.PathLike, samples: in
     tally = found.tally
     agreement = tally["match"] / sum(tally.values())
     ok = (tally["mismatch"] == 0 and agreement >= min_agreement and not found.bad_files and not found.bad_digests
-          and (max_logprob_diff is None or found.max_lp <= max_logprob_diff))
+          and (max_logprob_diff is None or max(found.max_lp, found.max_tail) <= max_logprob_diff))
     return {"cache": str(cache.root), "records": sum(tally.values()), "pairs": len(picks),
             "argmax_agreement": agreement, "near_ties": tally["near-tie"], "mismatches": tally["mismatch"],
             "near_tie_tolerance": near_tie_tolerance, "disagreements": found.examples,
             "pairs_checked": [[p.shard, p.seed] for p in picks], "batch_sizes": sorted({p.batch_size for p in picks}),
             "channels_last": sorted({p.channels_last for p in picks}),
             "max_logprob_diff": found.max_lp, "max_logit_diff": found.max_logit if cache.has_logits else None,
+            "max_tail_logsumexp_diff": found.max_tail if TAIL_LOGSUMEXP in cache.array_names else None,
             "digests_checked": found.digests_checked, "digest_mismatches": found.bad_digests,
             "files_checked": found.files_checked, "file_hash_mismatches": found.bad_files,
             "min_agreement": min_agreement, "max_logprob_diff_allowed": max_logprob_diff,
@@ -151,6 +152,7 @@ class _Findings:
     bad_digests: list[str] = field(default_factory=list)
     max_lp: float = 0.0
     max_logit: float = 0.0
+    max_tail: float = 0.0            # the soft targets' tail summary (top-k mode with K < C)
 
 
 def _verify_pick(cache: TeacherCache, shard_set: ShardSet, model: torch.nn.Module, pick: Pick, precision: str,
@@ -181,6 +183,9 @@ def _verify_pick(cache: TeacherCache, shard_set: ShardSet, model: torch.nn.Modul
                                    "recomputed_argmax": int(recomputed.topk_indices[row, 0]),
                                    "recomputed_gap": float(full_logprobs[row].max() - full_logprobs[row, int(idx[0])])})
         found.max_lp = max(found.max_lp, float((full_logprobs[row, idx].half().float() - lp).abs().max()))
+        if stored.tail_logsumexp is not None:
+            found.max_tail = max(found.max_tail, float((recomputed.tail_logsumexp[row]
+                                                        - stored.tail_logsumexp[pos]).abs().max()))
         if stored.logits is not None:
             found.max_logit = max(found.max_logit, float((recomputed.logits[row] - stored.logits[pos]).abs().max()))
 

@@ -31,15 +31,17 @@ def batch_dependent_teacher(monkeypatch):
 def test_records_are_recomputed_in_their_original_batches(tmp_path, small_shards, teacher_checkpoint,
                                                           batch_dependent_teacher, monkeypatch):
     out = tmp_path / "cache"
-    cache_teacher(cache_options(small_shards, out, teacher_checkpoint, batch_size=7))
+    cache_teacher(cache_options(small_shards, out, teacher_checkpoint, batch_size=7, topk=3))   # a tail of 7 classes
     report = verify_cache(out, small_shards, samples=48, device="cpu")
     assert report["ok"] and report["argmax_agreement"] == 1.0 and report["max_logprob_diff"] == 0.0, report
+    assert report["max_tail_logsumexp_diff"] == 0.0, report
     assert report["batch_sizes"] == [7] and report["channels_last"] == [False]
     assert report["near_ties"] == report["mismatches"] == 0
     # Control: the same check in other batches (what verify-cache did before) does not reproduce the cache.
     monkeypatch.setattr(verification, "unit_batch_settings", lambda cache, unit: (16, False))
     other = verify_cache(out, small_shards, samples=48, device="cpu")
     assert not other["ok"] and other["max_logprob_diff"] > 0.01, other
+    assert other["max_tail_logsumexp_diff"] > 0.01, other
 
 
 def test_near_ties_and_real_mismatches_on_constructed_records():
