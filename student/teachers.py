@@ -99,7 +99,8 @@ class OnlineTeacher:
         if len(item) > self.batch_size:
             raise ValueError(f"an online-teacher item holds {len(item)} samples, more than the teacher batch "
                              f"{self.batch_size}; plan the epoch with teacher_batch_size={self.batch_size}")
-        return teacher_forward(self.model, images, self.topk, self.store_full, self.precision, self.channels_last)
+        targets = teacher_forward(self.model, images, self.topk, self.store_full, self.precision, self.channels_last)
+        return targets.to(images.device)    # stage one's encoder returns them on the CPU; the loss needs them here
 
 
 def load_online_teacher(spec: str, num_classes: int, device, teacher_model: str | None = None):
