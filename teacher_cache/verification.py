@@ -56,7 +56,10 @@ def unit_batch_settings(cache: TeacherCache, unit: Unit) -> tuple[int, bool]:
     channels-last was implicit before it was recorded: on for CUDA devices."""
     record = cache.unit_record(unit)
     batch_size = int(record.get("batch_size") or with_defaults(cache.manifest)["batch_size"])
-    return batch_size, bool(record.get("channels_last", str(record.get("device", "")).startswith("cuda")))
+    channels_last = record.get("channels_last")
+    if channels_last is None:
+        channels_last = str(record.get("device", "")).startswith("cuda")
+    return batch_size, bool(channels_last)
 
 
 def sample_records(cache: TeacherCache, samples: int, seed: int = 0) -> list[Pick]:
