@@ -53,7 +53,7 @@ REPLAY_ALGORITHM_VERSION = 3
 # What each version changed (named when a cache of an older version is refused).
 REPLAY_ALGORITHM_CHANGES = {
     2: "uint8 items finished on the device, noise-bank erasing fill, draft decoding",
-    3: "finishing changed: exact normalisation by a per-channel table, the same bits on every device",
+    3: "finishing changed: exact normalisation by a per-channel table, the same bits on any device",
 }
 
 _INTERPOLATION = {"bicubic": (InterpolationMode.BICUBIC, Image.Resampling.BICUBIC),
@@ -177,13 +177,15 @@ def pixel_library_versions(recipe: AugRecipe | None = None) -> dict[str, str]:
 
 
 def recipe_fingerprint(recipe: AugRecipe) -> str:
-    return fingerprint_of(recipe.to_dict(), pixel_library_versions(recipe), REPLAY_ALGORITHM_VERSION)
+    libraries = pixel_library_versions(recipe)
+    return fingerprint_of(recipe.to_dict(), libraries, REPLAY_ALGORITHM_VERSION)
 
 
 def fingerprint_of(recipe: dict, libraries: dict, algorithm: int) -> str:
     """The fingerprint of a recipe dict (`to_dict`) with these pixel libraries under that replay
     algorithm: also how the algorithm of a manifest that does not record it is found."""
-    return text_sha256(json.dumps({"recipe": recipe, "libraries": libraries, "algorithm": algorithm}, sort_keys=True))
+    blob = {"recipe": recipe, "libraries": libraries, "algorithm": algorithm}
+    return text_sha256(json.dumps(blob, sort_keys=True))
 
 
 def make_rng(fingerprint: str, *parts: object) -> np.random.Generator:
@@ -435,7 +437,8 @@ def normalise_table(mean: tuple, std: tuple, device: str) -> torch.Tensor:
     float64 (NumPy, IEEE) and rounded once to float32. Built once per device (one host-to-device
     copy); the device only indexes it, so its bits cannot depend on the device's arithmetic."""
     values = np.arange(256, dtype=np.float64) / 255.0
-    table = (values[None, :] - np.asarray(mean, dtype=np.float64)[:, None]) / np.asarray(std, dtype=np.float64)[:, None]
+    mean, std = (np.asarray(v, dtype=np.float64)[:, None] for v in (mean, std))
+    table = (values[None, :] - mean) / std
     return torch.from_numpy(table.astype(np.float32)).to(device)
 
 
@@ -450,7 +453,7 @@ def finish_images(images: torch.Tensor, erase: torch.Tensor, recipe: AugRecipe) 
         CUDA divides a tensor by a Python scalar as a multiply by its float32 reciprocal, the CPU
         divides: up to 9.5e-7 apart, measured on an H200.)
       * erasing copies values from `noise_bank` (float32 built by NumPy on the CPU, copied).
-    `erase` is an (N, 5) CPU int64 tensor of (top, left, h, w, bank offset) rows (h=0: no erasing)."""
+    `erase`: an (N, 5) CPU int64 tensor of (top, left, h, w, bank offset) rows (h=0: no erasing)."""
     device = images.device
     n, height, width, _ = images.shape
     table = normalise_table(recipe.mean, recipe.std, str(device))

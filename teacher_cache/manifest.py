@@ -28,8 +28,9 @@ import zarr
 
 from data_shards.io import write_text_atomic
 
-from data_shards.augment import (LATER_FIELD_DEFAULTS, REPLAY_ALGORITHM_CHANGES, REPLAY_ALGORITHM_VERSION,
-                                  RESIZE_KERNEL_KEY, AugRecipe, fingerprint_of, pixel_library_versions)
+from data_shards.augment import (LATER_FIELD_DEFAULTS, REPLAY_ALGORITHM_CHANGES,
+                                  REPLAY_ALGORITHM_VERSION, RESIZE_KERNEL_KEY, AugRecipe,
+                                  fingerprint_of, pixel_library_versions)
 
 from .errors import CacheError
 from .layout import MANIFEST_FILE, SeedGeneration, all_units
@@ -146,10 +147,12 @@ def replay_algorithm(manifest: dict) -> int | None:
     none does, e.g. an edited manifest)."""
     if manifest.get("replay_algorithm") is not None:
         return int(manifest["replay_algorithm"])
+    pixel_keys = set(pixel_library_versions()) | {RESIZE_KERNEL_KEY}
     versions = manifest.get("library_versions") or {}
-    libraries = {k: v for k, v in versions.items() if k in set(pixel_library_versions()) | {RESIZE_KERNEL_KEY}}
+    libraries = {k: v for k, v in versions.items() if k in pixel_keys}
+    recipe, fingerprint = manifest.get("recipe") or {}, manifest.get("recipe_fingerprint")
     for algorithm in range(REPLAY_ALGORITHM_VERSION, 0, -1):
-        if fingerprint_of(manifest.get("recipe") or {}, libraries, algorithm) == manifest.get("recipe_fingerprint"):
+        if fingerprint_of(recipe, libraries, algorithm) == fingerprint:
             return algorithm
     return None
 
@@ -161,12 +164,12 @@ def other_algorithm_message(root: Path, manifest: dict) -> str | None:
     if version is None or version == REPLAY_ALGORITHM_VERSION:
         return None
     if version > REPLAY_ALGORITHM_VERSION:
-        return (f"teacher cache {root} was made with replay algorithm {version}, newer than this version's "
-                f"{REPLAY_ALGORITHM_VERSION}: use a newer deit-pipeline")
-    changes = "; ".join(f"{v}: {REPLAY_ALGORITHM_CHANGES[v]}"
-                        for v in range(version + 1, REPLAY_ALGORITHM_VERSION + 1) if v in REPLAY_ALGORITHM_CHANGES)
-    return (f"teacher cache {root} was made with replay algorithm {version}, this version replays algorithm "
-            f"{REPLAY_ALGORITHM_VERSION} ({changes}): its recorded images do not apply. "
+        return (f"teacher cache {root} was made with replay algorithm {version}, newer than this "
+                f"version's {REPLAY_ALGORITHM_VERSION}: use a newer deit-pipeline")
+    changes = "; ".join(f"{v}: {REPLAY_ALGORITHM_CHANGES[v]}" for v in range(version + 1,
+                        REPLAY_ALGORITHM_VERSION + 1) if v in REPLAY_ALGORITHM_CHANGES)
+    return (f"teacher cache {root} was made with replay algorithm {version}, this version replays "
+            f"algorithm {REPLAY_ALGORITHM_VERSION} ({changes}): its recorded images do not apply. "
             f"Rebuild it (in a new folder) with: {rebuild_command(root, manifest)}")
 
 
@@ -174,18 +177,20 @@ def rebuild_command(root: Path, manifest: dict) -> str:
     """The cache-teacher command line computing the cache of `manifest` anew, into ROOT-replayN."""
     m, teacher = with_defaults(manifest), manifest["teacher"]
     out = Path(root).with_name(f"{Path(root).name}-replay{REPLAY_ALGORITHM_VERSION}")
-    args = ["deit-pipeline", "cache-teacher", "--shards", str(m["shards"]["path"]), "--out", str(out)]
+    args = ["deit-pipeline", "cache-teacher", "--shards", str(m["shards"]["path"]),
+            "--out", str(out)]
     if teacher.get("name"):
         args += ["--teacher", teacher["name"]]
     if teacher.get("checkpoint"):
         args += ["--teacher-checkpoint", teacher["checkpoint"]]
     if teacher.get("model_kwargs"):
         args += ["--teacher-kwargs", json.dumps(teacher["model_kwargs"], sort_keys=True)]
-    args += ["--seeds", str(m["seeds"]), "--seeds-per-unit", str(m["seeds_per_unit"]), "--topk", str(m["topk"]),
-             "--store-logits", m["store_logits"], "--precision", m["precision"], "--batch-size", str(m["batch_size"]),
+    args += ["--seeds", str(m["seeds"]), "--seeds-per-unit", str(m["seeds_per_unit"]),
+             "--topk", str(m["topk"]), "--store-logits", m["store_logits"],
+             "--precision", m["precision"], "--batch-size", str(m["batch_size"]),
              "--channels-last" if m["channels_last"] else "--no-channels-last"]
-    default = AugRecipe().to_dict()        # the recipe: its fields that are not this version's defaults
-    recipe = {k: v for k, v in (m.get("recipe") or {}).items() if default.get(k, LATER_FIELD_DEFAULTS.get(k)) != v}
+    default = {**LATER_FIELD_DEFAULTS, **AugRecipe().to_dict()}   # the recipe: fields off default
+    recipe = {k: v for k, v in (m.get("recipe") or {}).items() if default.get(k) != v}
     if recipe:
         args += ["--recipe", json.dumps(recipe, sort_keys=True)]
     return shlex.join(args)

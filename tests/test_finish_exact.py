@@ -11,27 +11,31 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
-from timm.data.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
+from timm.data.constants import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD,
+                                  IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from data_shards import AugRecipe, ShardSet, finish_item, replay_slice
 from data_shards.augment import NOISE_BANK_SIZE, finish_images
 
-MIXING = AugRecipe(input_size=32, reprob=0.5)     # DeiT's mixing (Mixup and CutMix), erasing every other image
+MIXING = AugRecipe(input_size=32, reprob=0.5)     # DeiT's Mixup and CutMix, erasing at p 0.5
 OTHER_CONSTANTS = ((0.1, 0.2, 0.3), (0.7, 0.11, 0.123))
 
 
 def every_pixel_value() -> torch.Tensor:
-    """(2, 16, 16, 3) uint8: each channel takes every value 0..255, in other places per channel and image."""
+    """(2, 16, 16, 3) uint8: each channel takes every value 0..255, placed differently per channel
+    and image."""
     values = torch.arange(256, dtype=torch.uint8).view(16, 16)
-    return torch.stack([torch.stack([values.roll(7 * c + 100 * n) for c in range(3)], dim=-1) for n in range(2)])
+    return torch.stack([torch.stack([values.roll(7 * c + 100 * n) for c in range(3)], dim=-1)
+                        for n in range(2)])
 
 
 def nearest_float32(q: Fraction) -> np.float32:
     """The float32 nearest to the rational q (ties to even), by exact comparison."""
     f = np.float32(float(q))
     candidates = [np.nextafter(f, np.float32(-np.inf)), f, np.nextafter(f, np.float32(np.inf))]
-    return min(candidates, key=lambda c: (abs(Fraction(float(c)) - q), int(np.array(c).view(np.uint32)) & 1))
+    return min(candidates, key=lambda c: (abs(Fraction(float(c)) - q),
+                                          int(np.array(c).view(np.uint32)) & 1))
 
 
 def reference_normalised(images: np.ndarray, mean, std, exact: bool) -> np.ndarray:
@@ -40,7 +44,8 @@ def reference_normalised(images: np.ndarray, mean, std, exact: bool) -> np.ndarr
     out = np.empty((images.shape[0], 3, *images.shape[1:3]), dtype=np.float32)
     for c in range(3):
         if exact:
-            value = [nearest_float32((Fraction(v, 255) - Fraction(mean[c])) / Fraction(std[c])) for v in range(256)]
+            value = [nearest_float32((Fraction(v, 255) - Fraction(mean[c])) / Fraction(std[c]))
+                     for v in range(256)]
         else:
             value = [np.float32((v / 255 - mean[c]) / std[c]) for v in range(256)]
         out[:, c] = np.asarray(value, dtype=np.float32)[images[..., c]]
@@ -53,8 +58,8 @@ def same_bits(a, b) -> bool:
 
 
 @pytest.mark.parametrize("mean, std", [(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
-                                       (IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD), OTHER_CONSTANTS],
-                         ids=["deit", "inception", "other"])
+                                       (IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD),
+                                       OTHER_CONSTANTS], ids=["deit", "inception", "other"])
 def test_every_pixel_value_of_every_channel_is_normalised_with_one_rounding(mean, std):
     recipe = AugRecipe(input_size=16, mean=mean, std=std)
     images = every_pixel_value()
@@ -62,8 +67,8 @@ def test_every_pixel_value_of_every_channel_is_normalised_with_one_rounding(mean
     assert got.shape == (2, 3, 16, 16) and got.dtype == torch.float32 and got.is_contiguous()
     assert same_bits(got, reference_normalised(images.numpy(), mean, std, exact=False))
     if mean != OTHER_CONSTANTS[0]:
-        # For these constants the float64 value rounded once is also the correctly rounded exact value
-        # (for arbitrary ones it can be one float32 step off, 1 of 768 values for OTHER_CONSTANTS).
+        # For these constants the float64 value rounded once is also the correctly rounded exact
+        # value (for arbitrary ones it can be one float32 step off: 1 of 768 for OTHER_CONSTANTS).
         assert same_bits(got, reference_normalised(images.numpy(), mean, std, exact=True))
 
 
@@ -73,19 +78,21 @@ def mixed_item(digits_shards):
     shard_set = ShardSet.open(digits_shards["train"])
     item = replay_slice(shard_set.read_shard(0), 1, MIXING, 0, 24)
     weights, boxes = item.mix_weights, item.cut_boxes
-    assert (weights[:, 1] > 0).any() and (boxes[:, 1] > boxes[:, 0]).any() and (item.erase[:, 2] > 0).any()
+    assert (weights[:, 1] > 0).any() and (boxes[:, 1] > boxes[:, 0]).any()     # Mixup, CutMix
+    assert (item.erase[:, 2] > 0).any()                                          # erasing
     return item
 
 
 def test_erasing_and_mixing_equal_numpy_float32_arithmetic(mixed_item):
     item, m = mixed_item, len(mixed_item)
     x = reference_normalised(item.images.numpy(), MIXING.mean, MIXING.std, exact=False)
-    bank = np.random.Generator(np.random.PCG64(20240521)).standard_normal(NOISE_BANK_SIZE, dtype=np.float32)
+    bank = np.random.Generator(np.random.PCG64(20240521)).standard_normal(NOISE_BANK_SIZE,
+                                                                          dtype=np.float32)
     for n, (top, left, h, w, offset) in enumerate(item.erase.tolist()):
         if h > 0:
             x[n, :, top:top + h, left:left + w] = bank[offset:offset + 3 * h * w].reshape(3, h, w)
     w = item.mix_weights.numpy()[:, :, None, None, None]
-    expected = x[:m] * w[:, 0] + x[1:m + 1] * w[:, 1]          # float32 * float32, then + : rounded per op
+    expected = x[:m] * w[:, 0] + x[1:m + 1] * w[:, 1]    # float32 *, *, then +: one rounding each
     for k, (yl, yh, xl, xh) in enumerate(item.cut_boxes.tolist()):
         expected[k, :, yl:yh, xl:xh] = x[k + 1, :, yl:yh, xl:xh]
     assert expected.dtype == np.float32
@@ -93,10 +100,11 @@ def test_erasing_and_mixing_equal_numpy_float32_arithmetic(mixed_item):
 
 
 # Ops whose result is the same bits on any device: views, copies, gathers, allocation ...
-EXACT_OPS = {"aten.view.default", "aten._unsafe_view.default", "aten.permute.default", "aten.select.int",
-             "aten.slice.Tensor", "aten.alias.default", "aten.expand.default", "aten.empty.memory_format",
-             "aten.empty_strided.default", "aten._to_copy.default", "aten.copy_.default", "aten.clone.default",
-             "aten.index_select.default", "aten.index.Tensor", "aten.gather.default", "aten.take.default",
+EXACT_OPS = {"aten.view.default", "aten._unsafe_view.default", "aten.permute.default",
+             "aten.select.int", "aten.slice.Tensor", "aten.alias.default", "aten.expand.default",
+             "aten.empty.memory_format", "aten.empty_strided.default", "aten._to_copy.default",
+             "aten.copy_.default", "aten.clone.default", "aten.index_select.default",
+             "aten.index.Tensor", "aten.gather.default", "aten.take.default",
              "aten.lift_fresh.default", "aten.detach.default"}
 # ... and single IEEE float operations between two tensors (one rounding each, in separate kernels).
 ELEMENTWISE_OPS = {"aten.mul.Tensor", "aten.add.Tensor"}
@@ -135,9 +143,9 @@ def test_finishing_runs_only_ops_that_are_exact_on_every_device(mixed_item):
         finish_item(mixed_item, MIXING)
     assert device_dependent_ops(recorded.calls) == []
     names = {name for name, _, _ in recorded.calls}
-    assert "aten.index_select.default" in names and "aten.mul.Tensor" in names    # the path ran: lookup, blend
-    # The checker itself: a division by a Python float (what CUDA turns into a reciprocal multiply), a
-    # subtraction and a multiply by a Python float are caught; a tensor-tensor add is not.
+    assert "aten.index_select.default" in names and "aten.mul.Tensor" in names   # lookup, blend ran
+    # The checker itself: a division by a Python float (what CUDA turns into a reciprocal multiply),
+    # a subtraction and a multiply by a Python float are caught; a tensor-tensor add is not.
     a, b = torch.ones(2, 3), torch.ones(3)
     with RecordOps() as control:
         a / 255.0, a - b, a * 0.5, a + b
