@@ -13,10 +13,13 @@ shards them, then
      mismatches fail).
 
     python bench/gpu_cache_verify.py            # GPU defaults: 4,096 JPEGs, RegNetY-16GF, bf16
+    python bench/gpu_cache_verify.py --samples 128 --cpu-samples 16 --cpu-precision fp32  # < 10 min
     python bench/gpu_cache_verify.py --smoke    # the same steps at toy sizes on the CPU (< 1 min)
 
-With --smoke (or without CUDA) every "GPU" step runs on the CPU, so step 1 and the GPU verify
-compare the CPU with itself; the output says so. Writes --results (default
+With --smoke (or --device cpu) every "GPU" step runs on the CPU, so step 1 and the GPU verify
+compare the CPU with itself; the output says so. The CPU verify-cache recomputes whole batches
+of the cache's batch size (256) in its precision (bf16; --cpu-precision fp32 if the host's
+CPU lacks fast bf16), hence few samples. Writes --results (default
 bench/results/gpu_cache_verify.json; with --smoke, WORKDIR/gpu_cache_verify.json) and prints a
 markdown row. Exit status 1 when finishing differs or either verify-cache fails.
 Steps are functions (make_data, finish_equality, build_cache, verify_on) for other scripts.
@@ -116,9 +119,11 @@ def build_cache(work: Path, shards: Path, args, device: torch.device) -> dict:
             "cache_img_seeds_per_s": rate, "ratio": round(rate / bare, 3) if rate else None}
 
 
-def verify_on(cache: Path, shards: Path, device: torch.device, samples: int) -> dict:
-    """verify-cache of `cache` recomputed on `device` (the cache's precision): the main fields."""
-    report = verify_cache(cache, shards, samples=samples, device=str(device))
+def verify_on(cache: Path, shards: Path, device: torch.device, samples: int,
+              precision: str | None = None) -> dict:
+    """verify-cache of `cache` recomputed on `device` (default: the cache's precision): the main
+    fields of its report."""
+    report = verify_cache(cache, shards, samples=samples, device=str(device), precision=precision)
     return {k: report[k] for k in VERIFY_KEYS}
 
 
@@ -144,6 +149,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.add_argument("--" + name.replace("_", "-"), type=type(value), default=None,
                        help=f"[default: {value}; --smoke: {SMOKE_SIZES[name]}]")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    p.add_argument("--cpu-precision", default=None, choices=["fp32", "bf16"],
+                   help="Precision of the CPU verify-cache [default: the cache's].")
     p.add_argument("--workdir", default=None)
     p.add_argument("--results", default=None)
     args = p.parse_args(argv)
@@ -175,8 +182,9 @@ def main(argv=None) -> dict:
           f"ratio {stage_one['ratio']}", flush=True)
     verify = {}
     cpu = torch.device("cpu")
-    for name, where, samples in (("device", device, args.samples), ("cpu", cpu, args.cpu_samples)):
-        verify[name] = v = verify_on(work / "cache", shards, where, samples)
+    for name, where, samples, precision in (("device", device, args.samples, None),
+                                            ("cpu", cpu, args.cpu_samples, args.cpu_precision)):
+        verify[name] = v = verify_on(work / "cache", shards, where, samples, precision)
         print(verify_line(v), flush=True)
     settings = ("images", "classes", "teacher", "input_size", "seeds", "batch_size", "precision",
                 "channels_last", "workers")
