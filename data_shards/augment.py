@@ -7,7 +7,8 @@ Here every random choice is drawn from ONE explicit generator
     rng(recipe fingerprint, "sample", key, aug_seed)        (NumPy PCG64, seeded by sha256)
 
 and the image operations themselves are timm's (RandAugment ops) and torchvision's
-(resized_crop, horizontal_flip, normalize, erase), applied with those explicit parameters.
+(resized_crop, horizontal_flip, erase), applied with those explicit parameters; normalisation is an
+exact table lookup (`finish_images`: the same bits on every device).
 The parameter maths mirrors timm / torchvision line by line (cited at each step).
 
 Mixup / CutMix replay rule (documented contract shared by stage one and stage two):
@@ -48,7 +49,12 @@ from torchvision.transforms.v2 import functional as TF
 from .io import text_seed, text_sha256
 
 # Bump when the parameter maths or the draw order changes: old caches must stop matching.
-REPLAY_ALGORITHM_VERSION = 2   # 2: uint8 items finished on the device, noise-bank erasing fill, draft decoding
+REPLAY_ALGORITHM_VERSION = 3
+# What each version changed (named when a cache of an older version is refused).
+REPLAY_ALGORITHM_CHANGES = {
+    2: "uint8 items finished on the device, noise-bank erasing fill, draft decoding",
+    3: "finishing changed: exact normalisation by a per-channel table, the same bits on any device",
+}
 
 _INTERPOLATION = {"bicubic": (InterpolationMode.BICUBIC, Image.Resampling.BICUBIC),
                   "bilinear": (InterpolationMode.BILINEAR, Image.Resampling.BILINEAR)}
@@ -171,8 +177,15 @@ def pixel_library_versions(recipe: AugRecipe | None = None) -> dict[str, str]:
 
 
 def recipe_fingerprint(recipe: AugRecipe) -> str:
-    return text_sha256(json.dumps({"recipe": recipe.to_dict(), "libraries": pixel_library_versions(recipe),
-                                   "algorithm": REPLAY_ALGORITHM_VERSION}, sort_keys=True))
+    libraries = pixel_library_versions(recipe)
+    return fingerprint_of(recipe.to_dict(), libraries, REPLAY_ALGORITHM_VERSION)
+
+
+def fingerprint_of(recipe: dict, libraries: dict, algorithm: int) -> str:
+    """The fingerprint of a recipe dict (`to_dict`) with these pixel libraries under that replay
+    algorithm: also how the algorithm of a manifest that does not record it is found."""
+    blob = {"recipe": recipe, "libraries": libraries, "algorithm": algorithm}
+    return text_sha256(json.dumps(blob, sort_keys=True))
 
 
 def make_rng(fingerprint: str, *parts: object) -> np.random.Generator:
@@ -419,20 +432,35 @@ def augment_uint8(data: bytes, key: str, aug_seed: int, recipe: AugRecipe, finge
 
 
 @functools.lru_cache(maxsize=16)
-def _mean_std(mean: tuple, std: tuple, device: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Built once per device: torch.tensor(list, device='cuda') is a blocking host-to-device copy."""
-    return tuple(torch.tensor(v, dtype=torch.float32, device=device).view(1, 3, 1, 1) for v in (mean, std))
+def normalise_table(mean: tuple, std: tuple, device: str) -> torch.Tensor:
+    """(3, 256) float32: row c, column v = ((v / 255) - mean[c]) / std[c], computed on the CPU in
+    float64 (NumPy, IEEE) and rounded once to float32. Built once per device (one host-to-device
+    copy); the device only indexes it, so its bits cannot depend on the device's arithmetic."""
+    values = np.arange(256, dtype=np.float64) / 255.0
+    mean, std = (np.asarray(v, dtype=np.float64)[:, None] for v in (mean, std))
+    table = (values[None, :] - mean) / std
+    return torch.from_numpy(table.astype(np.float32)).to(device)
 
 
 def finish_images(images: torch.Tensor, erase: torch.Tensor, recipe: AugRecipe) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> (N, 3, H, W) float32: scale, normalise, erase; on images.device.
 
-    Plain elementwise ops only, so CPU and CUDA give the same bits. `erase` is an (N, 5) CPU
-    int64 tensor of (top, left, h, w, bank offset) rows (h=0: no erasing)."""
+    The same bits on every device, by construction (tested on the CPU against NumPy, op by op):
+      * scale + normalise (torchvision's to_dtype(scale=True) + normalize, in one step) is a
+        lookup in `normalise_table`, built on the CPU in float64 and rounded once: per channel,
+        a uint8 -> int32 conversion (exact), `index_select` (a gather: copies table values) and a
+        strided copy into the output. No float arithmetic runs on the device. (Why not arithmetic:
+        CUDA divides a tensor by a Python scalar as a multiply by its float32 reciprocal, the CPU
+        divides: up to 9.5e-7 apart, measured on an H200.)
+      * erasing copies values from `noise_bank` (float32 built by NumPy on the CPU, copied).
+    `erase`: an (N, 5) CPU int64 tensor of (top, left, h, w, bank offset) rows (h=0: no erasing)."""
     device = images.device
-    x = images.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
-    mean, std = _mean_std(recipe.mean, recipe.std, str(device))
-    x = x.div_(255.0).sub_(mean).div_(std)          # torchvision to_dtype(scale=True) + normalize
+    n, height, width, _ = images.shape
+    table = normalise_table(recipe.mean, recipe.std, str(device))
+    x = torch.empty((n, 3, height, width), dtype=torch.float32, device=device)
+    for c in range(3):
+        indices = images[..., c].to(torch.int32).reshape(-1)
+        x[:, c] = table[c].index_select(0, indices).view(n, height, width)
     for index, (top, left, h, w, offset) in enumerate(erase.tolist()):
         if h > 0:     # the bank is built on first use, once per device
             x[index, :, top:top + h, left:left + w] = noise_bank(device)[offset:offset + 3 * h * w].view(3, h, w)
@@ -614,8 +642,19 @@ def finish_item(item: ReplayItem, recipe: AugRecipe, device: torch.device | str 
 
     Normalise and erase every augmented image (`finish_images`), then mix sample k with image
     k+1 of the item: x*w0 + partner*w1 for Mixup (w = (1, 0) otherwise), then paste the CutMix
-    box. Only elementwise ops and copies: the same bits on CPU and CUDA. The small parameter
-    tensors stay on the host (no device syncs); only images and weights move.
+    box. The small parameter tensors stay on the host (no device syncs); only images and weights
+    move. The same bits on every device, by construction; every op and why it is exact:
+      * host-to-device copies of the uint8 images and the float32 weights (rounded once on the
+        host by `replay_slice`): copies;
+      * `finish_images`: table lookups and copies, no device arithmetic (see there);
+      * the blend: two tensor-by-tensor multiplies and one tensor-tensor add, each its own
+        elementwise kernel, so each result is one IEEE round-to-nearest float32 operation on any
+        device (nothing to fuse into a multiply-add across kernels; add's alpha is 1, and
+        a + 1*b is a + b even if a kernel contracts it). No division, no Python-scalar operand
+        (CUDA turns a scalar divisor into a reciprocal multiply). Denormals are kept on CPU and
+        CUDA by default; torch.set_flush_denormal(True) would break equality for tiny weights;
+      * the CutMix paste: a strided copy.
+    tests/test_finish_exact.py checks the values against NumPy and the ops against an allowlist.
     """
     device = torch.device(device) if device is not None else item.images.device
     images = item.images.to(device, non_blocking=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import platform
 import socket
 import time
 import uuid
@@ -140,6 +141,34 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if device.type == "cuda" and device.index is None:   # plain "cuda": this rank's GPU
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
     return device
+
+
+def device_kind(device: str | torch.device) -> str:
+    """What kind of device computes on `device`, as unit records note it: for CUDA the GPU's name
+    and compute capability ("cuda NVIDIA H200 sm_90"), for the CPU its architecture and torch's
+    kernel capability ("cpu x86_64 AVX2"). A model's float results may differ between kinds."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"cuda {torch.cuda.get_device_name(device)} sm_{major}{minor}"
+    if device.type == "cpu":
+        return f"cpu {platform.machine()} {torch.backends.cpu.get_cpu_capability()}"
+    return device.type
+
+
+def recorded_device_kind(record: dict) -> str:
+    """The device kind a record was computed on; records written before kinds were noted give
+    only their device type ("cuda", "cpu"), which `same_device_kind` matches on the type alone
+    ("": no device noted at all)."""
+    return record.get("device_kind") or str(record.get("device") or "").split(":")[0]
+
+
+def same_device_kind(recorded: str, current: str) -> bool:
+    """Whether `current` (a device_kind) is the kind `recorded` names; a bare type matches its type,
+    and an unknown kind ("") counts as the same (the strict case)."""
+    if " " in recorded:
+        return recorded == current
+    return not recorded or recorded == current.split(" ")[0]
 
 
 def autocast(device: torch.device, precision: str | torch.dtype | None):

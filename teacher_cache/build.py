@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from data_shards import (AugRecipe, ReplayItem, ShardSet, WorkItem, finish_item, replay_item, tensor_digest,
                          unit_items)
-from data_shards.io import atomic_path, crash_point, out_folder, resolve_device
+from data_shards.io import atomic_path, crash_point, device_kind, out_folder, resolve_device
 
 from .errors import CacheError
 from .growth import check_not_shrinking, grow_cache
@@ -439,6 +439,8 @@ class _JobRun:
         return {"unit": unit.name, "shard": unit.shard, "seeds": [unit.seed_start, unit.seed_stop - 1],
                 "status": "done", "count": acc.count, "records": acc.expected, "digests": acc.digests,
                 "job": self.job_label, "host": socket.gethostname(), "pid": os.getpid(),
-                "device": str(self.device), "precision": s.precision, "batch_size": s.batch_size,
+                "device": str(self.device),
+                "device_kind": device_kind(self.device),      # verify-cache compares its own
+                "precision": s.precision, "batch_size": s.batch_size,
                 "channels_last": s.channels_last, "items": acc.items, "worker_pids": sorted(acc.worker_pids),
                 "started": acc.started, "finished": time.time(), "seconds": round(time.time() - acc.started, 3)}

@@ -27,7 +27,8 @@ from data_shards import AugRecipe
 from .errors import CacheError
 from .layout import (INDEX_FILE, LOGITS, TAIL_LOGSUMEXP, TOPK_INDICES, TOPK_LOGPROBS, Unit, all_units, array_path,
                      storage_shard_path, unit_json_path, unit_of)
-from .manifest import library_versions, read_manifest, recipe_differences, seed_generations
+from .manifest import (library_versions, other_algorithm_message, read_manifest, recipe_differences,
+                       seed_generations)
 from .targets import TeacherTargets
 
 
@@ -123,6 +124,9 @@ class TeacherCache:
             diffs.append(f"shard layout: cache {self.num_shards} shards of {self.rows_per_shard}, "
                          f"shards {shard_set.num_shards} of {shard_set.rows_per_shard}")
         if recipe is not None and recipe.fingerprint() != self.manifest["recipe_fingerprint"]:
+            message = other_algorithm_message(self.root, self.manifest)
+            if message is not None:
+                raise CacheError(message)
             detail = recipe_differences(self.manifest, {"recipe": recipe.to_dict(),
                                                         "library_versions": library_versions(recipe)})
             diffs.append("augmentation recipe fingerprint: cache "

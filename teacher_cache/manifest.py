@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import socket
 import sys
 import time
@@ -27,7 +28,9 @@ import zarr
 
 from data_shards.io import write_text_atomic
 
-from data_shards.augment import LATER_FIELD_DEFAULTS, RESIZE_KERNEL_KEY, AugRecipe, pixel_library_versions
+from data_shards.augment import (LATER_FIELD_DEFAULTS, REPLAY_ALGORITHM_CHANGES,
+                                  REPLAY_ALGORITHM_VERSION, RESIZE_KERNEL_KEY, AugRecipe,
+                                  fingerprint_of, pixel_library_versions)
 
 from .errors import CacheError
 from .layout import MANIFEST_FILE, SeedGeneration, all_units
@@ -100,6 +103,7 @@ def build_manifest(opts, shard_set, teacher_info: dict, arrays: dict) -> dict:
         "channels_last": opts.channels_last,
         "recipe": opts.recipe.to_dict(),
         "recipe_fingerprint": opts.recipe.fingerprint(),
+        "replay_algorithm": REPLAY_ALGORITHM_VERSION,     # description: the fingerprint covers it
         "shards": {"path": str(Path(shard_set.root).resolve()), "content_hash": shard_set.content_hash,
                    "num_shards": shard_set.num_shards, "shard_counts": shard_set.shard_counts,
                    "rows_per_shard": shard_set.rows_per_shard, "num_samples": sum(shard_set.shard_counts),
@@ -135,6 +139,61 @@ def recipe_differences(existing: dict, wanted: dict) -> list[str]:
             out.append(f"  library {key}: cache {old_lib.get(key)}, this run {new_lib.get(key)} "
                        "(the augmented pixels may differ)")
     return out
+
+
+def replay_algorithm(manifest: dict) -> int | None:
+    """The replay algorithm the cache's images were made with: recorded since algorithm 3; before,
+    the version under which the manifest's recipe and pixel libraries give its fingerprint (None:
+    none does, e.g. an edited manifest)."""
+    if manifest.get("replay_algorithm") is not None:
+        return int(manifest["replay_algorithm"])
+    pixel_keys = set(pixel_library_versions()) | {RESIZE_KERNEL_KEY}
+    versions = manifest.get("library_versions") or {}
+    libraries = {k: v for k, v in versions.items() if k in pixel_keys}
+    recipe, fingerprint = manifest.get("recipe") or {}, manifest.get("recipe_fingerprint")
+    for algorithm in range(REPLAY_ALGORITHM_VERSION, 0, -1):
+        if fingerprint_of(recipe, libraries, algorithm) == fingerprint:
+            return algorithm
+    return None
+
+
+def other_algorithm_message(root: Path, manifest: dict) -> str | None:
+    """Why a cache of another replay algorithm cannot be used, and the command that rebuilds it;
+    None when the cache's algorithm is this version's (or unknown)."""
+    version = replay_algorithm(manifest)
+    if version is None or version == REPLAY_ALGORITHM_VERSION:
+        return None
+    if version > REPLAY_ALGORITHM_VERSION:
+        return (f"teacher cache {root} was made with replay algorithm {version}, newer than this "
+                f"version's {REPLAY_ALGORITHM_VERSION}: use a newer deit-pipeline")
+    changes = "; ".join(f"{v}: {REPLAY_ALGORITHM_CHANGES[v]}" for v in range(version + 1,
+                        REPLAY_ALGORITHM_VERSION + 1) if v in REPLAY_ALGORITHM_CHANGES)
+    return (f"teacher cache {root} was made with replay algorithm {version}, this version replays "
+            f"algorithm {REPLAY_ALGORITHM_VERSION} ({changes}): its recorded images do not apply. "
+            f"Rebuild it (in a new folder) with: {rebuild_command(root, manifest)}")
+
+
+def rebuild_command(root: Path, manifest: dict) -> str:
+    """The cache-teacher command line computing the cache of `manifest` anew, into ROOT-replayN."""
+    m, teacher = with_defaults(manifest), manifest["teacher"]
+    out = Path(root).with_name(f"{Path(root).name}-replay{REPLAY_ALGORITHM_VERSION}")
+    args = ["deit-pipeline", "cache-teacher", "--shards", str(m["shards"]["path"]),
+            "--out", str(out)]
+    if teacher.get("name"):
+        args += ["--teacher", teacher["name"]]
+    if teacher.get("checkpoint"):
+        args += ["--teacher-checkpoint", teacher["checkpoint"]]
+    if teacher.get("model_kwargs"):
+        args += ["--teacher-kwargs", json.dumps(teacher["model_kwargs"], sort_keys=True)]
+    args += ["--seeds", str(m["seeds"]), "--seeds-per-unit", str(m["seeds_per_unit"]),
+             "--topk", str(m["topk"]), "--store-logits", m["store_logits"],
+             "--precision", m["precision"], "--batch-size", str(m["batch_size"]),
+             "--channels-last" if m["channels_last"] else "--no-channels-last"]
+    default = {**LATER_FIELD_DEFAULTS, **AugRecipe().to_dict()}   # the recipe: fields off default
+    recipe = {k: v for k, v in (m.get("recipe") or {}).items() if default.get(k) != v}
+    if recipe:
+        args += ["--recipe", json.dumps(recipe, sort_keys=True)]
+    return shlex.join(args)
 
 
 def _short(value) -> str:
@@ -186,7 +245,12 @@ def create_or_match_manifest(root: Path, wanted: dict) -> tuple[dict, bool]:
 
 
 def refuse_differences(root: Path, existing: dict, wanted: dict) -> None:
-    """CacheError naming every identity field in which `wanted` differs from the cache's manifest."""
+    """CacheError naming every identity field in which `wanted` differs from the cache's manifest
+    (only the replay algorithm and the rebuild command when that differs: nothing else can help)."""
+    if existing.get("recipe_fingerprint") != wanted.get("recipe_fingerprint"):
+        message = other_algorithm_message(root, existing)
+        if message is not None:
+            raise CacheError(message)
     diffs = []
     existing, wanted = with_defaults(existing), with_defaults(wanted)
     for path, label in IDENTITY_FIELDS:

@@ -1,6 +1,7 @@
 """verify-cache recomputes records in the batches that produced them, and tells near-ties from real mismatches."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -79,3 +80,87 @@ def test_a_cache_written_before_batch_size_was_recorded_still_verifies(tmp_path,
         path.write_text(json.dumps(record))
     report = verify_cache(out, small_shards, samples=24, device="cpu")
     assert report["ok"] and report["batch_sizes"] == [16] and report["channels_last"] == [False], report
+
+
+@pytest.fixture
+def flipped_top_two(monkeypatch):
+    """verify-cache's teacher swaps every record's two best logits: each recomputed argmax is the
+    cached second class: a near-tie at a wide tolerance (the two log-probs trade places)."""
+    original = verification.teacher_logits
+
+    def swapped(model, images, precision="fp32", channels_last=False):
+        logits = original(model, images, precision, channels_last)
+        top = logits.topk(2, dim=1).indices
+        return logits.scatter(1, top, logits.gather(1, top.flip(1)))
+
+    monkeypatch.setattr(verification, "teacher_logits", swapped)
+
+
+def with_recorded_device(cache, **fields):
+    """Rewrite every unit record's device fields (None removes one), as another machine would."""
+    for path in (cache / "units").glob("*.json"):
+        record = json.loads(path.read_text())
+        for key, value in fields.items():
+            record.pop(key, None)
+            if value is not None:
+                record[key] = value
+        path.write_text(json.dumps(record))
+
+
+def test_near_ties_fail_on_the_same_kind_of_device_and_are_expected_on_another(
+        tmp_path, reference_cache, small_shards, flipped_top_two):
+    from cli_runner import CLI, run_cli
+    from data_shards.io import device_kind
+
+    cache = tmp_path / "cache"
+    shutil.copytree(reference_cache, cache)
+    kinds = {json.loads(p.read_text())["device_kind"] for p in (cache / "units").glob("*.json")}
+    assert kinds == {device_kind("cpu")}                  # cache-teacher notes its kind of device
+    wide = dict(samples=16, device="cpu", near_tie_tolerance=1e3)
+    same = verify_cache(cache, small_shards, **wide)
+    assert not same["ok"] and same["near_ties"] == same["records"] == 16, same
+    assert same["other_kind_records"] == 0 and same["same_kind_agreement"] == 0.0
+    assert same["recorded_device_kinds"] == [device_kind("cpu")]
+
+    gpu = "cuda NVIDIA H200 sm_90"
+    with_recorded_device(cache, device="cuda:0", device_kind=gpu)          # as if built on a GPU
+    other = verify_cache(cache, small_shards, **wide)
+    assert other["ok"] and other["other_kind_records"] == other["other_kind_near_ties"] == 16, other
+    assert other["argmax_agreement"] == 0.0 and other["same_kind_agreement"] is None
+    assert other["digests_checked"] > 0 and other["digest_mismatches"] == []
+    # The verdict still rests on real mismatches: at the default tolerance the swaps are too wide.
+    assert not verify_cache(cache, small_shards, samples=16, device="cpu")["ok"]
+    result = run_cli([CLI, "verify-cache", cache, "--shards", small_shards, "--samples", 16,
+                      "--device", "cpu", "--near-tie-tolerance", 1000])
+    assert result.returncode == 0, result.output
+    assert (f"16 of 16 records recomputed on {device_kind('cpu')}, not on cache-teacher's {gpu}: "
+            "their 16 near-ties are expected and do not fail") in result.stdout
+
+    # Records from before device kinds were noted: their device type stands in for the kind.
+    with_recorded_device(cache, device="cuda:0", device_kind=None)
+    assert verify_cache(cache, small_shards, **wide)["ok"]
+    with_recorded_device(cache, device="cpu", device_kind=None)
+    assert not verify_cache(cache, small_shards, **wide)["ok"]
+
+
+@pytest.mark.slow
+def test_the_gpu_check_runs_at_toy_sizes_on_the_cpu(tmp_path):
+    """bench/gpu_cache_verify.py --smoke: every step of the GPU check (finishing equality,
+    cache-teacher and the stage-one ratio, verify-cache on the device and on the CPU), CPU only."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "bench" / "gpu_cache_verify.py"
+    run = subprocess.run([sys.executable, str(script), "--smoke", "--workdir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "the GPU steps run on the CPU and compare the CPU with itself" in run.stdout
+    assert "finishing deit: items differing cpu vs cpu: 0/4" in run.stdout
+    assert "finishing fast: items differing cpu vs cpu: 0/4" in run.stdout
+    result = json.loads((tmp_path / "gpu_cache_verify.json").read_text())
+    assert result["smoke"] and result["ratio"] > 0
+    assert result["verify"]["device"]["ok"] and result["verify"]["cpu"]["ok"]
+    cpu = result["verify"]["cpu"]
+    assert cpu["digests_checked"] > 0 and cpu["digest_mismatches"] == []
+    assert run.stdout.splitlines()[-1].startswith("| cpu | test_efficientnet | 8 | fp32")

@@ -123,3 +123,46 @@ def test_other_recipe_teacher_or_class_count_refused(tmp_path, reference_cache, 
     (cache / "manifest.json").write_text(json.dumps(manifest))
     result = run_cli(readers(cache, small_shards, Path("unused"), tmp_path)["train-student"])
     assert_clean_failure(result, "class count", command="train-student")
+
+
+def as_replay_algorithm_2(cache: Path) -> dict:
+    """Make `cache`'s manifest what algorithm 2 wrote: no replay_algorithm, that fingerprint."""
+    from data_shards.augment import fingerprint_of, pixel_library_versions
+
+    manifest = json.loads((cache / "manifest.json").read_text())
+    libraries = {k: manifest["library_versions"][k] for k in pixel_library_versions(RECIPE)}
+    manifest.pop("replay_algorithm")
+    manifest["recipe_fingerprint"] = fingerprint_of(manifest["recipe"], libraries, 2)
+    (cache / "manifest.json").write_text(json.dumps(manifest))
+    return manifest
+
+
+@pytest.mark.slow
+def test_cache_of_an_older_replay_algorithm_refused_with_the_command_that_rebuilds_it(
+        tmp_path, reference_cache, small_shards, student_checkpoint):
+    from cache_fixtures import assert_same_cache
+    from teacher_cache.manifest import read_manifest, replay_algorithm
+
+    current = read_manifest(reference_cache)
+    assert replay_algorithm(current) == 3 == replay_algorithm({**current, "replay_algorithm": None})
+    cache = copy_cache(reference_cache, tmp_path / "cache")
+    assert replay_algorithm(as_replay_algorithm_2(cache)) == 2
+    cmds = readers(cache, small_shards, student_checkpoint, tmp_path)
+    cmds["cache-teacher"] = [CLI, "cache-teacher", "--shards", str(small_shards),
+                             "--out", str(cache), "--device", "cpu"]
+    lines = []
+    for name in ("train-student", "evaluate", "verify-cache", "cache-teacher"):
+        result = run_cli(cmds[name])
+        assert_clean_failure(result, "made with replay algorithm 2", "3: finishing changed",
+                             command=name)
+        assert result.returncode == 2
+        (line,) = [line for line in result.stderr.splitlines() if "replay algorithm 2" in line]
+        lines.append(line)
+    assert len(set(lines)) == 1
+    # The command it names rebuilds the cache: the same as one this version computes from the start.
+    command = lines[0].split("Rebuild it (in a new folder) with: ")[1]
+    assert f"--out {cache}-replay3" in command
+    import shlex
+    rebuilt = run_cli([CLI, *shlex.split(command)[1:]])
+    assert rebuilt.returncode == 0, rebuilt.output
+    assert_same_cache(reference_cache, Path(f"{cache}-replay3"))

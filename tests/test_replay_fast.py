@@ -15,7 +15,8 @@ from PIL import Image
 from conftest import sample_photo_paths
 from data_shards import AugRecipe, ShardSet, replay_slice
 from data_shards import augment
-from data_shards.augment import augment_uint8, make_rng, pixel_library_versions, recipe_fingerprint
+from data_shards.augment import (REPLAY_ALGORITHM_VERSION, augment_uint8, make_rng,
+                                  pixel_library_versions, recipe_fingerprint)
 
 FAST = AugRecipe(resize_backend="torch", rand_augment_interpolation="bilinear")
 PLAIN = AugRecipe(rand_augment=None, reprob=0.0, hflip=0.0)     # crop-resize only
@@ -91,7 +92,8 @@ def test_old_recipe_dicts_keep_their_fingerprint():
                         "reprob", "re_area", "re_aspect", "mixup_alpha", "cutmix_alpha", "mix_prob", "switch_prob",
                         "smoothing", "eval_crop_pct", "decode_draft", "pairing_seeds"}    # as manifests hold them
     # The fingerprint as it was computed before these fields existed.
-    blob = json.dumps({"recipe": old, "libraries": pixel_library_versions(), "algorithm": 2}, sort_keys=True)
+    blob = json.dumps({"recipe": old, "libraries": pixel_library_versions(),
+                       "algorithm": REPLAY_ALGORITHM_VERSION}, sort_keys=True)
     assert AugRecipe.from_dict(old).fingerprint() == hashlib.sha256(blob.encode()).hexdigest()
     assert FAST.to_dict()["resize_backend"] == "torch" and AugRecipe.from_dict(FAST.to_dict()) == FAST
 
