@@ -10,7 +10,8 @@ boxes, bicubic), hflip, and each of RandAugment's five affine ops on the 224x224
 magnitudes drawn as the CPU recipe draws rand-m9-mstd0.5). On the CPU the Pillow / timm
 per-image calls that give the same bytes are timed too. "launches": CUDA kernels per batch
 (torch.profiler) on CUDA; on the CPU the aten ops that would be kernels (views, allocations
-and other metadata-only ops left out): the count a GPU would launch, not a CPU cost.
+and other metadata-only ops left out), run with the GPU's gather chunk size: the count a GPU
+would launch, not a CPU cost (the CPU times use the CPU's smaller chunks).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from timm.data.auto_augment import NAME_TO_OP  # noqa: E402
 
 from data_shards.augment import (_SIGNED_LEVEL, AugRecipe, _rand_augment_hparams,  # noqa: E402
                                  _rrc_params, decode_image)
+from data_shards import device_geometry  # noqa: E402
 from data_shards.device_geometry import (GEOMETRY_OPS, decode_images, hflip,  # noqa: E402
                                          resized_crop)
 
@@ -76,12 +78,18 @@ def timed(fn, device: str, repeats: int) -> float:
 
 
 def launches(fn, device: str) -> int:
+    """Kernels per call; on the CPU counted with the GPU's chunk size (fewer, larger chunks)."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities) as prof:
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
+    cpu_budget = device_geometry.MAX_GATHER_ELEMENTS
+    device_geometry.MAX_GATHER_ELEMENTS = device_geometry.MAX_GATHER_ELEMENTS_CUDA
+    try:
+        with profile(activities=activities) as prof:
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+    finally:
+        device_geometry.MAX_GATHER_ELEMENTS = cpu_budget
     events = prof.events()
     if device == "cuda":
         return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)

@@ -9,14 +9,20 @@ Split of the work (why: the bits must not depend on the batch, its size or its o
     ops, Pillow's float64 interpolation as separate elementwise ops in Pillow's operation order
     (no fused multiply-add, no float reduction).
 A sample's output therefore depends only on its own pixels and parameters. Exactness against
-Pillow 13.0.0 on x86-64 is tested (tests/test_device_geometry.py): resized_crop, hflip and all
-five affine ops, both filters, are bit-identical on the CPU. Assumed, not testable here: that
-the CUDA build evaluates the same IEEE float64 ops identically (no contraction happens across
-separate kernels) and that Pillow's C was compiled without FMA contraction (true of the x86-64
-wheels; an aarch64 build may contract and differ in the last bit of a coordinate).
+Pillow 13.0.0 on x86-64 is tested (tests/test_device_geometry.py): decode (CPU), resized_crop,
+hflip and all five affine ops, both filters, are bit-identical on the CPU, no bound needed.
+Not testable here: CUDA (the same ops, so the same bits are expected: integer sums are exact,
+and separate float64 kernels cannot contract into fused multiply-adds; a test compares CUDA
+with the CPU where a GPU is present). nvJPEG decodes differently from libjpeg-turbo, so
+decoded pixels depend on the device kind. Pillow's C is assumed compiled without FMA
+contraction (true of the x86-64 wheels; an aarch64 build may contract in Geometry.c and differ
+in the last bit of a coordinate). The pass order of crop-resize follows Pillow 13
+(`vertical_first`); Pillow <= 12 gives other bytes for some crops.
 
 Every batched op works in chunks bounded by `max_elements` (gather intermediates), so a batch
-of large images cannot exhaust device memory; chunking never changes a sample's bits.
+of large images cannot exhaust device memory; chunking never changes a sample's bits. On a
+CPU this code is correct but slow (tens of images per second and core, Pillow does hundreds):
+it is built for a GPU, where a batch costs tens of launches per op (bench_device_geometry.py).
 """
 from __future__ import annotations
 
@@ -72,7 +78,7 @@ def _pillow_decode(data: bytes, name: str, device) -> torch.Tensor:
     except Exception as exc:
         raise ValueError(f"sample {name}: cannot decode the image ({type(exc).__name__}: {exc}); "
                          "re-create the shard from a good copy of the file") from None
-    return torch.from_numpy(rgb).permute(2, 0, 1).to(device)
+    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous().to(device)
 
 
 def _decode_jpegs(datas: list[bytes], device) -> list[torch.Tensor | None]:
@@ -87,15 +93,16 @@ def _decode_jpegs(datas: list[bytes], device) -> list[torch.Tensor | None]:
                 [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in batch],
                 mode=torchvision.io.ImageReadMode.RGB, device=device)
     try:
-        return list(run(datas))
+        images = list(run(datas))
     except RuntimeError:      # one bad image fails the list: find which, one at a time
-        out = []
+        images = []
         for data in datas:
             try:
-                out.append(run([data])[0])
+                images.append(run([data])[0])
             except RuntimeError:
-                out.append(None)
-        return out
+                images.append(None)
+    # the CPU decoder's CHW is a view of HWC pixels: one layout for every device
+    return [None if img is None else img.contiguous() for img in images]
 
 
 def _chunks_by_pixels(pixels: Sequence[int], limit: int) -> Iterator[list[int]]:
@@ -115,7 +122,7 @@ def decode_chunks(datas: Sequence[bytes], device: torch.device | str = "cpu",
                   keys: Sequence[str] | None = None, max_pixels: int = DECODE_CHUNK_PIXELS
                   ) -> Iterator[tuple[list[int], list[torch.Tensor], int]]:
     """Decode in chunks of at most `max_pixels` pixels (from the headers): yields (indices,
-    (3, H, W) uint8 images on `device`, Pillow fallbacks in the chunk).
+    contiguous (3, H, W) uint8 images on `device`, Pillow fallbacks in the chunk).
 
     Colour JPEGs go through torchvision.io.decode_jpeg as a list (nvJPEG on CUDA, libjpeg-turbo
     on the CPU: byte-identical to Pillow's full decode there); grey / CMYK JPEGs, other formats
@@ -208,11 +215,11 @@ def resample_coefficients(in_sizes: np.ndarray, out_size: int, interpolation: st
         w = np.where(x < taps, w, 0.0)
         weights[..., x] = w
         total = total + w
-    nonzero = total[..., None] != 0.0                            # if (ww != 0.0) k[x] /= ww
-    weights = np.where(nonzero, weights / np.where(nonzero, total[..., None], 1.0), weights)
-    scaled = weights * (1 << PRECISION_BITS)
-    fixed = np.trunc(np.where(weights < 0, -0.5 + scaled, 0.5 + scaled)).astype(np.int32)
-    return xmin, taps, fixed
+    weights /= np.where(total != 0.0, total, 1.0)[..., None]    # if (ww != 0.0) k[x] /= ww
+    rounding = np.where(weights < 0, -0.5, 0.5)                 # (int)(+-0.5 + k * (1 << 22))
+    weights *= 1 << PRECISION_BITS
+    weights += rounding
+    return xmin, taps, np.trunc(weights, out=weights).astype(np.int32)
 
 
 def _check_boxes(images: Sequence[torch.Tensor], boxes: np.ndarray) -> None:
@@ -254,7 +261,7 @@ def _packed(images: Sequence[torch.Tensor], pad: int) -> tuple[torch.Tensor, np.
         if image.dim() != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
             raise ValueError(f"images must be (3, H, W) uint8 tensors, got {tuple(image.shape)} "
                              f"{image.dtype}")
-    flats = [image.contiguous().view(-1) for image in images]   # decode_jpeg's CPU HWC: a copy
+    flats = [image.contiguous().view(-1) for image in images]   # a copy only if not (3, H, W)
     flats.append(flats[0].new_zeros(pad))
     sizes = np.array([f.numel() for f in flats[:-1]], dtype=np.int64)
     return torch.cat(flats), np.cumsum(sizes) - sizes
