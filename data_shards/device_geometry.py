@@ -19,6 +19,9 @@ contraction (true of the x86-64 wheels; an aarch64 build may contract in Geometr
 in the last bit of a coordinate). The pass order of crop-resize follows Pillow 13
 (`vertical_first`); Pillow <= 12 gives other bytes for some crops.
 
+The five affine ops differ only in their per-sample matrices (`affine_matrices`): one
+`affine_transform` call can run a RandAugment layer's geometric ops for all its samples.
+
 Every batched op works in chunks bounded by `max_elements` (gather intermediates), so a batch
 of large images cannot exhaust device memory; chunking never changes a sample's bits. On a
 CPU this code is correct but slow (tens of images per second and core, Pillow does hundreds):

@@ -252,6 +252,18 @@ def test_geometry_ops_do_not_depend_on_the_batch(photos, digit):
     assert torch.equal(affine_transform(batch, matrices, FILL, "bicubic", max_elements=1), whole)
 
 
+def test_one_affine_call_runs_different_ops_per_sample(photos):
+    """The five ops differ only in their matrices: one affine_transform call with each sample's
+    own op gives every op's bytes (what a RandAugment layer can do for all its samples)."""
+    batch = torch.stack([chw(p.resize((64, 48))) for p in photos] * 3)[:5]
+    names = sorted(GEOMETRY_OPS)
+    args = [drawn_args(name, 1, np.random.default_rng(i)) for i, name in enumerate(names)]
+    matrices = np.concatenate([affine_matrices(name, a, 48, 64) for name, a in zip(names, args)])
+    mixed = affine_transform(batch, matrices, FILL, "bilinear")
+    for k, (name, a) in enumerate(zip(names, args)):
+        assert torch.equal(mixed[k], GEOMETRY_OPS[name](batch[k:k + 1], a, FILL, "bilinear")[0])
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_gives_the_cpu_bytes(photos, digit):
     images, boxes = rrc_batch(photos, digit, 12, seed=11)
