@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -87,8 +88,8 @@ def pillow_rate(name: str, images: list[Image.Image], args: np.ndarray, repeats:
             if name.startswith("Posterize") and row[0] <= 0:
                 Image.new(image.mode, image.size)
             else:
-                args = (float(v) if name in FACTOR_OPS else int(v) for v in row)
-                op(image, *args, fillcolor=FILL)
+                values = (float(v) if name in FACTOR_OPS else int(v) for v in row)
+                op(image, *values, fillcolor=FILL)
     return best_rate(run, len(images), repeats)
 
 
@@ -133,6 +134,7 @@ def main() -> None:
                                              "device_colour.json"))
     opts = parser.parse_args()
     torch.set_num_threads(opts.threads)
+    load_at_start = os.getloadavg()[0]     # timings on a shared machine: how busy it was
     images = photo_batch(opts.batch_size, opts.size)
     arrays = np.stack([np.asarray(im) for im in images])
     batch = torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()
@@ -163,7 +165,8 @@ def main() -> None:
         cells += [str(row["cuda_equals_cpu"])] if "cuda" in devices else []
         print(f"| {name} | {pillow} | " + " | ".join(cells) + " |", flush=True)
     setup = {"batch_size": opts.batch_size, "size": opts.size, "threads": opts.threads,
-             "repeats": opts.repeats, "torch": torch.__version__,
+             "repeats": opts.repeats, "torch": torch.__version__, "cpu_count": os.cpu_count(),
+             "load_average_1min_at_start": load_at_start,
              "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     Path(opts.out).parent.mkdir(parents=True, exist_ok=True)
     Path(opts.out).write_text(json.dumps({"setup": setup, "rows": rows}, indent=1) + "\n")

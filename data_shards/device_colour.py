@@ -90,18 +90,22 @@ def _per_sample(values: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
     return values.to(images.device).view(-1, 1, 1, 1)
 
 
-def _apply_luts(images: torch.Tensor, luts: torch.Tensor) -> torch.Tensor:
+def _values(images: torch.Tensor) -> torch.Tensor:
+    """(N, 3, H*W) int64: the pixel values as indices into per-image, per-channel tables."""
+    n, c, h, w = images.shape
+    return images.reshape(n, c, h * w).long()
+
+
+def _apply_luts(images: torch.Tensor, luts: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """images[n, c] mapped through luts[n, c] ((N, 3, 256) uint8): one gather."""
-    n, c, h, w = images.shape
-    return luts.gather(2, images.reshape(n, c, h * w).long()).view(n, c, h, w)
+    return luts.gather(2, values).view(images.shape)
 
 
-def _histograms(images: torch.Tensor) -> torch.Tensor:
+def _histograms(values: torch.Tensor) -> torch.Tensor:
     """(N, 3, 256) int64 pixel counts per image and channel (Image.histogram), exact."""
-    n, c, h, w = images.shape
-    counts = torch.zeros(n, c, 256, dtype=torch.int64, device=images.device)
-    ones = torch.ones(1, 1, 1, dtype=torch.int64, device=images.device).expand(n, c, h * w)
-    return counts.scatter_add_(2, images.reshape(n, c, h * w).long(), ones)
+    counts = values.new_zeros(values.shape[0], values.shape[1], 256)
+    ones = values.new_ones(1, 1, 1).expand(values.shape)
+    return counts.scatter_add_(2, values, ones)
 
 
 # ----------------------------------------------------------------------------- LUT ops
@@ -118,13 +122,14 @@ def auto_contrast(images: torch.Tensor, args: torch.Tensor | None) -> torch.Tens
     offset = -lo * scale
     lut = torch.trunc(ramp * scale[..., None] + offset[..., None]).clamp_(0, 255)
     lut = torch.where((hi <= lo)[..., None], ramp, lut)      # one value: "don't bother"
-    return _apply_luts(images, lut.to(torch.uint8))
+    return _apply_luts(images, lut.to(torch.uint8), _values(images))
 
 
 @_colour_op(nargs=0)
 def equalize(images: torch.Tensor, args: torch.Tensor | None) -> torch.Tensor:
     """ImageOps.equalize(img): lut[i] = (step // 2 + #pixels below i) // step, all integers."""
-    counts = _histograms(images)
+    values = _values(images)
+    counts = _histograms(values)
     present = counts > 0
     bins = torch.arange(256, device=images.device)
     last_bin = torch.where(present, bins, 0).amax(dim=2, keepdim=True)
@@ -133,7 +138,7 @@ def equalize(images: torch.Tensor, args: torch.Tensor | None) -> torch.Tensor:
     lut = (step // 2 + below) // step.clamp_min(1)
     identity = (present.sum(dim=2, keepdim=True) <= 1) | (step == 0)
     lut = torch.where(identity, bins, lut).clamp_(0, 255)    # Image.point clips (CLIP8)
-    return _apply_luts(images, lut.to(torch.uint8))
+    return _apply_luts(images, lut.to(torch.uint8), values)
 
 
 @_colour_op(nargs=0)
