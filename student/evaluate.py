@@ -87,7 +87,7 @@ def evaluate_checkpoint(checkpoint: str, shards: str, batch_size: int = 128, tea
                            "evaluate on shards of the training classes")
     if teacher and cache:
         raise StudentError("give either --teacher or --cache, not both")
-    teacher_net = load_online_teacher(teacher, num_classes, dev, teacher_model) if teacher else None
+    teacher_net = load_online_teacher(teacher, num_classes, dev, teacher_model, "--teacher") if teacher else None
     hits, teacher_hits, agree, split, n = {}, 0, {}, dict.fromkeys(SPLIT, 0), 0
     for images, labels, _ in eval_batches(shard_set, recipe, batch_size):
         images, labels = images.to(dev), labels.to(dev)
