@@ -110,7 +110,8 @@ def inspect_cache_cmd(cache, as_json, max_label_records):
 @click.argument("cache", type=click.Path(file_okay=False))
 @click.option("--shards", required=True, type=click.Path(file_okay=False), help="The shard folder the cache was computed from.")
 @click.option("--samples", type=COUNT, default=64, show_default=True,
-              help="Random (key, seed) records to recompute with the teacher (every unit's files are checked anyway).")
+              help="Random (key, seed) records to recompute with the teacher (every unit's files are "
+                   "checked anyway).")
 @click.option("--min-agreement", type=PROBABILITY, default=1.0, show_default=True,
               help="Fail below this exact argmax agreement; near-ties count as disagreement (1.0 is expected on "
                    "the same machine and precision). A real mismatch fails at any value.")
@@ -149,39 +150,41 @@ def verify_cache_cmd(cache, shards, as_json, **options):
 
 def format_verification(report: dict) -> str:
     """verify-cache's text report."""
-    lines = [f"verify-cache {report['cache']}: units {report['units_done']}/{report['units_total']} computed, "
-             f"{report['units_missing']} missing"
-             + (" (allowed: --allow-incomplete)" if report["units_missing"] and report["allow_incomplete"] else ""),
-             f"  storage files {report['files_checked'] - len(report['file_hash_mismatches'])}/"
-             f"{report['files_checked']} present and matching their sha256 (every computed unit)"]
-    lines += [f"  missing unit (not computed yet): {name}" for name in report["missing_units"][:5]]
-    lines += [f"  DAMAGED unit {d['unit']}: {d['problem']}" for d in report["damaged_units"][:10]]
-    if report["records"]:
-        lines += _recomputation_lines(report)
+    r = report
+    allowed = " (allowed: --allow-incomplete)" if r["units_missing"] and r["allow_incomplete"] else ""
+    lines = [f"verify-cache {r['cache']}: units {r['units_done']}/{r['units_total']} computed, "
+             f"{r['units_missing']} missing{allowed}",
+             f"  storage files {r['files_checked'] - len(r['file_hash_mismatches'])}/{r['files_checked']} "
+             "present and matching their sha256 (every computed unit)"]
+    lines += [f"  missing unit (not computed yet): {name}" for name in r["missing_units"][:5]]
+    lines += [f"  DAMAGED unit {d['unit']}: {d['problem']}" for d in r["damaged_units"][:10]]
+    if r["records"]:
+        lines += _recomputation_lines(r)
     else:
         lines.append("  no record recomputed (no intact computed unit)")
-    if report["fix"]:
-        lines.append(f"  fix: {report['fix']}")
-    lines.append("  OK" if report["ok"] else "  FAILED")
+    if r["fix"]:
+        lines.append(f"  fix: {r['fix']}")
+    lines.append("  OK" if r["ok"] else "  FAILED")
     return "\n".join(lines)
 
 
-def _recomputation_lines(report: dict) -> list[str]:
-    lines = [f"  recomputed {report['records']} records of {report['pairs']} (shard, seed) pairs on {report['device']} "
-             f"({report['precision']}) in their original batches (batch size "
-             f"{'/'.join(map(str, report['batch_sizes']))}, channels-last {'/'.join(map(str, report['channels_last']))})",
-             f"  argmax agreement {100 * report['argmax_agreement']:.2f}% (min {100 * report['min_agreement']:.2f}%), "
-             f"max top-k log-prob diff {report['max_logprob_diff']:.4g}"
-             + (f", max logit diff {report['max_logit_diff']:.4g}" if report["max_logit_diff"] is not None else "")
-             + (f", max tail log-sum-exp diff {report['max_tail_logsumexp_diff']:.4g}"
-                if report["max_tail_logsumexp_diff"] is not None else ""),
-             f"  replay digests {report['digests_checked'] - len(report['digest_mismatches'])}/"
-             f"{report['digests_checked']} match",
-             f"  real mismatches {report['mismatches']} (always fail), near-ties {report['near_ties']} "
-             f"(within {report['near_tie_tolerance']:g} nats; count as disagreement)"]
-    for item in report["disagreements"][:5]:
+def _recomputation_lines(r: dict) -> list[str]:
+    diffs = f"max top-k log-prob diff {r['max_logprob_diff']:.4g}"
+    if r["max_logit_diff"] is not None:
+        diffs += f", max logit diff {r['max_logit_diff']:.4g}"
+    if r["max_tail_logsumexp_diff"] is not None:
+        diffs += f", max tail log-sum-exp diff {r['max_tail_logsumexp_diff']:.4g}"
+    lines = [f"  recomputed {r['records']} records of {r['pairs']} (shard, seed) pairs on {r['device']} "
+             f"({r['precision']}) in their original batches (batch size {'/'.join(map(str, r['batch_sizes']))}, "
+             f"channels-last {'/'.join(map(str, r['channels_last']))})",
+             f"  argmax agreement {100 * r['argmax_agreement']:.2f}% (min {100 * r['min_agreement']:.2f}%), "
+             + diffs,
+             f"  replay digests {r['digests_checked'] - len(r['digest_mismatches'])}/{r['digests_checked']} match",
+             f"  real mismatches {r['mismatches']} (always fail), near-ties {r['near_ties']} "
+             f"(within {r['near_tie_tolerance']:g} nats; count as disagreement)"]
+    for item in r["disagreements"][:5]:
         lines.append(f"  {item['kind']}: shard {item['shard']} seed {item['seed']} position {item['position']}: "
                      f"cached class {item['cached_argmax']}, recomputed {item['recomputed_argmax']} "
                      f"(recomputed gap {item['recomputed_gap']:.4g} nats)")
-    lines += [f"  replayed image differs from the cached one: {item}" for item in report["digest_mismatches"][:5]]
+    lines += [f"  replayed image differs from the cached one: {item}" for item in r["digest_mismatches"][:5]]
     return lines

@@ -158,7 +158,7 @@ def teacher_and_cache(out: Path, shards: dict[str, Path], settings: DemoSettings
         cache_summary = cache_teacher(CacheOptions(shards["train"], cache_dir, teacher_checkpoint=str(teacher_ckpt),
                                                    seeds=settings.student_epochs, topk=10, recipe=DEMO_RECIPE,
                                                    batch_size=settings.teacher_batch_size, device=settings.device,
-                                                   workers=settings.workers,    # replay off the teacher's core; same bytes
+                                                   workers=settings.workers,    # replay off the teacher's core
                                                    log=lambda message: click.echo(message, err=True)))
     return teacher_ckpt, cache_dir, cache_summary
 

@@ -37,7 +37,7 @@ from data_shards.faults import crash_point
 from . import distributed as D
 from .checkpoint import LAST_CHECKPOINT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import plan_epoch, train_batches
-from .schedule import check_seed_budget, epochs_supported
+from .schedule import check_seed_budget, epochs_supported, seeds_for_epoch
 from .errors import StudentError
 from .evaluate import evaluate_heads
 from .losses import DistillationLoss
@@ -120,27 +120,31 @@ class TrainConfig:
     def check(self) -> None:
         """The ranges train-student parses its options with, for callers that build a TrainConfig
         themselves: StudentError naming the first option out of range, before any work."""
-        whole = [("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1), ("--teacher-topk", self.teacher_topk, 1),
-                 ("--teacher-batch-size", self.teacher_batch_size, 1), ("--repeated-aug", self.repeated_aug, 1),
-                 ("--eval-batch-size", self.eval_batch_size, 1), ("--log-interval", self.log_interval, 1),
-                 ("--num-seeds", self.num_seeds, 1), ("--max-steps-per-epoch", self.max_steps_per_epoch, 1),
-                 ("--workers", self.workers, 0), ("--warmup-epochs", self.warmup_epochs, 0), ("--seed", self.seed, 0)]
+        whole = [("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1),
+                 ("--teacher-topk", self.teacher_topk, 1), ("--teacher-batch-size", self.teacher_batch_size, 1),
+                 ("--repeated-aug", self.repeated_aug, 1), ("--eval-batch-size", self.eval_batch_size, 1),
+                 ("--log-interval", self.log_interval, 1), ("--num-seeds", self.num_seeds, 1),
+                 ("--max-steps-per-epoch", self.max_steps_per_epoch, 1), ("--workers", self.workers, 0),
+                 ("--warmup-epochs", self.warmup_epochs, 0), ("--seed", self.seed, 0)]
         for option, value, low in whole:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
                 raise StudentError(f"{option} must be a whole number >= {low}, got {value!r}")
         unit, positive, non_negative = ((lambda v: 0 <= v <= 1, "in [0, 1]"), (lambda v: v > 0, "> 0"),
                                         (lambda v: v >= 0, ">= 0"))
-        numbers = [("--distillation-alpha", self.distillation_alpha, unit), ("--soft-tail-limit", self.soft_tail_limit, unit),
-                   ("--ema-decay", self.ema_decay, unit), ("--distillation-tau", self.distillation_tau, positive),
+        numbers = [("--distillation-alpha", self.distillation_alpha, unit),
+                   ("--soft-tail-limit", self.soft_tail_limit, unit), ("--ema-decay", self.ema_decay, unit),
+                   ("--distillation-tau", self.distillation_tau, positive),
                    ("--drop-path", self.student.drop_path_rate, (lambda v: 0 <= v < 1, "in [0, 1)")),
                    ("--lr", self.lr, positive), ("--clip-grad", self.clip_grad, positive),
                    ("--min-lr", self.min_lr, non_negative), ("--warmup-lr", self.warmup_lr, non_negative),
                    ("--weight-decay", self.weight_decay, non_negative)]
         for option, value, (ok, form) in numbers:
-            if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value) and ok(value)):
+            finite = isinstance(value, (int, float)) and math.isfinite(value)
+            if value is not None and not (finite and ok(value)):
                 raise StudentError(f"{option} must be a number {form}, got {value!r}")
         if self.distillation_type not in ("none", "soft", "hard"):
-            raise StudentError(f"--distillation-type must be none, soft or hard, got {self.distillation_type!r}")
+            raise StudentError(f"--distillation-type must be none, soft or hard, "
+                               f"got {self.distillation_type!r}")
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -276,16 +280,16 @@ def check_seed_schedule(cfg: TrainConfig, recipe: AugRecipe, num_seeds: int | No
                            "could not share a step); use --repeated-aug 1 or that many pairing seeds in the recipe")
     if not num_seeds:
         return                         # no cache and no --num-seeds: a new seed group every R epochs
-    source = "the cache" if cfg.cache else "--num-seeds"
-    if num_seeds < cfg.repeated_aug:
-        raise StudentError(f"--repeated-aug {cfg.repeated_aug} needs at least {cfg.repeated_aug} seeds (one group), "
-                           f"{source} has {num_seeds}; "
-                           + ("grow the cache (cache-teacher --seeds N)" if cfg.cache else "raise --num-seeds")
+    r, cached = cfg.repeated_aug, bool(cfg.cache)
+    if num_seeds < r:
+        raise StudentError(f"--repeated-aug {r} needs at least {r} seeds (one group), "
+                           f"{'the cache' if cached else '--num-seeds'} has {num_seeds}; "
+                           + ("grow the cache (cache-teacher --seeds N)" if cached else "raise --num-seeds")
                            + " or use --repeated-aug 1")
-    held = f"a cache of {num_seeds} seeds" if cfg.cache else f"--num-seeds {num_seeds}"
-    log.note(f"{held} serves {epochs_supported(num_seeds, cfg.repeated_aug)} epochs at --repeated-aug "
-             f"{cfg.repeated_aug} before a {'record' if cfg.cache else '(image, seed) pair'} is used twice")
-    if note := check_seed_budget(cfg.epochs, num_seeds, cfg.repeated_aug, cfg.reuse_seeds, cached=bool(cfg.cache)):
+    held = f"a cache of {num_seeds} seeds" if cached else f"--num-seeds {num_seeds}"
+    log.note(f"{held} serves {epochs_supported(num_seeds, r)} epochs at --repeated-aug {r} before a "
+             f"{'record' if cached else '(image, seed) pair'} is used twice")
+    if note := check_seed_budget(cfg.epochs, num_seeds, r, cfg.reuse_seeds, cached=cached):
         log.note(note)
 
 
@@ -374,8 +378,8 @@ def create_optimisation(cfg: TrainConfig, model: torch.nn.Module, lr: float, pre
     quiet = _DropLogMessage("Cosine annealing scheduler will have no effect")
     logging.getLogger(CosineLRScheduler.__module__).addFilter(quiet)
     try:
-        scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs, lr_min=cfg.min_lr, warmup_t=cfg.warmup_epochs,
-                                      warmup_lr_init=cfg.warmup_lr, t_in_epochs=True)
+        scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs, lr_min=cfg.min_lr,
+                                      warmup_t=cfg.warmup_epochs, warmup_lr_init=cfg.warmup_lr, t_in_epochs=True)
     finally:
         logging.getLogger(CosineLRScheduler.__module__).removeFilter(quiet)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -421,8 +425,8 @@ def train(cfg: TrainConfig) -> dict:
         run.log.note(f"cache: {run.teacher.units_read} batched unit reads, "
                      f"{run.teacher.digests_checked} image digests verified")
     return {"checkpoint": str(run.checkpoint), "epochs": cfg.epochs, "first_epoch": start_epoch,
-            "epochs_trained": cfg.epochs - start_epoch, "nothing_to_do": False, "global_step": global_step,
-            "metrics": metrics, "world_size": ctx.world_size}
+            "epochs_trained": cfg.epochs - start_epoch, "nothing_to_do": False,
+            "global_step": global_step, "metrics": metrics, "world_size": ctx.world_size}
 
 
 def _checkpoint_to_resume(cfg: TrainConfig) -> dict | None:
@@ -433,18 +437,19 @@ def _checkpoint_to_resume(cfg: TrainConfig) -> dict | None:
         return None
     ckpt = load_checkpoint(path)
     if int(ckpt["epoch"]) > cfg.epochs:
-        raise StudentError(f"--resume: {path} has trained {ckpt['epoch']} epochs, more than --epochs {cfg.epochs}; "
-                           f"pass --epochs {ckpt['epoch']} or more, or use another --out")
+        raise StudentError(f"--resume: {path} has trained {ckpt['epoch']} epochs, more than --epochs "
+                           f"{cfg.epochs}; pass --epochs {ckpt['epoch']} or more, or use another --out")
     return ckpt
 
 
 def _nothing_to_do(cfg: TrainConfig, ckpt: dict, ctx: D.DistContext) -> dict:
-    """The summary of a --resume whose checkpoint is already at --epochs: nothing trained, nothing written."""
+    """The summary of a --resume whose checkpoint is already at --epochs: nothing trained or written."""
+    path = Path(cfg.out) / LAST_CHECKPOINT
     if ctx.is_main:
-        print(f"train-student: --resume: {Path(cfg.out) / LAST_CHECKPOINT} already holds {ckpt['epoch']} epoch(s) "
-              f"of --epochs {cfg.epochs}: nothing left to do (pass a larger --epochs to train further)",
+        print(f"train-student: --resume: {path} already holds {ckpt['epoch']} epoch(s) of --epochs "
+              f"{cfg.epochs}: nothing left to do (pass a larger --epochs to train further)",
               file=sys.stderr, flush=True)
-    return {"checkpoint": str(Path(cfg.out) / LAST_CHECKPOINT), "epochs": cfg.epochs, "first_epoch": int(ckpt["epoch"]),
+    return {"checkpoint": str(path), "epochs": cfg.epochs, "first_epoch": int(ckpt["epoch"]),
             "epochs_trained": 0, "nothing_to_do": True, "global_step": int(ckpt["global_step"]),
             "metrics": dict(ckpt["metrics"]), "world_size": ctx.world_size}
 
@@ -618,25 +623,36 @@ def save(run: Run, next_epoch: int, global_step: int, metrics: dict) -> None:
     D.barrier(ctx)
 
 
+def _seeds_of(num_seeds: int | None, cfg: TrainConfig, ckpt: dict) -> list[list[int]]:
+    """The seeds of the epochs a checkpoint has trained, had it used `num_seeds`."""
+    return [seeds_for_epoch(e, num_seeds, cfg.repeated_aug) for e in range(int(ckpt["epoch"]))]
+
+
 def restore(run: Run) -> tuple[int, int, dict]:
     """Load the checkpoint read by _checkpoint_to_resume into the run; its options must be this run's,
-    except RUN_ONLY_OPTIONS and --epochs (the cosine schedule then spans the new count: noted)."""
+    except RUN_ONLY_OPTIONS, --epochs (the cosine schedule then spans the new count: noted) and a
+    --num-seeds that gives the epochs trained the same seeds."""
     ctx, path, cfg = run.ctx, run.checkpoint, run.cfg
     ckpt, run.resumed = run.resumed, None
     saved, now = ckpt["args"], cfg.to_dict()
     changed = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in now.items()
-               if k not in RUN_ONLY_OPTIONS and k != "epochs" and saved.get(k) != v]
+               if k not in (*RUN_ONLY_OPTIONS, "epochs", "num_seeds") and saved.get(k) != v]
+    old_seeds = saved.get("num_seeds")
+    if old_seeds != cfg.num_seeds and _seeds_of(old_seeds, cfg, ckpt) != _seeds_of(cfg.num_seeds, cfg, ckpt):
+        changed.append(f"num_seeds: checkpoint {old_seeds!r}, now {cfg.num_seeds!r} (the epochs trained "
+                       "would have used other seeds)")
     if changed:
-        raise StudentError(f"--resume from {path}: options differ from the checkpoint's run (" + "; ".join(changed)
-                           + "); rerun with the checkpoint's options or use another --out")
+        raise StudentError(f"--resume from {path}: options differ from the checkpoint's run ("
+                           + "; ".join(changed) + "); rerun with the checkpoint's options or use another --out")
     run.model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["scheduler"])
     if saved.get("epochs") != cfg.epochs:
-        run.scheduler.t_initial = cfg.epochs    # timm's state dict holds the length; the run asks for another
-        run.log.note(f"--resume with --epochs {cfg.epochs} (the checkpoint's run had {saved.get('epochs')}): the "
-                     f"cosine schedule now spans {cfg.epochs} epochs, so the lr of epochs {ckpt['epoch']}.. follows "
-                     f"the new curve (not what an uninterrupted run of either length would use)")
+        run.scheduler.t_initial = cfg.epochs    # timm's state dict holds the old length
+        run.log.note(f"--resume with --epochs {cfg.epochs} (the checkpoint's run had {saved.get('epochs')}): "
+                     f"the cosine schedule now spans {cfg.epochs} epochs, so the lr of epochs "
+                     f"{ckpt['epoch']}.. follows the new curve (not what an uninterrupted run of either "
+                     "length would use)")
     if ckpt["scaler"] is not None:
         run.scaler.load_state_dict(ckpt["scaler"])
     if run.ema is not None and ckpt["ema"] is not None:

@@ -181,6 +181,7 @@ class _Findings:
     files_checked: int = 0
     bad_files: list[str] = field(default_factory=list)
     digests_checked: int = 0
+    digest_pairs: set[tuple[int, int]] = field(default_factory=set)
     bad_digests: list[str] = field(default_factory=list)
     max_lp: float = 0.0
     max_logit: float = 0.0
@@ -199,8 +200,10 @@ def _verify_pick(cache: TeacherCache, shard_set: ShardSet, model: torch.nn.Modul
         found.damaged.setdefault(unit.name, str(exc))
         return
     item, images, digests = _original_batch(shard_set, unit, pick, cache.recipe)
-    found.digests_checked += len(recorded)
-    found.bad_digests += [f"{key}@seed{pick.seed}" for key, d in recorded.items() if digests.get(key) != d]
+    if (pick.shard, pick.seed) not in found.digest_pairs:      # once per pair, however many batches it gives
+        found.digest_pairs.add((pick.shard, pick.seed))
+        found.digests_checked += len(recorded)
+        found.bad_digests += [f"{key}@seed{pick.seed}" for key, d in recorded.items() if digests.get(key) != d]
     model.to(memory_format=torch.channels_last if pick.channels_last else torch.contiguous_format)
     logits = teacher_logits(model, images, precision, channels_last=pick.channels_last)
     recomputed = encode_teacher_logits(logits, cache.topk, cache.has_logits).to("cpu")

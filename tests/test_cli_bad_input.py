@@ -290,6 +290,11 @@ def test_a_classes_file_that_misses_a_label_is_refused(tmp_path):
     assert fixed.returncode == 0, fixed.output
     summary = json.loads(fixed.stdout)
     assert summary["num_samples"] == 8 and summary["num_classes"] == 4 and summary["skipped"] == []
+    # A failure partway (the index is being written aside) over an existing output leaves it untouched.
+    before = file_states(out)
+    classes.write_text("zero\none\n")
+    one_line_error(run_cli([*args, "--overwrite"]), "outside the --classes file's 2 classes")
+    assert file_states(out) == before and [p.name for p in tmp_path.glob(".index@*")] == []
 
 
 def test_make_shards_metadata_is_the_same_bytes_for_any_worker_count(photo_folder, tmp_path):
@@ -395,3 +400,16 @@ def test_readme_synopses_list_every_option():
             if param.param_type_name == "option" and param.opts[0] not in section:
                 missing.append(f"{name} {param.opts[0]}")
     assert missing == []
+
+
+def test_every_guarantee_names_tests_that_exist():
+    """The README's guarantees table: each line names its tests (file::name), and they exist."""
+    tests = Path(__file__).resolve().parent
+    table = (tests.parent / "README.md").read_text().split("## What survives what (guarantees)", 1)[1]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| event")]
+    assert len(rows) >= 20
+    for row in rows:
+        refs = re.findall(r"`(test_\w+\.py)::(test_\w+)`", row.rstrip(" |").rsplit(" | ", 1)[-1])
+        assert refs, row
+        for file, name in refs:
+            assert f"def {name}(" in (tests / file).read_text(), f"{file}::{name}"
