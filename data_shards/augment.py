@@ -198,8 +198,8 @@ def _typed_field(name: str, value, default):
     if name in _NULLABLE_FIELDS and value in (None, ""):
         return None
     if isinstance(default, bool):
-        if value in (0, 1) and not isinstance(value, float):   # True/False, or 0/1 as typed on a command line
-            return bool(value)
+        if value in (0, 1) and not isinstance(value, float):   # kept as given: 0 and False have kept
+            return value                                        # their own fingerprints so far
         raise ValueError
     if isinstance(default, int):
         if isinstance(value, bool) or not isinstance(value, int):

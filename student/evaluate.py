@@ -71,7 +71,11 @@ def load_student(checkpoint, device: torch.device, use_ema: bool = False):
             raise StudentError(f"{checkpoint} has no EMA weights (train with --ema-decay to keep them)")
         state = clean_state_dict(ckpt["ema"])
     model.load_state_dict(state)
-    return model.to(device).eval(), AugRecipe.from_dict(ckpt["recipe"]), ckpt
+    try:
+        recipe = AugRecipe.from_dict(ckpt["recipe"])
+    except (TypeError, ValueError) as exc:
+        raise StudentError(f"{checkpoint}: its recipe is not valid ({exc})") from None
+    return model.to(device).eval(), recipe, ckpt
 
 
 @torch.no_grad()

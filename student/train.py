@@ -142,6 +142,11 @@ class TrainConfig:
             finite = isinstance(value, (int, float)) and math.isfinite(value)
             if value is not None and not (finite and ok(value)):
                 raise StudentError(f"{option} must be a number {form}, got {value!r}")
+        if self.recipe is not None:
+            try:
+                AugRecipe.from_dict(self.recipe)
+            except (TypeError, ValueError) as exc:
+                raise StudentError(f"recipe: {exc}") from None
         if self.distillation_type not in ("none", "soft", "hard"):
             raise StudentError(f"--distillation-type must be none, soft or hard, "
                                f"got {self.distillation_type!r}")

@@ -116,7 +116,7 @@ def resolve_settings(shard_set: ShardSet, existing: dict | None, opts: CacheOpti
         opts, seeds=int(seeds), topk=int(pick("topk", DEFAULT_TOPK)), store_logits=store_logits,
         seeds_per_unit=int(pick("seeds_per_unit", min(int(seeds), DEFAULT_SEEDS_PER_UNIT))),
         precision=pick("precision", "fp32"),
-        recipe=opts.recipe if opts.recipe is not None else AugRecipe.from_dict(old.get("recipe", {})),
+        recipe=opts.recipe if opts.recipe is not None else _recorded_recipe(old),
         batch_size=int(pick("batch_size", DEFAULT_BATCH_SIZE)), channels_last=bool(pick("channels_last", False)),
         **_resolve_teacher(opts, old))
     for option, value in (("--batch-size", settings.batch_size), ("--seeds", settings.seeds),
@@ -126,6 +126,14 @@ def resolve_settings(shard_set: ShardSet, existing: dict | None, opts: CacheOpti
     if not 1 <= settings.topk <= shard_set.num_classes:
         raise CacheError(f"--topk {settings.topk} must be between 1 and the class count {shard_set.num_classes}")
     return replace(settings, seeds_per_unit=min(settings.seeds_per_unit, settings.seeds))
+
+
+def _recorded_recipe(old: dict) -> AugRecipe:
+    """The existing cache's recipe (DeiT's for a new cache)."""
+    try:
+        return AugRecipe.from_dict(old.get("recipe", {}))
+    except (TypeError, ValueError) as exc:
+        raise CacheError(f"the existing cache's manifest.json holds a recipe that is not valid ({exc})") from None
 
 
 def _check_job_options(opts: CacheOptions) -> None:

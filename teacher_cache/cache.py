@@ -58,7 +58,10 @@ class TeacherCache:
     # ------------------------------------------------------------------ description
     @property
     def recipe(self) -> AugRecipe:
-        return AugRecipe.from_dict(self.manifest["recipe"])
+        try:
+            return AugRecipe.from_dict(self.manifest["recipe"])
+        except (TypeError, ValueError) as exc:
+            raise CacheError(f"{self.root / 'manifest.json'}: its recipe is not valid ({exc})") from None
 
     @property
     def seed_generations(self):

@@ -184,7 +184,7 @@ def test_cli_refusal_and_bad_arguments_are_one_clear_line(cache_copy, small_shar
         ([*base, "--out", tmp_path / "a", "--teacher-checkpoint", teacher_checkpoint, "--seeds", 2, "--topk", 11],
          "--topk 11 must be between 1 and the class count 10"),
         ([*base, "--out", tmp_path / "b", "--teacher-checkpoint", teacher_checkpoint, "--seeds", 0],
-         "--seeds must be >= 1"),
+         "Invalid value for '--seeds': 0 is not in the range x>=1"),
         ([*base, "--out", tmp_path / "c", "--teacher-checkpoint", teacher_checkpoint],
          "--seeds S is required"),
         ([*base, "--out", tmp_path / "d", "--teacher-checkpoint", tmp_path / "missing.pth", "--seeds", 2],
