@@ -103,34 +103,32 @@ class AugRecipe:
     rand_augment_interpolation: str | None = None        # RandAugment's affine ops; None: `interpolation`
 
     def __post_init__(self):
-        # Normalise numbers so that (0.35, 1) and (0.35, 1.0) are the same recipe (same fingerprint).
-        for f in self.__dataclass_fields__.values():
-            value = getattr(self, f.name)
-            if isinstance(f.default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
-                object.__setattr__(self, f.name, float(value))
-            elif isinstance(f.default, tuple) and isinstance(value, (tuple, list)):
-                object.__setattr__(self, f.name, tuple(float(v) for v in value))
-        if self.rand_augment == "":
-            object.__setattr__(self, "rand_augment", None)
-        if self.interpolation not in _INTERPOLATION:
-            raise ValueError(f"interpolation must be one of {sorted(_INTERPOLATION)}, got {self.interpolation!r}")
-        if self.rand_augment_interpolation not in (None, *_INTERPOLATION):
-            raise ValueError(f"recipe rand_augment_interpolation must be null or one of {sorted(_INTERPOLATION)}, "
-                             f"got {self.rand_augment_interpolation!r}")
+        # Every field checked for type and range (a message naming the field and its form), and numbers
+        # normalised so that (0.35, 1) and (0.35, 1.0) are the same recipe (same fingerprint).
+        for name in self.__dataclass_fields__:
+            object.__setattr__(self, name, self.check_field(name, getattr(self, name)))
         if self.rand_augment_interpolation == self.interpolation:   # the same pixels: the same fingerprint
             object.__setattr__(self, "rand_augment_interpolation", None)
-        if self.resize_backend not in _RESIZE_BACKENDS:
-            raise ValueError(f"recipe resize_backend must be one of {list(_RESIZE_BACKENDS)}, "
-                             f"got {self.resize_backend!r}")
-        for name in ("hflip", "reprob", "mix_prob", "switch_prob", "smoothing"):
-            value = getattr(self, name)
-            if not 0.0 <= value <= 1.0:
-                raise ValueError(f"recipe {name} must be in [0, 1], got {value}")
-        for name in ("pairing_seeds", "input_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"recipe {name} must be >= 1, got {getattr(self, name)}")
-        if self.rand_augment:
-            parse_rand_augment(self.rand_augment)
+        _check_erasing_fits_noise_bank(self)
+
+    @classmethod
+    def check_field(cls, name: str, value):
+        """`value` of field `name`, normalised; ValueError naming the field and the expected form."""
+        if name not in cls.__dataclass_fields__:
+            raise ValueError(f"unknown recipe field {name!r}; the fields are "
+                             f"{', '.join(cls.__dataclass_fields__)}")
+        form, in_range = RECIPE_FIELD_FORMS.get(name, (None, None))
+        default = cls.__dataclass_fields__[name].default
+        try:
+            value = _typed_field(name, value, default)
+            if value is not None and in_range is not None and not in_range(value):
+                raise ValueError
+        except ValueError as exc:
+            detail = f" ({exc})" if str(exc) else ""
+            shown = list(value) if isinstance(value, tuple) else value
+            raise ValueError(f"recipe field {name} expects {form or _form_of(default)}, got {shown!r}"
+                             f"{detail}") from None
+        return value
 
     @property
     def mixing(self) -> bool:
@@ -153,6 +151,98 @@ class AugRecipe:
     @functools.lru_cache(maxsize=64)     # asked for every sample replayed
     def fingerprint(self) -> str:
         return recipe_fingerprint(self)
+
+
+def _probability(v: float) -> bool:
+    return 0.0 <= v <= 1.0
+
+
+def _rand_augment_ok(v: str) -> bool:
+    parse_rand_augment(v)          # raises ValueError with the reason
+    return True
+
+
+PROBABILITY = "a probability in [0, 1]"
+# Each field's expected form (shown in messages) and its range check; the type comes from the default.
+RECIPE_FIELD_FORMS = {
+    "input_size": ("a whole number >= 1, like 224", lambda v: v >= 1),
+    "scale": ("two numbers 0 < low <= high <= 1, like [0.08, 1]", lambda v: 0 < v[0] <= v[1] <= 1),
+    "ratio": ("two numbers 0 < low <= high, like [0.75, 1.3333]", lambda v: 0 < v[0] <= v[1]),
+    "interpolation": (f"one of {', '.join(map(repr, _INTERPOLATION))}", lambda v: v in _INTERPOLATION),
+    "hflip": (f"{PROBABILITY}, like 0.5", _probability),
+    "rand_augment": ("null or a timm RandAugment string, like 'rand-m9-mstd0.5-inc1'", _rand_augment_ok),
+    "mean": ("three numbers, like [0.485, 0.456, 0.406]", None),
+    "std": ("three numbers > 0, like [0.229, 0.224, 0.225]", lambda v: min(v) > 0),
+    "reprob": (f"{PROBABILITY}, like 0.25", _probability),
+    "re_area": ("two numbers 0 <= low <= high <= 1, like [0.02, 0.3333]", lambda v: 0 <= v[0] <= v[1] <= 1),
+    "re_aspect": ("a number in (0, 1], like 0.3 (erased boxes' aspect ratios lie between it and its inverse)",
+                  lambda v: 0 < v <= 1),
+    "mixup_alpha": ("a number >= 0 (0: no Mixup), like 0.8", lambda v: v >= 0),
+    "cutmix_alpha": ("a number >= 0 (0: no CutMix), like 1.0", lambda v: v >= 0),
+    "mix_prob": (f"{PROBABILITY}, like 1.0", _probability),
+    "switch_prob": (f"{PROBABILITY}, like 0.5", _probability),
+    "smoothing": (f"{PROBABILITY}, like 0.1", _probability),
+    "eval_crop_pct": ("a number in (0, 1], like 0.875", lambda v: 0 < v <= 1),
+    "decode_draft": ("true or false", None),
+    "pairing_seeds": ("a whole number >= 1, like 3", lambda v: v >= 1),
+    "resize_backend": (f"one of {', '.join(map(repr, _RESIZE_BACKENDS))}", lambda v: v in _RESIZE_BACKENDS),
+    "rand_augment_interpolation": (f"null or one of {', '.join(map(repr, _INTERPOLATION))}",
+                                   lambda v: v in _INTERPOLATION),
+}
+_NULLABLE_FIELDS = {"rand_augment", "rand_augment_interpolation"}
+
+
+def _number(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError
+    return float(value)
+
+
+def _typed_field(name: str, value, default):
+    """`value` converted to the type of the field's default (float, int, bool, str, tuple of numbers);
+    ValueError (empty message) when it is not of that form."""
+    if name in _NULLABLE_FIELDS and value in (None, ""):
+        return None
+    if isinstance(default, bool):
+        if value in (0, 1) and not isinstance(value, float):   # kept as given: 0 and False have kept
+            return value                                        # their own fingerprints so far
+        raise ValueError
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError
+        return value
+    if isinstance(default, float):
+        return _number(value)
+    if isinstance(default, tuple):
+        if not isinstance(value, (tuple, list)) or len(value) != len(default):
+            raise ValueError
+        return tuple(_number(v) for v in value)
+    if isinstance(default, str) or name in _NULLABLE_FIELDS:
+        if not isinstance(value, str):
+            raise ValueError
+        return value
+    return value
+
+
+def _form_of(default) -> str:
+    """A field's expected form from its default (for fields RECIPE_FIELD_FORMS does not list)."""
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}.get(
+        type(default), f"{len(default)} numbers" if isinstance(default, tuple) else repr(type(default)))
+
+
+def _check_erasing_fits_noise_bank(recipe: "AugRecipe") -> None:
+    """Random erasing fills from a fixed bank of NOISE_BANK_SIZE values: refuse a recipe whose largest
+    erased box (input_size² · re_area[1], its sides rounded) could need more, before any work starts."""
+    if recipe.reprob <= 0:
+        return
+    area = recipe.re_area[1] * recipe.input_size ** 2
+    # h·w <= (sqrt(area·a) + ½)(sqrt(area/a) + ½) over the aspect ratios a in [re_aspect, 1/re_aspect]
+    largest = area + 0.5 * math.sqrt(area) * (math.sqrt(recipe.re_aspect) + 1 / math.sqrt(recipe.re_aspect)) + 0.25
+    if 3 * largest > NOISE_BANK_SIZE:
+        raise ValueError(f"recipe fields input_size {recipe.input_size} and re_area [{recipe.re_area[0]:g}, "
+                         f"{recipe.re_area[1]:g}]: erased boxes of up to {int(largest)} pixels (3 values each) need "
+                         f"more than the {NOISE_BANK_SIZE} values of the erasing noise bank; lower re_area's upper "
+                         "bound or input_size, or set reprob 0")
 
 
 RESIZE_KERNEL_KEY = "torch_cpu_kernel"

@@ -10,6 +10,7 @@ import platform
 import socket
 import time
 import uuid
+import warnings
 from pathlib import Path
 
 import torch
@@ -122,17 +123,60 @@ def write_text_atomic(path: str | os.PathLike, text: str, crash: str | None = No
 
 def load_weights_only(path: str | os.PathLike, error: type[Exception] = ValueError, advice: str = ""):
     """torch.load(path, weights_only=True) on the CPU: pickled objects are refused, never run.
-    Failures raise `error` naming the file, with `advice` appended."""
+    Failures raise `error` naming the file, saying in our words what it is (never torch's advice,
+    which suggests unpickling), with `advice` appended."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle.UnpicklingError for objects, RuntimeError for junk, ...
-        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise error(f"cannot read {path} with torch.load(weights_only=True): {reason}"
-                    + (f"; {advice}" if advice else "")) from None
+        with warnings.catch_warnings():        # torch's note on pickle protocols is noise here
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # pickle.UnpicklingError for objects, RuntimeError for junk, ...
+        raise error(f"cannot read {path} as weights: it is {describe_file(path)}; expected a PyTorch checkpoint "
+                    "of tensors and plain values (read with weights_only=True: pickled objects are refused, "
+                    "never run)" + (f"; {advice}" if advice else "")) from None
+
+
+def describe_file(path: str | os.PathLike) -> str:
+    """What a file that is not a weights-only checkpoint looks like, from its first bytes."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as exc:
+        return f"unreadable ({exc.strerror or exc})"
+    text = head.lstrip()
+    if not head:
+        return "an empty file"
+    if text[:1] in (b"{", b"["):
+        return "a JSON file"
+    if head[:4] == b"PAR1":
+        return "a Parquet file"
+    if head[:4] == b"PK\x03\x04":
+        return "a PyTorch checkpoint holding pickled objects besides tensors and plain values, or a " \
+            "damaged one" if b"data.pkl" in head else "a zip file that is not a PyTorch checkpoint"
+    if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+        return "a pickle of objects other than tensors and plain values (a legacy PyTorch file, or any pickle)"
+    if len(head) >= 262 and head[257:262] == b"ustar":
+        return "a tar archive"
+    if all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        return "a text file"
+    return "a binary file of unknown format"
+
+
+DEVICE_FORM = "auto, cpu, cuda or cuda:N"
+
+
+def check_device_name(device: str) -> str:
+    """`device` if it reads as DEVICE_FORM (whether this machine has it is resolve_device's question)."""
+    name = str(device)
+    kind, _, index = name.partition(":")
+    if name != "auto" and not (kind in ("cpu", "cuda") and (not index or (index.isdigit() and kind == "cuda"))):
+        raise DeviceError(f"--device {name!r} is not a device: expected {DEVICE_FORM}")
+    return name
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """'auto' -> this rank's GPU (LOCAL_RANK under torchrun) when CUDA is available, else the CPU."""
+    if not isinstance(device, torch.device):
+        check_device_name(device)
     if str(device) == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)

@@ -69,11 +69,22 @@ def check_image_bytes(data: bytes) -> str:
         raise
     except Image.DecompressionBombError as exc:
         raise ValueError(f"image too large: {exc}") from None
-    except Exception as exc:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError)
-        raise ValueError(f"not a readable image ({type(exc).__name__}: {exc})") from None
+    except Image.UnidentifiedImageError:   # its message holds the BytesIO's memory address
+        raise ValueError("not a readable image (Pillow recognises no image format in it)") from None
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ...)
+        raise ValueError(f"not a readable image ({type(exc).__name__}: {_without_addresses(str(exc))})") from None
     if fmt not in FORMAT_EXTENSION:
         raise ValueError(f"unsupported image format {fmt!r}")
     return FORMAT_EXTENSION[fmt]
+
+
+_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def _without_addresses(text: str) -> str:
+    """`text` without object reprs such as <_io.BytesIO object at 0x7f..>: skip reasons go into
+    metadata.json, which must be the same bytes whatever process wrote it."""
+    return _OBJECT_REPR.sub("the image bytes", text)
 
 
 def make_key(relative_path: str) -> str:

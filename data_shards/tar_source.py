@@ -8,7 +8,7 @@ been written from a shuffled list (as ImageNet's WebDataset tars are).
 Samples are grouped as webdataset groups them (consecutive members with the same key, split
 at the first dot of the file name). Skipped and listed: samples without exactly one
 jpg/jpeg/png/webp member, without a readable `cls`, or whose key was already seen; members
-other than the image, `cls` and `json`.
+other than the image, `cls` and `json`. Refused: a class index beyond the --classes file.
 """
 from __future__ import annotations
 
@@ -114,8 +114,11 @@ class TarIndexer:
         label = None if reason else _read_label(handle, *members["cls"])
         if reason is None and label is None:
             reason = ".cls is not a class index (an integer as text)"
-        elif reason is None and self.classes is not None and not 0 <= label < len(self.classes):
-            reason = f"class index {label} is outside the --classes file's {len(self.classes)} classes"
+        elif reason is None and self.classes is not None and label >= len(self.classes):
+            # refused, not skipped: a short classes file would silently drop every sample of the classes it misses
+            raise SourceError(f"{origin}: class index {label} is outside the --classes file's {len(self.classes)} "
+                              f"classes (indices 0..{len(self.classes) - 1}); the file must name every class "
+                              "index the tars use, one line per index")
         elif reason is None and label < 0:
             reason = f"negative class index {label}"
         if reason is not None:

@@ -19,7 +19,8 @@ set -euo pipefail
 
 : "${SHARDS:?set SHARDS to the shard folder written by make-shards}"
 : "${CACHE:?set CACHE to the cache folder (created by the first task)}"
-TEACHER=${TEACHER:-regnety_160.deit_in1k}          # timm name; pretrained weights come through timm
+TEACHER=${TEACHER:-}          # timm name; unset: regnety_160.deit_in1k (timm pretrained), the architecture
+                              # recorded in TEACHER_CHECKPOINT (local weights), or the existing cache's teacher
 SEEDS=${SEEDS:-300}                                # one augmentation seed per student epoch
 TOPK=${TOPK:-10}
 PRECISION=${PRECISION:-bf16}                       # fp32 for bit-exact reruns on another GPU type
@@ -27,8 +28,11 @@ BATCH_SIZE=${BATCH_SIZE:-256}
 WORKERS=${WORKERS:-${SLURM_CPUS_PER_TASK:-8}}      # replay (augmentation) processes per task
 EXTRA_ARGS=${EXTRA_ARGS:-}                         # e.g. "--seeds-per-unit 10 --store-logits full"
 
-args=(--shards "$SHARDS" --out "$CACHE" --teacher "$TEACHER" --seeds "$SEEDS" --topk "$TOPK"
+args=(--shards "$SHARDS" --out "$CACHE" --seeds "$SEEDS" --topk "$TOPK"
       --precision "$PRECISION" --batch-size "$BATCH_SIZE" --workers "$WORKERS" --no-progress --json)
+if [[ -n "$TEACHER" ]]; then
+    args+=(--teacher "$TEACHER")
+fi
 if [[ -n "${TEACHER_CHECKPOINT:-}" ]]; then
     args+=(--teacher-checkpoint "$TEACHER_CHECKPOINT")
 fi

@@ -77,11 +77,35 @@ def phase(title: str, timings: dict[str, float], key: str | None = None):
         timings[key] = timings.get(key, 0.0) + time.time() - started
 
 
-def run_demo(out: str | Path, settings: DemoSettings = DemoSettings()) -> dict:
+DEMO_MARKER = ".deit-pipeline-demo"      # written into --out: the folder is the demo's, a rerun may replace it
+
+
+class DemoError(ValueError):
+    """The demo cannot start as asked (the message names the folder and what to do)."""
+
+
+def prepare_out(out: str | Path, overwrite: bool = False) -> Path:
+    """An empty `out` marked as the demo's. An existing folder is replaced only when the demo made it
+    (its marker file) or `overwrite` is given; a folder of someone else's files is refused untouched."""
     out = Path(out)
-    if out.exists():
-        shutil.rmtree(out)           # --out is replaced (its help says so)
-    out.mkdir(parents=True)
+    if out.exists() and not out.is_dir():
+        raise DemoError(f"demo --out {out} exists and is not a folder; choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not ((out / DEMO_MARKER).is_file() or overwrite):
+            names = sorted(p.name for p in out.iterdir())
+            raise DemoError(f"demo --out {out} holds files the demo did not write ({', '.join(names[:3])}"
+                            f"{', ...' if len(names) > 3 else ''}); choose another --out, or pass --overwrite to "
+                            "delete the folder and everything in it")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("written by `deit-pipeline demo`: a rerun into this folder replaces it\n")
+    return out
+
+
+def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), overwrite: bool = False,
+             echo=click.echo) -> dict:
+    """The whole demo into `out` (see prepare_out); `echo` shows the results table."""
+    out = prepare_out(out, overwrite)
     if settings.device in ("auto", "cpu") and not torch.cuda.is_available():
         # One core per replay worker, the rest for torch: oversubscribed OpenMP threads spin against
         # the workers (and against other jobs: with 2 threads and another job on one of 2 cores a
@@ -116,7 +140,7 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings()) -> dict:
             "cache": cache_summary, "timings_s": {k: round(v, 1) for k, v in timings.items()},
             "total_s": round(time.time() - started, 1),
         }
-        write_results(out, results, curves)
+        write_results(out, results, curves, echo)
     return results
 
 
@@ -134,7 +158,8 @@ def teacher_and_cache(out: Path, shards: dict[str, Path], settings: DemoSettings
         cache_summary = cache_teacher(CacheOptions(shards["train"], cache_dir, teacher_checkpoint=str(teacher_ckpt),
                                                    seeds=settings.student_epochs, topk=10, recipe=DEMO_RECIPE,
                                                    batch_size=settings.teacher_batch_size, device=settings.device,
-                                                   workers=settings.workers))   # replay off the teacher's core; same bytes
+                                                   workers=settings.workers,    # replay off the teacher's core
+                                                   log=lambda message: click.echo(message, err=True)))
     return teacher_ckpt, cache_dir, cache_summary
 
 
@@ -153,13 +178,13 @@ def train_students(out: Path, cache_dir: Path, settings: DemoSettings, common: d
     return runs
 
 
-def write_results(out: Path, results: dict, curves: dict[str, list[dict]]) -> None:
+def write_results(out: Path, results: dict, curves: dict[str, list[dict]], echo=click.echo) -> None:
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     table = results_table(results)
     (out / "results.md").write_text(table)
     plot_curves(curves, out / "accuracy.png")
-    click.echo(table)
-    click.echo(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'accuracy.png'} "
+    echo(table)
+    echo(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'accuracy.png'} "
                f"in {results['total_s']:.0f}s")
 
 

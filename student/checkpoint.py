@@ -61,11 +61,14 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
-    state = load_weights_only(path, StudentError)
+    state = load_weights_only(path, StudentError, "evaluate --checkpoint and --resume read the RUN/checkpoint.pt "
+                              "that train-student writes")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        found = state.get("format") if isinstance(state, dict) else type(state).__name__
-        raise StudentError(f"{path} is not a train-student checkpoint (format {found!r}, expected "
-                           f"{CHECKPOINT_FORMAT!r}); for plain weights use --init-from")
+        found = (f"format {state.get('format')!r}" if isinstance(state, dict) and "format" in state
+                 else "no format field" if isinstance(state, dict) else f"a {type(state).__name__}")
+        raise StudentError(f"{path} is not a train-student checkpoint ({found}; train-student writes "
+                           f"{CHECKPOINT_FORMAT!r} as RUN/checkpoint.pt); other weights are read by --init-from "
+                           "(train-student) or as a teacher")
     return state
 
 

@@ -71,7 +71,11 @@ def load_student(checkpoint, device: torch.device, use_ema: bool = False):
             raise StudentError(f"{checkpoint} has no EMA weights (train with --ema-decay to keep them)")
         state = clean_state_dict(ckpt["ema"])
     model.load_state_dict(state)
-    return model.to(device).eval(), AugRecipe.from_dict(ckpt["recipe"]), ckpt
+    try:
+        recipe = AugRecipe.from_dict(ckpt["recipe"])
+    except (TypeError, ValueError) as exc:
+        raise StudentError(f"{checkpoint}: its recipe is not valid ({exc})") from None
+    return model.to(device).eval(), recipe, ckpt
 
 
 @torch.no_grad()
@@ -87,7 +91,7 @@ def evaluate_checkpoint(checkpoint: str, shards: str, batch_size: int = 128, tea
                            "evaluate on shards of the training classes")
     if teacher and cache:
         raise StudentError("give either --teacher or --cache, not both")
-    teacher_net = load_online_teacher(teacher, num_classes, dev, teacher_model) if teacher else None
+    teacher_net = load_online_teacher(teacher, num_classes, dev, teacher_model, "--teacher") if teacher else None
     hits, teacher_hits, agree, split, n = {}, 0, {}, dict.fromkeys(SPLIT, 0), 0
     for images, labels, _ in eval_batches(shard_set, recipe, batch_size):
         images, labels = images.to(dev), labels.to(dev)

@@ -55,20 +55,24 @@ def seeds_for_epoch(epoch: int, num_seeds: int | None, repeated_aug: int = 1) ->
     return [group * repeated_aug + r for r in range(repeated_aug)]
 
 
-def check_seed_budget(epochs: int, num_seeds: int | None, repeated_aug: int, reuse_seeds: bool) -> str | None:
-    """Refuse (or, with reuse_seeds, describe) a run that would use a cached record twice."""
+def check_seed_budget(epochs: int, num_seeds: int | None, repeated_aug: int, reuse_seeds: bool,
+                      cached: bool = True) -> str | None:
+    """Refuse (or, with reuse_seeds, describe) a run that would use a cached record twice (`cached`:
+    the seeds are a cache's, else --num-seeds')."""
     if not num_seeds:
         return None
     supported = epochs_supported(num_seeds, repeated_aug)
     if epochs <= supported:
         return None
     needed = -(-epochs // repeated_aug) * repeated_aug          # whole seed groups
-    message = (f"{epochs} epoch(s) at --repeated-aug {repeated_aug} need {needed} augmentation seeds, the cache "
-               f"holds {num_seeds} (it serves {supported} epoch(s))")
+    held = f"the cache holds {num_seeds}" if cached else f"--num-seeds is {num_seeds}"
+    message = (f"{epochs} epoch(s) at --repeated-aug {repeated_aug} need {needed} augmentation seeds, {held} "
+               f"(it serves {supported} epoch(s))")
     if not reuse_seeds:
-        raise DataPlanError(message + f"; grow the cache (cache-teacher --seeds {needed}), train fewer epochs, "
-                            "or pass --reuse-seeds to cycle through the cached seeds")
-    return message + f"; --reuse-seeds: records repeat every {supported} epoch(s)"
+        more = f"grow the cache (cache-teacher --seeds {needed})" if cached else f"pass --num-seeds {needed}"
+        raise DataPlanError(message + f"; {more}, train fewer epochs, or pass --reuse-seeds to cycle through the "
+                            "seeds")
+    return message + f"; --reuse-seeds: seeds repeat every {supported} epoch(s)"
 
 
 def plan_rng(*parts: object) -> np.random.Generator:

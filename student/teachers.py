@@ -14,7 +14,7 @@ import torch
 from data_shards import ReplayItem, tensor_digest
 from teacher_cache.errors import CacheError
 from teacher_cache.targets import TeacherTargets
-from teacher_cache.teacher import load_teacher, teacher_forward
+from teacher_cache.teacher import TeacherError, load_teacher, teacher_forward
 
 
 class ReplayMismatchError(CacheError):
@@ -90,8 +90,7 @@ class OnlineTeacher:
                  channels_last: bool | None = None):
         self.model, self.topk, self.store_full = model, topk, store_full
         self.precision, self.batch_size = precision, batch_size
-        on_gpu = next(model.parameters()).device.type == "cuda"
-        self.channels_last = on_gpu if channels_last is None else channels_last   # default: as stage one
+        self.channels_last = bool(channels_last)      # default (None) off: cache-teacher's default
         if self.channels_last:
             self.model = model.to(memory_format=torch.channels_last)
 
@@ -103,13 +102,18 @@ class OnlineTeacher:
         return targets.to(images.device)    # stage one's encoder returns them on the CPU; the loss needs them here
 
 
-def load_online_teacher(spec: str, num_classes: int, device, teacher_model: str | None = None):
+def load_online_teacher(spec: str, num_classes: int, device, teacher_model: str | None = None,
+                        option: str = "--teacher-online"):
     """NAME_OR_CHECKPOINT -> teacher in eval mode (stage one's load_teacher).
 
     A train-student checkpoint (e.g. a teacher trained with --distillation-type none) records its
     architecture and size options ("arch", "model_kwargs"), which load_teacher reads; other
-    checkpoints name it inside or need `teacher_model`.
+    checkpoints name it inside or need `teacher_model`. `option` is the command's option for
+    `spec` (messages name it).
     """
+    options = ("--teacher-model", option)
     if Path(spec).is_file():
-        return load_teacher(teacher_model, spec, num_classes=num_classes, device=device)
-    return load_teacher(spec, None, num_classes=num_classes, device=device)
+        return load_teacher(teacher_model, spec, num_classes=num_classes, device=device, options=options)
+    if Path(spec).suffix in (".pt", ".pth", ".safetensors", ".bin") or Path(spec).exists():
+        raise TeacherError(f"{option} {spec} is not a checkpoint file (not found, or a folder)")
+    return load_teacher(spec, None, num_classes=num_classes, device=device, options=options)

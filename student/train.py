@@ -16,6 +16,8 @@ RNG of every rank, next epoch).
 from __future__ import annotations
 
 import json
+import logging
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -35,7 +37,7 @@ from data_shards.faults import crash_point
 from . import distributed as D
 from .checkpoint import LAST_CHECKPOINT, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import plan_epoch, train_batches
-from .schedule import check_seed_budget, epochs_supported
+from .schedule import check_seed_budget, epochs_supported, seeds_for_epoch
 from .errors import StudentError
 from .evaluate import evaluate_heads
 from .losses import DistillationLoss
@@ -49,6 +51,7 @@ STUDENT_OPTIONS = {"model": "model", "img_size": "img_size", "patch_size": "patc
                    "drop_path": "drop_path_rate"}
 # Options a resumed run may change (they do not change what an epoch computes); all others must match.
 RUN_ONLY_OPTIONS = ("out", "teacher_model", "teacher_batch_size", "teacher_channels_last", "soft_tail_limit", "workers",
+                    "reuse_seeds",
                     "compile", "val_shards", "eval_batch_size", "resume", "log_interval", "device", "progress")
 
 
@@ -69,7 +72,7 @@ class TrainConfig:
     teacher_full_logits: bool = False
     teacher_precision: str = "fp32"
     teacher_batch_size: int = 64               # online: cache-teacher's --batch-size, for identical targets
-    teacher_channels_last: bool | None = None  # online: None = as cache-teacher (channels-last on CUDA)
+    teacher_channels_last: bool | None = None  # online: None = off, cache-teacher's default
     recipe: dict | None = None                 # AugRecipe fields (a cache brings its own)
     num_seeds: int | None = None               # without a cache: seeds cycle every S epochs if given
     # student (its num_classes is ignored: the shards' class count is used)
@@ -114,6 +117,40 @@ class TrainConfig:
             out |= {k: value[f] for k, f in STUDENT_OPTIONS.items()} if name == "student" else {name: value}
         return out
 
+    def check(self) -> None:
+        """The ranges train-student parses its options with, for callers that build a TrainConfig
+        themselves: StudentError naming the first option out of range, before any work."""
+        whole = [("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1),
+                 ("--teacher-topk", self.teacher_topk, 1), ("--teacher-batch-size", self.teacher_batch_size, 1),
+                 ("--repeated-aug", self.repeated_aug, 1), ("--eval-batch-size", self.eval_batch_size, 1),
+                 ("--log-interval", self.log_interval, 1), ("--num-seeds", self.num_seeds, 1),
+                 ("--max-steps-per-epoch", self.max_steps_per_epoch, 1), ("--workers", self.workers, 0),
+                 ("--warmup-epochs", self.warmup_epochs, 0), ("--seed", self.seed, 0)]
+        for option, value, low in whole:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+                raise StudentError(f"{option} must be a whole number >= {low}, got {value!r}")
+        unit, positive, non_negative = ((lambda v: 0 <= v <= 1, "in [0, 1]"), (lambda v: v > 0, "> 0"),
+                                        (lambda v: v >= 0, ">= 0"))
+        numbers = [("--distillation-alpha", self.distillation_alpha, unit),
+                   ("--soft-tail-limit", self.soft_tail_limit, unit), ("--ema-decay", self.ema_decay, unit),
+                   ("--distillation-tau", self.distillation_tau, positive),
+                   ("--drop-path", self.student.drop_path_rate, (lambda v: 0 <= v < 1, "in [0, 1)")),
+                   ("--lr", self.lr, positive), ("--clip-grad", self.clip_grad, positive),
+                   ("--min-lr", self.min_lr, non_negative), ("--warmup-lr", self.warmup_lr, non_negative),
+                   ("--weight-decay", self.weight_decay, non_negative)]
+        for option, value, (ok, form) in numbers:
+            finite = isinstance(value, (int, float)) and math.isfinite(value)
+            if value is not None and not (finite and ok(value)):
+                raise StudentError(f"{option} must be a number {form}, got {value!r}")
+        if self.recipe is not None:
+            try:
+                AugRecipe.from_dict(self.recipe)
+            except (TypeError, ValueError) as exc:
+                raise StudentError(f"recipe: {exc}") from None
+        if self.distillation_type not in ("none", "soft", "hard"):
+            raise StudentError(f"--distillation-type must be none, soft or hard, "
+                               f"got {self.distillation_type!r}")
+
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
         """Read to_dict()'s flat form (a checkpoint's "args"); unknown keys are ignored."""
@@ -138,13 +175,25 @@ def _derived_seed(*parts) -> int:
 
 
 class Logger:
-    """JSON lines to RUN/metrics.jsonl and notes to stderr, from rank 0 only."""
+    """JSON lines to RUN/metrics.jsonl and notes to stderr, from rank 0 only. Lines are held until
+    `open()` (the run passed its checks and starts), so a refused run writes nothing into RUN."""
 
     def __init__(self, out: Path, enabled: bool):
         self.path, self.enabled = out / METRICS_FILE, enabled
+        self._held: list[dict] | None = []
+
+    def open(self) -> None:
+        """Create RUN and write the lines held so far; from now on lines go straight to the file."""
+        held, self._held = self._held or [], None
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        for record in held:
+            self.metrics(record)
 
     def metrics(self, record: dict) -> None:
-        if self.enabled:
+        if self._held is not None:
+            self._held.append(record)
+        elif self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record, sort_keys=True) + "\n")
 
@@ -234,10 +283,18 @@ def check_seed_schedule(cfg: TrainConfig, recipe: AugRecipe, num_seeds: int | No
         raise StudentError(f"--repeated-aug {cfg.repeated_aug} needs a recipe whose pairing_seeds is {cfg.repeated_aug} "
                            f"(this one shares a mixing order between {recipe.pairing_seeds} seeds, so an image's copies "
                            "could not share a step); use --repeated-aug 1 or that many pairing seeds in the recipe")
-    if num_seeds:
-        log.note(f"a cache of {num_seeds} seeds serves {epochs_supported(num_seeds, cfg.repeated_aug)} epochs at "
-                 f"--repeated-aug {cfg.repeated_aug} before a record is used twice")
-    if note := check_seed_budget(cfg.epochs, num_seeds, cfg.repeated_aug, cfg.reuse_seeds):
+    if not num_seeds:
+        return                         # no cache and no --num-seeds: a new seed group every R epochs
+    r, cached = cfg.repeated_aug, bool(cfg.cache)
+    if num_seeds < r:
+        raise StudentError(f"--repeated-aug {r} needs at least {r} seeds (one group), "
+                           f"{'the cache' if cached else '--num-seeds'} has {num_seeds}; "
+                           + ("grow the cache (cache-teacher --seeds N)" if cached else "raise --num-seeds")
+                           + " or use --repeated-aug 1")
+    held = f"a cache of {num_seeds} seeds" if cached else f"--num-seeds {num_seeds}"
+    log.note(f"{held} serves {epochs_supported(num_seeds, r)} epochs at --repeated-aug {r} before a "
+             f"{'record' if cached else '(image, seed) pair'} is used twice")
+    if note := check_seed_budget(cfg.epochs, num_seeds, r, cfg.reuse_seeds, cached=cached):
         log.note(note)
 
 
@@ -283,6 +340,7 @@ class Run:
     ema: ModelEmaV3 | None
     criterion: DistillationLoss
     train_model: torch.nn.Module            # as the step calls it: DDP-wrapped and/or compiled (weights shared)
+    resumed: dict | None = None             # the checkpoint --resume continues, until restore() takes it
 
     @property
     def global_batch(self) -> int:
@@ -290,8 +348,10 @@ class Run:
 
 
 def setup(cfg: TrainConfig, ctx: D.DistContext) -> Run:
+    """Everything a run needs, every input checked; nothing is written yet (the Logger holds its lines)."""
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise StudentError(f"--out {out} exists and is not a folder")
     log = Logger(out, ctx.is_main)
     checkpoint = out / LAST_CHECKPOINT
     if checkpoint.exists() and not cfg.resume:
@@ -319,21 +379,44 @@ def create_optimisation(cfg: TrainConfig, model: torch.nn.Module, lr: float, pre
     """-> (optimizer, scheduler, scaler, EMA or None, criterion), DeiT's through timm."""
     # timm: no weight decay on 1-D params (biases, norms) nor on model.no_weight_decay() (pos_embed, tokens)
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay, eps=cfg.opt_eps)
-    scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs, lr_min=cfg.min_lr, warmup_t=cfg.warmup_epochs,
-                                  warmup_lr_init=cfg.warmup_lr, t_in_epochs=True)
+    # timm warns that a 1-epoch cosine "will have no effect": true, and no news to a 1-epoch run
+    quiet = _DropLogMessage("Cosine annealing scheduler will have no effect")
+    logging.getLogger(CosineLRScheduler.__module__).addFilter(quiet)
+    try:
+        scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs, lr_min=cfg.min_lr,
+                                      warmup_t=cfg.warmup_epochs, warmup_lr_init=cfg.warmup_lr, t_in_epochs=True)
+    finally:
+        logging.getLogger(CosineLRScheduler.__module__).removeFilter(quiet)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
     return optimizer, scheduler, scaler, ema, DistillationLoss(cfg.distillation_type, cfg.distillation_alpha,
                                                                cfg.distillation_tau)
 
 
+class _DropLogMessage(logging.Filter):
+    """Drops log records holding `text`; every other record passes."""
+
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
 # ----------------------------------------------------------------------------- the loop
 
 def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) a training; returns a summary. Works under torchrun or as one process."""
+    """Run (or resume) a training; returns a summary. Works under torchrun or as one process.
+    A --resume whose checkpoint already holds cfg.epochs epochs does nothing ("nothing_to_do")."""
+    cfg.check()
     ctx = D.init_distributed(cfg.device)
     try:
+        resumed = _checkpoint_to_resume(cfg)
+        if resumed is not None and int(resumed["epoch"]) >= cfg.epochs:
+            return _nothing_to_do(cfg, resumed, ctx)
         run = setup(cfg, ctx)
+        run.resumed = resumed
         start_epoch, global_step, metrics = resume_or_start(run)
         for epoch in range(start_epoch, cfg.epochs):
             metrics, global_step = train_one_epoch(run, epoch, global_step)
@@ -346,19 +429,48 @@ def train(cfg: TrainConfig) -> dict:
     if isinstance(run.teacher, CachedTeacher):
         run.log.note(f"cache: {run.teacher.units_read} batched unit reads, "
                      f"{run.teacher.digests_checked} image digests verified")
-    return {"checkpoint": str(run.checkpoint), "epochs": cfg.epochs, "global_step": global_step,
-            "metrics": metrics, "world_size": ctx.world_size}
+    return {"checkpoint": str(run.checkpoint), "epochs": cfg.epochs, "first_epoch": start_epoch,
+            "epochs_trained": cfg.epochs - start_epoch, "nothing_to_do": False,
+            "global_step": global_step, "metrics": metrics, "world_size": ctx.world_size}
+
+
+def _checkpoint_to_resume(cfg: TrainConfig) -> dict | None:
+    """With --resume, RUN/checkpoint.pt if there is one (read once); refused when it holds more epochs
+    than --epochs (a run cannot be cut back)."""
+    path = Path(cfg.out) / LAST_CHECKPOINT
+    if not (cfg.resume and path.exists()):
+        return None
+    ckpt = load_checkpoint(path)
+    if int(ckpt["epoch"]) > cfg.epochs:
+        raise StudentError(f"--resume: {path} has trained {ckpt['epoch']} epochs, more than --epochs "
+                           f"{cfg.epochs}; pass --epochs {ckpt['epoch']} or more, or use another --out")
+    return ckpt
+
+
+def _nothing_to_do(cfg: TrainConfig, ckpt: dict, ctx: D.DistContext) -> dict:
+    """The summary of a --resume whose checkpoint is already at --epochs: nothing trained or written."""
+    path = Path(cfg.out) / LAST_CHECKPOINT
+    if ctx.is_main:
+        print(f"train-student: --resume: {path} already holds {ckpt['epoch']} epoch(s) of --epochs "
+              f"{cfg.epochs}: nothing left to do (pass a larger --epochs to train further)",
+              file=sys.stderr, flush=True)
+    return {"checkpoint": str(path), "epochs": cfg.epochs, "first_epoch": int(ckpt["epoch"]),
+            "epochs_trained": 0, "nothing_to_do": True, "global_step": int(ckpt["global_step"]),
+            "metrics": dict(ckpt["metrics"]), "world_size": ctx.world_size}
 
 
 def resume_or_start(run: Run) -> tuple[int, int, dict]:
-    """-> (first epoch, global step, last metrics): from the checkpoint with --resume, else a fresh start."""
+    """-> (first epoch, global step, last metrics): from the checkpoint with --resume, else a fresh start.
+    RUN/metrics.jsonl is opened here, once every check has passed."""
     cfg, ctx, log = run.cfg, run.ctx, run.log
     torch.manual_seed(_derived_seed(cfg.seed, "rank", ctx.rank))   # drop path differs across ranks
-    if cfg.resume and run.checkpoint.exists():
+    if run.resumed is not None:
         start_epoch, global_step, metrics = restore(run)
+        log.open()
         log.truncate_from_epoch(start_epoch)
         log.metrics({"event": "resume", "epoch": start_epoch, "global_step": global_step})
         return start_epoch, global_step, metrics
+    log.open()
     if cfg.resume:
         log.note(f"--resume: no checkpoint in {cfg.out} yet, starting from epoch 0")
     log.metrics({"event": "start", "world_size": ctx.world_size, "device": str(ctx.device), "lr": run.lr,
@@ -516,18 +628,36 @@ def save(run: Run, next_epoch: int, global_step: int, metrics: dict) -> None:
     D.barrier(ctx)
 
 
+def _seeds_of(num_seeds: int | None, cfg: TrainConfig, ckpt: dict) -> list[list[int]]:
+    """The seeds of the epochs a checkpoint has trained, had it used `num_seeds`."""
+    return [seeds_for_epoch(e, num_seeds, cfg.repeated_aug) for e in range(int(ckpt["epoch"]))]
+
+
 def restore(run: Run) -> tuple[int, int, dict]:
-    ctx, path = run.ctx, run.checkpoint
-    ckpt = load_checkpoint(path)
-    saved, now = ckpt["args"], run.cfg.to_dict()
+    """Load the checkpoint read by _checkpoint_to_resume into the run; its options must be this run's,
+    except RUN_ONLY_OPTIONS, --epochs (the cosine schedule then spans the new count: noted) and a
+    --num-seeds that gives the epochs trained the same seeds."""
+    ctx, path, cfg = run.ctx, run.checkpoint, run.cfg
+    ckpt, run.resumed = run.resumed, None
+    saved, now = ckpt["args"], cfg.to_dict()
     changed = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in now.items()
-               if k not in RUN_ONLY_OPTIONS and saved.get(k) != v]
+               if k not in (*RUN_ONLY_OPTIONS, "epochs", "num_seeds") and saved.get(k) != v]
+    old_seeds = saved.get("num_seeds")
+    if old_seeds != cfg.num_seeds and _seeds_of(old_seeds, cfg, ckpt) != _seeds_of(cfg.num_seeds, cfg, ckpt):
+        changed.append(f"num_seeds: checkpoint {old_seeds!r}, now {cfg.num_seeds!r} (the epochs trained "
+                       "would have used other seeds)")
     if changed:
-        raise StudentError(f"--resume from {path}: these options differ from the checkpoint's run:\n  " +
-                           "\n  ".join(changed) + "\nrerun with the checkpoint's options or use another --out")
+        raise StudentError(f"--resume from {path}: options differ from the checkpoint's run ("
+                           + "; ".join(changed) + "); rerun with the checkpoint's options or use another --out")
     run.model.load_state_dict(ckpt["model"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["scheduler"])
+    if saved.get("epochs") != cfg.epochs:
+        run.scheduler.t_initial = cfg.epochs    # timm's state dict holds the old length
+        run.log.note(f"--resume with --epochs {cfg.epochs} (the checkpoint's run had {saved.get('epochs')}): "
+                     f"the cosine schedule now spans {cfg.epochs} epochs, so the lr of epochs "
+                     f"{ckpt['epoch']}.. follows the new curve (not what an uninterrupted run of either "
+                     "length would use)")
     if ckpt["scaler"] is not None:
         run.scaler.load_state_dict(ckpt["scaler"])
     if run.ema is not None and ckpt["ema"] is not None:

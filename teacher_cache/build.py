@@ -40,8 +40,8 @@ from data_shards.io import atomic_path, crash_point, device_kind, out_folder, re
 from .errors import CacheError
 from .growth import check_not_shrinking, grow_cache
 from .jobs import JobSlot, resolve_job
-from .layout import (INDEX_FILE, MANIFEST_FILE, SeedGeneration, Unit, all_units, array_specs, select_units,
-                     unit_json_path, UNITS_DIR)
+from .layout import (ARRAYS_DIR, INDEX_FILE, MANIFEST_FILE, TMP_DIR, SeedGeneration, Unit, all_units, array_specs,
+                     select_units, unit_json_path, UNITS_DIR)
 from .locks import DEFAULT_STALE_AFTER, HEARTBEAT_SECONDS, LockKeeper, try_lock
 from .manifest import (MANIFEST_DEFAULTS, build_manifest, create_or_match_manifest, read_manifest, refuse_differences,
                        seed_generations, with_defaults)
@@ -116,7 +116,7 @@ def resolve_settings(shard_set: ShardSet, existing: dict | None, opts: CacheOpti
         opts, seeds=int(seeds), topk=int(pick("topk", DEFAULT_TOPK)), store_logits=store_logits,
         seeds_per_unit=int(pick("seeds_per_unit", min(int(seeds), DEFAULT_SEEDS_PER_UNIT))),
         precision=pick("precision", "fp32"),
-        recipe=opts.recipe if opts.recipe is not None else AugRecipe.from_dict(old.get("recipe", {})),
+        recipe=opts.recipe if opts.recipe is not None else _recorded_recipe(old),
         batch_size=int(pick("batch_size", DEFAULT_BATCH_SIZE)), channels_last=bool(pick("channels_last", False)),
         **_resolve_teacher(opts, old))
     for option, value in (("--batch-size", settings.batch_size), ("--seeds", settings.seeds),
@@ -126,6 +126,41 @@ def resolve_settings(shard_set: ShardSet, existing: dict | None, opts: CacheOpti
     if not 1 <= settings.topk <= shard_set.num_classes:
         raise CacheError(f"--topk {settings.topk} must be between 1 and the class count {shard_set.num_classes}")
     return replace(settings, seeds_per_unit=min(settings.seeds_per_unit, settings.seeds))
+
+
+def _recorded_recipe(old: dict) -> AugRecipe:
+    """The existing cache's recipe (DeiT's for a new cache)."""
+    try:
+        return AugRecipe.from_dict(old.get("recipe", {}))
+    except (TypeError, ValueError) as exc:
+        raise CacheError(f"the existing cache's manifest.json holds a recipe that is not valid ({exc})") from None
+
+
+def _check_job_options(opts: CacheOptions) -> None:
+    """The options of how this job runs, as the CLI parses them (for callers that do not go through it)."""
+    if opts.workers < 0:
+        raise CacheError(f"--workers must be >= 0, got {opts.workers}")
+    if opts.max_units is not None and opts.max_units < 0:
+        raise CacheError(f"--max-units must be >= 0, got {opts.max_units}")
+    if not opts.lock_stale_after > 0:
+        raise CacheError(f"--lock-stale-after must be > 0 seconds, got {opts.lock_stale_after}")
+    if opts.teacher_kwargs is not None and not isinstance(opts.teacher_kwargs, dict):
+        raise CacheError(f"--teacher-kwargs must be a JSON object, got {opts.teacher_kwargs!r}")
+
+
+CACHE_ENTRIES = (MANIFEST_FILE, INDEX_FILE, ARRAYS_DIR, UNITS_DIR, TMP_DIR)
+
+
+def _refuse_foreign_folder(root: Path) -> None:
+    """A new cache goes into a new or empty folder (or one where another job is creating it), never
+    among someone's files (hidden ones, such as the jobs' temporaries, are ignored)."""
+    if not root.is_dir():
+        return
+    foreign = sorted(p.name for p in root.iterdir() if p.name not in CACHE_ENTRIES and not p.name.startswith("."))
+    if foreign:
+        raise CacheError(f"--out {root} holds no teacher cache (no {MANIFEST_FILE}) but other files "
+                         f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); choose a new or empty "
+                         "folder for the cache")
 
 
 def _resolve_teacher(opts: CacheOptions, old: dict) -> dict:
@@ -238,11 +273,12 @@ def write_index(root: Path, shard_set: ShardSet) -> None:
 
 def cache_teacher(opts: CacheOptions) -> dict:
     """Compute this job's share of the cache at `opts.out`; returns a summary dict."""
-    if opts.workers < 0:
-        raise CacheError(f"--workers must be >= 0, got {opts.workers}")
+    _check_job_options(opts)
     root = out_folder(opts.out, "--out", CacheError)
     shard_set = ShardSet.open(opts.shards)
     existing = read_manifest(root) if (root / MANIFEST_FILE).exists() else None
+    if existing is None:
+        _refuse_foreign_folder(root)
     s = resolve_settings(shard_set, existing, opts)
     if existing is not None:
         check_not_shrinking(root, existing, s.seeds)
@@ -263,7 +299,7 @@ def cache_teacher(opts: CacheOptions) -> dict:
 
     mine = select_units(units, job.count, job.index)
     pending = [u for u in mine if not unit_json_path(root, u).exists()]
-    todo = pending if opts.max_units is None else pending[:max(0, opts.max_units)]
+    todo = pending if opts.max_units is None else pending[:opts.max_units]
     records = sum(shard_set.shard_counts[u.shard] * len(u.seeds) for u in todo)
     opts.log(f"cache-teacher: {job}: {len(mine)} of {len(units)} units are this job's, "
              f"{len(mine) - len(pending)} already done, {len(todo)} to compute ({records} images x seeds)"

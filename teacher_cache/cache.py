@@ -23,9 +23,11 @@ import zarr
 from zarr.storage import LocalStore
 
 from data_shards import AugRecipe
+from data_shards.io import file_sha256
 
 from .errors import CacheError
-from .layout import (INDEX_FILE, LOGITS, TAIL_LOGSUMEXP, TOPK_INDICES, TOPK_LOGPROBS, Unit, all_units, array_path,
+from .layout import (INDEX_FILE, LOGITS, TAIL_LOGSUMEXP, TOPK_INDICES, TOPK_LOGPROBS, UNITS_DIR, Unit, all_units,
+                     array_path,
                      storage_shard_path, unit_json_path, unit_of)
 from .manifest import (library_versions, other_algorithm_message, read_manifest, recipe_differences,
                        seed_generations)
@@ -57,7 +59,10 @@ class TeacherCache:
     # ------------------------------------------------------------------ description
     @property
     def recipe(self) -> AugRecipe:
-        return AugRecipe.from_dict(self.manifest["recipe"])
+        try:
+            return AugRecipe.from_dict(self.manifest["recipe"])
+        except (TypeError, ValueError) as exc:
+            raise CacheError(f"{self.root / 'manifest.json'}: its recipe is not valid ({exc})") from None
 
     @property
     def seed_generations(self):
@@ -98,10 +103,44 @@ class TeacherCache:
                 raise CacheError(f"{path} is unreadable ({exc}); delete it and {self.fix_command()}") from None
         return self._records[unit.name]
 
-    def fix_command(self) -> str:
+    def unit_file_problems(self, unit: Unit, hash_files: bool = True) -> dict[str, str]:
+        """{array or 'record': what is wrong} for a done unit: its record unreadable, a storage file missing,
+        of another size than recorded, or (hash_files) of another sha256. Empty when it is intact."""
+        try:
+            files = self.unit_record(unit)["files"]
+        except CacheError as exc:
+            return {"record": str(exc)}
+        except (KeyError, TypeError):
+            return {"record": f"{unit_json_path(self.root, unit)} lists no storage files"}
+        problems = {}
+        for name in self.array_names:
+            info = files.get(name) if isinstance(files, dict) else None
+            path = storage_shard_path(self.root, name, unit)
+            if not isinstance(info, dict):
+                problems[name] = f"the unit record has no entry for {name}"
+            elif not path.is_file():
+                problems[name] = f"{path} is missing"
+            elif path.stat().st_size != info.get("bytes", path.stat().st_size):
+                problems[name] = f"{path} holds {path.stat().st_size} bytes, {info['bytes']} were committed"
+            elif hash_files and file_sha256(path) != info.get("sha256"):
+                problems[name] = f"{path} changed since it was committed (sha256 differs)"
+        return problems
+
+    def compute_command(self) -> str:
         """The command that completes this cache (unset options are taken from the manifest)."""
-        return (f"run `deit-pipeline cache-teacher --shards {shlex.quote(self.manifest['shards']['path'])} "
-                f"--out {shlex.quote(str(self.root))}` to compute it")
+        return (f"`deit-pipeline cache-teacher --shards {shlex.quote(self.manifest['shards']['path'])} "
+                f"--out {shlex.quote(str(self.root))}`")
+
+    def fix_command(self) -> str:
+        return f"run {self.compute_command()} to compute it"
+
+    def repair_advice(self, damaged: bool) -> str:
+        """What to do about damaged units (their records must go: a unit with a record counts as done) or
+        missing ones."""
+        if damaged:
+            return (f"delete the record {self.root / UNITS_DIR}/UNIT.json of each damaged unit, then run "
+                    f"{self.compute_command()} to recompute them")
+        return f"run {self.compute_command()} to compute the missing units"
 
     def _not_done(self, unit: Unit) -> CacheError:
         return CacheError(f"teacher cache {self.root}: unit {unit} is not computed yet; {self.fix_command()}")
@@ -131,10 +170,10 @@ class TeacherCache:
                                                         "library_versions": library_versions(recipe)})
             diffs.append("augmentation recipe fingerprint: cache "
                          f"{self.manifest['recipe_fingerprint'][:12]}…, this run {recipe.fingerprint()[:12]}…"
-                         + ("".join("\n  " + d.strip() for d in detail) if detail else ""))
-        if diffs:
-            raise CacheError(f"teacher cache {self.root} does not match:\n  " + "\n  ".join(diffs) +
-                             "\nUse the shards and recipe the cache was computed from, or compute a cache "
+                         + "".join("; " + d.strip() for d in detail))
+        if diffs:                 # one line (the CLI's errors are one line each)
+            raise CacheError(f"teacher cache {self.root} does not match: " + "; ".join(diffs) +
+                             ". Use the shards and recipe the cache was computed from, or compute a cache "
                              "for these with `deit-pipeline cache-teacher`")
 
     # ------------------------------------------------------------------ reading

@@ -41,8 +41,9 @@ def check_not_shrinking(root: Path, manifest: dict, seeds: int) -> None:
     held = int(manifest["seeds"])
     if seeds < held:
         raise CacheError(f"teacher cache {root} holds {held} seeds (0..{held - 1}); --seeds {seeds} would shrink "
-                         "it, and a cache never shrinks. Train with fewer seeds instead (train-student uses seeds "
-                         "0..E-1 for E epochs), or omit --seeds to resume the cache as it is")
+                         "it, and a cache never shrinks. Train with fewer epochs instead (train-student at "
+                         "--repeated-aug R uses seeds R*(e//R)..R*(e//R)+R-1 in epoch e, so E epochs read the seeds "
+                         "below R*ceil(E/R)), or omit --seeds to resume the cache as it is")
 
 
 def grow_cache(root: Path, seeds: int, specs_for: Callable[[SeedGeneration], dict],

@@ -14,6 +14,7 @@ import numpy as np
 from data_shards.augment import mix_params, mixing_partners
 
 from .cache import TeacherCache
+from .errors import CacheError
 from .layout import ARRAYS_DIR, INDEX_FILE, MANIFEST_FILE, TMP_DIR, UNITS_DIR, Unit, array_path
 from .targets import soft_tail_mass
 
@@ -53,9 +54,14 @@ def array_bytes(root: Path, names: list[str], array_dirs: list[str] = ("",)) -> 
 STAT_NAMES = ("records", "top1", "dominant", "either", "mass", "unmixed", "unmixed_top1")
 
 
-def _label_stats(cache: TeacherCache, pairs: list[tuple[int, int]]) -> dict:
-    """top-1 against labels for the given (shard, seed) pairs, plus per-seed rows."""
-    index = cache.read_index().sort_by([("shard", "ascending"), ("position", "ascending")])
+def _label_stats(cache: TeacherCache, pairs: list[tuple[int, int]], damage: dict[str, str]) -> dict:
+    """top-1 against labels for the given (shard, seed) pairs, plus per-seed rows; what cannot be read
+    (the index, a unit) goes into `damage` instead."""
+    try:
+        index = cache.read_index().sort_by([("shard", "ascending"), ("position", "ascending")])
+    except CacheError as exc:
+        damage[INDEX_FILE] = str(exc)
+        return {}
     keys_all = index.column("key").to_pylist()
     labels_all = np.asarray(index.column("label").to_numpy(), dtype=np.int64)
     shard_col = np.asarray(index.column("shard").to_numpy())
@@ -66,7 +72,11 @@ def _label_stats(cache: TeacherCache, pairs: list[tuple[int, int]]) -> dict:
     for shard, seed in pairs:
         keys = keys_all[starts[shard]:starts[shard + 1]]
         labels = labels_all[starts[shard]:starts[shard + 1]]
-        targets = cache.read(shard, seed)
+        try:
+            targets = cache.read(shard, seed)
+        except CacheError as exc:
+            damage.setdefault(cache.unit_for(shard, seed).name, str(exc))
+            continue
         pred = targets.label.numpy()
         n = len(keys)
         partner = np.asarray(mixing_partners(keys, seed, recipe, fingerprint), dtype=np.int64)
@@ -102,13 +112,22 @@ def soft_target_bounds(cache: TeacherCache, pairs: list[tuple[int, int]], taus=S
 
 
 def inspect_cache(path: str | os.PathLike, max_label_records: int = 200_000) -> dict:
-    """Units done / missing, records, bytes on disk and per record, teacher top-1, top-k mass, per seed."""
+    """Units done / missing / damaged, records, bytes on disk and per record, teacher top-1, top-k mass,
+    per seed. Damage (an unreadable unit record, a storage file missing or of another size than
+    committed, a chunk that does not decode, an unreadable index) is listed under "damage", never raised."""
+    if max_label_records < 0:
+        raise CacheError(f"--max-label-records must be >= 0, got {max_label_records}")
     cache = TeacherCache.open(path)
     m, counts, units = cache.manifest, cache.shard_counts, cache.units()
     done, missing = cache.done_units(), cache.missing_units()
+    damage = {}
+    for unit in done:                       # stat only; verify-cache also compares every file's sha256
+        if problems := cache.unit_file_problems(unit, hash_files=False):
+            damage[unit.name] = "; ".join(problems.values())
     records_done = sum(counts[u.shard] * len(u.seeds) for u in done)
-    chosen = _label_pairs(done, counts, max_label_records)
-    per_seed = _label_stats(cache, chosen)
+    chosen = _label_pairs([u for u in done if u.name not in damage], counts, max_label_records)
+    per_seed = _label_stats(cache, chosen, damage)
+    readable = [(shard, seed) for shard, seed in chosen if cache.unit_for(shard, seed).name not in damage]
     locks = sorted(p.name for p in (cache.root / UNITS_DIR).glob("*.lock.*"))
     return {
         "cache": str(cache.root),
@@ -120,13 +139,24 @@ def inspect_cache(path: str | os.PathLike, max_label_records: int = 200_000) -> 
         "recipe_fingerprint": m["recipe_fingerprint"], "shards": {k: m["shards"][k] for k in
                                                                   ("path", "content_hash", "num_shards", "num_samples")},
         "units": {"total": len(units), "done": len(done), "missing": len(missing),
-                  "missing_names": [u.name for u in missing[:20]], "locks_present": locks[:20]},
+                  "missing_names": [u.name for u in missing[:20]], "locks_present": locks[:20],
+                  "damaged": len([k for k in damage if k != INDEX_FILE])},
+        "damage": [{"unit": where, "problem": problem} for where, problem in damage.items()],
+        "fix": _fix_advice(cache, damage),
         "records": {"done": records_done, "total": sum(counts) * cache.num_seeds},
         **_storage(cache, records_done),
         "teacher_quality": _quality({k: sum(r[k] for r in per_seed.values()) for k in STAT_NAMES}),
-        "soft_target_tv_bound_by_tau": soft_target_bounds(cache, chosen[:8]),
+        "soft_target_tv_bound_by_tau": soft_target_bounds(cache, readable[:8]),
         "per_seed": [_seed_row(seed, per_seed.get(seed), done, cache.num_shards) for seed in range(cache.num_seeds)],
     }
+
+
+def _fix_advice(cache: TeacherCache, damage: dict[str, str]) -> str | None:
+    if not damage:
+        return None
+    if set(damage) == {INDEX_FILE}:
+        return f"run {cache.compute_command()} (it rewrites the index)"
+    return cache.repair_advice(damaged=True)
 
 
 def _seed_row(seed: int, stats: dict | None, done: list[Unit], num_shards: int) -> dict:
@@ -189,6 +219,7 @@ def format_inspection(info: dict) -> str:
         f"  shards       {info['shards']['path']}  ({info['shards']['num_shards']} shards, "
         f"{info['shards']['num_samples']} samples, hash {info['shards']['content_hash'][:12]}…)",
         f"  units        {u['done']}/{u['total']} done, {u['missing']} missing"
+        + (f", {u['damaged']} DAMAGED (listed below)" if u["damaged"] else "")
         + (f" (e.g. {', '.join(u['missing_names'][:3])})" if u["missing"] else ""),
         f"  records      {r['done']}/{r['total']} (sample x seed)",
         f"  disk         {b['total']:,} B total, arrays {b['arrays']:,} B  ->  "
@@ -208,6 +239,11 @@ def format_inspection(info: dict) -> str:
     if u["locks_present"]:
         lines.append(f"  locks        {len(u['locks_present'])} lock file(s) present (running or crashed jobs): "
                      + ", ".join(u["locks_present"][:3]))
+    if info["damage"]:
+        lines.append(f"  DAMAGE       {len(info['damage'])} part(s) of the cache are damaged (figures above leave "
+                     "them out):")
+        lines += [f"               {d['unit']}: {d['problem']}" for d in info["damage"][:20]]
+        lines.append(f"  fix          {info['fix']}")
     return "\n".join(lines)
 
 

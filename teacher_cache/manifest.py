@@ -259,7 +259,7 @@ def refuse_differences(root: Path, existing: dict, wanted: dict) -> None:
             diffs.append(f"{label}: cache has {_short(old)}, this run has {_short(new)}")
             if path == "recipe_fingerprint":
                 diffs.extend(recipe_differences(existing, wanted))
-    if diffs:
-        raise CacheError(f"{root} already holds a cache computed differently:\n  " + "\n  ".join(diffs) +
-                         "\nUse another --out folder, or rerun with the cache's settings "
+    if diffs:                     # one line (the CLI's errors are one line each)
+        raise CacheError(f"{root} already holds a cache computed differently: " + "; ".join(d.strip() for d in diffs)
+                         + f". Use another --out folder, or rerun with the cache's settings "
                          f"(`deit-pipeline inspect-cache {root}` shows them)")

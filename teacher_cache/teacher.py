@@ -94,13 +94,15 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str | None, 
 
 
 def load_teacher(name: str | None, checkpoint: str | os.PathLike | None = None, num_classes: int | None = None,
-                 device: str | torch.device = "cpu", model_kwargs: dict | None = None) -> torch.nn.Module:
+                 device: str | torch.device = "cpu", model_kwargs: dict | None = None,
+                 options: tuple[str, str] = ("--teacher", "--teacher-checkpoint")) -> torch.nn.Module:
     """A timm teacher in eval mode with grads off, on `device`.
 
     name: timm model name (a pretrained tag like ".deit_in1k" is allowed); None means the name
     recorded in the checkpoint, or DEFAULT_TEACHER when there is no checkpoint.
     checkpoint: local weights file; without it timm's pretrained weights are used.
     num_classes: the head size (the shards' class count); a checkpoint must match it.
+    options: the command's options for the name and the checkpoint, named in messages.
     The returned module carries `teacher_info` (name, checkpoint, checkpoint_sha256, weights_sha256).
     """
     state, arch, checkpoint_sha, recorded_kwargs = None, None, None, {}
@@ -110,7 +112,7 @@ def load_teacher(name: str | None, checkpoint: str | os.PathLike | None = None, 
     name = name or arch or (DEFAULT_TEACHER if checkpoint is None else None)
     if name is None:
         raise TeacherError(f"checkpoint {checkpoint} does not record its architecture; "
-                           "pass the timm model name with --teacher NAME")
+                           f"pass the timm model name with {options[0]} NAME")
     kwargs = {**recorded_kwargs, **(model_kwargs or {})}
     if num_classes is not None:
         kwargs["num_classes"] = int(num_classes)
@@ -122,7 +124,7 @@ def load_teacher(name: str | None, checkpoint: str | os.PathLike | None = None, 
         raise
     except (OSError, ValueError) as exc:  # no network / no weights for this tag
         raise TeacherError(f"cannot get pretrained weights for teacher {name!r}: {exc}; "
-                           "pass --teacher-checkpoint PATH with local weights") from None
+                           f"pass local weights with {options[1]} PATH") from None
     if state is not None:
         _load_state(model, state, checkpoint, name)
     model.eval().requires_grad_(False).to(device)

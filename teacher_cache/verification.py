@@ -8,8 +8,10 @@ replay_item + finish_item: same shard, seed, order and the unit's recorded batch
 with the cache's precision and the unit's channels-last setting: on the same machine and
 precision a healthy cache reproduces exactly.
 
-Each sampled (shard, seed) also gets its recorded replay digests and its storage files' sha256
-checked. A record whose recomputed argmax differs from the cached one is a *near-tie* when the
+Before any recomputation, every done unit's storage files are checked against its record (present,
+same size, same sha256: cheap next to the teacher) and the units not computed yet are listed; damaged
+units are reported and left out of the sample. Each sampled (shard, seed) also gets its recorded
+replay digests checked. A record whose recomputed argmax differs from the cached one is a *near-tie* when the
 recomputation itself puts the two classes within `near_tie_tolerance` (nats) and the stored
 top-1 log-prob is that class's recomputed value within the same tolerance; any other difference
 is a *real mismatch* and always fails. Near-ties count against --min-agreement (exact argmax
@@ -30,13 +32,12 @@ import numpy as np
 import torch
 
 from data_shards import ShardSet, replay_item, unit_items
-from data_shards.io import (device_kind, file_sha256, recorded_device_kind, resolve_device,
-                            same_device_kind)
+from data_shards.io import device_kind, recorded_device_kind, resolve_device, same_device_kind
 
 from .build import DIGESTS_PER_SEED, finish_batch
 from .cache import TeacherCache
 from .errors import CacheError
-from .layout import TAIL_LOGSUMEXP, Unit, storage_shard_path
+from .layout import TAIL_LOGSUMEXP, Unit
 from .manifest import with_defaults
 from .targets import encode_teacher_logits
 from .teacher import check_precision, load_teacher, teacher_logits
@@ -67,12 +68,11 @@ def unit_batch_settings(cache: TeacherCache, unit: Unit) -> tuple[int, bool]:
     return batch_size, bool(channels_last)
 
 
-def sample_records(cache: TeacherCache, samples: int, seed: int = 0) -> list[Pick]:
-    """About `samples` records over done units: random (shard, seed) pairs, one random batch of each,
-    up to RECORDS_PER_PAIR random rows of that batch (small caches: further batches of the pairs)."""
-    done = cache.done_units()
-    if not done:
-        raise CacheError(f"teacher cache {cache.root} has no computed unit yet; {cache.fix_command()}")
+def sample_records(cache: TeacherCache, samples: int, seed: int = 0, units: list[Unit] | None = None) -> list[Pick]:
+    """About `samples` records over `units` (default: the done ones): random (shard, seed) pairs, one random
+    batch of each, up to RECORDS_PER_PAIR random rows of that batch (small caches: further batches of the
+    pairs). Empty when there is no unit."""
+    done = cache.done_units() if units is None else units
     rng = np.random.default_rng(seed)
     pairs = [(u, s) for u in done for s in u.seeds]
     used: dict[int, set[int]] = {}
@@ -114,37 +114,48 @@ def classify(stored_indices: torch.Tensor, stored_logprobs: torch.Tensor, recomp
 def verify_cache(path: str | os.PathLike, shards: str | os.PathLike, samples: int = 64, min_agreement: float = 1.0,
                  max_logprob_diff: float | None = None, device: str = "auto", precision: str | None = None,
                  teacher_checkpoint: str | None = None, seed: int = 0,
-                 near_tie_tolerance: float = NEAR_TIE_TOLERANCE) -> dict:
-    """Recompute about `samples` sampled records; "ok" is False on any real mismatch, below `min_agreement`
-    exact argmax agreement of the records recomputed on their unit's kind of device (near-ties
-    count as disagreement; on another kind they are expected and only reported), on a digest or
-    file-hash mismatch, or when a top-k log-prob or tail log-sum-exp differs by more than
-    `max_logprob_diff` (when given)."""
-    if samples < 1:
-        raise CacheError(f"--samples must be >= 1, got {samples}")
+                 near_tie_tolerance: float = NEAR_TIE_TOLERANCE, allow_incomplete: bool = False) -> dict:
+    """Check every done unit's files against its record (existence, size, sha256), list the units not
+    computed yet, and recompute about `samples` sampled records of the intact units. "ok" is False on any
+    damaged unit, any missing unit (unless `allow_incomplete`), any real mismatch, below `min_agreement`
+    exact argmax agreement of the records recomputed on their unit's kind of device (near-ties count as
+    disagreement; on another kind they are expected and only reported), on a digest mismatch, or when a
+    top-k log-prob or tail log-sum-exp differs by more than `max_logprob_diff` (when given).
+    Bad input (no cache, other shards, other teacher weights, a bad option) raises CacheError."""
+    _check_verify_options(samples, min_agreement, near_tie_tolerance, max_logprob_diff, seed)
     cache = TeacherCache.open(path)
     shard_set = ShardSet.open(shards)
     cache.check_compatible(shard_set, cache.recipe)
-    picks = sample_records(cache, samples, seed)
     torch_device = resolve_device(device)
     precision = precision or cache.manifest["precision"]
     check_precision(precision, torch_device)
-    model = _load_cache_teacher(cache, teacher_checkpoint, torch_device)
+    done, missing = cache.done_units(), cache.missing_units()
     found = _Findings(kind=device_kind(torch_device))
+    for unit in done:                      # cheap next to the teacher: every unit, every file
+        _check_files(cache, unit, found)
+    picks = sample_records(cache, samples, seed, [u for u in done if u.name not in found.damaged])
+    model = _load_cache_teacher(cache, teacher_checkpoint, torch_device) if picks else None
     for pick in picks:
         _verify_pick(cache, shard_set, model, pick, precision, near_tie_tolerance, found,
                      torch_device)
     tally, other = found.tally, found.other_kind
-    agreement = tally["match"] / sum(tally.values())
-    same_records = sum(tally.values()) - sum(other.values())
+    records = sum(tally.values())
+    agreement = tally["match"] / records if records else None
+    same_records = records - sum(other.values())
     same_agreement = (tally["match"] - other["match"]) / same_records if same_records else None
     ok = (tally["mismatch"] == 0 and (same_agreement is None or same_agreement >= min_agreement)
-          and not found.bad_files and not found.bad_digests
+          and not found.damaged and not found.bad_digests and (allow_incomplete or not missing)
           and (max_logprob_diff is None or max(found.max_lp, found.max_tail) <= max_logprob_diff))
-    return {"cache": str(cache.root), "records": sum(tally.values()), "pairs": len(picks),
+    pairs = sorted({(p.shard, p.seed) for p in picks})
+    return {"cache": str(cache.root), "records": records, "pairs": len(pairs),
+            "units_total": len(done) + len(missing), "units_done": len(done), "units_missing": len(missing),
+            "missing_units": [u.name for u in missing[:20]], "complete": not missing,
+            "allow_incomplete": allow_incomplete,
+            "damaged_units": [{"unit": name, "problem": problem} for name, problem in found.damaged.items()],
+            "fix": cache.repair_advice(bool(found.damaged)) if missing or found.damaged else None,
             "argmax_agreement": agreement, "near_ties": tally["near-tie"], "mismatches": tally["mismatch"],
             "near_tie_tolerance": near_tie_tolerance, "disagreements": found.examples,
-            "pairs_checked": [[p.shard, p.seed] for p in picks], "batch_sizes": sorted({p.batch_size for p in picks}),
+            "pairs_checked": [list(p) for p in pairs], "batch_sizes": sorted({p.batch_size for p in picks}),
             "channels_last": sorted({p.channels_last for p in picks}),
             "max_logprob_diff": found.max_lp, "max_logit_diff": found.max_logit if cache.has_logits else None,
             "max_tail_logsumexp_diff": found.max_tail if TAIL_LOGSUMEXP in cache.array_names else None,
@@ -157,6 +168,21 @@ def verify_cache(path: str | os.PathLike, shards: str | os.PathLike, samples: in
             "other_kind_near_ties": other["near-tie"], "ok": ok}
 
 
+def _check_verify_options(samples: int, min_agreement: float, near_tie_tolerance: float,
+                          max_logprob_diff: float | None, seed: int) -> None:
+    """The ranges verify-cache's options are parsed with, for callers that do not go through the CLI."""
+    if samples < 1:
+        raise CacheError(f"--samples must be >= 1, got {samples}")
+    if not 0.0 <= min_agreement <= 1.0:
+        raise CacheError(f"--min-agreement must be in [0, 1], got {min_agreement}")
+    if not near_tie_tolerance >= 0.0:
+        raise CacheError(f"--near-tie-tolerance must be >= 0, got {near_tie_tolerance}")
+    if max_logprob_diff is not None and not max_logprob_diff >= 0.0:
+        raise CacheError(f"--max-logprob-diff must be >= 0, got {max_logprob_diff}")
+    if seed < 0:
+        raise CacheError(f"--seed must be >= 0, got {seed}")
+
+
 @dataclass
 class _Findings:
     """What the recomputation found so far, over every pick."""
@@ -166,10 +192,11 @@ class _Findings:
                                                                 "mismatch": 0})
     recorded_kinds: set[str] = field(default_factory=set)     # the sampled units' device kinds
     examples: list[dict] = field(default_factory=list)       # the first 20 disagreements
-    checked_units: set[str] = field(default_factory=set)
+    damaged: dict[str, str] = field(default_factory=dict)   # unit name -> what is wrong
     files_checked: int = 0
     bad_files: list[str] = field(default_factory=list)
     digests_checked: int = 0
+    digest_pairs: set[tuple[int, int]] = field(default_factory=set)
     bad_digests: list[str] = field(default_factory=list)
     max_lp: float = 0.0
     max_logit: float = 0.0
@@ -178,24 +205,27 @@ class _Findings:
 
 def _verify_pick(cache: TeacherCache, shard_set: ShardSet, model: torch.nn.Module, pick: Pick, precision: str,
                  tolerance: float, found: _Findings, device: torch.device) -> None:
-    """Rebuild and rerun the pick's batch; check its unit's files (once), its seed's replay digests
-    and its records against the cache."""
+    """Rebuild and rerun the pick's batch; check its seed's replay digests and its records against the
+    cache (a unit that cannot be read is recorded as damaged)."""
     unit = cache.unit_for(pick.shard, pick.seed)
-    if unit.name not in found.checked_units:
-        found.checked_units.add(unit.name)
-        _check_files(cache, unit, found)
+    try:
+        stored = cache.read(pick.shard, pick.seed)
+        recorded = cache.unit_digests(pick.shard, pick.seed)
+    except CacheError as exc:              # intact files that still do not decode: damage, reported
+        found.damaged.setdefault(unit.name, str(exc))
+        return
     recorded_kind = recorded_device_kind(cache.unit_record(unit))
     found.recorded_kinds.add(recorded_kind)
     same_kind = same_device_kind(recorded_kind, found.kind)
     item, images, digests = _original_batch(shard_set, unit, pick, cache.recipe, device)
-    recorded = cache.unit_digests(pick.shard, pick.seed)
-    found.digests_checked += len(recorded)
-    found.bad_digests += [f"{key}@seed{pick.seed}" for key, d in recorded.items() if digests.get(key) != d]
+    if (pick.shard, pick.seed) not in found.digest_pairs:      # once per pair, however many batches it gives
+        found.digest_pairs.add((pick.shard, pick.seed))
+        found.digests_checked += len(recorded)
+        found.bad_digests += [f"{key}@seed{pick.seed}" for key, d in recorded.items() if digests.get(key) != d]
     model.to(memory_format=torch.channels_last if pick.channels_last else torch.contiguous_format)
     logits = teacher_logits(model, images, precision, channels_last=pick.channels_last)
     recomputed = encode_teacher_logits(logits, cache.topk, cache.has_logits).to("cpu")
     full_logprobs = torch.log_softmax(logits, dim=1).cpu()
-    stored = cache.read(pick.shard, pick.seed)
     for row in pick.rows:
         pos = int(item.positions[row])
         idx, lp = stored.topk_indices[pos], stored.topk_logprobs[pos]
@@ -230,15 +260,12 @@ def _load_cache_teacher(cache: TeacherCache, teacher_checkpoint, device: torch.d
 
 
 def _check_files(cache: TeacherCache, unit: Unit, found: _Findings) -> None:
-    """sha256 of the unit's storage files against its record."""
-    for name, info in cache.unit_record(unit)["files"].items():
-        found.files_checked += 1
-        try:
-            digest = file_sha256(storage_shard_path(cache.root, name, unit))
-        except FileNotFoundError:
-            digest = "missing"
-        if digest != info["sha256"]:
-            found.bad_files.append(f"{unit.name}:{name}")
+    """The unit's storage files against its record (existence, size, sha256)."""
+    problems = cache.unit_file_problems(unit, hash_files=True)
+    found.files_checked += len(cache.array_names)
+    found.bad_files += [f"{unit.name}:{name}" for name in problems if name != "record"]
+    if problems:
+        found.damaged[unit.name] = "; ".join(problems.values())
 
 
 def _original_batch(shard_set: ShardSet, unit: Unit, pick: Pick, recipe, device: torch.device):

@@ -28,7 +28,9 @@ def test_inspect_cache_reports_units_bytes_and_teacher_quality(reference_cache, 
     result = run_cli([CLI, "inspect-cache", reference_cache, "--json"])
     assert result.returncode == 0, result.output
     info = json.loads(result.stdout)
-    assert info["units"] == {"total": 18, "done": 18, "missing": 0, "missing_names": [], "locks_present": []}
+    assert info["units"] == {"total": 18, "done": 18, "missing": 0, "missing_names": [], "locks_present": [],
+                             "damaged": 0}
+    assert info["damage"] == [] and info["fix"] is None
     assert info["records"] == {"done": 354 * SEEDS, "total": 354 * SEEDS}
     bpr = info["bytes_per_record"]
     assert 0 < bpr["arrays"] < bpr["total"] and bpr["arrays"] <= 32
@@ -85,7 +87,9 @@ def test_verify_cache_passes_on_a_good_cache(reference_cache, small_shards):
     assert report["ok"] and report["records"] == 40 and report["argmax_agreement"] == 1.0
     assert report["max_logprob_diff"] == 0.0            # same machine, same precision: bit-identical
     assert report["digests_checked"] == 2 * report["pairs"] and not report["digest_mismatches"]
-    assert report["files_checked"] > 0 and not report["file_hash_mismatches"]
+    assert report["pairs"] == len({tuple(p) for p in report["pairs_checked"]})           # distinct pairs
+    assert report["files_checked"] == 18 * 2 and not report["file_hash_mismatches"]     # every unit, both arrays
+    assert report["complete"] and report["units_missing"] == 0 and report["damaged_units"] == []
 
 
 def test_verify_cache_fails_when_stored_argmax_is_wrong(cache_copy, small_shards):
@@ -118,8 +122,9 @@ def test_verify_cache_fails_on_a_changed_storage_file(cache_copy, small_shards):
         data[-30] ^= 0x01                           # inside the shard index: crc catches it on read too
         path.write_bytes(bytes(data))
     result = run_cli([CLI, "verify-cache", cache_copy, "--shards", small_shards, "--samples", 8])
-    assert result.returncode == 2, result.output           # the read refuses it: a clean error, no traceback
-    assert "damaged" in result.output and "Traceback" not in result.output
+    assert result.returncode == 1, result.output           # damage: reported, exit 1 (bad input is 2)
+    assert result.output.count("DAMAGED unit") == 10 and "FAILED" in result.output   # the text shows 10
+    assert "sha256 differs" in result.output and "Traceback" not in result.output
 
 
 def test_verify_cache_fails_on_a_storage_file_swapped_with_another_units(cache_copy, small_shards):
@@ -130,9 +135,12 @@ def test_verify_cache_fails_on_a_storage_file_swapped_with_another_units(cache_c
         contents = [p.read_bytes() for p in paths]
         for path, data in zip(paths, contents[1:] + contents[:1]):
             path.write_bytes(data)
-    result = run_cli([CLI, "verify-cache", cache_copy, "--shards", small_shards, "--samples", 8])
+    result = run_cli([CLI, "verify-cache", cache_copy, "--shards", small_shards, "--samples", 8, "--json"])
     assert result.returncode == 1, result.output
-    assert "storage file changed since commit" in result.output and "FAILED" in result.output
+    report = json.loads(result.stdout)
+    assert not report["ok"] and len(report["damaged_units"]) == len(report["file_hash_mismatches"]) == 18
+    assert report["records"] == 0          # no intact unit is left to recompute
+    assert "delete the record" in report["fix"] and "UNIT.json of each damaged unit" in report["fix"]
 
 
 def test_verify_cache_refuses_other_weights(reference_cache, small_shards, tmp_path):
@@ -176,7 +184,7 @@ def test_cli_refusal_and_bad_arguments_are_one_clear_line(cache_copy, small_shar
         ([*base, "--out", tmp_path / "a", "--teacher-checkpoint", teacher_checkpoint, "--seeds", 2, "--topk", 11],
          "--topk 11 must be between 1 and the class count 10"),
         ([*base, "--out", tmp_path / "b", "--teacher-checkpoint", teacher_checkpoint, "--seeds", 0],
-         "--seeds must be >= 1"),
+         "Invalid value for '--seeds': 0 is not in the range x>=1"),
         ([*base, "--out", tmp_path / "c", "--teacher-checkpoint", teacher_checkpoint],
          "--seeds S is required"),
         ([*base, "--out", tmp_path / "d", "--teacher-checkpoint", tmp_path / "missing.pth", "--seeds", 2],

@@ -82,7 +82,7 @@ def test_a_smaller_seed_count_is_refused(tmp_path, small_shards, teacher_checkpo
     out = copy_cache(reference_cache, tmp_path / "cache")
     before = file_states(out)
     with pytest.raises(CacheError, match=r"holds 3 seeds \(0\.\.2\); --seeds 2 would shrink it, and a cache never "
-                                         r"shrinks\. Train with fewer seeds instead"):
+                                         r"shrinks\. Train with fewer epochs instead"):
         cache_teacher(cache_options(small_shards, out, teacher_checkpoint, seeds=2))
     result = run_cli(cli_args(small_shards, out, teacher_checkpoint) + ["--seeds", "1"], process=True)
     assert result.returncode == 2 and "a cache never shrinks" in result.stderr, result.stderr

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from cache_fixtures import (REPO, SEEDS, SEEDS_PER_UNIT, TEACHER_ARCH, all_at_once, assert_same_cache,
                             cache_options, cli_args, job_summaries, leftovers)
@@ -96,10 +97,13 @@ def test_two_jobs_with_the_same_index_compute_each_unit_once(tmp_path, small_sha
 
 @pytest.mark.slow
 def test_slurm_array_script_covers_every_unit_exactly_once(tmp_path, small_shards, teacher_checkpoint):
-    """Run the example array script with the SLURM variables of each task in turn (no scheduler)."""
+    """Run the example array script with the SLURM variables of each task in turn (no scheduler). TEACHER is
+    unset: the checkpoint's recorded architecture is used (the script used to pass the default timm name)."""
     out = tmp_path / "slurm"
-    env = {"SHARDS": str(small_shards), "CACHE": str(out), "TEACHER": TEACHER_ARCH,
-           "TEACHER_CHECKPOINT": str(teacher_checkpoint), "SEEDS": str(SEEDS), "PRECISION": "fp32",
+    checkpoint = tmp_path / "teacher.pth"
+    torch.save({**torch.load(teacher_checkpoint, weights_only=True), "arch": TEACHER_ARCH}, checkpoint)
+    env = {"SHARDS": str(small_shards), "CACHE": str(out),
+           "TEACHER_CHECKPOINT": str(checkpoint), "SEEDS": str(SEEDS), "PRECISION": "fp32",
            "BATCH_SIZE": "16", "WORKERS": "0",
            "EXTRA_ARGS": f"--seeds-per-unit {SEEDS_PER_UNIT} --input-size 32 --device cpu",
            "PATH": f"{Path(CLI).parent}{os.pathsep}{os.environ['PATH']}",

@@ -81,7 +81,7 @@ def test_bad_checkpoints_and_names_are_explained(tmp_path, model):
         load_teacher("no_such_net", path, num_classes=10)
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(TeacherError, match=r"cannot read .*junk.pth with torch.load\(weights_only=True\)"):
+    with pytest.raises(TeacherError, match=r"cannot read .*junk.pth as weights: it is a text file; expected"):
         load_teacher(TEACHER_ARCH, junk, num_classes=10)
 
 
@@ -99,6 +99,25 @@ def test_without_checkpoint_timm_pretrained_weights_are_requested(monkeypatch):
     teacher = load_teacher(None, None, num_classes=10)
     assert calls == [("regnety_160.deit_in1k", True, {"num_classes": 10})]
     assert teacher.teacher_info["pretrained"] is True and teacher.teacher_info["checkpoint_sha256"] is None
+
+
+def test_offline_advice_names_the_commands_own_option(monkeypatch):
+    """Without network, each command says how to pass local weights with an option it has (evaluate and
+    train-student have no --teacher-checkpoint)."""
+    import timm
+
+    from student.teachers import load_online_teacher
+
+    def offline(name, pretrained=False, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(TeacherError, match="pass local weights with --teacher-checkpoint PATH"):
+        load_teacher("resnet10t.a1_in1k", None, num_classes=10)
+    with pytest.raises(TeacherError, match="pass local weights with --teacher PATH"):
+        load_online_teacher("resnet10t.a1_in1k", 10, "cpu", option="--teacher")              # evaluate
+    with pytest.raises(TeacherError, match="pass local weights with --teacher-online PATH"):
+        load_online_teacher("resnet10t.a1_in1k", 10, "cpu")                                 # train-student
 
 
 def test_teacher_forward_encodes_and_handles_precision(model, images):

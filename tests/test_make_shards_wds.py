@@ -102,11 +102,14 @@ def test_brace_pattern_classes_file_and_workers(wds_tars, tmp_path, capsys):
     assert only_two["num_samples"] == 2 * PER_TAR + 1  # sample_00003 of tar 2 is no longer a duplicate
 
     names = tmp_path / "classes.txt"
-    names.write_text("\n".join(f"digit {i}" for i in range(8)) + "\n")  # 8 and 9 fall outside
+    names.write_text("\n".join(f"digit {i}" for i in range(8)) + "\n")  # 8 and 9 fall outside: refused
+    with pytest.raises(SourceError, match=r"class index [89] is outside the --classes file's 8 classes"):
+        make_shards(pattern, tmp_path / "d", classes_file=names, progress=False)
+    assert not (tmp_path / "d").exists() and not list(tmp_path.glob(".d@*"))     # nothing left behind
+    names.write_text("\n".join(f"digit {i}" for i in range(10)) + "\n")
     meta = make_shards(pattern, tmp_path / "d", classes_file=names, progress=False)
-    assert meta["classes"][3] == "digit 3" and meta["num_classes"] == 8
-    outside = [s for s in meta["skipped"] if "outside the --classes" in s["reason"]]
-    assert outside and meta["num_samples"] + len(outside) == by_folder["num_samples"]
+    assert meta["classes"][3] == "digit 3" and meta["num_classes"] == 10
+    assert meta["num_samples"] == by_folder["num_samples"]
 
     with wds.TarWriter(str(tmp_path / "sorted.tar")) as sink:  # one class only: Mixup would never mix classes
         for i in (1, 11, 21):

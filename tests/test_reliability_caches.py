@@ -68,10 +68,11 @@ def test_missing_unit_named_with_fix(tmp_path, reference_cache, small_shards, st
     cmds = readers(cache, small_shards, student_checkpoint, tmp_path)
     for name in ("train-student", "evaluate"):
         assert_clean_failure(run_cli(cmds[name]), unit_name, "deit-pipeline cache-teacher", command=name)
-    # verify-cache checks the records that exist (a cache is often verified while jobs still run),
-    # and says what is missing.
+    # verify-cache checks the records that exist and names what is missing: a failure (exit 1), unless
+    # --allow-incomplete (a cache is often verified while jobs still run).
     verify = run_cli(cmds["verify-cache"])
-    assert "missing" in verify.stdout and "Traceback" not in verify.stdout, verify.stdout
+    assert verify.returncode == 1 and f"missing unit (not computed yet): {unit_name}" in verify.stdout, verify.output
+    assert run_cli([*cmds["verify-cache"], "--allow-incomplete"]).returncode == 0
     inspect = run_cli(cmds["inspect-cache"] + ["--json"])
     assert inspect.returncode == 0, inspect.stderr  # inspect reports it instead of failing
     assert unit_name in inspect.stdout

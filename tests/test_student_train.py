@@ -268,6 +268,18 @@ def test_ddp_two_cpu_processes_take_the_same_number_of_steps(setup, tmp_path):
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert ckpt["rng"]["torch"].shape[0] == 2 and ckpt["data"]["world_size"] == 2
 
+    # Resumed in one process, one epoch longer: the 2 cached seeds now need --reuse-seeds (a permission,
+    # allowed to change on --resume), the cosine length changes; both are said.
+    args = [CLI if a == "pipeline" else a for a in cmd[cmd.index("pipeline"):]]
+    args[args.index("--epochs") + 1] = "3"
+    refused = run_cli([*args, "--resume"])
+    assert refused.returncode == 2 and "--reuse-seeds" in refused.output, refused.output
+    resumed = run_cli([*args, "--resume", "--reuse-seeds"])
+    assert resumed.returncode == 0, resumed.output
+    assert "world size 2 -> 1" in resumed.output and "cosine schedule now spans 3 epochs" in resumed.output
+    assert "trained 1 epoch(s) (epochs 2..2, resumed)" in resumed.output
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["data"]["world_size"] == 1
+
 
 def test_every_train_student_option_reaches_the_config():
     """train-student builds TrainConfig.from_dict(options), which ignores unknown keys: each option the
