@@ -341,13 +341,31 @@ def train(cfg: TrainConfig) -> dict:
                 metrics["val"] = evaluate(run)
             save(run, epoch + 1, global_step, metrics)
             run.log.metrics(metrics)
+        digests = digest_coverage(run.teacher, ctx) if isinstance(run.teacher, CachedTeacher) else None
     finally:
         D.close_distributed()
-    if isinstance(run.teacher, CachedTeacher):
-        run.log.note(f"cache: {run.teacher.units_read} batched unit reads, "
-                     f"{run.teacher.digests_checked} image digests verified")
+    if digests is not None:
+        run.log.note(f"cache: {digests['unit_reads']} batched unit reads, {digests['verified']} image digests "
+                     f"verified; {digests['units_checked']} of the {digests['units_read']} (shard, seed) units "
+                     "read had their digests checked")
     return {"checkpoint": str(run.checkpoint), "epochs": cfg.epochs, "global_step": global_step,
-            "metrics": metrics, "world_size": ctx.world_size}
+            "metrics": metrics, "world_size": ctx.world_size, "digests": digests}
+
+
+def digest_coverage(teacher: CachedTeacher, ctx: D.DistContext) -> dict:
+    """The cached teacher's reads and digest checks of this run (since this process started), summed
+    over ranks; a unit counts as checked when any rank checked it (a rank may read a later piece
+    of a unit another rank checked in the same step: the run, not each rank, checks each unit)."""
+    cache = teacher.cache
+    flags = torch.zeros(2, cache.num_shards, cache.num_seeds, dtype=torch.float64)
+    for row, units in enumerate((teacher.units_seen, teacher.units_checked)):
+        for shard, seed in units:
+            flags[row, shard, seed] = 1
+    counts = torch.tensor([teacher.units_read, teacher.digests_checked], dtype=torch.float64)
+    total = D.all_reduce_sum(torch.cat([flags.flatten(), counts]).to(ctx.device), ctx).cpu()
+    seen, checked = total[:-2].view(2, -1) > 0
+    return {"unit_reads": int(total[-2]), "verified": int(total[-1]), "units_read": int(seen.sum()),
+            "units_checked": int((seen & checked).sum())}
 
 
 def resume_or_start(run: Run) -> tuple[int, int, dict]:

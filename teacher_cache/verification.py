@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from data_shards import ShardSet, replay_item, unit_items
+from data_shards import ShardSet, WorkItem, replay_item, unit_items
 from data_shards.io import file_sha256, resolve_device
+from data_shards.items import digest_positions
 
-from .build import DIGESTS_PER_SEED, finish_batch
+from .build import finish_batch
 from .cache import TeacherCache
 from .errors import CacheError
 from .layout import TAIL_LOGSUMEXP, Unit, storage_shard_path
@@ -149,6 +150,7 @@ class _Findings:
     tally: dict[str, int] = field(default_factory=lambda: {"match": 0, "near-tie": 0, "mismatch": 0})
     examples: list[dict] = field(default_factory=list)       # the first 20 disagreements
     checked_units: set[str] = field(default_factory=set)
+    checked_pairs: set[tuple[int, int]] = field(default_factory=set)     # (shard, seed): digests compared
     files_checked: int = 0
     bad_files: list[str] = field(default_factory=list)
     digests_checked: int = 0
@@ -167,9 +169,10 @@ def _verify_pick(cache: TeacherCache, shard_set: ShardSet, model: torch.nn.Modul
         found.checked_units.add(unit.name)
         _check_files(cache, unit, found)
     item, images, digests = _original_batch(shard_set, unit, pick, cache.recipe)
-    recorded = cache.unit_digests(pick.shard, pick.seed)
-    found.digests_checked += len(recorded)
-    found.bad_digests += [f"{key}@seed{pick.seed}" for key, d in recorded.items() if digests.get(key) != d]
+    if (pick.shard, pick.seed) not in found.checked_pairs:
+        found.checked_pairs.add((pick.shard, pick.seed))
+        replayed = _replayed_digests(shard_set, pick, cache.recipe, item, digests)
+        _check_digests(cache.unit_digests(pick.shard, pick.seed), replayed, pick.seed, found)
     model.to(memory_format=torch.channels_last if pick.channels_last else torch.contiguous_format)
     logits = teacher_logits(model, images, precision, channels_last=pick.channels_last)
     recomputed = encode_teacher_logits(logits, cache.topk, cache.has_logits).to("cpu")
@@ -218,9 +221,17 @@ def _check_files(cache: TeacherCache, unit: Unit, found: _Findings) -> None:
             found.bad_files.append(f"{unit.name}:{name}")
 
 
+def _check_digests(recorded: dict[str, str], replayed: dict[str, str], seed: int, found: _Findings) -> None:
+    """The (shard, seed)'s recorded digests against the replay's, at the digest positions: a differing
+    digest, a recorded key that is not at a digest position here, or a position not recorded fails."""
+    keys = sorted(set(recorded) | set(replayed))
+    found.digests_checked += len(keys)
+    found.bad_digests += [f"{key}@seed{seed}" for key in keys if recorded.get(key) != replayed.get(key)]
+
+
 def _original_batch(shard_set: ShardSet, unit: Unit, pick: Pick, recipe):
     """The images of batch `pick.batch` exactly as cache-teacher built them (the same work item,
-    replayed and finished the same way), and the replay digests of the seed's first images."""
+    replayed and finished the same way), and the digests of its samples at digest positions."""
     count = shard_set.shard_counts[unit.shard]
     works = unit_items(count, unit.shard, pick.seed, pick.batch_size)
     if pick.batch >= len(works):
@@ -228,9 +239,16 @@ def _original_batch(shard_set: ShardSet, unit: Unit, pick: Pick, recipe):
                          "the shards changed since the cache was computed")
     keys_cache: dict[int, list[str]] = {}
     item = replay_item(shard_set, works[pick.batch], recipe, keys_cache)
-    images, digests = finish_batch(item, recipe, "cpu")
-    for work in works:                     # the digested first images may sit in earlier batches
-        if len(digests) >= min(DIGESTS_PER_SEED, count) or work == works[pick.batch]:
-            break
-        digests.update(finish_batch(replay_item(shard_set, work, recipe, keys_cache), recipe, "cpu")[1])
+    images, digests = finish_batch(item, recipe, "cpu", count)
     return item, images, digests
+
+
+def _replayed_digests(shard_set: ShardSet, pick: Pick, recipe, item, digests: dict[str, str]) -> dict[str, str]:
+    """Digests of every digest position of (shard, seed): `digests` (those in the pick's batch `item`)
+    plus 1-sample slices replayed for the others (any cut of a unit gives the same finished images)."""
+    count, keys_cache, digests = shard_set.shard_counts[pick.shard], {}, dict(digests)
+    for k in digest_positions(count, recipe.pairing_seeds):
+        if not item.start <= k < item.stop:
+            one = replay_item(shard_set, WorkItem(pick.shard, pick.seed, k, k + 1), recipe, keys_cache)
+            digests.update(finish_batch(one, recipe, "cpu", count)[1])
+    return digests
