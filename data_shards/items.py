@@ -49,8 +49,8 @@ def digest_positions(n: int, parts: int) -> list[int]:
     the first `parts` positions of each of the `parts` parts (order_part), parts = recipe.pairing_seeds.
 
     Why these cover every unit a training run reads (the run, not each rank; DESIGN.md):
-      * R = 1 (`--repeated-aug 1`): a rank's units are replayed whole from position 0, the first
-        digest position (the unit's first item starts there; DDP deals whole units to ranks).
+      * R = 1 (`--repeated-aug 1`): a rank's units are replayed from position 0, the first digest
+        position (the unit's first item starts there; DDP deals whole units to ranks).
       * R > 1 (R = pairing_seeds, checked by train-student): epoch j of a group reads part j of each
         shard's order, a segment of the epoch's sequence; a step takes the next P = ceil(W*B/R)
         images seed-major and truncates to W*B, which drops at most R-1 images at the step's end,
@@ -58,8 +58,10 @@ def digest_positions(n: int, parts: int) -> list[int]:
         (the start dropped) at the next step's first image, at most R-1 positions later; a part
         shorter than R is recorded whole. Steps cut by `steps = images // P` or --max-steps-per-epoch
         only leave units unread. Each epoch is planned alone and a resume starts at an epoch boundary.
-    The rank that reads a unit's first piece checks it before the step; other ranks may read later
-    pieces of it in the same step (the digest check there stops the run before its optimizer step).
+    Under DDP the rank that reads a unit's first piece checks it while assembling that step's batch;
+    other ranks may read later pieces of the unit, in that step at the earliest (a failed check
+    raises before the rank's forward, so that step's gradient all-reduce, and so the optimizer
+    step, never completes).
     """
     positions: list[int] = []
     for part in range(parts):

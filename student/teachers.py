@@ -29,10 +29,11 @@ class CachedTeacher:
     positions of each of the R parts of its mixing order (data_shards.items.digest_positions, R =
     the recipe's pairing_seeds). Every item is checked at the digest positions it holds, before
     its targets are returned; every unit a run reads holds one among the first samples the run
-    reads of it (the argument is in digest_positions' docstring), whatever the epoch, R, world
-    size or resume point. `units_seen` / `units_checked` show it: the (shard, seed) units this
-    process read, and those of them whose digests it compared (under DDP the run's union is the
-    guarantee: another rank may read a later piece of a unit in the step that checks it)."""
+    reads of it in each epoch (the argument is in digest_positions' docstring), whatever the epoch,
+    R, world size or resume point. `take_coverage` shows it: the (shard, seed) units this process
+    read, and those of them whose digests it compared, since the last call (train-student: per
+    epoch, united over ranks: another rank may read a later piece of a unit in the step that
+    checks it)."""
     UNITS_KEPT = 4
 
     def __init__(self, cache, device: torch.device | str = "cpu"):
@@ -40,7 +41,7 @@ class CachedTeacher:
         self._units: OrderedDict[tuple[int, int], TeacherTargets] = OrderedDict()
         self._parts = cache.recipe.pairing_seeds
         self._positions: dict[int, list[int]] = {}
-        self.units_read = 0                # batched reads (LRU misses)
+        self.unit_reads = 0                # batched reads (LRU misses)
         self.digests_checked = 0
         self.units_seen: set[tuple[int, int]] = set()
         self.units_checked: set[tuple[int, int]] = set()
@@ -51,11 +52,17 @@ class CachedTeacher:
         if unit not in self._units:
             # position order, one read; moved to the device once per unit, not per step
             self._units[unit] = _to_device(self.cache.read(item.shard, item.aug_seed), self.device)
-            self.units_read += 1
+            self.unit_reads += 1
             while len(self._units) > self.UNITS_KEPT:
                 self._units.popitem(last=False)
         self._units.move_to_end(unit)
         return self._units[unit].select(item.positions.to(self.device, non_blocking=True))
+
+    def take_coverage(self) -> tuple[set[tuple[int, int]], set[tuple[int, int]], int]:
+        """(units read, units whose digests were compared, digests compared) since the last call."""
+        coverage = self.units_seen, self.units_checked, self.digests_checked
+        self.units_seen, self.units_checked, self.digests_checked = set(), set(), 0
+        return coverage
 
     def check_digests(self, item: ReplayItem, images: torch.Tensor) -> None:
         """Compare the finished images of the item's samples at digest positions with the recorded

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -335,37 +336,39 @@ def train(cfg: TrainConfig) -> dict:
     try:
         run = setup(cfg, ctx)
         start_epoch, global_step, metrics = resume_or_start(run)
+        digests = Counter()                   # digest checks of the epochs this process runs (all ranks)
         for epoch in range(start_epoch, cfg.epochs):
             metrics, global_step = train_one_epoch(run, epoch, global_step)
             if run.val_set is not None:
                 metrics["val"] = evaluate(run)
             save(run, epoch + 1, global_step, metrics)
             run.log.metrics(metrics)
-        digests = digest_coverage(run.teacher, ctx) if isinstance(run.teacher, CachedTeacher) else None
+            digests.update(metrics.get("digests", {}))
     finally:
         D.close_distributed()
-    if digests is not None:
-        run.log.note(f"cache: {digests['unit_reads']} batched unit reads, {digests['verified']} image digests "
-                     f"verified; {digests['units_checked']} of the {digests['units_read']} (shard, seed) units "
-                     "read had their digests checked")
+    if isinstance(run.teacher, CachedTeacher):
+        run.log.note(f"cache: {run.teacher.unit_reads} batched unit reads on this rank; over all ranks, "
+                     f"{digests['verified']} image digests verified, and the digests of {digests['units_checked']} "
+                     f"of the {digests['units_read']} (shard, seed) units read checked (counted per epoch)")
     return {"checkpoint": str(run.checkpoint), "epochs": cfg.epochs, "global_step": global_step,
-            "metrics": metrics, "world_size": ctx.world_size, "digests": digests}
+            "metrics": metrics, "world_size": ctx.world_size, "digests": dict(digests)}
 
 
 def digest_coverage(teacher: CachedTeacher, ctx: D.DistContext) -> dict:
-    """The cached teacher's reads and digest checks of this run (since this process started), summed
-    over ranks; a unit counts as checked when any rank checked it (a rank may read a later piece
-    of a unit another rank checked in the same step: the run, not each rank, checks each unit)."""
+    """The cached teacher's digest checks since the last call (an epoch), over all ranks: digests
+    compared, (shard, seed) units read, and those whose digests were checked. A unit counts as
+    checked when any rank checked it: a rank may read a later piece of a unit that another rank
+    checks in the same step, so the run, not each rank, checks each unit."""
+    seen, checked, verified = teacher.take_coverage()
     cache = teacher.cache
     flags = torch.zeros(2, cache.num_shards, cache.num_seeds, dtype=torch.float64)
-    for row, units in enumerate((teacher.units_seen, teacher.units_checked)):
+    for row, units in enumerate((seen, checked)):
         for shard, seed in units:
             flags[row, shard, seed] = 1
-    counts = torch.tensor([teacher.units_read, teacher.digests_checked], dtype=torch.float64)
-    total = D.all_reduce_sum(torch.cat([flags.flatten(), counts]).to(ctx.device), ctx).cpu()
-    seen, checked = total[:-2].view(2, -1) > 0
-    return {"unit_reads": int(total[-2]), "verified": int(total[-1]), "units_read": int(seen.sum()),
-            "units_checked": int((seen & checked).sum())}
+    total = D.all_reduce_sum(torch.cat([flags.flatten(), torch.tensor([float(verified)], dtype=torch.float64)])
+                             .to(ctx.device), ctx).cpu()
+    read, checked_any = total[:-1].view(2, -1) > 0
+    return {"verified": int(total[-1]), "units_read": int(read.sum()), "units_checked": int((read & checked_any).sum())}
 
 
 def resume_or_start(run: Run) -> tuple[int, int, dict]:
@@ -413,7 +416,10 @@ def train_one_epoch(run: Run, epoch: int, global_step: int) -> tuple[dict, int]:
                              "samples_per_s": steps_per_s * run.global_batch})
             bar.set_postfix(loss=f"{mean[0]:.4f}", lr=f"{lr:.2e}")
     bar.close()
-    return meter.epoch_metrics(run, plan, epoch, lr), global_step
+    metrics = meter.epoch_metrics(run, plan, epoch, lr)
+    if isinstance(run.teacher, CachedTeacher):
+        metrics["digests"] = digest_coverage(run.teacher, ctx)
+    return metrics, global_step
 
 
 def train_step(run: Run, batch, global_step: int):

@@ -112,6 +112,34 @@ def test_verify_cache_fails_when_stored_argmax_is_wrong(cache_copy, small_shards
     assert lenient.returncode == 1 and "real mismatches 16" in lenient.output, lenient.output
 
 
+@pytest.mark.parametrize("edit", ["changed", "dropped"])
+def test_verify_cache_fails_when_recorded_digests_were_edited(cache_copy, small_shards, edit):
+    """Every unit record keeps valid files but each seed's recorded digests are edited: one digest changed
+    (the teacher saw other pixels), or one dropped (a digest position not recorded). Only the replay
+    can tell; verify-cache names the sample and exits 1."""
+    edited = set()
+    for path in sorted((cache_copy / "units").glob("*.json")):
+        record = json.loads(path.read_text())
+        for seed, digests in record["digests"].items():
+            key = sorted(digests)[4]               # one of the 9 (3 at the start of each third of the order)
+            if edit == "changed":
+                digests[key] = "0" * 32
+            else:
+                del digests[key]
+            edited.add(f"{key}@seed{seed}")
+        path.write_text(json.dumps(record))
+    args = [CLI, "verify-cache", cache_copy, "--shards", small_shards, "--samples", 8]
+    result = run_cli([*args, "--json"])
+    assert result.returncode == 1, result.output
+    report = json.loads(result.stdout)
+    assert not report["ok"] and report["argmax_agreement"] == 1.0 and not report["file_hash_mismatches"]
+    assert report["pairs"] == 1 and report["digests_checked"] == 9
+    assert len(report["digest_mismatches"]) == 1 and set(report["digest_mismatches"]) <= edited
+    if edit == "changed":
+        text = run_cli(args)
+        assert text.returncode == 1 and "replay digests 8/9 match" in text.output, text.output
+
+
 def test_verify_cache_fails_on_a_changed_storage_file(cache_copy, small_shards):
     cache = TeacherCache.open(cache_copy)
     for unit in cache.units():                      # change every unit so any sample sees it

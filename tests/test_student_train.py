@@ -141,6 +141,38 @@ def test_resume_after_an_interrupted_epoch_matches_an_uninterrupted_run(setup, t
     assert any("reuse-seeds" in line["message"] for line in metric_lines(whole, "note"))
 
 
+def test_repeated_aug_checks_the_digests_of_every_unit_read_also_after_a_resume_into_epoch_1(
+        tmp_path, small_shards, reference_cache, monkeypatch):
+    """--repeated-aug 3 (DeiT's default): epochs 1 and 2 of a seed group read the second and third part of
+    each shard's mixing order, never its first samples. Stage one's digests at every part start still
+    check, in every epoch, every (shard, seed) unit it reads: over 3 epochs, and in a run resumed into
+    epoch 1 (3g+1), whose process never runs epoch 0."""
+    options = dict(cache=str(reference_cache), recipe=None, distillation_type="hard", epochs=3, repeated_aug=3,
+                   batch_size=32, max_steps_per_epoch=None, log_interval=5)
+    train(tiny_config(small_shards, tmp_path / "whole", **options))
+    for line in metric_lines(tmp_path / "whole", "epoch"):
+        # 9 shards x 3 seeds; the epoch's last step leaves a few images of one part unread
+        assert 24 <= line["digests"]["units_read"] == line["digests"]["units_checked"] <= 27, line
+    real_batches = train_module.train_batches
+
+    def preempted_in_epoch_1(shard_set, plan, *args, **kwargs):
+        if plan.epoch == 1:
+            raise KeyboardInterrupt("simulated preemption")
+        yield from real_batches(shard_set, plan, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_batches", preempted_in_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(small_shards, tmp_path / "resumed", **options))
+    monkeypatch.setattr(train_module, "train_batches", real_batches)
+    resumed = train(tiny_config(small_shards, tmp_path / "resumed", **options, resume=True))
+    assert metric_lines(tmp_path / "resumed", "epoch") == metric_lines(tmp_path / "whole", "epoch")
+    digests = resumed["digests"]                         # this process ran epochs 1 and 2 only
+    assert 48 <= digests["units_read"] == digests["units_checked"] and digests["verified"] > 0, digests
+    note = [n["message"] for n in metric_lines(tmp_path / "resumed", "note") if n["message"].startswith("cache:")]
+    assert len(note) == 1 and (f"{digests['verified']} image digests verified, and the digests of "
+                               f"{digests['units_read']} of the {digests['units_read']} (shard, seed) units") in note[0]
+
+
 # ----------------------------------------------------------------------------- refusals
 
 def test_a_cache_of_other_shards_or_another_recipe_is_refused(setup, tmp_path):
@@ -240,33 +272,73 @@ def test_evaluate_against_the_cache(setup, tmp_path):
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_take_the_same_number_of_steps(setup, tmp_path):
+    from data_shards.items import digest_positions
+    from student.data import plan_epoch
     run = tmp_path / "ddp"
     tiny = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_DEIT.items()]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "pipeline", "train-student", "--shards", str(setup["train"]), "--out", str(run),
-           "--cache", str(setup["cache"]), "--distillation-type", "hard", "--epochs", "2", "--batch-size", "64",
-           "--repeated-aug", "1",
-           "--workers", "0", "--no-progress", "--warmup-epochs", "0", "--lr", "1e-3", "--device", "cpu",
-           "--val-shards", str(setup["val"]), *tiny]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # Own process group, so a hang (the failure this test guards against) can be killed with its workers.
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).parent.parent, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("torchrun with 2 processes did not finish in 240 s (DDP hang?)")
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    result = run_torchrun(["train-student", "--shards", str(setup["train"]), "--out", str(run),
+                           "--cache", str(setup["cache"]), "--distillation-type", "hard", "--epochs", "2",
+                           "--batch-size", "64", "--repeated-aug", "1", "--workers", "0", "--no-progress",
+                           "--warmup-epochs", "0", "--lr", "1e-3", "--device", "cpu",
+                           "--val-shards", str(setup["val"]), *tiny], {})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     epochs = metric_lines(run, "epoch")
     assert len(epochs) == 2
+    shard_set = ShardSet.open(setup["train"])
     for line in epochs:
         assert len(set(line["samples_per_rank"])) == 2                    # uneven: 750 vs 693 samples
         assert line["steps_per_rank"] == [min(line["samples_per_rank"]) // 64] * 2
         assert line["val"]["num_samples"] == sum(ShardSet.open(setup["val"]).shard_counts)
+        # the digest counts are the run's, both ranks' (each rank replays whole units of its own shards)
+        items = [i for rank in (0, 1) for i in plan_epoch(shard_set, line["epoch"], 64, rank, 2, 0, 2).items]
+        units = {(i.shard, i.aug_seed) for i in items}
+        verified = sum(i.start <= k < i.stop for i in items
+                       for k in digest_positions(shard_set.shard_counts[i.shard], RECIPE.pairing_seeds))
+        assert line["digests"] == {"verified": verified, "units_read": len(units), "units_checked": len(units)}
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert ckpt["rng"]["torch"].shape[0] == 2 and ckpt["data"]["world_size"] == 2
+
+
+def run_torchrun(args: list[str], env: dict, timeout: int = 240) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 -m pipeline ARGS` in its own process group (a hang is killed with its workers)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pipeline",
+           *args]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"torchrun with 2 processes did not finish in {timeout} s (DDP hang?)")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+@pytest.mark.slow
+def test_a_ddp_run_killed_in_epoch_1_resumes_in_one_process_with_every_unit_digest_checked(
+        tmp_path, small_shards, reference_cache):
+    """2 ranks (gloo) at --repeated-aug 3, killed at the first step of epoch 1 (3g+1), resumed as one process:
+    every epoch checks the digests of every (shard, seed) unit the run reads, counted over ranks (under
+    DDP another rank may read a later piece of a unit that rank 0 checks in the same step)."""
+    from data_shards.faults import ENV
+    run = tmp_path / "run"
+    tiny = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_DEIT.items()]
+    args = ["train-student", "--shards", str(small_shards), "--out", str(run), "--cache", str(reference_cache),
+            "--distillation-type", "hard", "--epochs", "3", "--batch-size", "16", "--max-steps-per-epoch", "4",
+            "--workers", "0", "--no-progress", "--warmup-epochs", "0", "--lr", "1e-3", "--device", "cpu", *tiny]
+    killed = run_torchrun(args, {ENV: "train-step:5"})         # each rank dies at its 5th step: epoch 1's first
+    assert killed.returncode != 0 and torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    resumed = run_cli([CLI, *args, "--resume"], {"OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0, resumed.output
+    epochs = metric_lines(run, "epoch")
+    assert [line["epoch"] for line in epochs] == [0, 1, 2]
+    for line in epochs:    # 4 steps of 11 (2 ranks) or 6 (1 rank) images x 3 seeds: parts of 2-5 shards, 3 seeds
+        assert 6 <= line["digests"]["units_read"] == line["digests"]["units_checked"], line
+    notes = [n["message"] for n in metric_lines(run, "note")]
+    assert any("world size 2 -> 1" in note for note in notes)
+    coverage = [note for note in notes if note.startswith("cache:")]      # the resumed process's summary
+    read = sum(line["digests"]["units_read"] for line in epochs[1:])
+    assert len(coverage) == 1 and f"the digests of {read} of the {read} (shard, seed) units" in coverage[0]
 
 
 def test_every_train_student_option_reaches_the_config():
