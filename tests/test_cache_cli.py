@@ -197,6 +197,27 @@ def test_rerun_with_different_settings_is_refused(cache_copy, small_shards, othe
     assert sorted(p.name for p in (cache_copy / "units").iterdir()) == before
 
 
+def test_a_rerun_differing_in_several_settings_names_each_before_loading_the_teacher(
+        cache_copy, small_shards, teacher_checkpoint, monkeypatch):
+    """README: a rerun with other settings is "refused before the teacher is loaded, naming every difference"."""
+    import teacher_cache.build as build
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher was loaded before the settings were compared")
+
+    monkeypatch.setattr(build, "load_teacher", no_teacher)
+    kwargs = cache_kwargs(teacher_checkpoint=teacher_checkpoint, topk=5, batch_size=8, channels_last=True,
+                          store_logits="full", recipe=RECIPE.with_overrides(hflip=0.0))
+    before = sorted(p.name for p in (cache_copy / "units").iterdir())
+    with pytest.raises(CacheError) as refused:
+        cache_teacher(CacheOptions(small_shards, cache_copy, **kwargs))
+    for expected in ("top-k K: cache has 10, this run has 5", "--batch-size (batch composition changes GPU "
+                     "results): cache has 16, this run has 8", "--channels-last: cache has False, this run has True",
+                     "--store-logits: cache has 'topk', this run has 'full'", "recipe hflip: cache 0.5, this run 0.0"):
+        assert expected in str(refused.value)
+    assert sorted(p.name for p in (cache_copy / "units").iterdir()) == before
+
+
 def test_cli_refusal_and_bad_arguments_are_one_clear_line(cache_copy, small_shards, teacher_checkpoint, tmp_path):
     base = ["cache-teacher", "--shards", small_shards, "--teacher", TEACHER_ARCH, "--input-size", 32,
             "--device", "cpu", "--no-progress"]

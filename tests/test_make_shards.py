@@ -116,6 +116,29 @@ def test_existing_output_refused_unless_overwrite(tmp_path, photo_folder):
     assert not (out / "precious.txt").exists() and (out / "metadata.json").exists()
 
 
+def test_a_killed_or_failed_overwrite_leaves_the_old_output_whole(tmp_path, photo_folder):
+    """--overwrite builds the new set aside: killed after building it (before it replaces the old one),
+    or failing on bad input, make-shards leaves the old output as it was."""
+    from data_shards.faults import ENV
+
+    def files(folder: Path) -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+    out = tmp_path / "out"
+    old = make_shards("digits", out, shard_size=400, progress=False)
+    before = files(out)
+    args = [CLI, "make-shards", "--source", str(photo_folder), "--out", str(out), "--overwrite", "--workers", "1"]
+    killed = run_cli(args, {ENV: "make-shards-built:1"})
+    assert killed.returncode == -9, killed.output
+    assert files(out) == before and ShardSet.open(out).metadata == old
+    (photo_folder / "zebra").mkdir()                      # an empty class: refused after listing the source
+    with pytest.raises(SourceError, match="zebra"):
+        make_shards(str(photo_folder), out, overwrite=True, progress=False)
+    assert files(out) == before
+    (photo_folder / "zebra").rmdir()
+    assert make_shards(str(photo_folder), out, overwrite=True, progress=False)["num_samples"] == 2
+
+
 def test_cli_exit_codes(tmp_path, photo_folder):
     exe = [CLI]
     ok = run_cli(exe + ["make-shards", "--source", str(photo_folder), "--out", str(tmp_path / "s")], process=True)
