@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,28 @@ def test_deterministic_bytes(tmp_path, photo_folder):
     make_shards(str(photo_folder), tmp_path / "c", progress=False)
     make_shards(str(photo_folder), tmp_path / "d", progress=False)
     assert digest_folder(tmp_path / "c") == digest_folder(tmp_path / "d")
+
+
+def test_content_hash_covers_the_pixels(tmp_path, photo_folder):
+    """Same file names, classes and order, other pixels: another content hash (what a cache is checked
+    against), whether the bytes differ in size or not."""
+    other = tmp_path / "other"
+    shutil.copytree(photo_folder, other)
+    for path in other.rglob("*.jpg"):
+        Image.open(path).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(path, format="JPEG")
+    same_size = tmp_path / "same_size"
+    shutil.copytree(photo_folder, same_size)
+    path = next(same_size.rglob("china.jpg"))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01                   # one bit of entropy-coded data: same size, still decodes
+    path.write_bytes(bytes(data))
+    hashes = set()
+    for source in (photo_folder, other, same_size):
+        meta = make_shards(str(source), tmp_path / f"shards-{source.name}", progress=False)
+        assert meta["num_samples"] == 2 and meta["counts_per_class"] == [1, 1]
+        keys = ShardSet.open(tmp_path / f"shards-{source.name}").manifest.column("key").to_pylist()
+        hashes.add((meta["content_hash"], tuple(keys)))
+    assert len({h for h, _ in hashes}) == 3 and len({k for _, k in hashes}) == 1
 
 
 def test_bad_files_are_skipped_and_listed(photo_folder, capsys):
