@@ -140,6 +140,25 @@ def test_verify_cache_fails_when_recorded_digests_were_edited(cache_copy, small_
         assert text.returncode == 1 and "replay digests 8/9 match" in text.output, text.output
 
 
+def test_verify_cache_max_logprob_diff_bounds_the_stored_values(cache_copy, small_shards):
+    """Every unit rewritten properly with its top-k log-probs shifted by 0.01 (argmax and files consistent):
+    only --max-logprob-diff notices; without it the cache passes (argmax agreement is all it asks)."""
+    import zarr
+    cache = TeacherCache.open(cache_copy)
+    for unit in cache.units():
+        record = cache.unit_record(unit)
+        rows = slice(unit.shard * 40, unit.shard * 40 + 40)
+        buffers = {name: np.asarray(zarr.open_array(str(cache_copy / "arrays.zarr" / name), mode="r")
+                                    [unit.seed_start:unit.seed_stop, rows]) for name in cache.array_names}
+        buffers[TOPK_LOGPROBS] = buffers[TOPK_LOGPROBS] - np.float16(0.01)
+        commit_unit(cache_copy, unit, 40, buffers, {k: v for k, v in record.items() if k != "files"})
+    args = [CLI, "verify-cache", cache_copy, "--shards", small_shards, "--samples", 8, "--json"]
+    lenient = json.loads(run_cli(args).stdout)
+    assert lenient["ok"] and lenient["argmax_agreement"] == 1.0 and 0.005 < lenient["max_logprob_diff"] < 0.02
+    strict = run_cli([*args, "--max-logprob-diff", 0.001])
+    assert strict.returncode == 1 and not json.loads(strict.stdout)["ok"], strict.output
+
+
 def test_verify_cache_fails_on_a_changed_storage_file(cache_copy, small_shards):
     cache = TeacherCache.open(cache_copy)
     for unit in cache.units():                      # change every unit so any sample sees it
