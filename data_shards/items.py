@@ -45,8 +45,9 @@ def order_part(n: int, part: int, parts: int) -> tuple[int, int]:
 
 
 def digest_positions(n: int, parts: int) -> list[int]:
-    """Mixing-order positions of a (shard, seed) whose finished images stage one records as digests:
-    the first `parts` positions of each of the `parts` parts (order_part), parts = recipe.pairing_seeds.
+    """Mixing-order positions of a (shard, seed) whose finished images stage one records as
+    digests: the first `parts` positions of each of the `parts` parts (order_part); parts =
+    recipe.pairing_seeds.
 
     Why these cover every unit a training run reads (the run, not each rank; DESIGN.md):
       * R = 1 (`--repeated-aug 1`): a rank's units are replayed from position 0, the first digest
@@ -56,8 +57,9 @@ def digest_positions(n: int, parts: int) -> list[int]:
         images seed-major and truncates to W*B, which drops at most R-1 images at the step's end,
         all of the group's last seed. So a unit's first read in an epoch is at its part's start, or
         (the start dropped) at the next step's first image, at most R-1 positions later; a part
-        shorter than R is recorded whole. Steps cut by `steps = images // P` or --max-steps-per-epoch
-        only leave units unread. Each epoch is planned alone and a resume starts at an epoch boundary.
+        shorter than R is recorded whole. Steps cut by `steps = images // P` or
+        --max-steps-per-epoch only leave units unread. Each epoch is planned alone and a resume
+        starts at an epoch boundary.
     Under DDP the rank that reads a unit's first piece checks it while assembling that step's batch;
     other ranks may read later pieces of the unit, in that step at the earliest (a failed check
     raises before the rank's forward, so that step's gradient all-reduce, and so the optimizer

@@ -110,7 +110,7 @@ def make_shards(source: str, out: str | os.PathLike, split: str = "train", shard
             extra = {"source": source, "external_shards": True, "shard_names": indexer.shard_names}
         metadata = _finish(tmp, manifest, manifest.close(), classes, skipped, source, split, val_fraction,
                            shard_size, allow_empty_classes, extra)
-        crash_point("make-shards-built")     # the new set is whole aside; the old one still in place
+        crash_point("make-shards-built")     # the new set whole aside, the old one in place
         _move_into_place(tmp, out)
         return metadata
     finally:

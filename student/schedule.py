@@ -77,8 +77,8 @@ def plan_rng(*parts: object) -> np.random.Generator:
 
 
 def epoch_segments(shard_counts: list[int], epoch: int, repeated_aug: int, seed: int) -> list[tuple[int, int, int]]:
-    """The epoch's images: part (epoch mod R) of every shard's mixing order (data_shards.items.order_part,
-    whose starts stage one's digests cover), shards shuffled per group."""
+    """The epoch's images: part (epoch mod R) of every shard's mixing order (order_part of
+    data_shards.items, whose starts stage one's digests cover), shards shuffled per group."""
     group, part = divmod(epoch, repeated_aug)
     order = plan_rng("schedule", "shards", seed, group).permutation(len(shard_counts))
     segments = []

@@ -70,7 +70,8 @@ class CachedTeacher:
         unit = (item.shard, item.aug_seed)
         self.units_seen.add(unit)
         if item.shard not in self._positions:
-            self._positions[item.shard] = digest_positions(self.cache.shard_counts[item.shard], self._parts)
+            count = self.cache.shard_counts[item.shard]
+            self._positions[item.shard] = digest_positions(count, self._parts)
         recorded = None
         for k in self._positions[item.shard]:
             if not item.start <= k < item.stop:
@@ -79,17 +80,19 @@ class CachedTeacher:
             key = item.keys[k - item.start]
             if key not in recorded:
                 raise ReplayMismatchError(
-                    f"cache {self.cache.root}: mixing-order position {k} of shard {item.shard} seed "
-                    f"{item.aug_seed} holds {key!r} here, whose digest the cache did not record (it recorded "
-                    f"{', '.join(map(repr, recorded))}); the cache was computed from other shards, another recipe "
-                    "or an older version - recompute it or pass the shards it was made from")
+                    f"cache {self.cache.root}: mixing-order position {k} of shard {item.shard} "
+                    f"seed {item.aug_seed} holds {key!r} here, whose digest the cache did not "
+                    f"record (it recorded {', '.join(map(repr, recorded))}); the cache was "
+                    "computed from other shards, another recipe or an older version - recompute "
+                    "it or pass the shards it was made from")
             found = tensor_digest(images[k - item.start])
             if found != recorded[key]:
                 raise ReplayMismatchError(
-                    f"replayed image of {key!r} (shard {item.shard}, aug seed {item.aug_seed}) has digest {found}, "
-                    f"the cache recorded {recorded[key]}: this machine's augmentation differs from the one the "
-                    "teacher saw (library versions? see the cache manifest's library_versions); training would "
-                    "use targets of other images - recompute the cache here or train where it was computed")
+                    f"replayed image of {key!r} (shard {item.shard}, aug seed {item.aug_seed}) has "
+                    f"digest {found}, the cache recorded {recorded[key]}: this machine's "
+                    "augmentation differs from the one the teacher saw (library versions? see the "
+                    "cache manifest's library_versions); training would use targets of other "
+                    "images - recompute the cache here or train where it was computed")
             self.digests_checked += 1
             self.units_checked.add(unit)
 

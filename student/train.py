@@ -336,7 +336,7 @@ def train(cfg: TrainConfig) -> dict:
     try:
         run = setup(cfg, ctx)
         start_epoch, global_step, metrics = resume_or_start(run)
-        digests = Counter()                   # digest checks of the epochs this process runs (all ranks)
+        digests = Counter()            # digest checks of the epochs this process runs (all ranks)
         for epoch in range(start_epoch, cfg.epochs):
             metrics, global_step = train_one_epoch(run, epoch, global_step)
             if run.val_set is not None:
@@ -347,9 +347,10 @@ def train(cfg: TrainConfig) -> dict:
     finally:
         D.close_distributed()
     if isinstance(run.teacher, CachedTeacher):
-        run.log.note(f"cache: {run.teacher.unit_reads} batched unit reads on this rank; over all ranks, "
-                     f"{digests['verified']} image digests verified, and the digests of {digests['units_checked']} "
-                     f"of the {digests['units_read']} (shard, seed) units read checked (counted per epoch)")
+        run.log.note(f"cache: {run.teacher.unit_reads} batched unit reads on this rank; over "
+                     f"all ranks, {digests['verified']} image digests verified, and the digests "
+                     f"of {digests['units_checked']} of the {digests['units_read']} (shard, seed) "
+                     "units read checked (counted per epoch)")
     return {"checkpoint": str(run.checkpoint), "epochs": cfg.epochs, "global_step": global_step,
             "metrics": metrics, "world_size": ctx.world_size, "digests": dict(digests)}
 
@@ -357,18 +358,19 @@ def train(cfg: TrainConfig) -> dict:
 def digest_coverage(teacher: CachedTeacher, ctx: D.DistContext) -> dict:
     """The cached teacher's digest checks since the last call (an epoch), over all ranks: digests
     compared, (shard, seed) units read, and those whose digests were checked. A unit counts as
-    checked when any rank checked it: a rank may read a later piece of a unit that another rank
-    checks in the same step, so the run, not each rank, checks each unit."""
+    checked when any rank checked it: a rank may read later pieces of a unit whose first piece
+    another rank checked (in that step at the earliest): the run, not each rank, checks a unit."""
     seen, checked, verified = teacher.take_coverage()
     cache = teacher.cache
     flags = torch.zeros(2, cache.num_shards, cache.num_seeds, dtype=torch.float64)
     for row, units in enumerate((seen, checked)):
         for shard, seed in units:
             flags[row, shard, seed] = 1
-    total = D.all_reduce_sum(torch.cat([flags.flatten(), torch.tensor([float(verified)], dtype=torch.float64)])
-                             .to(ctx.device), ctx).cpu()
+    counts = torch.cat([flags.flatten(), torch.tensor([float(verified)], dtype=torch.float64)])
+    total = D.all_reduce_sum(counts.to(ctx.device), ctx).cpu()
     read, checked_any = total[:-1].view(2, -1) > 0
-    return {"verified": int(total[-1]), "units_read": int(read.sum()), "units_checked": int((read & checked_any).sum())}
+    return {"verified": int(total[-1]), "units_read": int(read.sum()),
+            "units_checked": int((read & checked_any).sum())}
 
 
 def resume_or_start(run: Run) -> tuple[int, int, dict]:

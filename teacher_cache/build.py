@@ -164,11 +164,12 @@ class UnitItem:
 
 def finish_batch(item: ReplayItem, recipe: AugRecipe, device: torch.device | str,
                  count: int) -> tuple[torch.Tensor, dict[str, str]]:
-    """A teacher batch's finished images on `device`, and the digests of those of its samples at the
-    (shard, seed)'s digest positions (data_shards.items.digest_positions; the shard holds `count`)."""
+    """A teacher batch's finished images on `device`, and the digests of those of its samples at
+    the (shard, seed)'s digest positions (data_shards.items.digest_positions; `count` samples)."""
     images = finish_item(item, recipe, device)
+    positions = digest_positions(count, recipe.pairing_seeds)
     digests = {item.keys[k - item.start]: tensor_digest(images[k - item.start])
-               for k in digest_positions(count, recipe.pairing_seeds) if item.start <= k < item.stop}
+               for k in positions if item.start <= k < item.stop}
     return images, digests
 
 

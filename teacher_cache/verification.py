@@ -150,7 +150,7 @@ class _Findings:
     tally: dict[str, int] = field(default_factory=lambda: {"match": 0, "near-tie": 0, "mismatch": 0})
     examples: list[dict] = field(default_factory=list)       # the first 20 disagreements
     checked_units: set[str] = field(default_factory=set)
-    checked_pairs: set[tuple[int, int]] = field(default_factory=set)     # (shard, seed): digests compared
+    checked_pairs: set[tuple[int, int]] = field(default_factory=set)   # (shard, seed): digests seen
     files_checked: int = 0
     bad_files: list[str] = field(default_factory=list)
     digests_checked: int = 0
@@ -221,12 +221,14 @@ def _check_files(cache: TeacherCache, unit: Unit, found: _Findings) -> None:
             found.bad_files.append(f"{unit.name}:{name}")
 
 
-def _check_digests(recorded: dict[str, str], replayed: dict[str, str], seed: int, found: _Findings) -> None:
-    """The (shard, seed)'s recorded digests against the replay's, at the digest positions: a differing
-    digest, a recorded key that is not at a digest position here, or a position not recorded fails."""
+def _check_digests(recorded: dict[str, str], replayed: dict[str, str], seed: int,
+                   found: _Findings) -> None:
+    """The (shard, seed)'s recorded digests against the replay's, at the digest positions: a
+    differing digest, a recorded key not at a digest position here, or one not recorded fails."""
     keys = sorted(set(recorded) | set(replayed))
     found.digests_checked += len(keys)
-    found.bad_digests += [f"{key}@seed{seed}" for key in keys if recorded.get(key) != replayed.get(key)]
+    found.bad_digests += [f"{key}@seed{seed}" for key in keys
+                          if recorded.get(key) != replayed.get(key)]
 
 
 def _original_batch(shard_set: ShardSet, unit: Unit, pick: Pick, recipe):
@@ -243,12 +245,15 @@ def _original_batch(shard_set: ShardSet, unit: Unit, pick: Pick, recipe):
     return item, images, digests
 
 
-def _replayed_digests(shard_set: ShardSet, pick: Pick, recipe, item, digests: dict[str, str]) -> dict[str, str]:
-    """Digests of every digest position of (shard, seed): `digests` (those in the pick's batch `item`)
-    plus 1-sample slices replayed for the others (any cut of a unit gives the same finished images)."""
+def _replayed_digests(shard_set: ShardSet, pick: Pick, recipe, item,
+                      digests: dict[str, str]) -> dict[str, str]:
+    """Digests of every digest position of (shard, seed): `digests` (those in the pick's batch
+    `item`), plus 1-sample slices replayed for the others (any cut of a unit gives the same
+    finished images)."""
     count, keys_cache, digests = shard_set.shard_counts[pick.shard], {}, dict(digests)
     for k in digest_positions(count, recipe.pairing_seeds):
         if not item.start <= k < item.stop:
-            one = replay_item(shard_set, WorkItem(pick.shard, pick.seed, k, k + 1), recipe, keys_cache)
+            work = WorkItem(pick.shard, pick.seed, k, k + 1)
+            one = replay_item(shard_set, work, recipe, keys_cache)
             digests.update(finish_batch(one, recipe, "cpu", count)[1])
     return digests

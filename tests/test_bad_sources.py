@@ -60,9 +60,9 @@ def test_hostile_source_skips_and_lists(hostile_source, capsys):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_unreadable_file_is_skipped(tmp_path, monkeypatch, workers):
-    """A file that may not be read (EACCES) is skipped and listed. Tests run as root here and in CI, and
-    root reads a file whatever its mode, so besides chmod 0 the denial is raised where make-shards reads
-    (Path.read_bytes, in its forked workers too)."""
+    """A file that may not be read (EACCES) is skipped and listed. Tests run as root here and in
+    CI, and root reads a file whatever its mode, so besides chmod 0 the denial is raised where
+    make-shards reads (Path.read_bytes, in its forked workers too)."""
     root = tmp_path / "src"
     save(Image.open(sample_photo_paths()[0]).resize((32, 32)), root / "c" / "ok.png")
     save(Image.open(sample_photo_paths()[1]).resize((32, 32)), root / "c" / "locked.png")

@@ -167,16 +167,19 @@ def test_one_unit_keeps_every_worker_busy(tmp_path, small_shards, teacher_checkp
     assert snapshots[2]["units"] == snapshots[0]["units"]          # replay digests included
 
 
-def test_a_damaged_or_short_index_is_rewritten_by_a_rerun(tmp_path, reference_cache, small_shards, teacher_checkpoint):
-    """index.parquet's readers say "rerun cache-teacher (it rewrites the index)": a rerun over a cache whose
-    units are all done rewrites an unreadable index, and one with missing rows, as the first run wrote it."""
+def test_a_damaged_or_short_index_is_rewritten_by_a_rerun(tmp_path, reference_cache, small_shards,
+                                                         teacher_checkpoint):
+    """index.parquet's readers say "rerun cache-teacher (it rewrites the index)": a rerun over a
+    cache whose units are all done rewrites an unreadable index, and one with missing rows, as the
+    first run wrote it."""
     import shutil
     import pyarrow.parquet as pq
     out = tmp_path / "cache"
     shutil.copytree(reference_cache, out)
     index = out / "index.parquet"
     reference = pq.read_table(reference_cache / "index.parquet")
-    for damage in (lambda: index.write_bytes(b"PAR1 not parquet"), lambda: pq.write_table(reference.slice(0, 10), index)):
+    for damage in (lambda: index.write_bytes(b"PAR1 not parquet"),
+                   lambda: pq.write_table(reference.slice(0, 10), index)):
         damage()
         if index.read_bytes().startswith(b"PAR1 not"):
             with pytest.raises(CacheError, match="index.parquet.*it rewrites the index"):

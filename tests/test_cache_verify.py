@@ -81,16 +81,19 @@ def test_a_cache_written_before_batch_size_was_recorded_still_verifies(tmp_path,
     assert report["ok"] and report["batch_sizes"] == [16] and report["channels_last"] == [False], report
 
 
-def test_a_unit_record_whose_channels_last_is_null_falls_back_to_the_device_rule(tmp_path, reference_cache):
-    """a612b5f: `"channels_last": null` (as a missing key) means the unit was computed before the setting was
-    recorded, when it was implicitly on for CUDA: the device decides. A recorded value is kept."""
+def test_a_unit_record_whose_channels_last_is_null_falls_back_to_the_device_rule(tmp_path,
+                                                                                reference_cache):
+    """a612b5f: `"channels_last": null` (as a missing key) means the unit was computed before the
+    setting was recorded, when it was implicitly on for CUDA: the device decides. A recorded value
+    is kept."""
     import json
     from teacher_cache import TeacherCache
     from teacher_cache.verification import unit_batch_settings
     out = tmp_path / "cache"
     shutil.copytree(reference_cache, out)
     paths = sorted((out / "units").glob("*.json"))
-    for path, (device, flag) in zip(paths, [("cuda:0", None), ("cpu", None), ("cuda:1", False), ("cpu", True)]):
+    cases = [("cuda:0", None), ("cpu", None), ("cuda:1", False), ("cpu", True)]
+    for path, (device, flag) in zip(paths, cases):
         record = json.loads(path.read_text())
         record.update(device=device, channels_last=flag)
         path.write_text(json.dumps(record))

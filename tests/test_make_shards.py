@@ -75,8 +75,8 @@ def test_deterministic_bytes(tmp_path, photo_folder):
 
 
 def test_content_hash_covers_the_pixels(tmp_path, photo_folder):
-    """Same file names, classes and order, other pixels: another content hash (what a cache is checked
-    against), whether the bytes differ in size or not."""
+    """Same file names, classes and order, other pixels: another content hash (what a cache is
+    checked against), whether the bytes differ in size or not."""
     other = tmp_path / "other"
     shutil.copytree(photo_folder, other)
     for path in other.rglob("*.jpg"):
@@ -85,7 +85,7 @@ def test_content_hash_covers_the_pixels(tmp_path, photo_folder):
     shutil.copytree(photo_folder, same_size)
     path = next(same_size.rglob("china.jpg"))
     data = bytearray(path.read_bytes())
-    data[len(data) // 2] ^= 0x01                   # one bit of entropy-coded data: same size, still decodes
+    data[len(data) // 2] ^= 0x01          # one bit of entropy-coded data: same size, still decodes
     path.write_bytes(bytes(data))
     hashes = set()
     for source in (photo_folder, other, same_size):
@@ -140,21 +140,22 @@ def test_existing_output_refused_unless_overwrite(tmp_path, photo_folder):
 
 
 def test_a_killed_or_failed_overwrite_leaves_the_old_output_whole(tmp_path, photo_folder):
-    """--overwrite builds the new set aside: killed after building it (before it replaces the old one),
-    or failing on bad input, make-shards leaves the old output as it was."""
+    """--overwrite builds the new set aside: killed after building it (before it replaces the old
+    one), or failing on bad input, make-shards leaves the old output as it was."""
     from data_shards.faults import ENV
 
     def files(folder: Path) -> dict[str, str]:
-        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
 
     out = tmp_path / "out"
     old = make_shards("digits", out, shard_size=400, progress=False)
     before = files(out)
-    args = [CLI, "make-shards", "--source", str(photo_folder), "--out", str(out), "--overwrite", "--workers", "1"]
+    args = [CLI, "make-shards", "--source", str(photo_folder), "--out", str(out), "--overwrite",
+            "--workers", "1"]
     killed = run_cli(args, {ENV: "make-shards-built:1"})
     assert killed.returncode == -9, killed.output
     assert files(out) == before and ShardSet.open(out).metadata == old
-    (photo_folder / "zebra").mkdir()                      # an empty class: refused after listing the source
+    (photo_folder / "zebra").mkdir()         # an empty class: refused after listing the source
     with pytest.raises(SourceError, match="zebra"):
         make_shards(str(photo_folder), out, overwrite=True, progress=False)
     assert files(out) == before

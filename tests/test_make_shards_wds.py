@@ -70,7 +70,8 @@ def test_content_hash_covers_the_labels(tmp_path):
             for index in (0, 1, 10, 11):                   # digits 0, 1, 0, 1
                 png, label = digit_png(index)
                 key = f"sample_{index:05d}"
-                sink.write({"__key__": key, "png": png, "cls": str(1 - label if key == relabelled else label).encode()})
+                cls = 1 - label if key == relabelled else label
+                sink.write({"__key__": key, "png": png, "cls": str(cls).encode()})
         meta = make_shards(str(tar), tmp_path / f"shards-{variant}", progress=False)
         assert meta["num_classes"] == 2 and meta["num_samples"] == 4
         hashes.append(meta["content_hash"])

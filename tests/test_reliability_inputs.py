@@ -62,14 +62,16 @@ def test_more_epochs_than_seeds_refused_unless_reuse(tmp_path, reference_cache, 
             "--no-progress", "--device", "cpu", "--max-steps-per-epoch", "1"]
     result = invoke(*args, "--epochs", "4")
     assert result.returncode == 2 and "--reuse-seeds" in result.output, result.output
-    assert "4 epoch(s) at --repeated-aug 3 need 6 augmentation seeds, the cache holds 3" in result.output
+    budget = "4 epoch(s) at --repeated-aug 3 need 6 augmentation seeds, the cache holds 3"
+    assert budget in result.output
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
     result = invoke(*args, "--epochs", "4", "--reuse-seeds")
     assert result.returncode == 0, result.output
-    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    lines = [json.loads(line) for line in metrics]
     notes = [n["message"] for n in lines if n.get("event") == "note"]
-    assert ("4 epoch(s) at --repeated-aug 3 need 6 augmentation seeds, the cache holds 3 (it serves 3 epoch(s)); "
-            "--reuse-seeds: records repeat every 3 epoch(s)") in notes
+    assert f"{budget} (it serves 3 epoch(s)); --reuse-seeds: records repeat every 3 epoch(s)" \
+        in notes
     # epoch 3 cycles back to the first seed group
     assert [n["aug_seeds"] for n in lines if n.get("event") == "epoch"] == [[0, 1, 2]] * 4
 
@@ -98,8 +100,9 @@ def _torch_names(tree: ast.Module) -> dict[str, str]:
     names = {}
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names.update({(a.asname or a.name.split(".")[0]): (a.name if a.asname else a.name.split(".")[0])
-                          for a in node.names if a.name.split(".")[0] == "torch"})
+            for alias in node.names:
+                if alias.name.split(".")[0] == "torch":   # `import torch.serialization` binds torch
+                    names[alias.asname or "torch"] = alias.name if alias.asname else "torch"
         elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "torch":
             names.update({a.asname or a.name: f"{node.module}.{a.name}" for a in node.names})
     return names
@@ -117,15 +120,17 @@ def _dotted(node: ast.AST, names: dict[str, str]) -> str | None:
 
 def unsafe_loads(source: str) -> list[int]:
     """Lines that call torch's unpickling load without the literal `weights_only=True`, or pass it
-    on (`f = torch.load`, `partial(torch.load, ...)`): only a direct, literal call can be checked."""
+    on (`f = torch.load`, `partial(torch.load, ...)`): only a direct literal call can be checked."""
     tree = ast.parse(source)
     names, safe = _torch_names(tree), set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and _dotted(node.func, names) in UNPICKLING_LOADS:
-            flag = {k.arg: k.value for k in node.keywords}.get("weights_only")
-            if isinstance(flag, ast.Constant) and flag.value is True and not any(k.arg is None for k in node.keywords):
+            keywords = {k.arg: k.value for k in node.keywords}
+            flag = keywords.get("weights_only")
+            if isinstance(flag, ast.Constant) and flag.value is True and None not in keywords:
                 safe.add(id(node.func))
-    return sorted({node.lineno for node in ast.walk(tree) if isinstance(node, (ast.Name, ast.Attribute))
+    return sorted({node.lineno for node in ast.walk(tree)
+                   if isinstance(node, (ast.Name, ast.Attribute))
                    and _dotted(node, names) in UNPICKLING_LOADS and id(node) not in safe})
 
 
@@ -134,7 +139,8 @@ def test_the_load_scan_sees_every_spelling():
            "import torch\ntorch.serialization.load(p, weights_only=False)",
            "import torch as T\nT.load(p, weights_only=flag)", "from torch import load\nload(p)",
            "from torch.serialization import load as read\nread(p, weights_only=False)",
-           "import torch.serialization\ntorch.serialization.load(p)", "import torch\nf = torch.load",
+           "import torch.serialization\ntorch.serialization.load(p)",
+           "import torch\nf = torch.load",
            "import torch, functools\nfunctools.partial(torch.load, weights_only=True)",
            "import torch\ntorch.load(p, weights_only=True, **extra)"]
     assert [bool(unsafe_loads(src)) for src in bad] == [True] * len(bad)
@@ -144,11 +150,12 @@ def test_the_load_scan_sees_every_spelling():
 
 
 def test_every_torch_load_is_weights_only():
-    """No torch.load / torch.serialization.load in the package without weights_only=True (pickle would
-    run code), however it is imported; the behavioural tests below check today's readers."""
-    offenders = [f"{path.relative_to(REPO)}:{line}" for package in ("data_shards", "teacher_cache", "student",
-                                                                     "pipeline", "bench")
-                 for path in (REPO / package).rglob("*.py") for line in unsafe_loads(path.read_text())]
+    """No torch.load / torch.serialization.load in the package without weights_only=True (pickle
+    would run code), however it is imported; the behavioural tests below check today's readers."""
+    packages = ("data_shards", "teacher_cache", "student", "pipeline", "bench")
+    offenders = [f"{path.relative_to(REPO)}:{line}" for package in packages
+                 for path in (REPO / package).rglob("*.py")
+                 for line in unsafe_loads(path.read_text())]
     assert offenders == []
 
 

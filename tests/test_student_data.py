@@ -118,22 +118,24 @@ def test_one_cache_read_per_unit_and_targets_follow_the_samples(train_set):
 
 
 def test_a_replayed_image_that_differs_from_the_recorded_digest_stops(train_set):
-    """Shard 2 holds 250 samples: with pairing_seeds 3 its digest positions are 0-2, 83-85 and 166-168
-    (the first three of each third of the mixing order, where --repeated-aug 3 epochs start)."""
-    item = replay_item(train_set, WorkItem(2, 1, 82, 92), RECIPE)      # holds 83, 84, 85 (the second third)
+    """Shard 2 holds 250 samples: with pairing_seeds 3 its digest positions are 0-2, 83-85 and
+    166-168 (the first three of each third of the mixing order, where --repeated-aug 3 epochs
+    start)."""
+    item = replay_item(train_set, WorkItem(2, 1, 82, 92), RECIPE)    # holds 83-85 (second third)
     images = finish_item(item, RECIPE)
     good = {item.keys[i]: tensor_digest(images[i]) for i in (1, 2, 3)}
     teacher = CachedTeacher(FakeCache(train_set, {(2, 1): good}))
     teacher.item_targets(item, images)
     assert teacher.digests_checked == 3 and teacher.units_checked == teacher.units_seen == {(2, 1)}
-    later = replay_item(train_set, WorkItem(2, 1, 86, 96), RECIPE)    # no digest position: nothing to compare
+    later = replay_item(train_set, WorkItem(2, 1, 86, 96), RECIPE)   # no digest position here
     teacher.item_targets(later, finish_item(later, RECIPE))
     assert teacher.digests_checked == 3
     bad = dict(good, **{item.keys[2]: "0" * 32})
     with pytest.raises(ReplayMismatchError, match=f"{item.keys[2]}.*shard 2, aug seed 1"):
         CachedTeacher(FakeCache(train_set, {(2, 1): bad})).item_targets(item, images)
     # recorded samples that are not where this replay puts them: another shard set or recipe
-    with pytest.raises(ReplayMismatchError, match="position 83 of shard 2 seed 1 holds .* did not record"):
+    with pytest.raises(ReplayMismatchError,
+                       match="position 83 of shard 2 seed 1 holds .* did not record"):
         CachedTeacher(FakeCache(train_set, {(2, 1): {"nope": "0" * 32}})).item_targets(item, images)
 
 

@@ -143,15 +143,15 @@ def test_resume_after_an_interrupted_epoch_matches_an_uninterrupted_run(setup, t
 
 def test_repeated_aug_checks_the_digests_of_every_unit_read_also_after_a_resume_into_epoch_1(
         tmp_path, small_shards, reference_cache, monkeypatch):
-    """--repeated-aug 3 (DeiT's default): epochs 1 and 2 of a seed group read the second and third part of
-    each shard's mixing order, never its first samples. Stage one's digests at every part start still
-    check, in every epoch, every (shard, seed) unit it reads: over 3 epochs, and in a run resumed into
-    epoch 1 (3g+1), whose process never runs epoch 0."""
-    options = dict(cache=str(reference_cache), recipe=None, distillation_type="hard", epochs=3, repeated_aug=3,
-                   batch_size=32, max_steps_per_epoch=None, log_interval=5)
+    """--repeated-aug 3 (DeiT's default): epochs 1 and 2 of a seed group read the second and third
+    part of each shard's mixing order, never its first samples. Stage one's digests at every part
+    start still check, in every epoch, every (shard, seed) unit it reads: over 3 epochs, and in a
+    run resumed into epoch 1 (3g+1), whose process never runs epoch 0."""
+    options = dict(cache=str(reference_cache), recipe=None, distillation_type="hard", epochs=3,
+                   repeated_aug=3, batch_size=32, max_steps_per_epoch=None, log_interval=5)
     train(tiny_config(small_shards, tmp_path / "whole", **options))
     for line in metric_lines(tmp_path / "whole", "epoch"):
-        # 9 shards x 3 seeds; the epoch's last step leaves a few images of one part unread
+        # 9 shards x 3 seeds (the last steps may leave a unit unread)
         assert 24 <= line["digests"]["units_read"] == line["digests"]["units_checked"] <= 27, line
     real_batches = train_module.train_batches
 
@@ -166,11 +166,14 @@ def test_repeated_aug_checks_the_digests_of_every_unit_read_also_after_a_resume_
     monkeypatch.setattr(train_module, "train_batches", real_batches)
     resumed = train(tiny_config(small_shards, tmp_path / "resumed", **options, resume=True))
     assert metric_lines(tmp_path / "resumed", "epoch") == metric_lines(tmp_path / "whole", "epoch")
-    digests = resumed["digests"]                         # this process ran epochs 1 and 2 only
-    assert 48 <= digests["units_read"] == digests["units_checked"] and digests["verified"] > 0, digests
-    note = [n["message"] for n in metric_lines(tmp_path / "resumed", "note") if n["message"].startswith("cache:")]
+    digests = resumed["digests"]                   # this process ran epochs 1 and 2 only
+    assert 48 <= digests["units_read"] == digests["units_checked"], digests
+    assert digests["verified"] > 0
+    notes = [n["message"] for n in metric_lines(tmp_path / "resumed", "note")]
+    note = [n for n in notes if n.startswith("cache:")]
+    read = digests["units_read"]
     assert len(note) == 1 and (f"{digests['verified']} image digests verified, and the digests of "
-                               f"{digests['units_read']} of the {digests['units_read']} (shard, seed) units") in note[0]
+                               f"{read} of the {read} (shard, seed) units") in note[0]
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -265,10 +268,11 @@ def test_evaluate_against_the_cache(setup, tmp_path):
     agreement = report["cache_agreement"]
     shard_set, cache = ShardSet.open(setup["train"]), TeacherCache.open(setup["cache"])
     assert agreement["num_samples"] == sum(shard_set.shard_counts)
-    # the same counts from the replayed seed-1 images (in evaluate's batches of 128) and the stored targets
+    # the same counts from the replayed seed-1 images (evaluate's batches of 128) and stored targets
     model = load_student(tmp_path / "s" / "checkpoint.pt", torch.device("cpu"))[0]
     agree, in_topk = {}, {}
-    items = [work for shard, n in enumerate(shard_set.shard_counts) for work in unit_items(n, shard, 1, 128)]
+    items = [work for shard, n in enumerate(shard_set.shard_counts)
+             for work in unit_items(n, shard, 1, 128)]
     for work in items:
         item = replay_item(shard_set, work, RECIPE)
         stored = cache.read(work.shard, 1).select(item.positions)
@@ -277,10 +281,12 @@ def test_evaluate_against_the_cache(setup, tmp_path):
         for head, out in logits.items():
             pred = out.argmax(dim=1)
             agree[head] = agree.get(head, 0) + int((pred == stored.label).sum())
-            in_topk[head] = in_topk.get(head, 0) + int((pred[:, None] == stored.topk_indices).any(dim=1).sum())
+            in_top = (pred[:, None] == stored.topk_indices).any(dim=1)
+            in_topk[head] = in_topk.get(head, 0) + int(in_top.sum())
     total = agreement["num_samples"]
     assert agreement["agreement"] == {head: count / total for head, count in agree.items()}
-    assert agreement["student_top1_in_teacher_topk"] == {head: count / total for head, count in in_topk.items()}
+    assert agreement["student_top1_in_teacher_topk"] == {head: count / total
+                                                         for head, count in in_topk.items()}
     assert 0 < sum(agree.values()) < sum(in_topk.values())          # neither count is degenerate
 
 
@@ -293,10 +299,11 @@ def test_ddp_two_cpu_processes_take_the_same_number_of_steps(setup, tmp_path):
     run = tmp_path / "ddp"
     tiny = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_DEIT.items()]
     result = run_torchrun(["train-student", "--shards", str(setup["train"]), "--out", str(run),
-                           "--cache", str(setup["cache"]), "--distillation-type", "hard", "--epochs", "2",
-                           "--batch-size", "64", "--repeated-aug", "1", "--workers", "0", "--no-progress",
-                           "--warmup-epochs", "0", "--lr", "1e-3", "--device", "cpu",
-                           "--val-shards", str(setup["val"]), *tiny], {})
+                           "--cache", str(setup["cache"]), "--distillation-type", "hard",
+                           "--epochs", "2", "--batch-size", "64", "--repeated-aug", "1",
+                           "--workers", "0", "--no-progress", "--warmup-epochs", "0",
+                           "--lr", "1e-3", "--device", "cpu", "--val-shards", str(setup["val"]),
+                           *tiny], {})
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     epochs = metric_lines(run, "epoch")
     assert len(epochs) == 2
@@ -305,22 +312,26 @@ def test_ddp_two_cpu_processes_take_the_same_number_of_steps(setup, tmp_path):
         assert len(set(line["samples_per_rank"])) == 2                    # uneven: 750 vs 693 samples
         assert line["steps_per_rank"] == [min(line["samples_per_rank"]) // 64] * 2
         assert line["val"]["num_samples"] == sum(ShardSet.open(setup["val"]).shard_counts)
-        # the digest counts are the run's, both ranks' (each rank replays whole units of its own shards)
-        items = [i for rank in (0, 1) for i in plan_epoch(shard_set, line["epoch"], 64, rank, 2, 0, 2).items]
+        # the digest counts are the run's, both ranks' (each replays whole units of its own shards)
+        items = [i for rank in (0, 1)
+                 for i in plan_epoch(shard_set, line["epoch"], 64, rank, 2, 0, 2).items]
         units = {(i.shard, i.aug_seed) for i in items}
         verified = sum(i.start <= k < i.stop for i in items
-                       for k in digest_positions(shard_set.shard_counts[i.shard], RECIPE.pairing_seeds))
-        assert line["digests"] == {"verified": verified, "units_read": len(units), "units_checked": len(units)}
+                       for k in digest_positions(shard_set.shard_counts[i.shard], 3))
+        assert line["digests"] == {"verified": verified, "units_read": len(units),
+                                   "units_checked": len(units)}
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert ckpt["rng"]["torch"].shape[0] == 2 and ckpt["data"]["world_size"] == 2
 
 
 def run_torchrun(args: list[str], env: dict, timeout: int = 240) -> subprocess.CompletedProcess:
-    """`torchrun --nproc_per_node 2 -m pipeline ARGS` in its own process group (a hang is killed with its workers)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pipeline",
-           *args]
-    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", **env}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent, start_new_session=True)
+    """`torchrun --nproc_per_node 2 -m pipeline ARGS` in its own process group (so that a hang is
+    killed with its workers)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "pipeline", *args]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).parent.parent, start_new_session=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -333,28 +344,32 @@ def run_torchrun(args: list[str], env: dict, timeout: int = 240) -> subprocess.C
 @pytest.mark.slow
 def test_a_ddp_run_killed_in_epoch_1_resumes_in_one_process_with_every_unit_digest_checked(
         tmp_path, small_shards, reference_cache):
-    """2 ranks (gloo) at --repeated-aug 3, killed at the first step of epoch 1 (3g+1), resumed as one process:
-    every epoch checks the digests of every (shard, seed) unit the run reads, counted over ranks (under
-    DDP another rank may read a later piece of a unit that rank 0 checks in the same step)."""
+    """2 ranks (gloo) at --repeated-aug 3, killed at the first step of epoch 1 (3g+1), resumed as
+    one process: every epoch checks the digests of every (shard, seed) unit the run reads, counted
+    over ranks (under DDP a rank may read later pieces of a unit whose first piece another rank
+    checked)."""
     from data_shards.faults import ENV
     run = tmp_path / "run"
     tiny = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_DEIT.items()]
-    args = ["train-student", "--shards", str(small_shards), "--out", str(run), "--cache", str(reference_cache),
-            "--distillation-type", "hard", "--epochs", "3", "--batch-size", "16", "--max-steps-per-epoch", "4",
-            "--workers", "0", "--no-progress", "--warmup-epochs", "0", "--lr", "1e-3", "--device", "cpu", *tiny]
-    killed = run_torchrun(args, {ENV: "train-step:5"})         # each rank dies at its 5th step: epoch 1's first
-    assert killed.returncode != 0 and torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    args = ["train-student", "--shards", str(small_shards), "--out", str(run),
+            "--cache", str(reference_cache), "--distillation-type", "hard", "--epochs", "3",
+            "--batch-size", "16", "--max-steps-per-epoch", "4", "--workers", "0", "--no-progress",
+            "--warmup-epochs", "0", "--lr", "1e-3", "--device", "cpu", *tiny]
+    killed = run_torchrun(args, {ENV: "train-step:5"})    # each rank dies at epoch 1's first step
+    assert killed.returncode != 0
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1
     resumed = run_cli([CLI, *args, "--resume"], {"OMP_NUM_THREADS": "1"})
     assert resumed.returncode == 0, resumed.output
     epochs = metric_lines(run, "epoch")
     assert [line["epoch"] for line in epochs] == [0, 1, 2]
-    for line in epochs:    # 4 steps of 11 (2 ranks) or 6 (1 rank) images x 3 seeds: parts of 2-5 shards, 3 seeds
+    for line in epochs:     # 4 steps of 11 (2 ranks) or 6 (1 rank) images x 3 seeds: 2-5 shards
         assert 6 <= line["digests"]["units_read"] == line["digests"]["units_checked"], line
     notes = [n["message"] for n in metric_lines(run, "note")]
     assert any("world size 2 -> 1" in note for note in notes)
-    coverage = [note for note in notes if note.startswith("cache:")]      # the resumed process's summary
+    coverage = [note for note in notes if note.startswith("cache:")]    # the resumed process's
     read = sum(line["digests"]["units_read"] for line in epochs[1:])
-    assert len(coverage) == 1 and f"the digests of {read} of the {read} (shard, seed) units" in coverage[0]
+    assert len(coverage) == 1
+    assert f"the digests of {read} of the {read} (shard, seed) units" in coverage[0]
 
 
 def test_every_train_student_option_reaches_the_config():
