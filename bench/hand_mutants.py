@@ -104,7 +104,7 @@ MUTANTS = {
         "s = item.aug_seed % len(self.unit.seeds)", BUILD + ["tests/test_cache_growth.py"]),
     "build-index-never-rewritten": (
         "teacher_cache/build.py", "            pass                                    # damaged",
-        "            return", BUILD),
+        "            return  #", BUILD),
     "verify-no-slice-replay": (
         "teacher_cache/verification.py", "        if not item.start <= k < item.stop:\n",
         "        if False:\n", VERIFY),
@@ -174,7 +174,11 @@ def run_mutant(name: str, scratch: Path) -> str:
     failed = [line[len("FAILED "):].split(" - ")[0] for line in run.stdout.splitlines()
               if line.startswith("FAILED")]
     summary = (run.stdout.strip().splitlines() or ["(no output)"])[-1]
-    return f"{name}: caught by {', '.join(failed)}" if failed else f"{name}: SURVIVED ({summary})"
+    if failed:
+        return f"{name}: caught by {', '.join(failed)}"
+    if run.returncode != 0:                          # import error, nothing collected, ...
+        return f"{name}: broken (the mutant does not run: {summary}), rewrite it"
+    return f"{name}: SURVIVED ({summary})"
 
 
 def main(argv=None) -> None:
