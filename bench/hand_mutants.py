@@ -5,7 +5,7 @@ tree); the tests that should notice run against the copy (PYTHONPATH = the copy)
 `caught` with the failing tests, or `SURVIVED`. A mutant whose text is no longer in its file
 (the code moved on) is reported as `stale`, one that does not run as `broken`: rewrite those.
 
-    python bench/hand_mutants.py                                   # all (~40 min, 2 busy cores)
+    python bench/hand_mutants.py                                   # all (~20 min, 2 cores)
     python bench/hand_mutants.py issue-1-verify-ignores-digests   # one
     python bench/hand_mutants.py --list
 
