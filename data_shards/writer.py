@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from .io import out_folder, temp_path, text_sha256
+from .io import crash_point, out_folder, temp_path, text_sha256
 from .parallel import default_workers, ordered_chunk_map
 from .shards import (FORMAT_VERSION, MANIFEST_FILE, MANIFEST_SCHEMA, METADATA_FILE, SHARD_PATTERN,
                      hash_manifest_rows)
@@ -110,6 +110,7 @@ def make_shards(source: str, out: str | os.PathLike, split: str = "train", shard
             extra = {"source": source, "external_shards": True, "shard_names": indexer.shard_names}
         metadata = _finish(tmp, manifest, manifest.close(), classes, skipped, source, split, val_fraction,
                            shard_size, allow_empty_classes, extra)
+        crash_point("make-shards-built")     # the new set whole aside, the old one in place
         _move_into_place(tmp, out)
         return metadata
     finally:

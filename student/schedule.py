@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from data_shards.io import text_seed
-from data_shards.items import WorkItem
+from data_shards.items import WorkItem, order_part
 
 from .errors import StudentError
 
@@ -81,13 +81,13 @@ def plan_rng(*parts: object) -> np.random.Generator:
 
 
 def epoch_segments(shard_counts: list[int], epoch: int, repeated_aug: int, seed: int) -> list[tuple[int, int, int]]:
-    """The epoch's images: part (epoch mod R) of every shard's mixing order, shards shuffled per group."""
+    """The epoch's images: part (epoch mod R) of every shard's mixing order (order_part of
+    data_shards.items, whose starts stage one's digests cover), shards shuffled per group."""
     group, part = divmod(epoch, repeated_aug)
     order = plan_rng("schedule", "shards", seed, group).permutation(len(shard_counts))
     segments = []
     for shard in (int(s) for s in order):
-        n = shard_counts[shard]
-        start, stop = part * n // repeated_aug, (part + 1) * n // repeated_aug
+        start, stop = order_part(shard_counts[shard], part, repeated_aug)
         if stop > start:
             segments.append((shard, start, stop))
     return segments

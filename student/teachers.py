@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from data_shards import ReplayItem, tensor_digest
+from data_shards.items import digest_positions
 from teacher_cache.errors import CacheError
 from teacher_cache.targets import TeacherTargets
 from teacher_cache.teacher import TeacherError, load_teacher, teacher_forward
@@ -24,16 +25,26 @@ class ReplayMismatchError(CacheError):
 class CachedTeacher:
     """One batched `cache.read(shard, seed)` per unit, kept in a small LRU; items select their rows.
 
-    Recorded image digests (stage one records the first samples of each (shard, seed), which
-    lie in the unit's first item) are checked on the way, so every unit is verified before
-    any of its targets are used."""
+    Stage one records image digests at the digest positions of each (shard, seed): the first R
+    positions of each of the R parts of its mixing order (data_shards.items.digest_positions, R =
+    the recipe's pairing_seeds). Every item is checked at the digest positions it holds, before
+    its targets are returned; every unit a run reads holds one among the first samples the run
+    reads of it in each epoch (the argument is in digest_positions' docstring), whatever the epoch,
+    R, world size or resume point. `take_coverage` shows it: the (shard, seed) units this process
+    read, and those of them whose digests it compared, since the last call (train-student: per
+    epoch, united over ranks: another rank may read a later piece of a unit in the step that
+    checks it)."""
     UNITS_KEPT = 4
 
     def __init__(self, cache, device: torch.device | str = "cpu"):
         self.cache, self.device = cache, torch.device(device)
         self._units: OrderedDict[tuple[int, int], TeacherTargets] = OrderedDict()
-        self.units_read = 0
+        self._parts = cache.recipe.pairing_seeds
+        self._positions: dict[int, list[int]] = {}
+        self.unit_reads = 0                # batched reads (LRU misses)
         self.digests_checked = 0
+        self.units_seen: set[tuple[int, int]] = set()
+        self.units_checked: set[tuple[int, int]] = set()
 
     def item_targets(self, item: ReplayItem, images: torch.Tensor) -> TeacherTargets:
         self.check_digests(item, images)
@@ -41,32 +52,49 @@ class CachedTeacher:
         if unit not in self._units:
             # position order, one read; moved to the device once per unit, not per step
             self._units[unit] = _to_device(self.cache.read(item.shard, item.aug_seed), self.device)
-            self.units_read += 1
+            self.unit_reads += 1
             while len(self._units) > self.UNITS_KEPT:
                 self._units.popitem(last=False)
         self._units.move_to_end(unit)
         return self._units[unit].select(item.positions.to(self.device, non_blocking=True))
 
+    def take_coverage(self) -> tuple[set[tuple[int, int]], set[tuple[int, int]], int]:
+        """(units read, units whose digests were compared, digests compared) since the last call."""
+        coverage = self.units_seen, self.units_checked, self.digests_checked
+        self.units_seen, self.units_checked, self.digests_checked = set(), set(), 0
+        return coverage
+
     def check_digests(self, item: ReplayItem, images: torch.Tensor) -> None:
-        """Compare the finished images of the item's samples whose digest stage one recorded."""
-        recorded = self.cache.unit_digests(item.shard, item.aug_seed)
-        if item.start == 0 and recorded and not set(recorded) & set(item.keys):
-            raise ReplayMismatchError(
-                f"cache {self.cache.root}: the samples recorded first for shard {item.shard} seed {item.aug_seed} "
-                f"({', '.join(map(repr, recorded))}) do not open that unit's mixing order here; the cache was "
-                "computed from other shards or another recipe - recompute it or pass the shards it was made from")
-        index = {key: i for i, key in enumerate(item.keys)}
-        for key, digest in recorded.items():
-            if key not in index:
-                continue                 # in another item of the unit
-            found = tensor_digest(images[index[key]])
-            if found != digest:
+        """Compare the finished images of the item's samples at digest positions with the recorded
+        digests; a sample there whose key the cache did not record means other shards or recipe."""
+        unit = (item.shard, item.aug_seed)
+        self.units_seen.add(unit)
+        if item.shard not in self._positions:
+            count = self.cache.shard_counts[item.shard]
+            self._positions[item.shard] = digest_positions(count, self._parts)
+        recorded = None
+        for k in self._positions[item.shard]:
+            if not item.start <= k < item.stop:
+                continue
+            recorded = self.cache.unit_digests(*unit) if recorded is None else recorded
+            key = item.keys[k - item.start]
+            if key not in recorded:
                 raise ReplayMismatchError(
-                    f"replayed image of {key!r} (shard {item.shard}, aug seed {item.aug_seed}) has digest {found}, "
-                    f"the cache recorded {digest}: this machine's augmentation differs from the one the teacher saw "
-                    "(library versions? see the cache manifest's library_versions); training would use "
-                    "targets of other images - recompute the cache here or train where it was computed")
+                    f"cache {self.cache.root}: mixing-order position {k} of shard {item.shard} "
+                    f"seed {item.aug_seed} holds {key!r} here, whose digest the cache did not "
+                    f"record (it recorded {', '.join(map(repr, recorded))}); the cache was "
+                    "computed from other shards, another recipe or an older version - recompute "
+                    "it or pass the shards it was made from")
+            found = tensor_digest(images[k - item.start])
+            if found != recorded[key]:
+                raise ReplayMismatchError(
+                    f"replayed image of {key!r} (shard {item.shard}, aug seed {item.aug_seed}) has "
+                    f"digest {found}, the cache recorded {recorded[key]}: this machine's "
+                    "augmentation differs from the one the teacher saw (library versions? see the "
+                    "cache manifest's library_versions); training would use targets of other "
+                    "images - recompute the cache here or train where it was computed")
             self.digests_checked += 1
+            self.units_checked.add(unit)
 
 
 def _to_device(targets: TeacherTargets, device: torch.device) -> TeacherTargets:

@@ -20,6 +20,7 @@ import logging
 import math
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -418,20 +419,25 @@ def train(cfg: TrainConfig) -> dict:
         run = setup(cfg, ctx)
         run.resumed = resumed
         start_epoch, global_step, metrics = resume_or_start(run)
+        digests = Counter()            # digest checks of the epochs this process runs (all ranks)
         for epoch in range(start_epoch, cfg.epochs):
             metrics, global_step = train_one_epoch(run, epoch, global_step)
             if run.val_set is not None:
                 metrics["val"] = evaluate(run)
             save(run, epoch + 1, global_step, metrics)
             run.log.metrics(metrics)
+            digests.update(metrics.get("digests", {}))
     finally:
         D.close_distributed()
     if isinstance(run.teacher, CachedTeacher):
-        run.log.note(f"cache: {run.teacher.units_read} batched unit reads, "
-                     f"{run.teacher.digests_checked} image digests verified")
+        run.log.note(f"cache: {run.teacher.unit_reads} batched unit reads on this rank; over "
+                     f"all ranks, {digests['verified']} image digests verified, and the digests "
+                     f"of {digests['units_checked']} of the {digests['units_read']} (shard, seed) "
+                     "units read checked (counted per epoch)")
     return {"checkpoint": str(run.checkpoint), "epochs": cfg.epochs, "first_epoch": start_epoch,
             "epochs_trained": cfg.epochs - start_epoch, "nothing_to_do": False,
-            "global_step": global_step, "metrics": metrics, "world_size": ctx.world_size}
+            "global_step": global_step, "metrics": metrics, "world_size": ctx.world_size,
+            "digests": dict(digests)}
 
 
 def _checkpoint_to_resume(cfg: TrainConfig) -> dict | None:
@@ -457,6 +463,24 @@ def _nothing_to_do(cfg: TrainConfig, ckpt: dict, ctx: D.DistContext) -> dict:
     return {"checkpoint": str(path), "epochs": cfg.epochs, "first_epoch": int(ckpt["epoch"]),
             "epochs_trained": 0, "nothing_to_do": True, "global_step": int(ckpt["global_step"]),
             "metrics": dict(ckpt["metrics"]), "world_size": ctx.world_size}
+
+
+def digest_coverage(teacher: CachedTeacher, ctx: D.DistContext) -> dict:
+    """The cached teacher's digest checks since the last call (an epoch), over all ranks: digests
+    compared, (shard, seed) units read, and those whose digests were checked. A unit counts as
+    checked when any rank checked it: a rank may read later pieces of a unit whose first piece
+    another rank checked (in that step at the earliest): the run, not each rank, checks a unit."""
+    seen, checked, verified = teacher.take_coverage()
+    cache = teacher.cache
+    flags = torch.zeros(2, cache.num_shards, cache.num_seeds, dtype=torch.float64)
+    for row, units in enumerate((seen, checked)):
+        for shard, seed in units:
+            flags[row, shard, seed] = 1
+    counts = torch.cat([flags.flatten(), torch.tensor([float(verified)], dtype=torch.float64)])
+    total = D.all_reduce_sum(counts.to(ctx.device), ctx).cpu()
+    read, checked_any = total[:-1].view(2, -1) > 0
+    return {"verified": int(total[-1]), "units_read": int(read.sum()),
+            "units_checked": int((read & checked_any).sum())}
 
 
 def resume_or_start(run: Run) -> tuple[int, int, dict]:
@@ -507,7 +531,10 @@ def train_one_epoch(run: Run, epoch: int, global_step: int) -> tuple[dict, int]:
                              "samples_per_s": steps_per_s * run.global_batch})
             bar.set_postfix(loss=f"{mean[0]:.4f}", lr=f"{lr:.2e}")
     bar.close()
-    return meter.epoch_metrics(run, plan, epoch, lr), global_step
+    metrics = meter.epoch_metrics(run, plan, epoch, lr)
+    if isinstance(run.teacher, CachedTeacher):
+        metrics["digests"] = digest_coverage(run.teacher, ctx)
+    return metrics, global_step
 
 
 def train_step(run: Run, batch, global_step: int):

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from data_shards import (AugRecipe, ReplayItem, ShardSet, WorkItem, finish_item, replay_item, tensor_digest,
                          unit_items)
 from data_shards.io import atomic_path, crash_point, device_kind, out_folder, resolve_device
+from data_shards.items import digest_positions
 
 from .errors import CacheError
 from .growth import check_not_shrinking, grow_cache
@@ -48,7 +49,6 @@ from .manifest import (MANIFEST_DEFAULTS, build_manifest, create_or_match_manife
 from .store import clean_leftovers, commit_unit, ensure_arrays
 from .teacher import DEFAULT_TEACHER, check_precision, load_teacher, teacher_forward
 
-DIGESTS_PER_SEED = 2       # replayed images per (shard, seed) whose digest goes into the unit JSON
 DEFAULT_TOPK = 10
 DEFAULT_SEEDS_PER_UNIT = 10
 DEFAULT_BATCH_SIZE = MANIFEST_DEFAULTS["batch_size"]
@@ -197,11 +197,14 @@ class UnitItem:
         return self
 
 
-def finish_batch(item: ReplayItem, recipe: AugRecipe, device: torch.device) -> tuple[torch.Tensor, dict[str, str]]:
-    """A teacher batch's finished images on `device`, and the digests of the seed's first images."""
+def finish_batch(item: ReplayItem, recipe: AugRecipe, device: torch.device | str,
+                 count: int) -> tuple[torch.Tensor, dict[str, str]]:
+    """A teacher batch's finished images on `device`, and the digests of those of its samples at
+    the (shard, seed)'s digest positions (data_shards.items.digest_positions; `count` samples)."""
     images = finish_item(item, recipe, device)
-    digests = {key: tensor_digest(images[i]) for i, key in enumerate(item.keys)
-               if item.start + i < DIGESTS_PER_SEED}
+    positions = digest_positions(count, recipe.pairing_seeds)
+    digests = {item.keys[k - item.start]: tensor_digest(images[k - item.start])
+               for k in positions if item.start <= k < item.stop}
     return images, digests
 
 
@@ -443,7 +446,7 @@ class _JobRun:
         s = self.opts
         for got in arrivals:
             unit, lock, acc = self.active[got.unit_slot]
-            images, digests = finish_batch(got.item, s.recipe, self.device)
+            images, digests = finish_batch(got.item, s.recipe, self.device, acc.count)
             t0 = time.perf_counter()
             targets = teacher_forward(self.model, images, s.topk, s.store_full, s.precision, s.channels_last)
             self.teacher_seconds += time.perf_counter() - t0

@@ -31,10 +31,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from data_shards import ShardSet, replay_item, unit_items
+from data_shards import ShardSet, WorkItem, replay_item, unit_items
 from data_shards.io import device_kind, recorded_device_kind, resolve_device, same_device_kind
+from data_shards.items import digest_positions
 
-from .build import DIGESTS_PER_SEED, finish_batch
+from .build import finish_batch
 from .cache import TeacherCache
 from .errors import CacheError
 from .layout import TAIL_LOGSUMEXP, Unit
@@ -193,10 +194,10 @@ class _Findings:
     recorded_kinds: set[str] = field(default_factory=set)     # the sampled units' device kinds
     examples: list[dict] = field(default_factory=list)       # the first 20 disagreements
     damaged: dict[str, str] = field(default_factory=dict)   # unit name -> what is wrong
+    checked_pairs: set[tuple[int, int]] = field(default_factory=set)   # (shard, seed): digests seen
     files_checked: int = 0
     bad_files: list[str] = field(default_factory=list)
     digests_checked: int = 0
-    digest_pairs: set[tuple[int, int]] = field(default_factory=set)
     bad_digests: list[str] = field(default_factory=list)
     max_lp: float = 0.0
     max_logit: float = 0.0
@@ -218,10 +219,10 @@ def _verify_pick(cache: TeacherCache, shard_set: ShardSet, model: torch.nn.Modul
     found.recorded_kinds.add(recorded_kind)
     same_kind = same_device_kind(recorded_kind, found.kind)
     item, images, digests = _original_batch(shard_set, unit, pick, cache.recipe, device)
-    if (pick.shard, pick.seed) not in found.digest_pairs:      # once per pair, however many batches it gives
-        found.digest_pairs.add((pick.shard, pick.seed))
-        found.digests_checked += len(recorded)
-        found.bad_digests += [f"{key}@seed{pick.seed}" for key, d in recorded.items() if digests.get(key) != d]
+    if (pick.shard, pick.seed) not in found.checked_pairs:    # once per pair, however many batches
+        found.checked_pairs.add((pick.shard, pick.seed))
+        replayed = _replayed_digests(shard_set, pick, cache.recipe, item, digests, device)
+        _check_digests(recorded, replayed, pick.seed, found)
     model.to(memory_format=torch.channels_last if pick.channels_last else torch.contiguous_format)
     logits = teacher_logits(model, images, precision, channels_last=pick.channels_last)
     recomputed = encode_teacher_logits(logits, cache.topk, cache.has_logits).to("cpu")
@@ -268,10 +269,20 @@ def _check_files(cache: TeacherCache, unit: Unit, found: _Findings) -> None:
         found.damaged[unit.name] = "; ".join(problems.values())
 
 
+def _check_digests(recorded: dict[str, str], replayed: dict[str, str], seed: int,
+                   found: _Findings) -> None:
+    """The (shard, seed)'s recorded digests against the replay's, at the digest positions: a
+    differing digest, a recorded key not at a digest position here, or one not recorded fails."""
+    keys = sorted(set(recorded) | set(replayed))
+    found.digests_checked += len(keys)
+    found.bad_digests += [f"{key}@seed{seed}" for key in keys
+                          if recorded.get(key) != replayed.get(key)]
+
+
 def _original_batch(shard_set: ShardSet, unit: Unit, pick: Pick, recipe, device: torch.device):
     """The images of batch `pick.batch` exactly as cache-teacher built them (the same work item,
     replayed and finished the same way, on `device`: finishing gives the same bits on any device),
-    and the replay digests of the seed's first images."""
+    and the digests of its samples at digest positions."""
     count = shard_set.shard_counts[unit.shard]
     works = unit_items(count, unit.shard, pick.seed, pick.batch_size)
     if pick.batch >= len(works):
@@ -279,9 +290,19 @@ def _original_batch(shard_set: ShardSet, unit: Unit, pick: Pick, recipe, device:
                          "the shards changed since the cache was computed")
     keys_cache: dict[int, list[str]] = {}
     item = replay_item(shard_set, works[pick.batch], recipe, keys_cache)
-    images, digests = finish_batch(item, recipe, device)
-    for work in works:                     # the digested first images may sit in earlier batches
-        if len(digests) >= min(DIGESTS_PER_SEED, count) or work == works[pick.batch]:
-            break
-        digests.update(finish_batch(replay_item(shard_set, work, recipe, keys_cache), recipe, device)[1])
+    images, digests = finish_batch(item, recipe, device, count)
     return item, images, digests
+
+
+def _replayed_digests(shard_set: ShardSet, pick: Pick, recipe, item, digests: dict[str, str],
+                      device: torch.device) -> dict[str, str]:
+    """Digests of every digest position of (shard, seed): `digests` (those in the pick's batch
+    `item`), plus 1-sample slices replayed for the others (any cut of a unit gives the same
+    finished images)."""
+    count, keys_cache, digests = shard_set.shard_counts[pick.shard], {}, dict(digests)
+    for k in digest_positions(count, recipe.pairing_seeds):
+        if not item.start <= k < item.stop:
+            work = WorkItem(pick.shard, pick.seed, k, k + 1)
+            one = replay_item(shard_set, work, recipe, keys_cache)
+            digests.update(finish_batch(one, recipe, device, count)[1])
+    return digests

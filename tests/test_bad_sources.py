@@ -58,11 +58,25 @@ def test_hostile_source_skips_and_lists(hostile_source, capsys):
         assert image.shape == (3, 64, 64) and bool(image.isfinite().all())
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
-def test_unreadable_file_is_skipped(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_unreadable_file_is_skipped(tmp_path, monkeypatch, workers):
+    """A file that may not be read (EACCES) is skipped and listed. Tests run as root here and in
+    CI, and root reads a file whatever its mode, so besides chmod 0 the denial is raised where
+    make-shards reads (Path.read_bytes, in its forked workers too)."""
     root = tmp_path / "src"
     save(Image.open(sample_photo_paths()[0]).resize((32, 32)), root / "c" / "ok.png")
     save(Image.open(sample_photo_paths()[1]).resize((32, 32)), root / "c" / "locked.png")
-    (root / "c" / "locked.png").chmod(0)
-    meta = make_shards(str(root), tmp_path / "out", progress=False)
-    assert [Path(s["path"]).name for s in meta["skipped"]] == ["locked.png"]
+    locked = root / "c" / "locked.png"
+    locked.chmod(0)
+    read_bytes = Path.read_bytes
+
+    def denied_to_everyone(path: Path) -> bytes:
+        if path == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", denied_to_everyone)
+    meta = make_shards(str(root), tmp_path / "out", progress=False, workers=workers)
+    assert [(Path(s["path"]).name, s["reason"]) for s in meta["skipped"]] == [
+        ("locked.png", "cannot read file (Permission denied)")]
+    assert meta["num_samples"] == 1

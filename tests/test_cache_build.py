@@ -50,8 +50,11 @@ def test_stored_targets_equal_a_direct_teacher_forward(reference_cache, small_sh
                 assert torch.equal(got.label, alone.label)
                 torch.testing.assert_close(got.topk_logprobs, alone.topk_logprobs, rtol=0, atol=4e-3)
             labels_seen.update(got.label.tolist())
-            # The digests recorded at compute time are those of the first replayed images.
-            expected = {r.key: tensor_digest(r.image) for r in replayed[:2]}
+            # The digests recorded at compute time: the first 3 images of each third of the mixing
+            # order (pairing_seeds 3: where --repeated-aug 3 epochs start reading a unit).
+            n = len(replayed)
+            positions = [p * n // 3 + i for p in range(3) for i in range(3)]
+            expected = {replayed[k].key: tensor_digest(replayed[k].image) for k in positions}
             assert cache.unit_digests(shard, seed) == expected
     assert len(labels_seen) > 3          # the teacher is not constant: the comparison means something
 
@@ -162,3 +165,24 @@ def test_one_unit_keeps_every_worker_busy(tmp_path, small_shards, teacher_checkp
         snapshots[workers] = cache_snapshot(out)
     assert snapshots[2]["files"] == snapshots[0]["files"]
     assert snapshots[2]["units"] == snapshots[0]["units"]          # replay digests included
+
+
+def test_a_damaged_or_short_index_is_rewritten_by_a_rerun(tmp_path, reference_cache, small_shards,
+                                                         teacher_checkpoint):
+    """index.parquet's readers say "rerun cache-teacher (it rewrites the index)": a rerun over a
+    cache whose units are all done rewrites an unreadable index, and one with missing rows, as the
+    first run wrote it."""
+    import shutil
+    import pyarrow.parquet as pq
+    out = tmp_path / "cache"
+    shutil.copytree(reference_cache, out)
+    index = out / "index.parquet"
+    reference = pq.read_table(reference_cache / "index.parquet")
+    for damage in (lambda: index.write_bytes(b"PAR1 not parquet"),
+                   lambda: pq.write_table(reference.slice(0, 10), index)):
+        damage()
+        if index.read_bytes().startswith(b"PAR1 not"):
+            with pytest.raises(CacheError, match="index.parquet.*it rewrites the index"):
+                TeacherCache.open(out).read_index()
+        cache_teacher(cache_options(small_shards, out, teacher_checkpoint))
+        assert pq.read_table(index).equals(reference)

@@ -86,7 +86,8 @@ def test_verify_cache_passes_on_a_good_cache(reference_cache, small_shards):
     report = json.loads(result.stdout)
     assert report["ok"] and report["records"] == 40 and report["argmax_agreement"] == 1.0
     assert report["max_logprob_diff"] == 0.0            # same machine, same precision: bit-identical
-    assert report["digests_checked"] == 2 * report["pairs"] and not report["digest_mismatches"]
+    # 9 digests (3 at the start of each third of the mixing order) per (shard, seed) checked
+    assert report["digests_checked"] == 9 * report["pairs"] and not report["digest_mismatches"]
     assert report["pairs"] == len({tuple(p) for p in report["pairs_checked"]})           # distinct pairs
     assert report["files_checked"] == 18 * 2 and not report["file_hash_mismatches"]     # every unit, both arrays
     assert report["complete"] and report["units_missing"] == 0 and report["damaged_units"] == []
@@ -112,6 +113,59 @@ def test_verify_cache_fails_when_stored_argmax_is_wrong(cache_copy, small_shards
     assert "real mismatches 16 (always fail), near-ties 0" in result.output
     lenient = run_cli([CLI, "verify-cache", cache_copy, "--shards", small_shards, "--samples", 16, "--min-agreement", 0])
     assert lenient.returncode == 1 and "real mismatches 16" in lenient.output, lenient.output
+
+
+@pytest.mark.parametrize("edit", ["changed", "dropped"])
+def test_verify_cache_fails_when_recorded_digests_were_edited(cache_copy, small_shards, edit):
+    """Every unit record keeps valid files but each seed's recorded digests are edited: one digest
+    changed (the teacher saw other pixels), or one dropped (a digest position not recorded). Only
+    the replay can tell; verify-cache names the sample and exits 1."""
+    edited = set()
+    for path in sorted((cache_copy / "units").glob("*.json")):
+        record = json.loads(path.read_text())
+        for seed, digests in record["digests"].items():
+            key = sorted(digests)[4]     # one of the 9 (3 at the start of each third of the order)
+            if edit == "changed":
+                digests[key] = "0" * 32
+            else:
+                del digests[key]
+            edited.add(f"{key}@seed{seed}")
+        path.write_text(json.dumps(record))
+    args = [CLI, "verify-cache", cache_copy, "--shards", small_shards, "--samples", 8]
+    result = run_cli([*args, "--json"])
+    assert result.returncode == 1, result.output
+    report = json.loads(result.stdout)
+    assert not report["ok"] and report["argmax_agreement"] == 1.0
+    assert not report["file_hash_mismatches"] and report["pairs"] == 1
+    assert report["digests_checked"] == 9
+    assert len(report["digest_mismatches"]) == 1 and set(report["digest_mismatches"]) <= edited
+    if edit == "changed":
+        text = run_cli(args)
+        assert text.returncode == 1 and "replay digests 8/9 match" in text.output, text.output
+
+
+def test_verify_cache_max_logprob_diff_bounds_the_stored_values(cache_copy, small_shards):
+    """Every unit rewritten properly with its top-k log-probs shifted by 0.01 (argmax and files
+    consistent): only --max-logprob-diff notices; without it the cache passes (argmax agreement is
+    all it asks)."""
+    import zarr
+    cache = TeacherCache.open(cache_copy)
+    for unit in cache.units():
+        record = cache.unit_record(unit)
+        rows = slice(unit.shard * 40, unit.shard * 40 + 40)
+        arrays = {name: zarr.open_array(str(cache_copy / "arrays.zarr" / name), mode="r")
+                  for name in cache.array_names}
+        buffers = {name: np.asarray(array[unit.seed_start:unit.seed_stop, rows])
+                   for name, array in arrays.items()}
+        buffers[TOPK_LOGPROBS] = buffers[TOPK_LOGPROBS] - np.float16(0.01)
+        unfiled = {k: v for k, v in record.items() if k != "files"}
+        commit_unit(cache_copy, unit, 40, buffers, unfiled)
+    args = [CLI, "verify-cache", cache_copy, "--shards", small_shards, "--samples", 8, "--json"]
+    lenient = json.loads(run_cli(args).stdout)
+    assert lenient["ok"] and lenient["argmax_agreement"] == 1.0
+    assert 0.005 < lenient["max_logprob_diff"] < 0.02
+    strict = run_cli([*args, "--max-logprob-diff", 0.001])
+    assert strict.returncode == 1 and not json.loads(strict.stdout)["ok"], strict.output
 
 
 def test_verify_cache_fails_on_a_changed_storage_file(cache_copy, small_shards):
@@ -172,6 +226,32 @@ def test_rerun_with_different_settings_is_refused(cache_copy, small_shards, othe
     before = sorted(p.name for p in (cache_copy / "units").iterdir())
     with pytest.raises(CacheError, match=expected):
         cache_teacher(CacheOptions(shards, cache_copy, **kwargs))
+    assert sorted(p.name for p in (cache_copy / "units").iterdir()) == before
+
+
+def test_a_rerun_differing_in_several_settings_names_each_before_loading_the_teacher(
+        cache_copy, small_shards, teacher_checkpoint, monkeypatch):
+    """README: a rerun with other settings is "refused before the teacher is loaded, naming every
+    difference"."""
+    import teacher_cache.build as build
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher was loaded before the settings were compared")
+
+    monkeypatch.setattr(build, "load_teacher", no_teacher)
+    kwargs = cache_kwargs(teacher_checkpoint=teacher_checkpoint, topk=5, batch_size=8,
+                          channels_last=True, store_logits="full",
+                          recipe=RECIPE.with_overrides(hflip=0.0))
+    before = sorted(p.name for p in (cache_copy / "units").iterdir())
+    with pytest.raises(CacheError) as refused:
+        cache_teacher(CacheOptions(small_shards, cache_copy, **kwargs))
+    for expected in ("top-k K: cache has 10, this run has 5",
+                     "--batch-size (batch composition changes GPU results): cache has 16, this run "
+                     "has 8",
+                     "--channels-last: cache has False, this run has True",
+                     "--store-logits: cache has 'topk', this run has 'full'",
+                     "recipe hflip: cache 0.5, this run 0.0"):
+        assert expected in str(refused.value)
     assert sorted(p.name for p in (cache_copy / "units").iterdir()) == before
 
 

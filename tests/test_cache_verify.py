@@ -164,3 +164,25 @@ def test_the_gpu_check_runs_at_toy_sizes_on_the_cpu(tmp_path):
     cpu = result["verify"]["cpu"]
     assert cpu["digests_checked"] > 0 and cpu["digest_mismatches"] == []
     assert run.stdout.splitlines()[-1].startswith("| cpu | test_efficientnet | 8 | fp32")
+
+
+def test_a_unit_record_whose_channels_last_is_null_falls_back_to_the_device_rule(tmp_path,
+                                                                                reference_cache):
+    """a612b5f: `"channels_last": null` (as a missing key) means the unit was computed before the
+    setting was recorded, when it was implicitly on for CUDA: the device decides. A recorded value
+    is kept."""
+    import json
+    from teacher_cache import TeacherCache
+    from teacher_cache.verification import unit_batch_settings
+    out = tmp_path / "cache"
+    shutil.copytree(reference_cache, out)
+    paths = sorted((out / "units").glob("*.json"))
+    cases = [("cuda:0", None), ("cpu", None), ("cuda:1", False), ("cpu", True)]
+    for path, (device, flag) in zip(paths, cases):
+        record = json.loads(path.read_text())
+        record.update(device=device, channels_last=flag)
+        path.write_text(json.dumps(record))
+    cache = TeacherCache.open(out)
+    units = {u.name: u for u in cache.units()}
+    settings = [unit_batch_settings(cache, units[path.stem]) for path in paths[:4]]
+    assert settings == [(16, True), (16, False), (16, False), (16, True)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +74,28 @@ def test_deterministic_bytes(tmp_path, photo_folder):
     assert digest_folder(tmp_path / "c") == digest_folder(tmp_path / "d")
 
 
+def test_content_hash_covers_the_pixels(tmp_path, photo_folder):
+    """Same file names, classes and order, other pixels: another content hash (what a cache is
+    checked against), whether the bytes differ in size or not."""
+    other = tmp_path / "other"
+    shutil.copytree(photo_folder, other)
+    for path in other.rglob("*.jpg"):
+        Image.open(path).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(path, format="JPEG")
+    same_size = tmp_path / "same_size"
+    shutil.copytree(photo_folder, same_size)
+    path = next(same_size.rglob("china.jpg"))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01          # one bit of entropy-coded data: same size, still decodes
+    path.write_bytes(bytes(data))
+    hashes = set()
+    for source in (photo_folder, other, same_size):
+        meta = make_shards(str(source), tmp_path / f"shards-{source.name}", progress=False)
+        assert meta["num_samples"] == 2 and meta["counts_per_class"] == [1, 1]
+        keys = ShardSet.open(tmp_path / f"shards-{source.name}").manifest.column("key").to_pylist()
+        hashes.add((meta["content_hash"], tuple(keys)))
+    assert len({h for h, _ in hashes}) == 3 and len({k for _, k in hashes}) == 1
+
+
 def test_bad_files_are_skipped_and_listed(photo_folder, capsys):
     china = (photo_folder / "china" / "china.jpg").read_bytes()
     (photo_folder / "china" / "truncated.jpg").write_bytes(china[: len(china) // 3])
@@ -114,6 +137,30 @@ def test_existing_output_refused_unless_overwrite(tmp_path, photo_folder):
     assert (out / "precious.txt").read_text() == "keep me"
     make_shards(str(photo_folder), out, overwrite=True, progress=False)
     assert not (out / "precious.txt").exists() and (out / "metadata.json").exists()
+
+
+def test_a_killed_or_failed_overwrite_leaves_the_old_output_whole(tmp_path, photo_folder):
+    """--overwrite builds the new set aside: killed after building it (before it replaces the old
+    one), or failing on bad input, make-shards leaves the old output as it was."""
+    from data_shards.faults import ENV
+
+    def files(folder: Path) -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir()}
+
+    out = tmp_path / "out"
+    old = make_shards("digits", out, shard_size=400, progress=False)
+    before = files(out)
+    args = [CLI, "make-shards", "--source", str(photo_folder), "--out", str(out), "--overwrite",
+            "--workers", "1"]
+    killed = run_cli(args, {ENV: "make-shards-built:1"})
+    assert killed.returncode == -9, killed.output
+    assert files(out) == before and ShardSet.open(out).metadata == old
+    (photo_folder / "zebra").mkdir()         # an empty class: refused after listing the source
+    with pytest.raises(SourceError, match="zebra"):
+        make_shards(str(photo_folder), out, overwrite=True, progress=False)
+    assert files(out) == before
+    (photo_folder / "zebra").rmdir()
+    assert make_shards(str(photo_folder), out, overwrite=True, progress=False)["num_samples"] == 2
 
 
 def test_cli_exit_codes(tmp_path, photo_folder):

@@ -59,6 +59,25 @@ def wds_tars(tmp_path) -> dict:
     return {"folder": folder, "expected": expected}
 
 
+def test_content_hash_covers_the_labels(tmp_path):
+    """Same keys and image bytes, one class index changed: another content hash (the labels are
+    part of what a cache and a training are checked against)."""
+    hashes = []
+    for variant, relabelled in (("a", None), ("b", "sample_00010")):
+        tar = tmp_path / variant / "train-000000.tar"
+        tar.parent.mkdir()
+        with wds.TarWriter(str(tar)) as sink:
+            for index in (0, 1, 10, 11):                   # digits 0, 1, 0, 1
+                png, label = digit_png(index)
+                key = f"sample_{index:05d}"
+                cls = 1 - label if key == relabelled else label
+                sink.write({"__key__": key, "png": png, "cls": str(cls).encode()})
+        meta = make_shards(str(tar), tmp_path / f"shards-{variant}", progress=False)
+        assert meta["num_classes"] == 2 and meta["num_samples"] == 4
+        hashes.append(meta["content_hash"])
+    assert hashes[0] != hashes[1]
+
+
 def test_tars_indexed_in_place_and_replayed(wds_tars, tmp_path, capsys):
     folder, expected = wds_tars["folder"], wds_tars["expected"]
     out = tmp_path / "index"

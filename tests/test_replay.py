@@ -174,6 +174,47 @@ def test_fresh_process_and_photo_digest(digits_shards):
     assert golden[other["fingerprint"]] == other["photo"]
 
 
+STAGE_TWO_DIGESTS = textwrap.dedent("""
+    import json, sys
+    from data_shards import ShardSet, finish_item, tensor_digest
+    from data_shards.items import WorkItem, digest_positions, order_part
+    from student.data import iter_items
+    from teacher_cache import TeacherCache
+    shard_set, cache = ShardSet.open(sys.argv[1]), TeacherCache.open(sys.argv[2])
+    parts = cache.recipe.pairing_seeds
+    # stage two's slices: 5 samples from each part start (stage one ran whole batches of 16)
+    items = [WorkItem(shard, seed, start, min(stop, start + 5))
+             for shard, n in enumerate(shard_set.shard_counts) for seed in range(cache.num_seeds)
+             for start, stop in (order_part(n, p, parts) for p in range(parts))]
+    digests = {}
+    for item in iter_items(shard_set, items, cache.recipe, workers=2):
+        images = finish_item(item, cache.recipe)
+        for k in digest_positions(shard_set.shard_counts[item.shard], parts):
+            if item.start <= k < item.stop:
+                unit = digests.setdefault(f"{item.shard}/{item.aug_seed}", {})
+                unit[item.keys[k - item.start]] = tensor_digest(images[k - item.start])
+    print(json.dumps(digests))
+""")
+
+
+def test_stage_one_and_stage_two_digests_agree_across_processes_and_workers(reference_cache,
+                                                                            small_shards):
+    """The version-independent check beside the golden digests (which skip on other library
+    versions): the digests stage one recorded (in the test session, inline, teacher batches of 16)
+    equal those a fresh process replays as stage two does (2 loader workers, other slices), at
+    every digest position."""
+    from teacher_cache import TeacherCache
+    run = subprocess.run([sys.executable, "-c", STAGE_TWO_DIGESTS, str(small_shards),
+                          str(reference_cache)], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).parent.parent)
+    replayed = json.loads(run.stdout)
+    cache = TeacherCache.open(reference_cache)
+    recorded = {f"{shard}/{seed}": cache.unit_digests(shard, seed)
+                for shard in range(cache.num_shards) for seed in range(cache.num_seeds)}
+    assert len(recorded) == 27 and all(len(d) == 9 for d in recorded.values())
+    assert replayed == recorded
+
+
 def test_decode_handles_odd_modes(tmp_path):
     photo = decode_image(sample_photo_paths()[1].read_bytes())
     assert photo.mode == "RGB"

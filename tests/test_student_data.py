@@ -85,6 +85,7 @@ class FakeCache:
 
     def __init__(self, shard_set: ShardSet, digests: dict | None = None):
         self.root, self.shard_set, self.reads, self.digests = "fake-cache", shard_set, [], digests or {}
+        self.recipe, self.shard_counts = RECIPE, shard_set.shard_counts
 
     def read(self, shard: int, aug_seed: int) -> TeacherTargets:
         self.reads.append((shard, aug_seed))
@@ -97,12 +98,19 @@ class FakeCache:
         return self.digests.get((shard, aug_seed), {})
 
 
+class UncheckedTeacher(CachedTeacher):
+    """The cached teacher without its digest check (FakeCache records none): reads and rows only."""
+
+    def check_digests(self, item, images):
+        pass
+
+
 def test_one_cache_read_per_unit_and_targets_follow_the_samples(train_set):
     position = dict(zip(train_set.manifest.column("key").to_pylist(), train_set.manifest.column("position").to_pylist()))
     cache = FakeCache(train_set)
     plan = plan_epoch(train_set, 0, 64, 0, 1, seed=0, num_seeds=2)
     seen = 0
-    for batch in train_batches(train_set, plan, RECIPE, 64, CachedTeacher(cache)):
+    for batch in train_batches(train_set, plan, RECIPE, 64, UncheckedTeacher(cache)):
         assert batch.teacher.label.tolist() == [position[k] % 10 for k in batch.keys]
         seen += len(batch.keys)
     assert seen == plan.steps * 64
@@ -110,17 +118,24 @@ def test_one_cache_read_per_unit_and_targets_follow_the_samples(train_set):
 
 
 def test_a_replayed_image_that_differs_from_the_recorded_digest_stops(train_set):
-    item = replay_item(train_set, WorkItem(2, 1, 0, 10), RECIPE)
+    """Shard 2 holds 250 samples: with pairing_seeds 3 its digest positions are 0-2, 83-85 and
+    166-168 (the first three of each third of the mixing order, where --repeated-aug 3 epochs
+    start)."""
+    item = replay_item(train_set, WorkItem(2, 1, 82, 92), RECIPE)    # holds 83-85 (second third)
     images = finish_item(item, RECIPE)
-    good = {item.keys[0]: tensor_digest(images[0]), item.keys[1]: tensor_digest(images[1])}
+    good = {item.keys[i]: tensor_digest(images[i]) for i in (1, 2, 3)}
     teacher = CachedTeacher(FakeCache(train_set, {(2, 1): good}))
     teacher.item_targets(item, images)
-    assert teacher.digests_checked == 2
-    bad = dict(good, **{item.keys[1]: "0" * 32})
-    with pytest.raises(ReplayMismatchError, match=f"{item.keys[1]}.*shard 2, aug seed 1"):
+    assert teacher.digests_checked == 3 and teacher.units_checked == teacher.units_seen == {(2, 1)}
+    later = replay_item(train_set, WorkItem(2, 1, 86, 96), RECIPE)   # no digest position here
+    teacher.item_targets(later, finish_item(later, RECIPE))
+    assert teacher.digests_checked == 3
+    bad = dict(good, **{item.keys[2]: "0" * 32})
+    with pytest.raises(ReplayMismatchError, match=f"{item.keys[2]}.*shard 2, aug seed 1"):
         CachedTeacher(FakeCache(train_set, {(2, 1): bad})).item_targets(item, images)
-    # recorded samples that do not open the unit here: another shard set or recipe
-    with pytest.raises(ReplayMismatchError, match="do not open"):
+    # recorded samples that are not where this replay puts them: another shard set or recipe
+    with pytest.raises(ReplayMismatchError,
+                       match="position 83 of shard 2 seed 1 holds .* did not record"):
         CachedTeacher(FakeCache(train_set, {(2, 1): {"nope": "0" * 32}})).item_targets(item, images)
 
 

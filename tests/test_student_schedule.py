@@ -112,3 +112,40 @@ def test_repeated_plan_feeds_training_batches_with_copies_together(digits_shards
         for key in set(batch.keys):                               # copies differ (own seed each)
             copies = batch.images[[i for i, k in enumerate(batch.keys) if k == key]]
             assert not torch.equal(copies[0], copies[1])
+
+
+def first_reads(plans) -> dict[tuple[int, int], tuple[int, int]]:
+    """(shard, seed) -> (first step that reads it, on any rank; the smallest position read then)."""
+    first: dict[tuple[int, int], tuple[int, int]] = {}
+    for step in range(len(plans[0].steps)):
+        for plan in plans:
+            for piece in plan.steps[step]:
+                unit = (piece.shard, piece.aug_seed)
+                if unit not in first or first[unit][0] == step:
+                    first[unit] = (step, min(piece.start, first.get(unit, (step, piece.start))[1]))
+    return first
+
+
+@pytest.mark.parametrize("repeats", [2, 3, 4])
+def test_every_unit_a_run_reads_is_first_read_at_a_digest_position(repeats):
+    """The digest positions (data_shards.items.digest_positions) cover every unit a plan reads:
+    the first piece of each (shard, seed), in the first step that reads it, holds a recorded
+    position, for every part of the group (epochs g*R+j, a resume included), world size and batch
+    size, tiny shards too."""
+    from data_shards.items import digest_positions
+    counts = COUNTS + [2, 4, 5, 3]
+    for world_size in (1, 2, 3, 4):
+        for batch in (1, 2, 5, 7, 12, 16):
+            for epoch in range(2 * repeats):
+                try:
+                    plans = [plan_epoch(counts, epoch, batch, rank, world_size, seed=1,
+                                        num_seeds=3 * repeats, repeated_aug=repeats)
+                             for rank in range(world_size)]
+                except DataPlanError:
+                    continue
+                for (shard, seed), (step, start) in first_reads(plans).items():
+                    piece_stop = min(p.stop for plan in plans for p in plan.steps[step]
+                                     if (p.shard, p.aug_seed, p.start) == (shard, seed, start))
+                    recorded = digest_positions(counts[shard], repeats)
+                    where = (world_size, batch, epoch, shard, seed)
+                    assert any(start <= k < piece_stop for k in recorded), where

@@ -20,7 +20,7 @@ from cli_runner import CLI, run_cli
 from data_shards import ShardSet, finish_item
 from student.data import DataPlanError, replay_item, unit_items
 from student.errors import StudentError
-from student.evaluate import evaluate_checkpoint
+from student.evaluate import evaluate_checkpoint, head_logits, load_student
 from student.teachers import OnlineTeacher, ReplayMismatchError, load_online_teacher
 from student.train import TrainingError, train
 from teacher_cache import CacheError, TeacherCache
@@ -72,7 +72,10 @@ def test_cached_run_equals_online_run(setup, tmp_path, kind):
     losses = metric_lines(cached, "train")
     assert len(losses) == 10 and losses[0]["loss_distill"] > 0          # 2 epochs x 10 steps, a line every 2
     assert losses == metric_lines(online, "train")          # identical floats, every logged step
-    assert metric_lines(cached, "epoch") == metric_lines(online, "epoch")
+    cached_epochs = metric_lines(cached, "epoch")
+    digests = [line.pop("digests") for line in cached_epochs]     # only a cache has digests
+    assert all(d["units_read"] == d["units_checked"] > 0 for d in digests), digests
+    assert cached_epochs == metric_lines(online, "epoch")
     a, b = model_state(cached), model_state(online)
     assert all(torch.equal(a[k], b[k]) for k in a)            # identical weights
 
@@ -139,6 +142,41 @@ def test_resume_after_an_interrupted_epoch_matches_an_uninterrupted_run(setup, t
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
     assert a["optimizer"]["state"][0]["step"] == b["optimizer"]["state"][0]["step"]
     assert any("reuse-seeds" in line["message"] for line in metric_lines(whole, "note"))
+
+
+def test_repeated_aug_checks_the_digests_of_every_unit_read_also_after_a_resume_into_epoch_1(
+        tmp_path, small_shards, reference_cache, monkeypatch):
+    """--repeated-aug 3 (DeiT's default): epochs 1 and 2 of a seed group read the second and third
+    part of each shard's mixing order, never its first samples. Stage one's digests at every part
+    start still check, in every epoch, every (shard, seed) unit it reads: over 3 epochs, and in a
+    run resumed into epoch 1 (3g+1), whose process never runs epoch 0."""
+    options = dict(cache=str(reference_cache), recipe=None, distillation_type="hard", epochs=3,
+                   repeated_aug=3, batch_size=32, max_steps_per_epoch=None, log_interval=5)
+    train(tiny_config(small_shards, tmp_path / "whole", **options))
+    for line in metric_lines(tmp_path / "whole", "epoch"):
+        # 9 shards x 3 seeds (the last steps may leave a unit unread)
+        assert 24 <= line["digests"]["units_read"] == line["digests"]["units_checked"] <= 27, line
+    real_batches = train_module.train_batches
+
+    def preempted_in_epoch_1(shard_set, plan, *args, **kwargs):
+        if plan.epoch == 1:
+            raise KeyboardInterrupt("simulated preemption")
+        yield from real_batches(shard_set, plan, *args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_batches", preempted_in_epoch_1)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(small_shards, tmp_path / "resumed", **options))
+    monkeypatch.setattr(train_module, "train_batches", real_batches)
+    resumed = train(tiny_config(small_shards, tmp_path / "resumed", **options, resume=True))
+    assert metric_lines(tmp_path / "resumed", "epoch") == metric_lines(tmp_path / "whole", "epoch")
+    digests = resumed["digests"]                   # this process ran epochs 1 and 2 only
+    assert 48 <= digests["units_read"] == digests["units_checked"], digests
+    assert digests["verified"] > 0
+    notes = [n["message"] for n in metric_lines(tmp_path / "resumed", "note")]
+    note = [n for n in notes if n.startswith("cache:")]
+    read = digests["units_read"]
+    assert len(note) == 1 and (f"{digests['verified']} image digests verified, and the digests of "
+                               f"{read} of the {read} (shard, seed) units") in note[0]
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -231,45 +269,66 @@ def test_evaluate_against_the_cache(setup, tmp_path):
     report = evaluate_checkpoint(str(tmp_path / "s" / "checkpoint.pt"), str(setup["train"]), cache=str(setup["cache"]),
                                  aug_seed=1, device="cpu")
     agreement = report["cache_agreement"]
-    assert agreement["num_samples"] == sum(ShardSet.open(setup["train"]).shard_counts)
-    assert set(agreement["agreement"]) == {"class", "distillation", "fused"}
-    assert all(0 <= v <= 1 for v in agreement["student_top1_in_teacher_topk"].values())
+    shard_set, cache = ShardSet.open(setup["train"]), TeacherCache.open(setup["cache"])
+    assert agreement["num_samples"] == sum(shard_set.shard_counts)
+    # the same counts from the replayed seed-1 images (evaluate's batches of 128) and stored targets
+    model = load_student(tmp_path / "s" / "checkpoint.pt", torch.device("cpu"))[0]
+    agree, in_topk = {}, {}
+    items = [work for shard, n in enumerate(shard_set.shard_counts)
+             for work in unit_items(n, shard, 1, 128)]
+    for work in items:
+        item = replay_item(shard_set, work, RECIPE)
+        stored = cache.read(work.shard, 1).select(item.positions)
+        with torch.no_grad():
+            logits = head_logits(model, finish_item(item, RECIPE))
+        for head, out in logits.items():
+            pred = out.argmax(dim=1)
+            agree[head] = agree.get(head, 0) + int((pred == stored.label).sum())
+            in_top = (pred[:, None] == stored.topk_indices).any(dim=1)
+            in_topk[head] = in_topk.get(head, 0) + int(in_top.sum())
+    total = agreement["num_samples"]
+    assert agreement["agreement"] == {head: count / total for head, count in agree.items()}
+    assert agreement["student_top1_in_teacher_topk"] == {head: count / total
+                                                         for head, count in in_topk.items()}
+    assert 0 < sum(agree.values()) < sum(in_topk.values())          # neither count is degenerate
 
 
 # ----------------------------------------------------------------------------- DDP
 
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_take_the_same_number_of_steps(setup, tmp_path):
+    from data_shards.items import digest_positions
+    from student.data import plan_epoch
     run = tmp_path / "ddp"
     tiny = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_DEIT.items()]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "pipeline", "train-student", "--shards", str(setup["train"]), "--out", str(run),
-           "--cache", str(setup["cache"]), "--distillation-type", "hard", "--epochs", "2", "--batch-size", "64",
-           "--repeated-aug", "1",
-           "--workers", "0", "--no-progress", "--warmup-epochs", "0", "--lr", "1e-3", "--device", "cpu",
-           "--val-shards", str(setup["val"]), *tiny]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    # Own process group, so a hang (the failure this test guards against) can be killed with its workers.
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).parent.parent, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("torchrun with 2 processes did not finish in 240 s (DDP hang?)")
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    result = run_torchrun(["train-student", "--shards", str(setup["train"]), "--out", str(run),
+                           "--cache", str(setup["cache"]), "--distillation-type", "hard",
+                           "--epochs", "2", "--batch-size", "64", "--repeated-aug", "1",
+                           "--workers", "0", "--no-progress", "--warmup-epochs", "0",
+                           "--lr", "1e-3", "--device", "cpu", "--val-shards", str(setup["val"]),
+                           *tiny], {})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     epochs = metric_lines(run, "epoch")
     assert len(epochs) == 2
+    shard_set = ShardSet.open(setup["train"])
     for line in epochs:
         assert len(set(line["samples_per_rank"])) == 2                    # uneven: 750 vs 693 samples
         assert line["steps_per_rank"] == [min(line["samples_per_rank"]) // 64] * 2
         assert line["val"]["num_samples"] == sum(ShardSet.open(setup["val"]).shard_counts)
+        # the digest counts are the run's, both ranks' (each replays whole units of its own shards)
+        items = [i for rank in (0, 1)
+                 for i in plan_epoch(shard_set, line["epoch"], 64, rank, 2, 0, 2).items]
+        units = {(i.shard, i.aug_seed) for i in items}
+        verified = sum(i.start <= k < i.stop for i in items
+                       for k in digest_positions(shard_set.shard_counts[i.shard], 3))
+        assert line["digests"] == {"verified": verified, "units_read": len(units),
+                                   "units_checked": len(units)}
     ckpt = torch.load(run / "checkpoint.pt", weights_only=True)
     assert ckpt["rng"]["torch"].shape[0] == 2 and ckpt["data"]["world_size"] == 2
 
     # Resumed in one process, one epoch longer: the 2 cached seeds now need --reuse-seeds (a permission,
     # allowed to change on --resume), the cosine length changes; both are said.
+    cmd = result.args
     args = [CLI if a == "pipeline" else a for a in cmd[cmd.index("pipeline"):]]
     args[args.index("--epochs") + 1] = "3"
     refused = run_cli([*args, "--resume"])
@@ -279,6 +338,54 @@ def test_ddp_two_cpu_processes_take_the_same_number_of_steps(setup, tmp_path):
     assert "world size 2 -> 1" in resumed.output and "cosine schedule now spans 3 epochs" in resumed.output
     assert "trained 1 epoch(s) (epochs 2..2, resumed)" in resumed.output
     assert torch.load(run / "checkpoint.pt", weights_only=True)["data"]["world_size"] == 1
+
+
+def run_torchrun(args: list[str], env: dict, timeout: int = 240) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 -m pipeline ARGS` in its own process group (so that a hang is
+    killed with its workers)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "pipeline", *args]
+    proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=Path(__file__).parent.parent, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail(f"torchrun with 2 processes did not finish in {timeout} s (DDP hang?)")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+@pytest.mark.slow
+def test_a_ddp_run_killed_in_epoch_1_resumes_in_one_process_with_every_unit_digest_checked(
+        tmp_path, small_shards, reference_cache):
+    """2 ranks (gloo) at --repeated-aug 3, killed at the first step of epoch 1 (3g+1), resumed as
+    one process: every epoch checks the digests of every (shard, seed) unit the run reads, counted
+    over ranks (under DDP a rank may read later pieces of a unit whose first piece another rank
+    checked)."""
+    from data_shards.faults import ENV
+    run = tmp_path / "run"
+    tiny = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_DEIT.items()]
+    args = ["train-student", "--shards", str(small_shards), "--out", str(run),
+            "--cache", str(reference_cache), "--distillation-type", "hard", "--epochs", "3",
+            "--batch-size", "16", "--max-steps-per-epoch", "4", "--workers", "0", "--no-progress",
+            "--warmup-epochs", "0", "--lr", "1e-3", "--device", "cpu", *tiny]
+    killed = run_torchrun(args, {ENV: "train-step:5"})    # each rank dies at epoch 1's first step
+    assert killed.returncode != 0
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    resumed = run_cli([CLI, *args, "--resume"])          # in this process (one thread)
+    assert resumed.returncode == 0, resumed.output
+    epochs = metric_lines(run, "epoch")
+    assert [line["epoch"] for line in epochs] == [0, 1, 2]
+    for line in epochs:     # 4 steps of 11 (2 ranks) or 6 (1 rank) images x 3 seeds: 2-5 shards
+        assert 6 <= line["digests"]["units_read"] == line["digests"]["units_checked"], line
+    notes = [n["message"] for n in metric_lines(run, "note")]
+    assert any("world size 2 -> 1" in note for note in notes)
+    coverage = [note for note in notes if note.startswith("cache:")]    # the resumed process's
+    read = sum(line["digests"]["units_read"] for line in epochs[1:])
+    assert len(coverage) == 1
+    assert f"the digests of {read} of the {read} (shard, seed) units" in coverage[0]
 
 
 def test_every_train_student_option_reaches_the_config():
