@@ -72,7 +72,8 @@ def check_seed_budget(epochs: int, num_seeds: int | None, repeated_aug: int, reu
         more = f"grow the cache (cache-teacher --seeds {needed})" if cached else f"pass --num-seeds {needed}"
         raise DataPlanError(message + f"; {more}, train fewer epochs, or pass --reuse-seeds to cycle through the "
                             "seeds")
-    return message + f"; --reuse-seeds: seeds repeat every {supported} epoch(s)"
+    repeats = "records" if cached else "seeds"
+    return message + f"; --reuse-seeds: {repeats} repeat every {supported} epoch(s)"
 
 
 def plan_rng(*parts: object) -> np.random.Generator:
