@@ -7,9 +7,16 @@ consumer finishes it on its device (`finish_item`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, replace
+from typing import Sequence
 
-from .augment import AugRecipe, ReplayItem, mixing_order, replay_slice, slice_positions
+import numpy as np
+import torch
+
+from .mixing import mix_params, mixing_order
+from .pixels_pil import augment_uint8
+from .recipe import AugRecipe
 from .shards import ShardSet
 
 
@@ -20,6 +27,92 @@ class WorkItem:
     aug_seed: int
     start: int
     stop: int
+
+
+@dataclass(frozen=True, eq=False)    # compared as its WorkItem: tensors give no single bool
+class ReplayItem(WorkItem):
+    """A work item's samples, replayed up to the uint8 stage.
+
+    `images` holds one more image than samples when the recipe mixes: order[stop % n], the
+    last sample's partner. Everything random after the uint8 stage is in per-sample parameters
+    (erasing boxes, mix weights, CutMix boxes), so `finish_item` needs no generator.
+    """
+    keys: list[str]
+    partner_keys: list[str]
+    positions: torch.Tensor        # (m,) int64 shard positions
+    labels: torch.Tensor           # (m,) int64
+    partner_labels: torch.Tensor   # (m,) int64
+    lam: torch.Tensor              # (m,) float64 label weight of the primary (box-corrected)
+    mix_weights: torch.Tensor      # (m, 2) float32 pixel weights (primary, partner); CutMix (1, 0)
+    cut_boxes: torch.Tensor        # (m, 4) int64 partner box (y_low, y_high, x_low, x_high); 0: none
+    erase: torch.Tensor            # (m or m+1, 5) int64 (top, left, h, w, bank offset); h=0: none
+    images: torch.Tensor           # (m or m+1, H, W, 3) uint8, after crop-resize, flip, RandAugment
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def pin_memory(self) -> "ReplayItem":
+        """Called by DataLoader(pin_memory=True): page-locked tensors copy to the GPU
+        asynchronously (a copy from pageable memory makes the host wait for the GPU: a sync per
+        step)."""
+        names = ("images", "positions", "labels", "partner_labels", "lam", "mix_weights")
+        return replace(self, **{name: getattr(self, name).pin_memory() for name in names})
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in vars(self).values() if isinstance(t, torch.Tensor))
+
+
+def replay_slice(samples: Sequence, aug_seed: int, recipe: AugRecipe, start: int, stop: int,
+                 keys: Sequence[str] | None = None, order: Sequence[int] | None = None
+                 ) -> ReplayItem:
+    """Replay samples order[start:stop] of one shard for `aug_seed` (uint8, not yet finished).
+
+    `samples` are ShardSample-like (key, label, data, shard, position) indexed by shard position
+    - either the whole shard, or a mapping/list holding at least the positions this slice needs
+    (`slice_positions`). `keys` are all the shard's keys in position order (from the manifest;
+    needed when `samples` is not the whole shard). Replaying (0, n) is the whole shard; any cut
+    into slices gives the same finished images.
+    """
+    if keys is None:
+        keys = [s.key for s in sorted(samples, key=lambda s: s.position)]
+    n = len(keys)
+    if not 0 <= start < stop <= n:
+        raise ValueError(f"slice {start}:{stop} is not within a shard of {n} samples")
+    order = mixing_order(keys, aug_seed, recipe) if order is None else order
+    by_position = samples if isinstance(samples, dict) else {s.position: s for s in samples}
+    primaries = [by_position[order[k]] for k in range(start, stop)]
+    augmented = primaries + ([by_position[order[stop % n]]] if recipe.mixing else [])
+    size = recipe.input_size
+    images = np.empty((len(augmented), size, size, 3), dtype=np.uint8)
+    erase = [augment_uint8(sample.data, sample.key, aug_seed, recipe, out=images[i])[1]
+             for i, sample in enumerate(augmented)]
+    m = len(primaries)
+    partners = augmented[1:] if recipe.mixing else primaries
+    lam, weights, boxes = [], np.zeros((m, 2), dtype=np.float32), np.zeros((m, 4), dtype=np.int64)
+    for i, (primary, partner) in enumerate(zip(primaries, partners)):
+        params = mix_params(primary.key, partner.key, aug_seed, recipe)
+        lam.append(params.lam)
+        if params.use_cutmix:
+            weights[i] = (1.0, 0.0)
+            boxes[i] = params.box
+        else:
+            weights[i] = (params.lam, 1.0 - params.lam)    # rounded once to float32, on the host
+    as_int64 = functools.partial(torch.tensor, dtype=torch.int64)
+    return ReplayItem(
+        int(primaries[0].shard), int(aug_seed), start, stop, [s.key for s in primaries],
+        [s.key for s in partners], as_int64([s.position for s in primaries]),
+        as_int64([s.label for s in primaries]), as_int64([s.label for s in partners]),
+        torch.tensor(lam, dtype=torch.float64), torch.from_numpy(weights), torch.from_numpy(boxes),
+        as_int64(erase).view(-1, 5), torch.from_numpy(images))
+
+
+def slice_positions(keys: Sequence[str], aug_seed: int, recipe: AugRecipe, start: int, stop: int,
+                    order: Sequence[int] | None = None) -> list[int]:
+    """Shard positions a slice reads: order[start:stop], and order[stop % n] (the last one's
+    partner) when the recipe mixes."""
+    order = mixing_order(keys, aug_seed, recipe) if order is None else order
+    last = stop + 1 if recipe.mixing else stop
+    return sorted({order[k % len(keys)] for k in range(start, last)})
 
 
 def replay_item(shard_set: ShardSet, item: WorkItem, recipe: AugRecipe,

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .io import text_seed
+from .hashing import text_seed
 
 # PIL format name -> the extension written into the shard (webdataset decodes by extension).
 FORMAT_EXTENSION = {"JPEG": "jpg", "PNG": "png", "BMP": "bmp", "GIF": "gif", "TIFF": "tiff",

@@ -21,7 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from .io import crash_point, out_folder, temp_path, text_sha256
+from .faults import crash_point
+from .files import out_folder, temp_path
+from .hashing import text_sha256
 from .parallel import default_workers, ordered_chunk_map
 from .shards import (FORMAT_VERSION, MANIFEST_FILE, MANIFEST_SCHEMA, METADATA_FILE, SHARD_PATTERN,
                      hash_manifest_rows)
