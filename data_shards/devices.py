@@ -44,9 +44,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def device_kind(device: str | torch.device) -> str:
-    """What kind of device computes on `device`, as unit records note it: for CUDA the GPU's name
-    and compute capability ("cuda NVIDIA H200 sm_90"), for the CPU its architecture and torch's
-    kernel capability ("cpu x86_64 AVX2"). A model's float results may differ between kinds."""
+    """The kind of device, as unit records note it ("cuda NVIDIA H200 sm_90", "cpu x86_64 AVX2"):
+    a model's float results may differ between kinds."""
     device = torch.device(device)
     if device.type == "cuda":
         major, minor = torch.cuda.get_device_capability(device)
@@ -57,15 +56,13 @@ def device_kind(device: str | torch.device) -> str:
 
 
 def recorded_device_kind(record: dict) -> str:
-    """The device kind a record was computed on; records written before kinds were noted give
-    only their device type ("cuda", "cpu"), which `same_device_kind` matches on the type alone
-    ("": no device noted at all)."""
+    """The device kind a record was computed on: older records give only the type ("cuda"),
+    which `same_device_kind` matches by type ("": none noted)."""
     return record.get("device_kind") or str(record.get("device") or "").split(":")[0]
 
 
 def same_device_kind(recorded: str, current: str) -> bool:
-    """Whether `current` (a device_kind) is the kind `recorded` names; a bare type matches its type,
-    and an unknown kind ("") counts as the same (the strict case)."""
+    """Whether `current` is the kind `recorded` names (a bare type: by type; "" counts as same)."""
     if " " in recorded:
         return recorded == current
     return not recorded or recorded == current.split(" ")[0]

@@ -20,20 +20,16 @@ def pid_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True
-    return True
+    return True         # alive, or PermissionError: alive under another user
 
 
 def owned_name(stem: str, suffix: str = "") -> str:
-    """A name that records its creator, STEM@HOST@PID@TOKEN+SUFFIX, so leftovers of dead jobs
-    can be told from the files of running ones ('@' never appears in host names)."""
+    """STEM@HOST@PID@TOKEN+SUFFIX: leftovers of dead jobs can be told from running ones' files."""
     return f"{stem}@{socket.gethostname()}@{os.getpid()}@{uuid.uuid4().hex[:12]}{suffix}"
 
 
 def owner_gone(path: Path, stale_after: float | None = None, now: float | None = None) -> bool:
-    """True for an owned_name() whose creator is dead (same host) or older than stale_after
-    seconds."""
+    """An owned_name() whose creator is dead (same host) or older than stale_after seconds."""
     parts = Path(path).name.removesuffix(".tmp").rsplit("@", 3)
     if len(parts) != 4:
         return False
@@ -90,13 +86,10 @@ def write_text_atomic(path: str | os.PathLike, text: str, crash: str | None = No
         tmp.write_text(text)
 
 
-
-
 def load_weights_only(path: str | os.PathLike, error: type[Exception] = ValueError,
                       advice: str = ""):
-    """torch.load(path, weights_only=True) on the CPU: pickled objects are refused, never run.
-    Failures raise `error` naming the file, saying in our words what it is (never torch's advice,
-    which suggests unpickling), with `advice` appended."""
+    """torch.load(path, weights_only=True) on the CPU (pickled objects refused, never run); failing,
+    `error` names the file and says what it is (never torch's advice to unpickle), + `advice`."""
     try:
         with warnings.catch_warnings():        # torch's note on pickle protocols is noise here
             warnings.filterwarnings("ignore", message="Detected pickle protocol")

@@ -33,9 +33,8 @@ def noise_bank(device: torch.device | str) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=16)
 def normalise_table(mean: tuple, std: tuple, device: str) -> torch.Tensor:
-    """(3, 256) float32: row c, column v = ((v / 255) - mean[c]) / std[c], computed on the CPU in
-    float64 (NumPy, IEEE) and rounded once to float32. Built once per device (one host-to-device
-    copy); the device only indexes it, so its bits cannot depend on the device's arithmetic."""
+    """(3, 256) float32: [c, v] = ((v / 255) - mean[c]) / std[c] in float64 on the CPU, rounded
+    once; the device only indexes it, so its bits cannot depend on the device's arithmetic."""
     values = np.arange(256, dtype=np.float64) / 255.0
     mean, std = (np.asarray(v, dtype=np.float64)[:, None] for v in (mean, std))
     table = (values[None, :] - mean) / std
@@ -43,16 +42,10 @@ def normalise_table(mean: tuple, std: tuple, device: str) -> torch.Tensor:
 
 
 def finish_images(images: torch.Tensor, erase: torch.Tensor, recipe: AugRecipe) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32: scale, normalise, erase; on images.device.
-
-    The same bits on every device, by construction (tested on the CPU against NumPy, op by op):
-      * scale + normalise (torchvision's to_dtype(scale=True) + normalize, in one step) is a
-        lookup in `normalise_table`: per channel, a uint8 -> int32 conversion (exact),
-        `index_select` (a gather) and a strided copy. No float arithmetic runs on the device.
-        (Why not arithmetic: CUDA divides a tensor by a Python scalar as a multiply by its
-        float32 reciprocal, the CPU divides: up to 9.5e-7 apart, measured on an H200.)
-      * erasing copies values from `noise_bank` (float32 built by NumPy on the CPU, copied).
-    `erase`: an (N, 5) CPU int64 tensor of (top, left, h, w, bank offset) rows (h=0: none)."""
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 on images.device: scale + normalise as a lookup
+    in `normalise_table` (CUDA divides by a Python scalar as a multiply by its reciprocal: 9.5e-7
+    from the CPU on an H200), then erase by copying from `noise_bank`; no float arithmetic on the
+    device. `erase`: (N, 5) CPU int64 rows (top, left, h, w, bank offset), h=0: none."""
     device = images.device
     n, height, width, _ = images.shape
     table = normalise_table(recipe.mean, recipe.std, str(device))
@@ -69,25 +62,13 @@ def finish_images(images: torch.Tensor, erase: torch.Tensor, recipe: AugRecipe) 
 
 def finish_item(item: ReplayItem, recipe: AugRecipe,
                 device: torch.device | str | None = None) -> torch.Tensor:
-    """A replay item -> its (m, 3, H, W) float32 training images, on `device` (default: where
-    the images are).
-
-    Normalise and erase every augmented image (`finish_images`), then mix sample k with image
-    k+1 of the item: x*w0 + partner*w1 for Mixup (w = (1, 0) otherwise), then paste the CutMix
-    box. The small parameter tensors stay on the host (no device syncs); only images and weights
-    move. The same bits on every device, by construction; every op and why it is exact:
-      * host-to-device copies of the uint8 images and the float32 weights (rounded once on the
-        host by `replay_slice`): copies;
-      * `finish_images`: table lookups and copies, no device arithmetic (see there);
-      * the blend: two tensor-by-tensor multiplies and one tensor-tensor add, each its own
-        elementwise kernel, so each result is one IEEE round-to-nearest float32 operation on any
-        device (nothing to fuse into a multiply-add across kernels; add's alpha is 1, and
-        a + 1*b is a + b even if a kernel contracts it). No division, no Python-scalar operand
-        (CUDA turns a scalar divisor into a reciprocal multiply). Denormals are kept on CPU and
-        CUDA by default; torch.set_flush_denormal(True) would break equality for tiny weights;
-      * the CutMix paste: a strided copy.
-    tests/test_finish_exact.py checks the values against NumPy and the ops against an allowlist.
-    """
+    """A replay item -> its (m, 3, H, W) float32 training images on `device` (default: the
+    images'): `finish_images`, then sample k mixed with image k+1, x*w0 + partner*w1 (Mixup;
+    w = (1, 0) otherwise), then the CutMix box pasted. Parameters stay on the host (no syncs).
+    The same bits on every device (DESIGN.md; tests/test_finish_exact.py): copies, lookups, and
+    a blend of two tensor-by-tensor multiplies and one add, each its own kernel (one IEEE
+    rounding each, nothing to fuse, no scalar operand, no division). Denormals are kept by
+    default on CPU and CUDA; torch.set_flush_denormal(True) would break equality."""
     device = torch.device(device) if device is not None else item.images.device
     images = item.images.to(device, non_blocking=True)
     x = finish_images(images, item.erase, recipe)
@@ -112,8 +93,7 @@ def tensor_digest(x: torch.Tensor) -> str:
 
 
 def eval_image(img: Image.Image, recipe: AugRecipe) -> torch.Tensor:
-    """Evaluation transform: resize shorter side to size/crop_pct (bicubic), centre crop,
-    normalise."""
+    """Evaluation: shorter side resized to size/crop_pct, centre crop, normalise."""
     resize = int(math.floor(recipe.input_size / recipe.eval_crop_pct))
     img = TF.resize(img, [resize], interpolation=INTERPOLATION[recipe.interpolation][0],
                     antialias=True)

@@ -1,10 +1,8 @@
 """Work items: slices (shard, seed, start, stop) of a shard's seeded mixing order, replayed alone.
 
-Both stages replay their data as items: stage two (student.data) cuts them where its batches
-end, stage one (teacher_cache.build) uses the teacher's batches. A worker reads only the slice's
-samples (`ShardSet.read_samples`, one seek each) and returns the uint8 `ReplayItem`; the
-consumer finishes it on its device (`finish_item`).
-"""
+Both stages replay their data as items (stage one per teacher batch, stage two where its batches
+end): a worker reads only the slice's samples and returns the uint8 `ReplayItem`; the consumer
+finishes it on its device (`finish_item`)."""
 from __future__ import annotations
 
 import functools
@@ -31,12 +29,9 @@ class WorkItem:
 
 @dataclass(frozen=True, eq=False)    # compared as its WorkItem: tensors give no single bool
 class ReplayItem(WorkItem):
-    """A work item's samples, replayed up to the uint8 stage.
-
-    `images` holds one more image than samples when the recipe mixes: order[stop % n], the
-    last sample's partner. Everything random after the uint8 stage is in per-sample parameters
-    (erasing boxes, mix weights, CutMix boxes), so `finish_item` needs no generator.
-    """
+    """A work item's samples replayed up to the uint8 stage, with per-sample parameters of
+    everything after it (so `finish_item` needs no generator). When the recipe mixes, `images`
+    holds one more: order[stop % n], the last sample's partner."""
     keys: list[str]
     partner_keys: list[str]
     positions: torch.Tensor        # (m,) int64 shard positions
@@ -52,9 +47,8 @@ class ReplayItem(WorkItem):
         return len(self.keys)
 
     def pin_memory(self) -> "ReplayItem":
-        """Called by DataLoader(pin_memory=True): page-locked tensors copy to the GPU
-        asynchronously (a copy from pageable memory makes the host wait for the GPU: a sync per
-        step)."""
+        """For DataLoader(pin_memory=True): page-locked tensors copy to the GPU asynchronously
+        (from pageable memory the host waits for the GPU: a sync per step)."""
         names = ("images", "positions", "labels", "partner_labels", "lam", "mix_weights")
         return replace(self, **{name: getattr(self, name).pin_memory() for name in names})
 
@@ -67,12 +61,9 @@ def replay_slice(samples: Sequence, aug_seed: int, recipe: AugRecipe, start: int
                  ) -> ReplayItem:
     """Replay samples order[start:stop] of one shard for `aug_seed` (uint8, not yet finished).
 
-    `samples` are ShardSample-like (key, label, data, shard, position) indexed by shard position
-    - either the whole shard, or a mapping/list holding at least the positions this slice needs
-    (`slice_positions`). `keys` are all the shard's keys in position order (from the manifest;
-    needed when `samples` is not the whole shard). Replaying (0, n) is the whole shard; any cut
-    into slices gives the same finished images.
-    """
+    `samples`: ShardSample-likes, the whole shard or at least the positions `slice_positions`
+    names (a list, or a dict by position); then `keys`, all the shard's keys in position order,
+    are needed. Any cut of (0, n) into slices gives the same finished images."""
     if keys is None:
         keys = [s.key for s in sorted(samples, key=lambda s: s.position)]
     n = len(keys)
@@ -130,34 +121,16 @@ def replay_item(shard_set: ShardSet, item: WorkItem, recipe: AugRecipe,
 
 
 def order_part(n: int, part: int, parts: int) -> tuple[int, int]:
-    """Positions [start, stop) of part `part` of `parts` of a mixing order of n samples.
-
-    DeiT's repeated augmentation (student/schedule.py) trains epoch j of a seed group on part j
-    of every shard's mixing order; stage one records digests at the start of each part."""
+    """Positions [start, stop) of part `part` of `parts` of a mixing order of n samples: epoch j
+    of a seed group (student/schedule.py) trains on part j; stage one records digests there."""
     return part * n // parts, (part + 1) * n // parts
 
 
 def digest_positions(n: int, parts: int) -> list[int]:
     """Mixing-order positions of a (shard, seed) whose finished images stage one records as
     digests: the first `parts` positions of each of the `parts` parts (order_part); parts =
-    recipe.pairing_seeds.
-
-    Why these cover every unit a training run reads (the run, not each rank; DESIGN.md):
-      * R = 1 (`--repeated-aug 1`): a rank's units are replayed from position 0, the first digest
-        position (the unit's first item starts there; DDP deals whole units to ranks).
-      * R > 1 (R = pairing_seeds, checked by train-student): epoch j of a group reads part j of each
-        shard's order, a segment of the epoch's sequence; a step takes the next P = ceil(W*B/R)
-        images seed-major and truncates to W*B, which drops at most R-1 images at the step's end,
-        all of the group's last seed. So a unit's first read in an epoch is at its part's start, or
-        (the start dropped) at the next step's first image, at most R-1 positions later; a part
-        shorter than R is recorded whole. Steps cut by `steps = images // P` or
-        --max-steps-per-epoch only leave units unread. Each epoch is planned alone and a resume
-        starts at an epoch boundary.
-    Under DDP the rank that reads a unit's first piece checks it while assembling that step's batch;
-    other ranks may read later pieces of the unit, in that step at the earliest (a failed check
-    raises before the rank's forward, so that step's gradient all-reduce, and so the optimizer
-    step, never completes).
-    """
+    recipe.pairing_seeds. Why these cover every unit a run reads, under any R, world size and
+    resume point: DESIGN.md, "Replay digests"."""
     positions: list[int] = []
     for part in range(parts):
         start, stop = order_part(n, part, parts)

@@ -23,10 +23,8 @@ class MixParams:
 
 
 def mixing_order(keys: Sequence[str], aug_seed: int, recipe: AugRecipe) -> list[int]:
-    """Seeded cyclic order of a shard: sample order[k] is mixed with order[(k+1) % n].
-
-    Seeds g*P .. g*P+P-1 (P = recipe.pairing_seeds) share one order (repeated augmentation).
-    A recipe that does not mix keeps the shard order."""
+    """Seeded cyclic order of a shard: order[k] is mixed with order[(k+1) % n]. Seeds g*P ..
+    g*P+P-1 (P = pairing_seeds) share one order; a recipe that does not mix keeps shard order."""
     if not recipe.mixing:
         return list(range(len(keys)))
     group = int(aug_seed) // recipe.pairing_seeds

@@ -20,9 +20,8 @@ from .hashing import text_seed
 from .recipe import NOISE_BANK_SIZE, AugRecipe, parse_rand_augment
 
 NO_ERASING = (0, 0, 0, 0, 0)
-# RandAugment ops whose timm level function flips the sign at random with the global RNG;
-# we take the magnitude from timm and draw the sign from our own generator.
-# The unsigned part of timm's _rotate/_shear/_translate_*_level_to_arg (level in [0, 1]):
+# The unsigned part of timm's _rotate/_shear/_translate_*_level_to_arg (level in [0, 1]), which
+# draw the sign from the global RNG: we draw it from our own generator.
 SIGNED_LEVEL = {
     "Rotate": lambda level, hp: level * 30.0,
     "ShearX": lambda level, hp: level * 0.3,
@@ -53,8 +52,7 @@ def make_rng(fingerprint: str, *parts: object) -> np.random.Generator:
 
 def draw_sample(key: str, aug_seed: int, recipe: AugRecipe, size: tuple[int, int]
                 ) -> SampleParams:
-    """The draws of sample `key` for `aug_seed`; `size` (width, height) is the image's full size,
-    read from its header."""
+    """The draws of sample `key` for `aug_seed`; `size`: the full (width, height), from the header."""
     rng = make_rng(recipe.fingerprint(), "sample", key, int(aug_seed))
     width, height = size
     crop = resized_crop_params(rng, height, width, recipe.scale, recipe.ratio)
@@ -79,13 +77,11 @@ def resized_crop_params(rng: np.random.Generator, height: int, width: int,
             i = int(rng.integers(0, height - h + 1))
             j = int(rng.integers(0, width - w + 1))
             return i, j, h, w
-    in_ratio = width / height  # fallback: central crop, as torchvision
+    in_ratio, w, h = width / height, width, height   # fallback: central crop, as torchvision
     if in_ratio < min(ratio):
-        w, h = width, int(round(width / min(ratio)))
+        h = int(round(width / min(ratio)))
     elif in_ratio > max(ratio):
-        h, w = height, int(round(height * max(ratio)))
-    else:
-        w, h = width, height
+        w = int(round(height * max(ratio)))
     return (height - h) // 2, (width - w) // 2, h, w
 
 

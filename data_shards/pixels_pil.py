@@ -42,10 +42,8 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 def augment_uint8(data: bytes, key: str, aug_seed: int, recipe: AugRecipe,
                   out: np.ndarray | None = None
                   ) -> tuple[np.ndarray, tuple[int, int, int, int, int]]:
-    """The uint8 part of the training augmentation of one image, and its erasing parameters.
-
-    Returns the (H, W, 3) uint8 image after crop-resize, flip and RandAugment (written into
-    `out` if given) and (top, left, h, w, bank offset) for `finish_images`."""
+    """One image's (H, W, 3) uint8 training augmentation (crop-resize, flip, RandAugment; into
+    `out` if given) and its erasing parameters (top, left, h, w, bank offset)."""
     img = Image.open(io.BytesIO(data))     # the header: the crop is drawn from the full size
     params = draw_sample(key, aug_seed, recipe, img.size)
     pixels = np.asarray(apply_params(img, data, params, recipe))
@@ -67,13 +65,9 @@ def apply_params(img: Image.Image, data: bytes, params: SampleParams, recipe: Au
 def decode_crop(img: Image.Image, data: bytes, crop: tuple[int, int, int, int], recipe: AugRecipe
                 ) -> tuple[Image.Image | np.ndarray, tuple[float, ...]]:
     """Decode `img` (opened from `data`, not loaded) for the crop (top, left, height, width) of
-    its full size -> (pixels, the crop's (left, top, right, bottom) box on them, as floats).
-
-    With recipe.decode_draft, a JPEG is decoded at 1/2, 1/4 or 1/8 scale (libjpeg DCT scaling)
-    when the crop stays at least input_size pixels wide and high there; the crop box is mapped
-    onto the reduced image as floats and resampled from it. The pixels are a PIL image, or an
-    (H, W, 3) uint8 array for a full-size colour JPEG (decoded by torchvision: the same bytes,
-    faster)."""
+    its full size -> (pixels: PIL, or a uint8 HWC array for a full-size colour JPEG; the crop's
+    (left, top, right, bottom) float box on them). With decode_draft, a JPEG is decoded at
+    1/2..1/8 scale when the crop stays >= input_size there (DESIGN.md)."""
     width, height = img.size
     i, j, h, w = crop
     box = (float(j), float(i), float(j + w), float(i + h))
@@ -92,8 +86,8 @@ def decode_crop(img: Image.Image, data: bytes, crop: tuple[int, int, int, int], 
 
 
 def _decode_colour_jpeg(data: bytes) -> np.ndarray | None:
-    """A colour JPEG -> (H, W, 3) uint8 by torchvision's libjpeg-turbo: byte-identical to Pillow's
-    full-size decode (tested on photos), ~20% faster. None when it refuses: Pillow decides then."""
+    """A colour JPEG -> (H, W, 3) uint8 by torchvision: Pillow's bytes (tested), ~20% faster.
+    None when it refuses: Pillow decides then."""
     decode_jpeg = getattr(torchvision.io, "decode_jpeg", None)
     if decode_jpeg is None:
         return None
@@ -134,8 +128,7 @@ def _torch_crop_resize(pixels: Image.Image | np.ndarray, box: tuple[float, ...],
 
 def apply_rand_augment(img: Image.Image, ops: tuple[tuple[str, tuple], ...], recipe: AugRecipe
                        ) -> Image.Image:
-    """timm's RandAugment ops (`NAME_TO_OP`) with their drawn args, in order, filling with the
-    recipe's mean colour and resampling with its RandAugment interpolation."""
+    """timm's RandAugment ops (`NAME_TO_OP`) with their drawn args, in order."""
     fill = rand_augment_hparams(recipe)["img_mean"]
     resample = INTERPOLATION[recipe.rand_augment_interpolation or recipe.interpolation][1]
     for name, args in ops:

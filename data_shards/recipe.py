@@ -79,7 +79,7 @@ class AugRecipe:
         if name not in cls.__dataclass_fields__:
             raise ValueError(f"unknown recipe field {name!r}; the fields are "
                              f"{', '.join(cls.__dataclass_fields__)}")
-        form, in_range = RECIPE_FIELD_FORMS.get(name, (None, None))
+        form, in_range = RECIPE_FIELD_FORMS[name]
         default = cls.__dataclass_fields__[name].default
         try:
             value = _typed_field(name, value, default)
@@ -88,8 +88,7 @@ class AugRecipe:
         except ValueError as exc:
             detail = f" ({exc})" if str(exc) else ""
             shown = list(value) if isinstance(value, tuple) else value
-            raise ValueError(f"recipe field {name} expects {form or _form_of(default)}, "
-                             f"got {shown!r}{detail}") from None
+            raise ValueError(f"recipe field {name} expects {form}, got {shown!r}{detail}") from None
         return value
 
     @property
@@ -124,8 +123,7 @@ def _rand_augment_ok(v: str) -> bool:
 
 
 PROBABILITY = "a probability in [0, 1]"
-# Each field's expected form (shown in messages) and its range check; the type comes from the
-# default.
+# Each field's expected form (shown in messages) and its range check; the type is the default's.
 RECIPE_FIELD_FORMS = {
     "input_size": ("a whole number >= 1, like 224", lambda v: v >= 1),
     "scale": ("two numbers 0 < low <= high <= 1, like [0.08, 1]", lambda v: 0 < v[0] <= v[1] <= 1),
@@ -165,8 +163,7 @@ def _number(value) -> float:
 
 
 def _typed_field(name: str, value, default):
-    """`value` converted to the type of the field's default (float, int, bool, str, tuple of
-    numbers); ValueError (empty message) when it is not of that form."""
+    """`value` as the type of the field's default; ValueError (no message) when not of that form."""
     if name in _NULLABLE_FIELDS and value in (None, ""):
         return None
     if isinstance(default, bool):
@@ -183,25 +180,14 @@ def _typed_field(name: str, value, default):
         if not isinstance(value, (tuple, list)) or len(value) != len(default):
             raise ValueError
         return tuple(_number(v) for v in value)
-    if isinstance(default, str) or name in _NULLABLE_FIELDS:
-        if not isinstance(value, str):
-            raise ValueError
-        return value
+    if not isinstance(value, str):      # str fields, and the nullable ones given a value
+        raise ValueError
     return value
 
 
-def _form_of(default) -> str:
-    """A field's expected form from its default (for fields RECIPE_FIELD_FORMS does not list)."""
-    if isinstance(default, tuple):
-        return f"{len(default)} numbers"
-    forms = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
-    return forms.get(type(default), repr(type(default)))
-
-
 def _check_erasing_fits_noise_bank(recipe: AugRecipe) -> None:
-    """Random erasing fills from a fixed bank of NOISE_BANK_SIZE values: refuse a recipe whose
-    largest erased box (input_size² · re_area[1], its sides rounded) could need more, before any
-    work starts."""
+    """Refuse, before any work, a recipe whose largest erased box (input_size² · re_area[1], sides
+    rounded) could need more than the NOISE_BANK_SIZE values erasing fills from."""
     if recipe.reprob <= 0:
         return
     area = recipe.re_area[1] * recipe.input_size ** 2
@@ -241,16 +227,16 @@ def parse_rand_augment(config: str) -> dict:
 
 
 def torch_resize_kernel_class() -> str:
-    """Which of torch's uint8 antialiased resize kernels this process runs: the AVX2 one (also run
-    at AVX512) or the generic one, reported to differ in bytes (torch 2.14.1 on one AVX512 machine
-    gave the same bytes for all three); kept apart, like any other class, to be safe."""
+    """Which of torch's uint8 antialiased resize kernels runs here: the AVX2 one (also at AVX512)
+    or the generic one, reported to differ in bytes (one AVX512 machine gave the same bytes for
+    all three): kept apart to be safe."""
     capability = torch.backends.cpu.get_cpu_capability().lower()
     return "vectorised" if capability in ("avx2", "avx512") else capability
 
 
 def pixel_library_versions(recipe: AugRecipe | None = None) -> dict[str, str]:
-    """Versions of the libraries whose code decides the augmented pixels (of `recipe`: with
-    resize_backend "torch", also the class of torch's CPU kernels, which changes its bytes)."""
+    """Versions of the libraries that decide the augmented pixels (with resize_backend "torch",
+    also the class of torch's CPU kernels)."""
     versions = {"torch": torch.__version__, "torchvision": torchvision.__version__,
                 "timm": timm.__version__, "pillow": PIL.__version__, "numpy": np.__version__}
     if recipe is not None and recipe.resize_backend == "torch":
@@ -259,7 +245,7 @@ def pixel_library_versions(recipe: AugRecipe | None = None) -> dict[str, str]:
 
 
 def fingerprint_of(recipe: dict, libraries: dict, algorithm: int) -> str:
-    """The fingerprint of a recipe dict (`to_dict`) with these pixel libraries under that replay
-    algorithm: also how the algorithm of a manifest that does not record it is found."""
+    """The fingerprint of a recipe dict under these pixel libraries and replay algorithm (also
+    how the algorithm of a manifest that does not record it is found)."""
     blob = {"recipe": recipe, "libraries": libraries, "algorithm": algorithm}
     return text_sha256(json.dumps(blob, sort_keys=True))

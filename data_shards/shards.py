@@ -106,11 +106,8 @@ class ShardSet:
         return self.read_samples(shard, None)
 
     def read_samples(self, shard: int, positions: Iterable[int] | None) -> list[ShardSample]:
-        """The samples at `positions` (None: all) of one shard, in the order asked: one seek each.
-
-        Every sample's bytes are checked against the manifest's sha256, so a truncated,
-        edited or replaced shard is refused rather than silently replayed.
-        """
+        """The samples at `positions` (None: all) of one shard, in the order asked: one seek each,
+        each checked against the manifest's sha256 (a changed shard is refused, not replayed)."""
         rows = self._shard_rows(shard)
         offsets = self._offsets(shard, rows)
         path = self.shard_path(shard)
