@@ -1,5 +1,5 @@
-"""Files every stage writes and reads: owned temporary names (whose writer may be dead), atomic
-writes, and weights-only checkpoint loading with an error that says what a refused file is."""
+"""Files of every stage: owned temporary names (whose writer may be dead), atomic writes, and
+weights-only checkpoint loading with an error that says what a refused file is."""
 from __future__ import annotations
 
 import contextlib

@@ -1,11 +1,10 @@
 """Every random choice of one sample's training augmentation, drawn before any pixel is touched.
 
-Why not timm's transforms as they are: they draw from the global Python / NumPy / torch RNGs, so
-the image would depend on worker count, order and process. Here one explicit generator per
-sample, rng(recipe fingerprint, "sample", key, aug_seed) (NumPy PCG64 seeded by sha256), draws
-the crop, the flip, RandAugment's ops and arguments and the erasing box, in that order, into a
-`SampleParams`; a pixel path (pixels_pil.py, or one on a device) applies it. The maths mirrors
-torchvision / timm (cited at each step).
+timm's transforms draw from the global RNGs, so images would depend on workers, order and
+process. Here one generator per sample, rng(recipe fingerprint, "sample", key, aug_seed), draws
+the crop, flip, RandAugment ops and args and the erasing box, in that order, into `SampleParams`
+for a pixel path (pixels_pil.py, or one on a device) to apply; the maths mirrors torchvision /
+timm (cited at each step).
 """
 from __future__ import annotations
 

@@ -47,10 +47,9 @@ def augment_uint8(data: bytes, key: str, aug_seed: int, recipe: AugRecipe,
     img = Image.open(io.BytesIO(data))     # the header: the crop is drawn from the full size
     params = draw_sample(key, aug_seed, recipe, img.size)
     pixels = np.asarray(apply_params(img, data, params, recipe))
-    if out is None:
-        return pixels, params.erase
-    out[...] = pixels
-    return out, params.erase
+    if out is not None:
+        out[...], pixels = pixels, out
+    return pixels, params.erase
 
 
 def apply_params(img: Image.Image, data: bytes, params: SampleParams, recipe: AugRecipe

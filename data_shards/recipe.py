@@ -30,8 +30,8 @@ REPLAY_ALGORITHM_CHANGES = {
 INTERPOLATION = {"bicubic": (InterpolationMode.BICUBIC, Image.Resampling.BICUBIC),
                  "bilinear": (InterpolationMode.BILINEAR, Image.Resampling.BILINEAR)}
 _RESIZE_BACKENDS = ("pil", "torch")
-# Fields added after caches were first written: left out of to_dict (so of manifests, checkpoints
-# and the fingerprint) while at their default, so existing recipes keep their fingerprint.
+# Fields added later: left out of to_dict (manifests, checkpoints, the fingerprint) while at
+# their default, so existing recipes keep their fingerprint.
 LATER_FIELD_DEFAULTS = {"resize_backend": "pil", "rand_augment_interpolation": None}
 # Values in the erasing noise bank (finishing.noise_bank); erasing draws offsets into it.
 NOISE_BANK_SIZE = 1 << 21
@@ -65,8 +65,7 @@ class AugRecipe:
     rand_augment_interpolation: str | None = None  # RandAugment's affine ops; None: interpolation
 
     def __post_init__(self):
-        # Every field checked for type and range (a message naming the field and its form), and
-        # numbers normalised so that (0.35, 1) and (0.35, 1.0) are the same recipe (fingerprint).
+        # Numbers normalised: (0.35, 1) and (0.35, 1.0) are the same recipe (and fingerprint).
         for name in self.__dataclass_fields__:
             object.__setattr__(self, name, self.check_field(name, getattr(self, name)))
         if self.rand_augment_interpolation == self.interpolation:   # same pixels, same fingerprint

@@ -155,7 +155,7 @@ class ShardSet:
 
     def _first_difference(self, shard: int, rows: dict[str, list]) -> str:
         """For an error message: the first image member of a make-shards tar that is not the
-        manifest's (found by scanning the tar's headers, only once a read has failed)."""
+        manifest's (scanned from the tar's headers once a read has failed)."""
         if self.metadata.get("external_shards"):
             return ""
         try:
@@ -169,8 +169,8 @@ class ShardSet:
         return ""
 
     def _offsets(self, shard: int, rows: dict[str, list]) -> list[int]:
-        """Data offset of each sample's image; scanned once from the tar headers for shard sets
-        written before the manifest had an `offset` column."""
+        """Data offset of each sample's image (scanned once from the headers of shard sets written
+        before the manifest had an `offset` column)."""
         if "offset" in rows:
             return rows["offset"]
         if shard not in self._scanned_offsets:
