@@ -82,7 +82,7 @@ _OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 def _without_addresses(text: str) -> str:
-    """`text` without object reprs (<... at 0x7f..>): metadata.json must not depend on the process."""
+    """`text` without object reprs (<.. at 0x..>): metadata.json must not vary by process."""
     return _OBJECT_REPR.sub("the image bytes", text)
 
 
