@@ -27,14 +27,13 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from data_shards import AugRecipe, ShardSet, make_shards  # noqa: E402
-from teacher_cache.build import CacheOptions, resolve_settings, write_index  # noqa: E402
-from teacher_cache.layout import TOPK_INDICES, TOPK_LOGPROBS, all_units, array_specs, index_dtype  # noqa: E402
-from teacher_cache.manifest import build_manifest, create_or_match_manifest  # noqa: E402
-from teacher_cache.store import commit_unit, ensure_arrays  # noqa: E402
-from teacher_cache.targets import encode_teacher_logits  # noqa: E402
+from data_shards import AugRecipe, ShardSet, make_shards
+from teacher_cache.build import CacheOptions, resolve_settings, write_index
+from teacher_cache.layout import TOPK_INDICES, TOPK_LOGPROBS, all_units, array_specs, index_dtype
+from teacher_cache.manifest import build_manifest, create_or_match_manifest
+from teacher_cache.store import commit_unit, ensure_arrays
+from teacher_cache.targets import encode_teacher_logits
 
 SEEDS_PER_UNIT = 10
 TOPK = 10
@@ -84,7 +83,6 @@ def write_cache(shards: Path, out: Path, num_seeds: int) -> dict:
 
 READER = """
 import json, resource, sys, time
-sys.path.insert(0, sys.argv[2])
 from teacher_cache.cache import TeacherCache
 cache = TeacherCache.open(sys.argv[1])
 start = time.perf_counter()
@@ -117,7 +115,7 @@ def main() -> None:
     for size in (int(s) for s in args.sizes.split(",")):
         cache_dir = work / f"cache_{size}"
         row = {"seeds": size, **write_cache(shards, cache_dir, size)}
-        run = subprocess.run([sys.executable, "-c", READER, str(cache_dir), str(ROOT)], capture_output=True,
+        run = subprocess.run([sys.executable, "-c", READER, str(cache_dir)], capture_output=True,
                              text=True, check=True)
         row.update(json.loads(run.stdout))
         assert row["read_records"] == row["records"]

@@ -39,14 +39,13 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from data_shards import (AugRecipe, ShardSet, decode_image, finish_item, make_shards, mixed_targets,  # noqa: E402
+from data_shards import (AugRecipe, ShardSet, decode_image, finish_item, make_shards, mixed_targets,
                          replay_slice)
-from data_shards.io import resolve_device  # noqa: E402
-from teacher_cache import CacheOptions, TeacherCache, cache_teacher, load_teacher  # noqa: E402
-from teacher_cache.inspection import inspect_cache  # noqa: E402
-from teacher_cache.teacher import teacher_logits  # noqa: E402
+from data_shards.devices import resolve_device
+from teacher_cache import CacheOptions, TeacherCache, cache_teacher, load_teacher
+from teacher_cache.inspection import inspect_cache
+from teacher_cache.teacher import teacher_logits
 
 RESULTS = ROOT / "bench" / "results" / "cache_teacher.json"
 

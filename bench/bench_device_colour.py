@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 from unittest import mock
@@ -29,9 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data_shards import device_colour  # noqa: E402
-from data_shards.device_colour import COLOUR_OPS  # noqa: E402
+from data_shards import device_colour
+from data_shards.device_colour import COLOUR_OPS
 
 FILL = (124, 116, 104)
 FACTOR_OPS = {"ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",

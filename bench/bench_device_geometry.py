@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -25,15 +24,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_replay import imagenet_like_jpegs  # noqa: E402
-from timm.data.auto_augment import NAME_TO_OP  # noqa: E402
+from timm.data.auto_augment import NAME_TO_OP
 
-from data_shards.augment import (_SIGNED_LEVEL, AugRecipe, _rand_augment_hparams,  # noqa: E402
-                                 _rrc_params, decode_image)
-from data_shards import device_geometry  # noqa: E402
-from data_shards.device_geometry import (GEOMETRY_OPS, decode_images, hflip,  # noqa: E402
+from bench_replay import imagenet_like_jpegs
+from data_shards import AugRecipe, decode_image, device_geometry
+from data_shards.parameters import SIGNED_LEVEL, rand_augment_hparams, resized_crop_params
+from data_shards.device_geometry import (GEOMETRY_OPS, decode_images, hflip,
                                          resized_crop)
 
 SIZE = 224
@@ -47,18 +43,18 @@ _METADATA_OPS = {"view", "unfold", "as_strided", "permute", "transpose", "select
 
 def crop_boxes(images: list[torch.Tensor], seed: int = 0) -> torch.Tensor:
     rng = np.random.default_rng(seed)
-    return torch.tensor([_rrc_params(rng, img.shape[1], img.shape[2], (0.08, 1.0), (3 / 4, 4 / 3))
+    return torch.tensor([resized_crop_params(rng, img.shape[1], img.shape[2], (0.08, 1.0), (3 / 4, 4 / 3))
                          for img in images])
 
 
 def op_args(name: str, count: int, seed: int = 0) -> torch.Tensor:
-    """Arguments as augment._rand_augment draws them: magnitude N(9, 0.5) in [0, 10], random
+    """Arguments as parameters.rand_augment_ops draws them: magnitude N(9, 0.5) in [0, 10], random
     sign, timm's level maths."""
     rng = np.random.default_rng(seed)
-    hparams = _rand_augment_hparams(AugRecipe())
+    hparams = rand_augment_hparams(AugRecipe())
     magnitudes = np.clip(9 + 0.5 * rng.standard_normal(count), 0, 10)
     signs = np.where(rng.random(count) > 0.5, -1.0, 1.0)
-    args = [[s * _SIGNED_LEVEL[name](m / 10, hparams)] for m, s in zip(magnitudes, signs)]
+    args = [[s * SIGNED_LEVEL[name](m / 10, hparams)] for m, s in zip(magnitudes, signs)]
     return torch.tensor(args, dtype=torch.float64)
 
 
@@ -163,7 +159,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     jpegs = imagenet_like_jpegs(args.batch)
-    fill = _rand_augment_hparams(AugRecipe())["img_mean"]
+    fill = rand_augment_hparams(AugRecipe())["img_mean"]
     devices = [d for d in args.devices.split(",") if d != "cuda" or torch.cuda.is_available()]
     result = {"batch": args.batch, "image_size": "500x375 / 375x500 JPEG q90",
               "threads": torch.get_num_threads(), "torch": torch.__version__, "devices": {}}

@@ -29,10 +29,8 @@ import timm
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
-import bench_student_step  # noqa: E402
-from bench_replay import imagenet_like_jpegs  # noqa: E402
+import bench_student_step
+from bench_replay import imagenet_like_jpegs
 
 
 def cli(*args: str) -> None:

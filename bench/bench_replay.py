@@ -20,7 +20,6 @@ import argparse
 import io
 import json
 import multiprocessing
-import sys
 import time
 import tracemalloc
 from pathlib import Path
@@ -30,8 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data_shards import AugRecipe, finish_item, replay_slice  # noqa: E402
+from data_shards import AugRecipe, finish_item, replay_slice
 
 
 def imagenet_like_jpegs(count: int, seed: int = 0) -> list[bytes]:

@@ -24,15 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from student.losses import teacher_log_probs  # noqa: E402
-from teacher_cache.targets import TeacherTargets, encode_teacher_logits, soft_tail_mass  # noqa: E402
+from student.losses import teacher_log_probs
+from teacher_cache.targets import TeacherTargets, encode_teacher_logits, soft_tail_mass
 
 C = 1000
 

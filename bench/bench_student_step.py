@@ -29,12 +29,10 @@ import timm
 import torch
 from timm.optim import create_optimizer_v2
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from data_shards.io import autocast, resolve_device  # noqa: E402
-from pipeline.options import parse_key_values  # noqa: E402
-from student.losses import DistillationLoss  # noqa: E402
-from student.models import StudentConfig, create_student  # noqa: E402
-from teacher_cache.targets import encode_teacher_logits  # noqa: E402
+from data_shards.devices import autocast, resolve_device
+from student.losses import DistillationLoss
+from student.models import StudentConfig, create_student
+from teacher_cache.targets import encode_teacher_logits
 
 MODES = ("none", "cached", "online")
 RATIOS = (("cached", "none"), ("online", "none"), ("cached", "online"))
@@ -113,12 +111,23 @@ def run_modes(modes, args, device, amp, student, teacher, images, targets, cache
     return out
 
 
+def key_value(item: str) -> tuple[str, object]:
+    """KEY=VALUE, the value JSON or a bare string (as the CLI's options read them)."""
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {item!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--student", default="deit_small_distilled_patch16_224")
-    p.add_argument("--student-kwarg", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--student-kwarg", action="append", default=[], type=key_value, metavar="KEY=VALUE")
     p.add_argument("--teacher", default="regnety_160")
-    p.add_argument("--teacher-kwarg", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--teacher-kwarg", action="append", default=[], type=key_value, metavar="KEY=VALUE")
     p.add_argument("--img-size", type=int, default=224)
     p.add_argument("--num-classes", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=64, help="Per GPU, DeiT's 64.")
@@ -146,11 +155,11 @@ def main(argv=None) -> dict:
     if not set(modes) <= set(MODES):
         p.error(f"--modes must be a subset of {','.join(MODES)}")
 
-    student_kwargs = {"img_size": args.img_size, **parse_key_values(args.student_kwarg, "--student-kwarg")}
+    student_kwargs = {"img_size": args.img_size, **dict(args.student_kwarg)}
     config = StudentConfig(args.student, args.num_classes, drop_path_rate=0.1, model_kwargs=student_kwargs)
     student = create_student(config, distilled_training=True).to(device)
     teacher = timm.create_model(args.teacher, pretrained=False, num_classes=args.num_classes,
-                                **parse_key_values(args.teacher_kwarg, "--teacher-kwarg")).to(device).eval().requires_grad_(False)
+                                **dict(args.teacher_kwarg)).to(device).eval().requires_grad_(False)
     if device.type == "cuda":
         teacher = teacher.to(memory_format=torch.channels_last)
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)

@@ -27,6 +27,7 @@ Steps are functions (make_data, finish_equality, build_cache, verify_on) for oth
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -36,11 +37,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench_cache_teacher import ROOT, bare_forward_rate, machine, random_teacher  # noqa: E402  (sets sys.path)
-from data_shards import AugRecipe, ShardSet, finish_item, make_shards, replay_slice  # noqa: E402
-from data_shards.io import device_kind, resolve_device  # noqa: E402
-from teacher_cache import CacheOptions, cache_teacher, load_teacher  # noqa: E402
-from teacher_cache.verification import verify_cache  # noqa: E402
+from bench_cache_teacher import ROOT, bare_forward_rate, machine, random_teacher
+from data_shards import AugRecipe, ShardSet, finish_item, make_shards, replay_slice
+from data_shards.devices import device_kind, resolve_device
+from teacher_cache import CacheOptions, cache_teacher, load_teacher
+from teacher_cache.verification import verify_cache
 
 RESULTS = ROOT / "bench" / "results" / "gpu_cache_verify.json"
 GPU_SIZES = dict(images=4096, classes=1000, shard_size=256, teacher="regnety_160", input_size=224,
@@ -78,7 +79,7 @@ def make_data(work: Path, images: int, classes: int, shard_size: int) -> Path:
 def recipes(input_size: int) -> dict[str, AugRecipe]:
     """DeiT's recipe and the fast one (torch resize, bilinear RandAugment); erasing at p 0.5."""
     deit = AugRecipe(input_size=input_size, reprob=0.5)
-    fast = deit.with_overrides(resize_backend="torch", rand_augment_interpolation="bilinear")
+    fast = dataclasses.replace(deit, resize_backend="torch", rand_augment_interpolation="bilinear")
     return {"deit": deit, "fast": fast}
 
 

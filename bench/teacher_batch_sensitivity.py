@@ -12,15 +12,12 @@ classes differ and whose argmax differs.
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from data_shards import AugRecipe, ShardSet, finish_item, replay_slice  # noqa: E402
-from teacher_cache.targets import encode_teacher_logits  # noqa: E402
-from teacher_cache.teacher import load_teacher, teacher_logits  # noqa: E402
+from data_shards import AugRecipe, ShardSet, finish_item, replay_slice
+from teacher_cache.targets import encode_teacher_logits
+from teacher_cache.teacher import load_teacher, teacher_logits
 
 
 def main(argv=None) -> list[dict]:

@@ -2,7 +2,7 @@
 
 timm's ops (timm/data/auto_augment.py) are Pillow calls on one RGB image; each function here
 takes a batch `images` (N, 3, H, W) uint8 and `args` (N, k) float64, row i holding the positional
-arguments data_shards/augment.py `_rand_augment` passes to `NAME_TO_OP[name]` for sample i, and
+arguments data_shards/parameters.py `rand_augment_ops` draws for `NAME_TO_OP[name]`, sample i, and
 replays Pillow 13.0.0's arithmetic (src/PIL/ImageOps.py, ImageEnhance.py, ImageStat.py;
 src/libImaging/Blend.c, Convert.c, Filter.c) with explicit parameters, because exact replay needs
 the same bytes as the CPU recipe:
@@ -23,7 +23,7 @@ every float op is elementwise in the dtype Pillow uses, so a sample's bytes do n
 batch, and CUDA's IEEE float32/float64 mul, add and div give the CPU's bytes (no fused ops, no
 `python_float / tensor`). tests/test_device_colour.py checks bit-identity with timm's ops (Pillow
 13.0.0) over every argument value the recipe can reach (bits, thresholds, added values all;
-factors 0.1..1.9 on a grid and as augment.py draws them) on the digits and the sklearn photos at
+factors 0.1..1.9 on a grid and as parameters.py draws them) on the digits and the sklearn photos at
 several sizes: no difference, so no bound to state. Caveats: Pillow's own float code could round
 differently on a build that fuses multiply-adds (aarch64 GCC contracts by default); the x86-64
 wheel does not. Bits and added values are truncated to integers (timm's level functions give
@@ -150,7 +150,7 @@ def invert(images: torch.Tensor, args: torch.Tensor | None) -> torch.Tensor:
 @_colour_op(nargs=1)
 def posterize(images: torch.Tensor, args: torch.Tensor) -> torch.Tensor:
     """ImageOps.posterize(img, bits): v & ~(2**(8-bits) - 1); bits >= 8 keeps the image (timm),
-    bits <= 0 gives black (augment.py: Pillow >= 12 refuses 0 bits, older Pillow gave black)."""
+    bits <= 0 gives black (pixels_pil.py: Pillow >= 12 refuses 0 bits, older Pillow gave black)."""
     bits = args[:, 0].to(torch.int64).clamp(0, 8)               # int(): timm's bits are ints
     mask = 256 - torch.bitwise_left_shift(torch.ones_like(bits), 8 - bits)
     return images & _per_sample(mask.to(torch.uint8), images)

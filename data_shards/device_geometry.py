@@ -41,7 +41,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from .augment import decode_image
+from .pixels_pil import decode_image
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def _header(data: bytes, name: str) -> tuple[int, int, bool]:
 
 
 def _pillow_decode(data: bytes, name: str, device) -> torch.Tensor:
-    """The CPU recipe's decode (Pillow + augment._to_rgb) -> (3, H, W) uint8 on `device`."""
+    """The CPU recipe's decode (Pillow + pixels_pil._to_rgb) -> (3, H, W) uint8 on `device`."""
     try:
         rgb = np.array(decode_image(data))
     except Exception as exc:

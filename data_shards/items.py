@@ -1,15 +1,20 @@
 """Work items: slices (shard, seed, start, stop) of a shard's seeded mixing order, replayed alone.
 
-Both stages replay their data as items: stage two (student.data) cuts them where its batches
-end, stage one (teacher_cache.build) uses the teacher's batches. A worker reads only the slice's
-samples (`ShardSet.read_samples`, one seek each) and returns the uint8 `ReplayItem`; the
-consumer finishes it on its device (`finish_item`).
-"""
+Both stages replay their data as items (stage one per teacher batch, stage two where its batches
+end): a worker reads only the slice's samples and returns the uint8 `ReplayItem`; the consumer
+finishes it on its device (`finish_item`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, replace
+from typing import Sequence
 
-from .augment import AugRecipe, ReplayItem, mixing_order, replay_slice, slice_positions
+import numpy as np
+import torch
+
+from .mixing import mix_params, mixing_order
+from .pixels_pil import augment_uint8
+from .recipe import AugRecipe
 from .shards import ShardSet
 
 
@@ -20,6 +25,85 @@ class WorkItem:
     aug_seed: int
     start: int
     stop: int
+
+
+@dataclass(frozen=True, eq=False)    # compared as its WorkItem: tensors give no single bool
+class ReplayItem(WorkItem):
+    """A work item's samples replayed up to the uint8 stage, with per-sample parameters of
+    everything after it (so `finish_item` needs no generator). When the recipe mixes, `images`
+    holds one more: order[stop % n], the last sample's partner."""
+    keys: list[str]
+    partner_keys: list[str]
+    positions: torch.Tensor        # (m,) int64 shard positions
+    labels: torch.Tensor           # (m,) int64
+    partner_labels: torch.Tensor   # (m,) int64
+    lam: torch.Tensor              # (m,) float64 label weight of the primary (box-corrected)
+    mix_weights: torch.Tensor      # (m, 2) float32 pixel weights (primary, partner); CutMix (1, 0)
+    cut_boxes: torch.Tensor        # (m, 4) int64 partner box (y_low, y_high, x_low, x_high); 0: none
+    erase: torch.Tensor            # (m or m+1, 5) int64 (top, left, h, w, bank offset); h=0: none
+    images: torch.Tensor           # (m or m+1, H, W, 3) uint8, after crop-resize, flip, RandAugment
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def pin_memory(self) -> "ReplayItem":
+        """For DataLoader(pin_memory=True): page-locked tensors copy to the GPU asynchronously
+        (from pageable memory the host waits for the GPU: a sync per step)."""
+        names = ("images", "positions", "labels", "partner_labels", "lam", "mix_weights")
+        return replace(self, **{name: getattr(self, name).pin_memory() for name in names})
+
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in vars(self).values() if isinstance(t, torch.Tensor))
+
+
+def replay_slice(samples: Sequence, aug_seed: int, recipe: AugRecipe, start: int, stop: int,
+                 keys: Sequence[str] | None = None, order: Sequence[int] | None = None
+                 ) -> ReplayItem:
+    """Replay samples order[start:stop] of one shard for `aug_seed` (uint8, not yet finished).
+
+    `samples`: ShardSample-likes, the whole shard or at least the positions `slice_positions`
+    names (a list, or a dict by position); then `keys`, all the shard's keys in position order,
+    are needed. Any cut of (0, n) into slices gives the same finished images."""
+    if keys is None:
+        keys = [s.key for s in sorted(samples, key=lambda s: s.position)]
+    n = len(keys)
+    if not 0 <= start < stop <= n:
+        raise ValueError(f"slice {start}:{stop} is not within a shard of {n} samples")
+    order = mixing_order(keys, aug_seed, recipe) if order is None else order
+    by_position = samples if isinstance(samples, dict) else {s.position: s for s in samples}
+    primaries = [by_position[order[k]] for k in range(start, stop)]
+    augmented = primaries + ([by_position[order[stop % n]]] if recipe.mixing else [])
+    size = recipe.input_size
+    images = np.empty((len(augmented), size, size, 3), dtype=np.uint8)
+    erase = [augment_uint8(sample.data, sample.key, aug_seed, recipe, out=images[i])[1]
+             for i, sample in enumerate(augmented)]
+    m = len(primaries)
+    partners = augmented[1:] if recipe.mixing else primaries
+    lam, weights, boxes = [], np.zeros((m, 2), dtype=np.float32), np.zeros((m, 4), dtype=np.int64)
+    for i, (primary, partner) in enumerate(zip(primaries, partners)):
+        params = mix_params(primary.key, partner.key, aug_seed, recipe)
+        lam.append(params.lam)
+        if params.use_cutmix:
+            weights[i] = (1.0, 0.0)
+            boxes[i] = params.box
+        else:
+            weights[i] = (params.lam, 1.0 - params.lam)    # rounded once to float32, on the host
+    as_int64 = functools.partial(torch.tensor, dtype=torch.int64)
+    return ReplayItem(
+        int(primaries[0].shard), int(aug_seed), start, stop, [s.key for s in primaries],
+        [s.key for s in partners], as_int64([s.position for s in primaries]),
+        as_int64([s.label for s in primaries]), as_int64([s.label for s in partners]),
+        torch.tensor(lam, dtype=torch.float64), torch.from_numpy(weights), torch.from_numpy(boxes),
+        as_int64(erase).view(-1, 5), torch.from_numpy(images))
+
+
+def slice_positions(keys: Sequence[str], aug_seed: int, recipe: AugRecipe, start: int, stop: int,
+                    order: Sequence[int] | None = None) -> list[int]:
+    """Shard positions a slice reads: order[start:stop], and order[stop % n] (the last one's
+    partner) when the recipe mixes."""
+    order = mixing_order(keys, aug_seed, recipe) if order is None else order
+    last = stop + 1 if recipe.mixing else stop
+    return sorted({order[k % len(keys)] for k in range(start, last)})
 
 
 def replay_item(shard_set: ShardSet, item: WorkItem, recipe: AugRecipe,
@@ -37,34 +121,16 @@ def replay_item(shard_set: ShardSet, item: WorkItem, recipe: AugRecipe,
 
 
 def order_part(n: int, part: int, parts: int) -> tuple[int, int]:
-    """Positions [start, stop) of part `part` of `parts` of a mixing order of n samples.
-
-    DeiT's repeated augmentation (student/schedule.py) trains epoch j of a seed group on part j
-    of every shard's mixing order; stage one records digests at the start of each part."""
+    """Positions [start, stop) of part `part` of `parts` of a mixing order of n samples: epoch j
+    of a seed group (student/schedule.py) trains on part j; stage one records digests there."""
     return part * n // parts, (part + 1) * n // parts
 
 
 def digest_positions(n: int, parts: int) -> list[int]:
     """Mixing-order positions of a (shard, seed) whose finished images stage one records as
     digests: the first `parts` positions of each of the `parts` parts (order_part); parts =
-    recipe.pairing_seeds.
-
-    Why these cover every unit a training run reads (the run, not each rank; DESIGN.md):
-      * R = 1 (`--repeated-aug 1`): a rank's units are replayed from position 0, the first digest
-        position (the unit's first item starts there; DDP deals whole units to ranks).
-      * R > 1 (R = pairing_seeds, checked by train-student): epoch j of a group reads part j of each
-        shard's order, a segment of the epoch's sequence; a step takes the next P = ceil(W*B/R)
-        images seed-major and truncates to W*B, which drops at most R-1 images at the step's end,
-        all of the group's last seed. So a unit's first read in an epoch is at its part's start, or
-        (the start dropped) at the next step's first image, at most R-1 positions later; a part
-        shorter than R is recorded whole. Steps cut by `steps = images // P` or
-        --max-steps-per-epoch only leave units unread. Each epoch is planned alone and a resume
-        starts at an epoch boundary.
-    Under DDP the rank that reads a unit's first piece checks it while assembling that step's batch;
-    other ranks may read later pieces of the unit, in that step at the earliest (a failed check
-    raises before the rank's forward, so that step's gradient all-reduce, and so the optimizer
-    step, never completes).
-    """
+    recipe.pairing_seeds. Why these cover every unit a run reads, under any R, world size and
+    resume point: DESIGN.md, "Replay digests"."""
     positions: list[int] = []
     for part in range(parts):
         start, stop = order_part(n, part, parts)

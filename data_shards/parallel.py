@@ -19,12 +19,9 @@ def default_workers() -> int:
 
 def ordered_chunk_map(fn: Callable[[list], list], items: Iterable, workers: int, ref: Callable = lambda x: x,
                       chunk: int = 16, window_per_worker: int = 4, **kwargs) -> Iterator[tuple]:
-    """Yield (item, result) in the order of `items`; fn maps a list of ref(item) to a list of results.
-
-    `items` may be a lazy iterator. At most `workers * window_per_worker` chunks are in flight,
-    so memory stays bounded whatever the data-set size (Pool.imap would queue every result the
-    consumer has not taken yet). workers <= 1 runs in this process.
-    """
+    """Yield (item, result) in the order of `items` (lazy or not); fn maps a list of ref(item) to
+    a list of results. At most `workers * window_per_worker` chunks are in flight, so memory is
+    bounded (Pool.imap queues every result not yet taken). workers <= 1 runs in this process."""
     fn = partial(fn, **kwargs) if kwargs else fn
     items = iter(items)
     chunks = iter(lambda: list(islice(items, chunk)), [])

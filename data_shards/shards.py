@@ -106,11 +106,8 @@ class ShardSet:
         return self.read_samples(shard, None)
 
     def read_samples(self, shard: int, positions: Iterable[int] | None) -> list[ShardSample]:
-        """The samples at `positions` (None: all) of one shard, in the order asked: one seek each.
-
-        Every sample's bytes are checked against the manifest's sha256, so a truncated,
-        edited or replaced shard is refused rather than silently replayed.
-        """
+        """The samples at `positions` (None: all) of one shard, in the order asked: one seek each,
+        each checked against the manifest's sha256 (a changed shard is refused, not replayed)."""
         rows = self._shard_rows(shard)
         offsets = self._offsets(shard, rows)
         path = self.shard_path(shard)
@@ -158,7 +155,7 @@ class ShardSet:
 
     def _first_difference(self, shard: int, rows: dict[str, list]) -> str:
         """For an error message: the first image member of a make-shards tar that is not the
-        manifest's (found by scanning the tar's headers, only once a read has failed)."""
+        manifest's (scanned from the tar's headers once a read has failed)."""
         if self.metadata.get("external_shards"):
             return ""
         try:
@@ -172,8 +169,8 @@ class ShardSet:
         return ""
 
     def _offsets(self, shard: int, rows: dict[str, list]) -> list[int]:
-        """Data offset of each sample's image; scanned once from the tar headers for shard sets
-        written before the manifest had an `offset` column."""
+        """Data offset of each sample's image (scanned once from the headers of shard sets written
+        before the manifest had an `offset` column)."""
         if "offset" in rows:
             return rows["offset"]
         if shard not in self._scanned_offsets:

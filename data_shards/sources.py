@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .io import text_seed
+from .hashing import text_seed
 
 # PIL format name -> the extension written into the shard (webdataset decodes by extension).
 FORMAT_EXTENSION = {"JPEG": "jpg", "PNG": "png", "BMP": "bmp", "GIF": "gif", "TIFF": "tiff",
@@ -82,18 +82,14 @@ _OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 def _without_addresses(text: str) -> str:
-    """`text` without object reprs such as <_io.BytesIO object at 0x7f..>: skip reasons go into
-    metadata.json, which must be the same bytes whatever process wrote it."""
+    """`text` without object reprs (<.. at 0x..>): metadata.json must not vary by process."""
     return _OBJECT_REPR.sub("the image bytes", text)
 
 
 def make_key(relative_path: str) -> str:
-    """A stable, dot-free key from a path relative to the source root.
-
-    webdataset splits member names at the first dot, so dots (and anything that is not
-    a safe filename character) become '_'; a short hash of the original path keeps keys
-    unique when two paths sanitise to the same string.
-    """
+    """A stable key from a path relative to the source root: webdataset splits member names at
+    the first dot, so dots and unsafe characters become '_'; a short hash of the path keeps
+    keys unique when two paths sanitise to the same string."""
     stem = relative_path.rsplit(".", 1)[0] if "." in Path(relative_path).name else relative_path
     safe = re.sub(r"[^A-Za-z0-9_-]", "_", stem)
     digest = hashlib.sha1(relative_path.encode("utf-8")).hexdigest()[:8]
@@ -117,11 +113,8 @@ def folder_classes(root: Path) -> list[str]:
 
 
 def folder_candidates(root: str, classes: list[str]) -> list[Candidate]:
-    """Every file under each class folder, in sorted path order; nothing is read.
-
-    Plain strings only (no Path per file): this list is the one thing make-shards holds
-    per image, so its size sets how memory grows with the data set.
-    """
+    """Every file under each class folder, in sorted path order; nothing is read. Plain strings
+    (no Path per file): this list is what make-shards holds per image, so it sets the memory."""
     out = []
     for label, name in enumerate(classes):
         for dirpath, dirnames, filenames in os.walk(os.path.join(root, name)):

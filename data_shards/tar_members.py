@@ -19,12 +19,9 @@ def _padded(nbytes: int) -> int:
 
 
 class SampleTarWriter:
-    """One tar of webdataset samples, written exactly as `webdataset.TarWriter` writes them.
-
-    Same member order (sorted extensions), headers and padding, so the bytes equal the
-    ShardWriter output; it exists because TarWriter does not expose where a member's data
-    starts. mtime 0 and a fixed owner make the bytes a function of the content alone.
-    """
+    """One tar of webdataset samples, the bytes `webdataset.TarWriter` writes (member order,
+    headers, padding), which does not tell where a member's data starts. mtime 0 and a fixed
+    owner make the bytes a function of the content alone."""
 
     def __init__(self, path: str | os.PathLike):
         self._file = open(path, "wb")
@@ -48,10 +45,8 @@ class SampleTarWriter:
 
 
 def iter_members(path: str | os.PathLike) -> Iterator[tuple[str, int, int]]:
-    """(name, data offset, size) of each regular file in a tar, in tar order, from headers only.
-
-    tarfile seeks over member data in "r:" mode, so this reads about 1 KB per member.
-    """
+    """(name, data offset, size) of each regular file in a tar, in order, from headers only
+    (tarfile seeks over member data in "r:" mode: about 1 KB read per member)."""
     with tarfile.open(Path(path), mode="r:") as tar:
         for info in tar:
             if info.isfile():

@@ -21,7 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from .io import crash_point, out_folder, temp_path, text_sha256
+from .faults import crash_point
+from .files import out_folder, temp_path
+from .hashing import text_sha256
 from .parallel import default_workers, ordered_chunk_map
 from .shards import (FORMAT_VERSION, MANIFEST_FILE, MANIFEST_SCHEMA, METADATA_FILE, SHARD_PATTERN,
                      hash_manifest_rows)
@@ -76,13 +78,10 @@ def make_shards(source: str, out: str | os.PathLike, split: str = "train", shard
                 val_fraction: float | None = None, overwrite: bool = False,
                 allow_empty_classes: bool = False, progress: bool = True, workers: int | None = None,
                 classes_file: str | os.PathLike | None = None) -> dict:
-    """Write `source` (ImageFolder path, "digits", or WebDataset tars) as a shard set in `out`.
-
-    Tars (a folder of *.tar, one .tar, or a brace pattern like `train-{000000..001281}.tar`) are
-    indexed in place: no copy, each tar is one shard. Returns the metadata dict (also written to
-    out/metadata.json). The folder is built aside and renamed into place, so a failure never
-    leaves a half-written shard set.
-    """
+    """Write `source` (ImageFolder path, "digits", or WebDataset tars: a folder of *.tar, one .tar,
+    or a brace pattern like `train-{000000..001281}.tar`, indexed in place, one shard per tar) as
+    a shard set in `out`; returns its metadata. Built aside and renamed into place: a failure
+    never leaves a half-written shard set."""
     if val_fraction is None:
         val_fraction = 0.2 if source == "digits" else 0.0
     workers = default_workers() if workers is None else workers

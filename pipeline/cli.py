@@ -10,7 +10,7 @@ import json
 import click
 
 from data_shards import SourceError, make_shards
-from data_shards.io import DeviceError
+from data_shards.devices import DeviceError
 from data_shards.shards import ShardsError
 from student.errors import StudentError
 from teacher_cache.errors import CacheError

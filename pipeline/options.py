@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from data_shards import AugRecipe
-from data_shards.io import DEVICE_FORM, DeviceError, check_device_name
+from data_shards.devices import DEVICE_FORM, DeviceError, check_device_name
 
 
 class FiniteFloatRange(click.FloatRange):

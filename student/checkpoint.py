@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from data_shards.io import atomic_path, load_weights_only, owner_gone
+from data_shards.files import atomic_path, load_weights_only, owner_gone
 
 from .errors import StudentError
 

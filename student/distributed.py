@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from data_shards.io import resolve_device  # one device rule for both stages
+from data_shards.devices import resolve_device  # one device rule for both stages
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from timm.models import clean_state_dict
 from timm.utils import accuracy
 
 from data_shards import AugRecipe, ShardSet, finish_item
-from data_shards.io import autocast, resolve_device
+from data_shards.devices import autocast, resolve_device
 
 from .checkpoint import load_checkpoint
 from .data import eval_batches, iter_items, unit_items

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from data_shards.io import text_seed
+from data_shards.hashing import text_seed
 from data_shards.items import WorkItem, order_part
 
 from .errors import StudentError

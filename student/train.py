@@ -32,7 +32,9 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from data_shards import AugRecipe, ShardSet
-from data_shards.io import autocast, text_seed, write_text_atomic
+from data_shards.devices import autocast
+from data_shards.files import write_text_atomic
+from data_shards.hashing import text_seed
 from data_shards.faults import crash_point
 
 from . import distributed as D

@@ -35,7 +35,9 @@ from tqdm import tqdm
 
 from data_shards import (AugRecipe, ReplayItem, ShardSet, WorkItem, finish_item, replay_item, tensor_digest,
                          unit_items)
-from data_shards.io import atomic_path, crash_point, device_kind, out_folder, resolve_device
+from data_shards.devices import device_kind, resolve_device
+from data_shards.faults import crash_point
+from data_shards.files import atomic_path, out_folder
 from data_shards.items import digest_positions
 
 from .errors import CacheError

@@ -23,7 +23,7 @@ import zarr
 from zarr.storage import LocalStore
 
 from data_shards import AugRecipe
-from data_shards.io import file_sha256
+from data_shards.hashing import file_sha256
 
 from .errors import CacheError
 from .layout import (INDEX_FILE, LOGITS, TAIL_LOGSUMEXP, TOPK_INDICES, TOPK_LOGPROBS, UNITS_DIR, Unit, all_units,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_shards.augment import mix_params, mixing_partners
+from data_shards.mixing import mix_params, mixing_partners
 
 from .cache import TeacherCache
 from .errors import CacheError
@@ -67,7 +67,6 @@ def _label_stats(cache: TeacherCache, pairs: list[tuple[int, int]], damage: dict
     shard_col = np.asarray(index.column("shard").to_numpy())
     starts = np.searchsorted(shard_col, np.arange(cache.num_shards + 1))
     recipe = cache.recipe
-    fingerprint = recipe.fingerprint()
     per_seed: dict[int, dict[str, float]] = {}
     for shard, seed in pairs:
         keys = keys_all[starts[shard]:starts[shard + 1]]
@@ -79,8 +78,8 @@ def _label_stats(cache: TeacherCache, pairs: list[tuple[int, int]], damage: dict
             continue
         pred = targets.label.numpy()
         n = len(keys)
-        partner = np.asarray(mixing_partners(keys, seed, recipe, fingerprint), dtype=np.int64)
-        lam = np.array([mix_params(keys[i], keys[partner[i]], seed, recipe, fingerprint).lam for i in range(n)])
+        partner = np.asarray(mixing_partners(keys, seed, recipe), dtype=np.int64)
+        lam = np.array([mix_params(keys[i], keys[partner[i]], seed, recipe).lam for i in range(n)])
         partner_labels = labels[partner]
         dominant = np.where(lam >= 0.5, labels, partner_labels)
         unmixed = lam == 1.0

@@ -26,7 +26,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_shards.io import fsync_file, pid_alive, temp_path
+from data_shards.files import fsync_file, pid_alive, temp_path
 
 from .layout import UNITS_DIR, Unit, unit_json_path
 

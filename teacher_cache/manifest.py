@@ -26,11 +26,11 @@ import numcodecs
 import pyarrow
 import zarr
 
-from data_shards.io import write_text_atomic
+from data_shards.files import write_text_atomic
 
-from data_shards.augment import (LATER_FIELD_DEFAULTS, REPLAY_ALGORITHM_CHANGES,
-                                  REPLAY_ALGORITHM_VERSION, RESIZE_KERNEL_KEY, AugRecipe,
-                                  fingerprint_of, pixel_library_versions)
+from data_shards.recipe import (LATER_FIELD_DEFAULTS, REPLAY_ALGORITHM_CHANGES,
+                                REPLAY_ALGORITHM_VERSION, RESIZE_KERNEL_KEY, AugRecipe,
+                                fingerprint_of, pixel_library_versions)
 
 from .errors import CacheError
 from .layout import MANIFEST_FILE, SeedGeneration, all_units

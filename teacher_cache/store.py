@@ -21,7 +21,9 @@ import numpy as np
 import zarr
 from zarr.storage import LocalStore
 
-from data_shards.io import crash_point, file_sha256, fsync_file, owned_name, owner_gone
+from data_shards.faults import crash_point
+from data_shards.files import fsync_file, owned_name, owner_gone
+from data_shards.hashing import file_sha256
 
 from .errors import CacheError
 from .layout import (ARRAYS_DIR, LOGITS, TAIL_LOGSUMEXP, TMP_DIR, UNITS_DIR, Unit, array_path, compressors,

@@ -20,8 +20,9 @@ import timm
 import torch
 from timm.models import clean_state_dict
 
-from data_shards import io
-from data_shards.io import file_sha256
+from data_shards.devices import autocast
+from data_shards.files import load_weights_only
+from data_shards.hashing import file_sha256
 
 from .errors import CacheError
 from .targets import TeacherTargets, encode_teacher_logits
@@ -62,7 +63,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
         raise TeacherError(f"checkpoint {path} not found")
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
-    obj = io.load_weights_only(path, TeacherError, "save the weights as a state dict of tensors "
+    obj = load_weights_only(path, TeacherError, "save the weights as a state dict of tensors "
                                "(or {'model': state_dict}) or as .safetensors")
     if not isinstance(obj, dict):
         raise TeacherError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
@@ -167,7 +168,7 @@ def teacher_logits(model: torch.nn.Module, images: torch.Tensor, precision: str 
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     check_precision(precision, device)
-    with io.autocast(device, precision):       # fp32: none; bf16 on CUDA or CPU; fp16 on CUDA only
+    with autocast(device, precision):       # fp32: none; bf16 on CUDA or CPU; fp16 on CUDA only
         logits = model(images)
     if not torch.isfinite(logits).all():
         raise TeacherError("the teacher produced NaN/inf logits; check the checkpoint or use --precision fp32")

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from data_shards import ShardSet, WorkItem, replay_item, unit_items
-from data_shards.io import device_kind, recorded_device_kind, resolve_device, same_device_kind
+from data_shards.devices import device_kind, recorded_device_kind, resolve_device, same_device_kind
 from data_shards.items import digest_positions
 
 from .build import finish_batch

@@ -5,13 +5,19 @@ slices and unpack the items per sample, so tests can compare samples across cuts
 """
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
+from PIL import Image
 
 from data_shards import AugRecipe, finish_item, replay_slice
-from data_shards.augment import augment_uint8, finish_images, mixing_order
+from data_shards.finishing import finish_images
+from data_shards.mixing import mixing_order
+from data_shards.parameters import resized_crop_params
+from data_shards.pixels_pil import augment_uint8, decode_crop
 
 
 @dataclass
@@ -48,3 +54,11 @@ def augment_seeds(data: bytes, key: str, aug_seeds: Iterable[int], recipe: AugRe
         pixels, erase = augment_uint8(data, key, seed, recipe)
         out.append(finish_images(torch.from_numpy(pixels.copy())[None], torch.tensor([erase]), recipe)[0])
     return out
+
+
+def decode_drawn_crop(data: bytes, rng: np.random.Generator, recipe: AugRecipe):
+    """`decode_crop` of a crop drawn from `rng` as the recipe draws it (the same generator state:
+    the same crop box, whatever the recipe's other fields) -> (pixels, box)."""
+    img = Image.open(io.BytesIO(data))
+    crop = resized_crop_params(rng, img.height, img.width, recipe.scale, recipe.ratio)
+    return decode_crop(img, data, crop, recipe)

@@ -1,6 +1,7 @@
 """Stage one computes exactly the teacher's outputs on the replayed images, laid out as designed."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -144,7 +145,7 @@ def test_check_compatible_names_what_differs(reference_cache, small_shards, othe
     with pytest.raises(CacheError, match="shards content hash"):
         cache.check_compatible(ShardSet.open(other_shards), RECIPE)
     with pytest.raises(CacheError, match=r"recipe fingerprint(.|\n)*recipe reprob: cache 0.25, this run 0.0"):
-        cache.check_compatible(ShardSet.open(small_shards), RECIPE.with_overrides(reprob=0.0))
+        cache.check_compatible(ShardSet.open(small_shards), dataclasses.replace(RECIPE, reprob=0.0))
     assert cache.recipe == RECIPE and cache.num_seeds == SEEDS and cache.topk == 10 and cache.num_classes == 10
 
 

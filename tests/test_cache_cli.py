@@ -1,6 +1,7 @@
 """The stage-one commands: inspect-cache, verify-cache, refusals and bad input as one clear line."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -209,7 +210,7 @@ def test_verify_cache_refuses_other_weights(reference_cache, small_shards, tmp_p
     (dict(seeds=2), r"holds 3 seeds \(0\.\.2\); --seeds 2 would shrink it"),        # a larger --seeds grows it
     (dict(batch_size=8), r"--batch-size \(batch composition changes GPU results\): cache has 16, this run has 8"),
     (dict(channels_last=True), r"--channels-last: cache has False, this run has True"),
-    (dict(recipe=RECIPE.with_overrides(hflip=0.0)), r"recipe hflip: cache 0.5, this run 0.0"),
+    (dict(recipe=dataclasses.replace(RECIPE, hflip=0.0)), r"recipe hflip: cache 0.5, this run 0.0"),
     (dict(store_logits="full"), r"--store-logits: cache has 'topk', this run has 'full'"),
     (dict(teacher_checkpoint="OTHER"), r"teacher weights \(sha256 of the state dict\): cache has"),
     (dict(shards="OTHER"), r"shards content hash: cache has"),
@@ -241,7 +242,7 @@ def test_a_rerun_differing_in_several_settings_names_each_before_loading_the_tea
     monkeypatch.setattr(build, "load_teacher", no_teacher)
     kwargs = cache_kwargs(teacher_checkpoint=teacher_checkpoint, topk=5, batch_size=8,
                           channels_last=True, store_logits="full",
-                          recipe=RECIPE.with_overrides(hflip=0.0))
+                          recipe=dataclasses.replace(RECIPE, hflip=0.0))
     before = sorted(p.name for p in (cache_copy / "units").iterdir())
     with pytest.raises(CacheError) as refused:
         cache_teacher(CacheOptions(small_shards, cache_copy, **kwargs))

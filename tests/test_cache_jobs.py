@@ -199,7 +199,7 @@ def test_unit_locks_exclusive_stale_and_lost(tmp_path):
 
 
 def test_leftovers_of_dead_jobs_are_cleaned_and_live_ones_kept(tmp_path):
-    from data_shards.io import owned_name
+    from data_shards.files import owned_name
     from teacher_cache.store import clean_leftovers
     root = tmp_path
     (root / "tmp").mkdir()

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import save_file
 
 from cache_fixtures import TEACHER_ARCH, make_teacher
-from data_shards.io import DeviceError, resolve_device
+from data_shards.devices import DeviceError, resolve_device
 from teacher_cache import TeacherError, load_teacher, teacher_forward, weights_sha256
 from teacher_cache.targets import encode_teacher_logits
 

@@ -110,7 +110,7 @@ def with_recorded_device(cache, **fields):
 def test_near_ties_fail_on_the_same_kind_of_device_and_are_expected_on_another(
         tmp_path, reference_cache, small_shards, flipped_top_two):
     from cli_runner import CLI, run_cli
-    from data_shards.io import device_kind
+    from data_shards.devices import device_kind
 
     cache = tmp_path / "cache"
     shutil.copytree(reference_cache, cache)

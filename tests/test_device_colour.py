@@ -4,7 +4,7 @@ Images: scikit-learn's digits upscaled to 32 px (as the recipe's crop-resize doe
 photos resized to 224x224 and 57x43 and cropped at native pixels to 101x77, an image holding all
 256 values in every channel (every LUT entry is used) and uniform noise (extreme differences for
 the float32 blend and filter). Arguments: every value the recipe reaches for bits, thresholds and
-added values; enhance factors on a grid over 0.1..1.9 and drawn as augment.py draws them.
+added values; enhance factors on a grid over 0.1..1.9 and drawn as parameters.py draws them.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from timm.data.auto_augment import NAME_TO_OP
 
 from _student_helpers import one_thread  # noqa: F401  (autouse: one torch thread, see there)
 from conftest import sample_photo_paths
-from data_shards.augment import parse_rand_augment
+from data_shards.recipe import parse_rand_augment
 from data_shards import device_colour
 from data_shards.device_colour import COLOUR_OPS, _blend, _luma, _smooth
 
@@ -33,7 +33,7 @@ LUT_OP_ARGS = {"PosterizeIncreasing": range(-1, 9), "SolarizeIncreasing": range(
 
 
 def enhance_factors(count: int = 40) -> list[float]:
-    """A grid over 0.1..1.9 plus factors drawn as augment.py does for rand-m9-mstd0.5-inc1."""
+    """A grid over 0.1..1.9 plus factors drawn as parameters.py does for rand-m9-mstd0.5-inc1."""
     rng = np.random.default_rng(19)
     magnitudes = np.clip(9 + 0.5 * rng.standard_normal(count), 0, 10)
     signs = np.where(rng.random(count) > 0.5, -1.0, 1.0)
@@ -51,7 +51,7 @@ def to_pil(image: torch.Tensor) -> Image.Image:
 
 
 def timm_op(name: str, image: Image.Image, args: tuple) -> Image.Image:
-    if name.startswith("Posterize") and args[0] <= 0:   # as data_shards/augment.py
+    if name.startswith("Posterize") and args[0] <= 0:   # as data_shards/pixels_pil.py
         return Image.new(image.mode, image.size)
     return NAME_TO_OP[name](image, *args, fillcolor=FILL, resample=BICUBIC)
 

@@ -11,14 +11,15 @@ from conftest import sample_photo_paths
 from PIL import Image
 from timm.data.auto_augment import NAME_TO_OP
 
-from data_shards.augment import (_SIGNED_LEVEL, AugRecipe, _rand_augment_hparams, _rrc_params,
-                                 decode_image)
+from data_shards.parameters import SIGNED_LEVEL, rand_augment_hparams, resized_crop_params
+from data_shards.pixels_pil import decode_image
+from data_shards.recipe import AugRecipe
 from data_shards.device_geometry import (GEOMETRY_OPS, affine_matrices, affine_transform,
                                          decode_chunks, decode_images, decode_resized_crops,
                                          hflip, resized_crop, vertical_first)
 
 PIL_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
-FILL = _rand_augment_hparams(AugRecipe())["img_mean"]
+FILL = rand_augment_hparams(AugRecipe())["img_mean"]
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +104,7 @@ def test_bad_images_raise_naming_the_sample(photos):
 # ----------------------------------------------------------------------------- crop + resize
 
 def rrc_batch(photos, digit, count: int, seed: int):
-    """(images, boxes) with boxes drawn as torchvision's RandomResizedCrop (augment._rrc_params) on
+    """(images, boxes) with boxes drawn as torchvision's RandomResizedCrop (resized_crop_params) on
     photos of several sizes: full (640x427), portrait, downsized, upsized, small, an 8x8 digit."""
     china, flower = photos
     sources = [china, flower, flower.transpose(Image.Transpose.ROTATE_90),
@@ -112,7 +113,7 @@ def rrc_batch(photos, digit, count: int, seed: int):
     images, boxes = [], []
     for k in range(count):
         img = sources[k % len(sources)]
-        boxes.append(_rrc_params(rng, img.height, img.width, (0.08, 1.0), (3 / 4, 4 / 3)))
+        boxes.append(resized_crop_params(rng, img.height, img.width, (0.08, 1.0), (3 / 4, 4 / 3)))
         images.append(chw(img))
     return images, torch.tensor(boxes)
 
@@ -187,14 +188,14 @@ def test_hflip_flips_only_flagged_samples(photos):
 # ----------------------------------------------------------------------------- affine ops
 
 def drawn_args(name: str, count: int, rng: np.random.Generator) -> torch.Tensor:
-    """Arguments as augment._rand_augment draws them for rand-m9-mstd0.5: magnitude N(9, 0.5)
+    """Arguments as parameters.rand_augment_ops draws them for rand-m9-mstd0.5: magnitude N(9, 0.5)
     clipped to [0, 10], random sign, timm's level maths; plus the extremes and zero."""
-    hparams = _rand_augment_hparams(AugRecipe())
+    hparams = rand_augment_hparams(AugRecipe())
     magnitudes = np.clip(9 + 0.5 * rng.standard_normal(count), 0, 10)
     signs = np.where(rng.random(count) > 0.5, -1.0, 1.0)
     if count >= 3:
         magnitudes[:3], signs[1:3] = (0.0, 10.0, 10.0), (1.0, -1.0)
-    args = [[s * _SIGNED_LEVEL[name](m / 10, hparams)] for m, s in zip(magnitudes, signs)]
+    args = [[s * SIGNED_LEVEL[name](m / 10, hparams)] for m, s in zip(magnitudes, signs)]
     return torch.tensor(args, dtype=torch.float64)
 
 

@@ -16,7 +16,8 @@ from timm.data.constants import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD,
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from data_shards import AugRecipe, ShardSet, finish_item, replay_slice
-from data_shards.augment import NOISE_BANK_SIZE, finish_images
+from data_shards.finishing import finish_images
+from data_shards.recipe import NOISE_BANK_SIZE
 
 MIXING = AugRecipe(input_size=32, reprob=0.5)     # DeiT's Mixup and CutMix, erasing at p 0.5
 OTHER_CONSTANTS = ((0.1, 0.2, 0.3), (0.7, 0.11, 0.123))

@@ -128,7 +128,7 @@ def test_other_recipe_teacher_or_class_count_refused(tmp_path, reference_cache, 
 
 def as_replay_algorithm_2(cache: Path) -> dict:
     """Make `cache`'s manifest what algorithm 2 wrote: no replay_algorithm, that fingerprint."""
-    from data_shards.augment import fingerprint_of, pixel_library_versions
+    from data_shards.recipe import fingerprint_of, pixel_library_versions
 
     manifest = json.loads((cache / "manifest.json").read_text())
     libraries = {k: manifest["library_versions"][k] for k in pixel_library_versions(RECIPE)}

@@ -17,8 +17,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from conftest import sample_photo_paths
 from data_shards import (AugRecipe, ShardSet, decode_image, finish_item, mixed_targets, replay_slice, slice_positions,
                          tensor_digest)
-from data_shards.augment import mix_params
-from replay_helpers import augment_seeds, replay_shard
+from data_shards.mixing import mix_params
+from replay_helpers import augment_seeds, decode_drawn_crop, replay_shard
 
 RECIPE_32 = AugRecipe(input_size=32)
 RECIPE_32_FAST = AugRecipe(input_size=32, resize_backend="torch", rand_augment_interpolation="bilinear")
@@ -285,7 +285,7 @@ def test_seeds_of_a_pairing_group_share_partners_not_pixels(digits_shards):
 def test_draft_decoding_stays_close_to_full_decoding():
     from PIL import Image
 
-    from data_shards.augment import _open_and_crop_box, make_rng
+    from data_shards.parameters import make_rng
 
     photo = sample_photo_paths()[1].read_bytes()       # 640x427 JPEG
     draft = AugRecipe(input_size=64)
@@ -294,7 +294,7 @@ def test_draft_decoding_stays_close_to_full_decoding():
     for seed in range(6):
         crops = []
         for recipe in (draft, full):   # the same generator for both: the same crop box
-            img, box = _open_and_crop_box(photo, make_rng("test", seed), recipe)
+            img, box = decode_drawn_crop(photo, make_rng("test", seed), recipe)
             img = Image.fromarray(img) if isinstance(img, np.ndarray) else img    # full size: torchvision's decode
             sizes.add(img.size)
             crops.append(np.asarray(img.resize((64, 64), Image.Resampling.BICUBIC, box=box), dtype=np.float32))

@@ -14,9 +14,11 @@ from PIL import Image
 
 from conftest import sample_photo_paths
 from data_shards import AugRecipe, ShardSet, replay_slice
-from data_shards import augment
-from data_shards.augment import (REPLAY_ALGORITHM_VERSION, augment_uint8, make_rng,
-                                  pixel_library_versions, recipe_fingerprint)
+from data_shards import pixels_pil
+from data_shards.parameters import make_rng, rand_augment_ops
+from data_shards.pixels_pil import apply_rand_augment, augment_uint8, crop_resize
+from data_shards.recipe import REPLAY_ALGORITHM_VERSION, pixel_library_versions, torch_resize_kernel_class
+from replay_helpers import decode_drawn_crop
 
 FAST = AugRecipe(resize_backend="torch", rand_augment_interpolation="bilinear")
 PLAIN = AugRecipe(rand_augment=None, reprob=0.0, hflip=0.0)     # crop-resize only
@@ -39,16 +41,16 @@ def reencoded_photos() -> list[bytes]:
 
 @pytest.fixture
 def pillow_decoding_only(monkeypatch):
-    monkeypatch.setattr(augment, "_decode_colour_jpeg", lambda data: None)
+    monkeypatch.setattr(pixels_pil, "_decode_colour_jpeg", lambda data: None)
 
 
 def test_torchvision_decoding_gives_pillows_bytes():
     for data in reencoded_photos():
-        pixels = augment._decode_colour_jpeg(data)
+        pixels = pixels_pil._decode_colour_jpeg(data)
         assert pixels is not None and pixels.flags.c_contiguous
         np.testing.assert_array_equal(pixels, np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
     truncated = reencoded_photos()[0][:5000]
-    assert augment._decode_colour_jpeg(truncated) is None       # Pillow then raises, as before
+    assert pixels_pil._decode_colour_jpeg(truncated) is None       # Pillow then raises, as before
 
 
 def _replay_photos(recipe: AugRecipe) -> list[bytes]:
@@ -58,12 +60,12 @@ def _replay_photos(recipe: AugRecipe) -> list[bytes]:
 
 def test_default_recipe_replays_photos_as_with_pillow_decoding(monkeypatch):
     used = []
-    real = augment._decode_colour_jpeg
-    monkeypatch.setattr(augment, "_decode_colour_jpeg", lambda data: used.append(1) or real(data))
+    real = pixels_pil._decode_colour_jpeg
+    monkeypatch.setattr(pixels_pil, "_decode_colour_jpeg", lambda data: used.append(1) or real(data))
     recipe = AugRecipe(input_size=128)          # 128 from ~300-640 px photos: draft decoding for some crops
     fast_decoded = _replay_photos(recipe)
     assert 0 < len(used) < len(fast_decoded)    # both paths were taken
-    monkeypatch.setattr(augment, "_decode_colour_jpeg", lambda data: None)
+    monkeypatch.setattr(pixels_pil, "_decode_colour_jpeg", lambda data: None)
     assert _replay_photos(recipe) == fast_decoded
 
 
@@ -71,7 +73,7 @@ def test_digits_shards_replay_the_same_with_pillow_decoding(digits_shards, monke
     samples = ShardSet.open(digits_shards["train"]).read_shard(0)[:40]
     recipe = AugRecipe(input_size=32)
     new = replay_slice(samples, 3, recipe, 0, 40).images
-    monkeypatch.setattr(augment, "_decode_colour_jpeg", lambda data: None)
+    monkeypatch.setattr(pixels_pil, "_decode_colour_jpeg", lambda data: None)
     assert torch.equal(replay_slice(samples, 3, recipe, 0, 40).images, new)
 
 
@@ -80,7 +82,7 @@ def test_grey_and_cmyk_jpegs_stay_with_pillow():
     for mode in ("L", "CMYK"):
         buf = io.BytesIO()
         photo.convert(mode).save(buf, "JPEG")
-        pixels, _ = augment._open_and_crop_box(buf.getvalue(), make_rng("t", 0), AugRecipe(decode_draft=False))
+        pixels, _ = decode_drawn_crop(buf.getvalue(), make_rng("t", 0), AugRecipe(decode_draft=False))
         assert isinstance(pixels, Image.Image) and pixels.mode == "RGB"
 
 
@@ -101,9 +103,13 @@ def test_old_recipe_dicts_keep_their_fingerprint():
 def test_backends_and_cpu_kernel_classes_have_their_own_fingerprints(monkeypatch):
     torch_resize = AugRecipe(resize_backend="torch")
     prints = {}
-    for capability in ("AVX2", "AVX512", "DEFAULT"):
-        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
-        prints[capability] = (recipe_fingerprint(AugRecipe()), recipe_fingerprint(torch_resize))
+    try:
+        for capability in ("AVX2", "AVX512", "DEFAULT"):
+            monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+            AugRecipe.fingerprint.cache_clear()
+            prints[capability] = (AugRecipe().fingerprint(), torch_resize.fingerprint())
+    finally:
+        AugRecipe.fingerprint.cache_clear()     # no fingerprint of a pretended class stays cached
     assert len({pil for pil, _ in prints.values()}) == 1            # Pillow's bytes do not depend on it
     assert prints["AVX2"][1] == prints["AVX512"][1] != prints["DEFAULT"][1]
     assert prints["AVX2"][0] != prints["AVX2"][1]
@@ -151,8 +157,8 @@ def test_torch_resize_stays_close_to_pillows(size, draft, bound):
         for seed in range(4):
             # The same generator for both: the same crop box (the fingerprints differ).
             rng_a, rng_b = make_rng("same", i, seed), make_rng("same", i, seed)
-            a = augment._crop_resize(*augment._open_and_crop_box(path.read_bytes(), rng_a, pil), pil)
-            b = augment._crop_resize(*augment._open_and_crop_box(path.read_bytes(), rng_b, fast), fast)
+            a = crop_resize(*decode_drawn_crop(path.read_bytes(), rng_a, pil), pil)
+            b = crop_resize(*decode_drawn_crop(path.read_bytes(), rng_b, fast), fast)
             diffs.append(np.abs(np.asarray(a, dtype=np.float32) - np.asarray(b, dtype=np.float32)).mean())
     # Another cubic (a=-0.75 vs Pillow's -0.5) and, with draft decoding, a box rounded to whole
     # reduced pixels (up to 4 full pixels at 1/8): a few grey levels apart on average, where a
@@ -166,8 +172,8 @@ def test_rand_augment_interpolation_changes_only_the_affine_ops():
     bicubic = dataclasses.replace(bilinear, rand_augment_interpolation=None)
     differ = 0
     for seed in range(24):
-        a = augment._rand_augment(img, make_rng("ra", seed), bicubic)
-        b = augment._rand_augment(img, make_rng("ra", seed), bilinear)
+        a = apply_rand_augment(img, rand_augment_ops(make_rng("ra", seed), bicubic), bicubic)
+        b = apply_rand_augment(img, rand_augment_ops(make_rng("ra", seed), bilinear), bilinear)
         differ += not np.array_equal(np.asarray(a), np.asarray(b))
     assert 0 < differ < 24       # two of 15 ops per image: some draws hit an affine op, some none
 
@@ -186,9 +192,9 @@ def test_a_fast_recipe_cache_verifies_and_is_refused_on_another_kernel_class(tmp
     report = verify_cache(out, small_shards, samples=24, device="cpu")
     assert report["digests_checked"] > 0 and report["digest_mismatches"] == []
     cache, shard_set = TeacherCache.open(out), ShardSet.open(small_shards)
-    assert cache.manifest["library_versions"]["torch_cpu_kernel"] == augment.torch_resize_kernel_class()
+    assert cache.manifest["library_versions"]["torch_cpu_kernel"] == torch_resize_kernel_class()
     cache.check_compatible(shard_set, recipe)
-    other = "DEFAULT" if augment.torch_resize_kernel_class() != "default" else "AVX2"
+    other = "DEFAULT" if torch_resize_kernel_class() != "default" else "AVX2"
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: other)
     AugRecipe.fingerprint.cache_clear()
     try:

@@ -1,6 +1,7 @@
 """Stage two end to end on digits: cached = online, resume, refusals, NaN stop, DDP, evaluate."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -184,7 +185,7 @@ def test_repeated_aug_checks_the_digests_of_every_unit_read_also_after_a_resume_
 def test_a_cache_of_other_shards_or_another_recipe_is_refused(setup, tmp_path):
     with pytest.raises(CacheError, match="shards content hash"):
         train(tiny_config(setup["val"], tmp_path / "a", cache=str(setup["cache"]), recipe=None, distillation_type="hard"))
-    other = RECIPE.with_overrides(hflip=0.0).to_dict()
+    other = dataclasses.replace(RECIPE, hflip=0.0).to_dict()
     with pytest.raises(CacheError, match="recipe hflip: cache 0.5, this run 0.0"):
         train(tiny_config(setup["train"], tmp_path / "b", cache=str(setup["cache"]), recipe=other, distillation_type="hard"))
     with pytest.raises(DataPlanError, match="need 3 augmentation seeds, the cache holds 2"):
@@ -220,7 +221,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_pat
 def test_fine_tune_at_a_higher_resolution(setup, tmp_path):
     train(tiny_config(setup["train"], tmp_path / "base", epochs=1, max_steps_per_epoch=2))
     cfg = tiny_config(setup["train"], tmp_path / "ft", epochs=1, max_steps_per_epoch=2, student=dict(img_size=48),
-                      recipe=RECIPE.with_overrides(input_size=48).to_dict(),
+                      recipe=dataclasses.replace(RECIPE, input_size=48).to_dict(),
                       init_from=str(tmp_path / "base" / "checkpoint.pt"))
     train(cfg)
     notes = [n["message"] for n in metric_lines(tmp_path / "ft", "note")]
