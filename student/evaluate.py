@@ -17,10 +17,11 @@ from timm.models import clean_state_dict
 from timm.utils import accuracy
 
 from data_shards import AugRecipe, ShardSet, finish_item
+from data_shards.items import unit_items
 from data_shards.io import autocast, resolve_device
 
 from .checkpoint import load_checkpoint
-from .data import eval_batches, iter_items, unit_items
+from .data import eval_batches, iter_items
 from .errors import StudentError
 from .models import StudentConfig, create_student, is_distilled, student_heads
 from .teachers import CachedTeacher, load_online_teacher
@@ -64,7 +65,7 @@ def evaluate_heads(model, shard_set: ShardSet, recipe: AugRecipe, batch_size: in
 def load_student(checkpoint, device: torch.device, use_ema: bool = False):
     """A checkpoint of train-student -> (model in eval mode, recipe, checkpoint dict)."""
     ckpt = load_checkpoint(checkpoint)
-    model = create_student(StudentConfig.from_dict(ckpt["student"]), distilled_training=False)
+    model = create_student(StudentConfig.from_checkpoint(ckpt), distilled_training=False)
     state = ckpt["model"]
     if use_ema:
         if ckpt.get("ema") is None:
@@ -85,7 +86,7 @@ def evaluate_checkpoint(checkpoint: str, shards: str, batch_size: int = 128, tea
     dev = resolve_device(device)
     model, recipe, ckpt = load_student(checkpoint, dev, use_ema)
     shard_set = ShardSet.open(shards)
-    num_classes = ckpt["student"]["num_classes"]
+    num_classes = StudentConfig.from_checkpoint(ckpt).num_classes
     if shard_set.num_classes != num_classes:
         raise StudentError(f"{shards} has {shard_set.num_classes} classes, the student {num_classes}; "
                            "evaluate on shards of the training classes")

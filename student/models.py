@@ -21,11 +21,7 @@ from torch import nn
 
 from teacher_cache.teacher import read_checkpoint
 
-from .errors import StudentError
-
-
-class CheckpointError(StudentError):
-    """A checkpoint cannot be read or does not fit the model."""
+from .errors import CheckpointError, StudentError
 
 
 @dataclass
@@ -53,6 +49,19 @@ class StudentConfig:
         sizes = {"img_size": self.img_size, "patch_size": self.patch_size, "embed_dim": self.embed_dim,
                  "depth": self.depth, "num_heads": self.num_heads}
         return {**{k: v for k, v in sizes.items() if v is not None}, **self.model_kwargs}
+
+    def network(self) -> dict:
+        """The network as a checkpoint records it: timm.create_model(arch, **model_kwargs) rebuilds
+        it, as stage one's load_teacher reads it (drop path, a training option, is in "args")."""
+        return {"arch": self.model, "model_kwargs": {"num_classes": self.num_classes, **self.timm_kwargs()}}
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> "StudentConfig":
+        """The network of a train-student checkpoint (one of format 1 kept the class count under
+        "student"), its sizes among model_kwargs: the same constructor call."""
+        kwargs = dict(ckpt["model_kwargs"])
+        num_classes = kwargs.pop("num_classes") if "num_classes" in kwargs else ckpt["student"]["num_classes"]
+        return cls(ckpt["arch"], num_classes, model_kwargs=kwargs)
 
 
 def create_student(config: StudentConfig, distilled_training: bool = True) -> nn.Module:

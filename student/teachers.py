@@ -13,13 +13,10 @@ import torch
 
 from data_shards import ReplayItem, tensor_digest
 from data_shards.items import digest_positions
-from teacher_cache.errors import CacheError
 from teacher_cache.targets import TeacherTargets
 from teacher_cache.teacher import TeacherError, load_teacher, teacher_forward
 
-
-class ReplayMismatchError(CacheError):
-    """A replayed image differs from the one the teacher saw when the cache was computed."""
+from .errors import ReplayMismatchError
 
 
 class CachedTeacher:
