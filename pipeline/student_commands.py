@@ -16,11 +16,13 @@ from .options import (COUNT, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, P
                       FiniteFloatRange, device_option, parse_key_values, read_recipe_source, recipe_options)
 
 TRAIN = option_defaults()
-EVALUATE = {name: p.default for name, p in inspect.signature(evaluate_checkpoint).parameters.items()}
+EVALUATE = {name: p.default
+            for name, p in inspect.signature(evaluate_checkpoint).parameters.items()}
 
 
 @main.command("train-student")
-@click.option("--shards", required=True, type=click.Path(file_okay=False), help="Training shards (make-shards).")
+@click.option("--shards", required=True, type=click.Path(file_okay=False),
+              help="Training shards (make-shards).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Run folder: checkpoint.pt (each epoch end) and metrics.jsonl.")
 @click.option("--cache", type=click.Path(file_okay=False),
@@ -35,17 +37,22 @@ EVALUATE = {name: p.default for name, p in inspect.signature(evaluate_checkpoint
               help="Online teacher: keep full logits, as --store-logits full.")
 @click.option("--teacher-precision", type=click.Choice(["fp32", "bf16", "fp16"]),
               default=TRAIN["teacher_precision"], show_default=True,
-              help="Online teacher autocast precision, as cache-teacher's --precision (fp16 on CUDA only).")
-@click.option("--teacher-batch-size", type=COUNT, default=TRAIN["teacher_batch_size"], show_default=True,
-              help="Online teacher batch; equal to cache-teacher's --batch-size gives bit-identical targets.")
+              help="Online teacher autocast precision, as cache-teacher's --precision (fp16 on "
+                   "CUDA only).")
+@click.option("--teacher-batch-size", type=COUNT, default=TRAIN["teacher_batch_size"],
+              show_default=True,
+              help="Online teacher batch; equal to cache-teacher's --batch-size gives "
+                   "bit-identical targets.")
 @click.option("--channels-last/--no-channels-last", "teacher_channels_last",
               default=TRAIN["teacher_channels_last"],
-              help="Online teacher in channels-last memory format, as cache-teacher's --channels-last "
+              help="Online teacher in channels-last memory format, as cache-teacher's "
+                   "--channels-last "
                    "(match the cache's setting for bit-identical targets on a GPU). "
                    "[default: off, as cache-teacher]")
 @recipe_options
 @click.option("--num-seeds", type=COUNT,
-              help="Without a cache: cycle through this many augmentation seeds S (default: a new seed "
+              help="Without a cache: cycle through this many augmentation seeds S (default: a new "
+                   "seed "
                    "group every R epochs, never repeating). Epoch e uses seeds R*g..R*g+R-1, "
                    "g = (e // R) mod (S // R), R = --repeated-aug; with R = 1, seed e mod S.")
 @click.option("--model", default=TRAIN["model"], show_default=True, help="Any timm model name.")
@@ -57,33 +64,41 @@ EVALUATE = {name: p.default for name, p in inspect.signature(evaluate_checkpoint
 @click.option("--model-kwarg", "model_kwargs", multiple=True, metavar="KEY=VALUE",
               help="Extra timm constructor argument (JSON value), repeatable.")
 @click.option("--drop-path", "drop_path_rate", type=FiniteFloatRange(0.0, 1.0, max_open=True),
-              default=TRAIN["drop_path_rate"], show_default=True, help="Stochastic depth rate (DeiT: 0.1).")
+              default=TRAIN["drop_path_rate"], show_default=True,
+              help="Stochastic depth rate (DeiT: 0.1).")
 @click.option("--init-from", type=click.Path(dir_okay=False),
-              help="Start from these weights (pos_embed resampled to --img-size; other-class heads left "
+              help="Start from these weights (pos_embed resampled to --img-size; other-class heads "
+                   "left "
                    "fresh).")
 @click.option("--distillation-type", type=click.Choice(["none", "soft", "hard"]),
               help="Default: hard with --cache/--teacher-online, none without.")
 @click.option("--distillation-alpha", type=PROBABILITY, default=TRAIN["distillation_alpha"],
-              show_default=True, help="Weight of the distillation loss: (1-α)·base + α·distill.")
+              show_default=True,
+              help="Weight of the distillation loss: (1-α)·base + α·distill.")
 @click.option("--distillation-tau", type=POSITIVE_FLOAT, default=TRAIN["distillation_tau"],
               show_default=True, help="Soft distillation temperature τ.")
-@click.option("--soft-tail-limit", type=PROBABILITY, default=TRAIN["soft_tail_limit"], show_default=True,
-              help="Soft distillation from a top-k cache: refuse when the mean mass at τ of the classes "
+@click.option("--soft-tail-limit", type=PROBABILITY, default=TRAIN["soft_tail_limit"],
+              show_default=True,
+              help="Soft distillation from a top-k cache: refuse when the mean mass at τ of the "
+                   "classes "
                    "outside the stored top k (a bound on the soft target's total variation error) "
                    "exceeds this.")
 @click.option("--epochs", type=COUNT, default=TRAIN["epochs"], show_default=True,
-              help="Epochs of the run (with --resume: may grow or shrink the rest of the run; the cosine "
+              help="Epochs of the run (with --resume: may grow or shrink the rest of the run; the "
+                   "cosine "
                    "schedule then spans the new count).")
 @click.option("--batch-size", type=COUNT, default=TRAIN["batch_size"], show_default=True,
               help="Per process.")
 @click.option("--lr", type=POSITIVE_FLOAT, help="Default 5e-4 x global batch / 512.")
 @click.option("--min-lr", type=NON_NEGATIVE_FLOAT, default=TRAIN["min_lr"], show_default=True,
               help="Where the cosine ends.")
-@click.option("--warmup-epochs", type=NON_NEGATIVE, default=TRAIN["warmup_epochs"], show_default=True,
+@click.option("--warmup-epochs", type=NON_NEGATIVE, default=TRAIN["warmup_epochs"],
+              show_default=True,
               help="Epochs of linear warm-up from --warmup-lr.")
 @click.option("--warmup-lr", type=NON_NEGATIVE_FLOAT, default=TRAIN["warmup_lr"], show_default=True,
               help="lr of the first epoch.")
-@click.option("--weight-decay", type=NON_NEGATIVE_FLOAT, default=TRAIN["weight_decay"], show_default=True,
+@click.option("--weight-decay", type=NON_NEGATIVE_FLOAT, default=TRAIN["weight_decay"],
+              show_default=True,
               help="AdamW weight decay (none on 1-D weights, pos_embed, class/dist tokens).")
 @click.option("--opt", default=TRAIN["opt"], show_default=True, help="timm optimizer name.")
 @click.option("--clip-grad", type=POSITIVE_FLOAT, help="Clip the gradient norm to this value.")
@@ -91,22 +106,28 @@ EVALUATE = {name: p.default for name, p in inspect.signature(evaluate_checkpoint
 @click.option("--amp", type=click.Choice(["auto", "none", "bf16", "fp16"]), default=TRAIN["amp"],
               show_default=True, help="auto: bf16 on GPU, none on CPU.")
 @click.option("--seed", type=SEED, default=TRAIN["seed"], show_default=True,
-              help="Initial weights, drop path and the shard order (the augmentation comes from the seeds).")
+              help="Initial weights, drop path and the shard order (the augmentation comes from "
+                   "the seeds).")
 @click.option("--repeated-aug", type=COUNT, default=TRAIN["repeated_aug"], show_default=True,
-              help="DeiT's repeated augmentation: an epoch is ~N samples, N/R images each under the R seeds "
-                   "of its seed group, copies in the same step; a cache of S seeds serves R*(S//R) epochs. "
+              help="DeiT's repeated augmentation: an epoch is ~N samples, N/R images each under "
+                   "the R seeds "
+                   "of its seed group, copies in the same step; a cache of S seeds serves R*(S//R) "
+                   "epochs. "
                    "1: plain epochs.")
-@click.option("--reuse-seeds", is_flag=True, help="Allow more epochs than cached seeds (seeds repeat; logged).")
+@click.option("--reuse-seeds", is_flag=True,
+              help="Allow more epochs than cached seeds (seeds repeat; logged).")
 @click.option("--max-steps-per-epoch", type=COUNT, help="Cap the steps per epoch (smoke runs).")
 @click.option("--workers", type=NON_NEGATIVE, default=TRAIN["workers"], show_default=True,
               help="Replay worker processes per rank (0: in the main process).")
-@click.option("--compile", "compile", is_flag=True, help="torch.compile the student (as timm's train.py).")
+@click.option("--compile", "compile", is_flag=True,
+              help="torch.compile the student (as timm's train.py).")
 @click.option("--val-shards", type=click.Path(file_okay=False),
               help="Evaluate every epoch on these shards (accuracy per head in metrics.jsonl).")
 @click.option("--eval-batch-size", type=COUNT, default=TRAIN["eval_batch_size"], show_default=True,
               help="Batch size of --val-shards.")
 @click.option("--resume", is_flag=True,
-              help="Continue from OUT/checkpoint.pt (fresh start if there is none yet; nothing to do if it "
+              help="Continue from OUT/checkpoint.pt (fresh start if there is none yet; nothing to "
+                   "do if it "
                    "holds --epochs epochs).")
 @click.option("--log-interval", type=COUNT, default=TRAIN["log_interval"], show_default=True,
               help="Steps between metric lines.")
@@ -122,9 +143,11 @@ def train_student_cmd(input_size, recipe_source, aug_overrides, model_kwargs, no
     torchrun (DDP: shards dealt to ranks, equal step counts on every rank).
     """
     # Parsed only: the library resolves the recipe (against the cache's, when there is one).
-    aug = parse_key_values(aug_overrides, "--aug") | ({"input_size": input_size} if input_size else {})
-    cfg = TrainConfig.from_dict({**options, "aug": aug, "progress": not no_progress,
-                                 "recipe": read_recipe_source(recipe_source) if recipe_source else None,
+    aug = parse_key_values(aug_overrides, "--aug")
+    if input_size:
+        aug["input_size"] = input_size
+    recipe = read_recipe_source(recipe_source) if recipe_source else None
+    cfg = TrainConfig.from_dict({**options, "aug": aug, "progress": not no_progress, "recipe": recipe,
                                  "model_kwargs": parse_key_values(model_kwargs, "--model-kwarg")})
     summary = run_or_explain(train, cfg)
     if int(os.environ.get("RANK", 0)) != 0:        # torchrun: rank 0 reports
@@ -146,13 +169,17 @@ def train_student_cmd(input_size, recipe_source, aug_overrides, model_kwargs, no
 
 
 @main.command("evaluate")
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False), help="A train-student checkpoint.")
-@click.option("--shards", required=True, type=click.Path(file_okay=False), help="Shards to evaluate on.")
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False),
+              help="A train-student checkpoint.")
+@click.option("--shards", required=True, type=click.Path(file_okay=False),
+              help="Shards to evaluate on.")
 @click.option("--teacher", metavar="NAME_OR_CHECKPOINT",
-              help="Also run this teacher on the same images: its accuracy and the agreement per head.")
+              help="Also run this teacher on the same images: its accuracy and the agreement per "
+                   "head.")
 @click.option("--teacher-model", metavar="NAME", help="Architecture of a --teacher checkpoint.")
 @click.option("--cache", type=click.Path(file_okay=False),
-              help="Compare with the cached teacher on the replayed images of --aug-seed (--shards = the "
+              help="Compare with the cached teacher on the replayed images of --aug-seed (--shards "
+                   "= the "
                    "cache's).")
 @click.option("--aug-seed", type=NON_NEGATIVE, default=EVALUATE["aug_seed"], show_default=True,
               help="With --cache: the cached augmentation seed to compare on.")

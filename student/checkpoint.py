@@ -1,15 +1,7 @@
-"""Student checkpoints: the run's state, written atomically, readable with
-torch.load(weights_only=True) (tensors and plain primitives only, no pickled objects).
-
-Layout (format 2; each thing stored once): format, model (state dict), arch + model_kwargs (the
-network: timm.create_model(arch, **model_kwargs), as stage one loads a teacher trained here),
-args (the other options), recipe (as resolved), optimizer, scheduler, scaler, ema (state dicts
-or None), epoch (epochs completed = next epoch to run), global_step, rng {"torch": (world, n)
-uint8 tensor, "cuda": ... or None} (one row per rank), data {"world_size",
-"shards_content_hash", "cache"}, metrics (last epoch's). Format 1 (before) also kept "student"
-and "data.next_epoch"; it is read for evaluation and its weights, not resumed.
-A checkpoint is written next to its destination and renamed over it (os.replace), so a crash
-while saving leaves the previous checkpoint intact.
+"""Student checkpoints: the run's state (each thing once; layout in DESIGN.md), tensors and
+primitives only, read with torch.load(weights_only=True). Written next to the destination and
+renamed over it (os.replace): a crash while saving leaves the previous checkpoint intact.
+Format 1 (before issue 21) is still read for evaluation and its weights, not resumed.
 """
 from __future__ import annotations
 
@@ -45,7 +37,8 @@ def _check_plain(obj, where: str = "checkpoint") -> None:
         for i, value in enumerate(obj):
             _check_plain(value, f"{where}[{i}]")
     elif not isinstance(obj, _PRIMITIVES):
-        raise TypeError(f"{where} is a {type(obj).__name__}; checkpoints hold tensors and primitives only")
+        raise TypeError(f"{where} is a {type(obj).__name__}; checkpoints hold tensors and "
+                        "primitives only")
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
@@ -60,7 +53,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
 
 
 def remove_stale_temporaries(path: Path) -> None:
-    """Delete half-written temporaries (io.temp_path) of dead writers on this host (never loaded)."""
+    """Delete half-written temporaries (io.temp_path) of dead writers on this host."""
     for tmp in path.parent.glob(f".{path.name}@*.tmp"):
         if owner_gone(tmp):
             tmp.unlink(missing_ok=True)
@@ -75,15 +68,15 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     if not isinstance(state, dict) or state.get("format") not in READ_FORMATS:
         found = (f"format {state.get('format')!r}" if isinstance(state, dict) and "format" in state
                  else "no format field" if isinstance(state, dict) else f"a {type(state).__name__}")
-        raise StudentError(f"{path} is not a train-student checkpoint ({found}; train-student writes "
-                           f"{CHECKPOINT_FORMAT!r} as RUN/checkpoint.pt); other weights are read by "
-                           "--init-from (train-student) or as a teacher")
+        raise StudentError(f"{path} is not a train-student checkpoint ({found}; train-student "
+                           f"writes {CHECKPOINT_FORMAT!r} as RUN/checkpoint.pt); other weights "
+                           "are read by --init-from (train-student) or as a teacher")
     return state
 
 
 # ----------------------------------------------------------------------------- the run's state
 
-# Options a checkpoint stores resolved instead: as "recipe", and as the network (arch, model_kwargs).
+# Options a checkpoint stores resolved instead: as "recipe" and as the network (arch, model_kwargs).
 RESOLVED_OPTIONS = ("recipe", "aug", "model", "img_size", "patch_size", "embed_dim", "depth",
                     "num_heads", "model_kwargs")
 
@@ -107,8 +100,8 @@ def save_run(run: Run, next_epoch: int, global_step: int, metrics: dict) -> None
             "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
             "ema": run.ema.state_dict() if run.ema is not None else None,
             "epoch": next_epoch, "global_step": global_step, "rng": rng_rows,
-            "data": {"world_size": ctx.world_size, "shards_content_hash": run.shard_set.content_hash,
-                     "cache": run.cfg.cache},
+            "data": {"world_size": ctx.world_size,
+                     "shards_content_hash": run.shard_set.content_hash, "cache": run.cfg.cache},
             "metrics": json.loads(json.dumps(metrics)),
         })
     D.barrier(ctx)

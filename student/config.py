@@ -17,15 +17,15 @@ class TrainConfig:
     # teacher
     cache: str | None = None
     teacher_online: str | None = None          # timm name or checkpoint path
-    teacher_model: str | None = None           # architecture of a checkpoint that does not record it
+    teacher_model: str | None = None           # architecture of a checkpoint not recording it
     teacher_topk: int = 10                     # online only (a cache brings its own K / full mode)
     teacher_full_logits: bool = False
     teacher_precision: str = "fp32"
     teacher_batch_size: int = 64               # online: cache-teacher's --batch-size (same targets)
     teacher_channels_last: bool | None = None  # online: None = off, cache-teacher's default
-    recipe: dict | None = None                 # AugRecipe fields, missing ones DeiT's (or the cache's)
+    recipe: dict | None = None                 # AugRecipe fields, missing ones DeiT's / the cache's
     aug: dict = field(default_factory=dict)    # recipe fields set one by one (--aug, --input-size)
-    num_seeds: int | None = None               # without a cache: seeds cycle every S epochs if given
+    num_seeds: int | None = None               # without a cache: seeds cycle every S epochs
     # student (its num_classes is ignored: the shards' class count is used)
     student: StudentConfig = field(default_factory=StudentConfig)
     init_from: str | None = None
@@ -46,7 +46,7 @@ class TrainConfig:
     opt_eps: float = 1e-8
     clip_grad: float | None = None
     ema_decay: float | None = None             # DeiT: 0.99996 (kept, not used for eval)
-    amp: str = "auto"                          # auto (bf16 on GPU, none on CPU) | none | bf16 | fp16
+    amp: str = "auto"                          # auto (bf16 on GPU, none on CPU), none, bf16, fp16
     seed: int = 0
     repeated_aug: int = 3                      # DeiT's repeated augmentation (student/samplers.py)
     reuse_seeds: bool = False
@@ -66,7 +66,7 @@ class TrainConfig:
             self.distillation_type = "hard" if self.cache or self.teacher_online else "none"
 
     def to_dict(self) -> dict:
-        """Flat primitives, the student's options inline under their own names (from_dict's form)."""
+        """Flat primitives, the student's options inline (from_dict's form)."""
         flat = asdict(self)
         student = flat.pop("student")
         del student["num_classes"]
@@ -94,15 +94,16 @@ class TrainConfig:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < low):
                 raise StudentError(f"{option} must be a whole number >= {low}, got {value!r}")
-        unit, positive, non_negative = ((lambda v: 0 <= v <= 1, "in [0, 1]"), (lambda v: v > 0, "> 0"),
-                                        (lambda v: v >= 0, ">= 0"))
+        unit, positive = (lambda v: 0 <= v <= 1, "in [0, 1]"), (lambda v: v > 0, "> 0")
+        non_negative, below_one = (lambda v: v >= 0, ">= 0"), (lambda v: 0 <= v < 1, "in [0, 1)")
         numbers = [("--distillation-alpha", self.distillation_alpha, unit),
                    ("--soft-tail-limit", self.soft_tail_limit, unit),
                    ("--ema-decay", self.ema_decay, unit),
                    ("--distillation-tau", self.distillation_tau, positive),
-                   ("--drop-path", self.student.drop_path_rate, (lambda v: 0 <= v < 1, "in [0, 1)")),
+                   ("--drop-path", self.student.drop_path_rate, below_one),
                    ("--lr", self.lr, positive), ("--clip-grad", self.clip_grad, positive),
-                   ("--min-lr", self.min_lr, non_negative), ("--warmup-lr", self.warmup_lr, non_negative),
+                   ("--min-lr", self.min_lr, non_negative),
+                   ("--warmup-lr", self.warmup_lr, non_negative),
                    ("--weight-decay", self.weight_decay, non_negative)]
         for option, value, (ok, form) in numbers:
             finite = isinstance(value, (int, float)) and math.isfinite(value)

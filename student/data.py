@@ -41,12 +41,11 @@ def iter_items(shard_set: ShardSet, items: list[WorkItem], recipe: AugRecipe,
                workers: int = 0, pin_memory: bool = False) -> Iterator[ReplayItem]:
     """The items replayed in plan order by `workers` processes (0: in this one)."""
     workers = max(0, min(workers, len(items)))
-    # batch_size=None: items come as they are (default_convert leaves a ReplayItem alone). Own generator:
-    # a DataLoader draws its worker base seed from the global RNG otherwise, which would shift drop path's
-    # random stream by the worker setting.
-    return iter(DataLoader(_ItemDataset(shard_set, items, recipe), batch_size=None, num_workers=workers,
-                           prefetch_factor=2 if workers else None, pin_memory=pin_memory,
-                           generator=torch.Generator().manual_seed(0)))
+    # batch_size=None: items come as they are. Own generator: a DataLoader draws its worker base
+    # seed from the global RNG otherwise, shifting drop path's random stream by --workers.
+    return iter(DataLoader(_ItemDataset(shard_set, items, recipe), batch_size=None,
+                           num_workers=workers, prefetch_factor=2 if workers else None,
+                           pin_memory=pin_memory, generator=torch.Generator().manual_seed(0)))
 
 
 # ----------------------------------------------------------------------------- batches
@@ -71,9 +70,10 @@ def train_batches(shard_set: ShardSet, plan: EpochPlan, recipe: AugRecipe, batch
         # dense targets built on the device from (pinned) labels: no per-step host sync or big copy
         targets = mixed_targets(item.labels.to(device, non_blocking=True),
                                 item.partner_labels.to(device, non_blocking=True),
-                                item.lam.to(device, non_blocking=True), shard_set.num_classes, recipe.smoothing)
-        pending.append(TrainBatch(images, targets, teacher.item_targets(item, images) if teacher else None,
-                                  item.keys))
+                                item.lam.to(device, non_blocking=True), shard_set.num_classes,
+                                recipe.smoothing)
+        teacher_targets = teacher.item_targets(item, images) if teacher else None
+        pending.append(TrainBatch(images, targets, teacher_targets, item.keys))
         held += len(item)
         while held >= batch_size and done < plan.steps:
             whole = _concat(pending)
@@ -85,16 +85,17 @@ def train_batches(shard_set: ShardSet, plan: EpochPlan, recipe: AugRecipe, batch
         if done == plan.steps:
             break                # rows and items past the epoch's end are surplus
     if done < plan.steps:
-        raise DataPlanError(f"epoch {plan.epoch}: the items gave {done} batches, the plan needs {plan.steps}; "
-                            "a shard holds fewer samples than its metadata says - re-run make-shards")
+        raise DataPlanError(f"epoch {plan.epoch}: the items gave {done} batches, the plan needs "
+                            f"{plan.steps}; a shard holds fewer samples than its metadata says - "
+                            "re-run make-shards")
 
 
 def _concat(parts: list[TrainBatch]) -> TrainBatch:
     if len(parts) == 1:
         return parts[0]
     teacher = None if parts[0].teacher is None else TeacherTargets.cat([p.teacher for p in parts])
-    return TrainBatch(torch.cat([p.images for p in parts]), torch.cat([p.targets for p in parts]), teacher,
-                      [k for p in parts for k in p.keys])
+    return TrainBatch(torch.cat([p.images for p in parts]), torch.cat([p.targets for p in parts]),
+                      teacher, [k for p in parts for k in p.keys])
 
 
 def _rows(batch: TrainBatch, rows: slice) -> TrainBatch:
@@ -105,7 +106,7 @@ def _rows(batch: TrainBatch, rows: slice) -> TrainBatch:
 # ----------------------------------------------------------------------------- evaluation data
 
 def eval_batches(shard_set: ShardSet, recipe: AugRecipe, batch_size: int,
-                 shards: list[int] | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
+                 shards: list[int] | None = None) -> Iterator[tuple]:
     """(images, labels, keys) with the evaluation transform, shard by shard in shard order."""
     images, labels, keys = [], [], []
     for shard in (range(shard_set.num_shards) if shards is None else shards):

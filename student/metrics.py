@@ -1,6 +1,5 @@
-"""What a run reports: RUN/metrics.jsonl and its notes (`Logger`), an epoch's losses, speed and
-data wait (`EpochMeter`, which also stops a run whose loss is not finite), and the cached
-teacher's digest coverage over all ranks."""
+"""What a run reports: RUN/metrics.jsonl and notes (`Logger`), an epoch's losses, speed and data
+wait (`EpochMeter`, which stops a run whose loss is not finite), the cache's digest coverage."""
 from __future__ import annotations
 
 import json
@@ -61,9 +60,8 @@ class Logger:
 
 
 class EpochMeter:
-    """An epoch's loss sums (total, base, distill), kept on the device between log points (no host
-    sync per step), its first non-finite step, the seconds it waited for data (the rest is
-    compute) and its time."""
+    """An epoch's loss sums (total, base, distill) on the device between log points (no host sync
+    per step), its first non-finite step, its time and the seconds it waited for data."""
     NONE = 2**62                           # first_bad when every step was finite
 
     def __init__(self, device: torch.device):
@@ -90,10 +88,9 @@ class EpochMeter:
         self.steps += 1
 
     def close_window(self, run: Run, epoch: int, step: int) -> tuple[list[float], float]:
-        """-> (mean (total, base, distill) over all ranks' window steps, steps/s); stops on a
-        non-finite loss."""
-        stats = D.all_reduce_sum(torch.cat([self.sums, (self.first_bad < self.NONE).float().view(1)]),
-                                 run.ctx)
+        """-> (mean loss parts over all ranks' window, steps/s); stops on a non-finite loss."""
+        bad = (self.first_bad < self.NONE).float().view(1)
+        stats = D.all_reduce_sum(torch.cat([self.sums, bad]), run.ctx)
         if stats[3].item() > 0:
             _stop_non_finite(epoch, step, int(self.first_bad.item()), run.checkpoint, run.log)
         self.epoch_sums += self.sums
@@ -104,12 +101,12 @@ class EpochMeter:
         return mean, rate
 
     def epoch_metrics(self, run: Run, plan, epoch: int, lr: float) -> dict:
-        ctx, device, done = run.ctx, run.ctx.device, plan.steps      # train_batches gives all or raises
+        ctx, device, done = run.ctx, run.ctx.device, plan.steps  # train_batches gives all or raises
         epoch_time, wait = time.perf_counter() - self.epoch_start, self.wait_s
-        steps_per_rank = D.all_gather_rows(torch.tensor([done], dtype=torch.int64), ctx)[:, 0].tolist()
+        steps = D.all_gather_rows(torch.tensor([done], dtype=torch.int64), ctx)[:, 0].tolist()
         totals = (D.all_reduce_sum(self.epoch_sums.clone(), ctx) / (done * ctx.world_size)).tolist()
         memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
-        return {"event": "epoch", "epoch": epoch, "steps": done, "steps_per_rank": steps_per_rank,
+        return {"event": "epoch", "epoch": epoch, "steps": done, "steps_per_rank": steps,
                 "samples_per_rank": plan.samples_per_rank, "aug_seeds": plan.aug_seeds,
                 "lr": lr, "loss": totals[0], "loss_base": totals[1], "loss_distill": totals[2],
                 "epoch_time_s": epoch_time,
@@ -132,9 +129,8 @@ def _stop_non_finite(epoch: int, step: int, first_bad: int, checkpoint: Path, lo
 
 def digest_coverage(teacher: CachedTeacher, ctx: D.DistContext) -> dict:
     """The cached teacher's digest checks since the last call (an epoch), over all ranks: digests
-    compared, (shard, seed) units read, and those whose digests were checked. A unit counts as
-    checked when any rank checked it: a rank may read later pieces of a unit whose first piece
-    another rank checked (in that step at the earliest): the run, not each rank, checks a unit."""
+    compared, (shard, seed) units read, and those checked by any rank (the run, not each rank,
+    checks a unit: another rank may read its later pieces, in that step at the earliest)."""
     seen, checked, verified = teacher.take_coverage()
     cache = teacher.cache
     flags = torch.zeros(2, cache.num_shards, cache.num_seeds, dtype=torch.float64)

@@ -21,7 +21,7 @@ from .samplers import seeds_for_epoch
 if TYPE_CHECKING:
     from .train import Run
 
-# Options a resumed run may change (they do not change what an epoch computes); all others must match.
+# Options a resumed run may change (they do not change what an epoch computes); others must match.
 RUN_ONLY_OPTIONS = ("out", "teacher_model", "teacher_batch_size", "teacher_channels_last",
                     "soft_tail_limit", "workers", "reuse_seeds", "compile", "val_shards",
                     "eval_batch_size", "resume", "log_interval", "device", "progress")
@@ -39,18 +39,19 @@ def checkpoint_to_resume(cfg: TrainConfig) -> dict | None:
         return None
     ckpt = load_checkpoint(path)
     if ckpt["format"] != CHECKPOINT_FORMAT:
-        raise StudentError(f"--resume: {path} is a {ckpt['format']!r} checkpoint, written before the "
-                           "checkpoint layout and the replay algorithm changed, so its run cannot be "
-                           "continued exactly; train into another --out (--init-from takes its "
-                           "weights; evaluate and --teacher-online still read it)")
+        raise StudentError(f"--resume: {path} is a {ckpt['format']!r} checkpoint, written before "
+                           "the checkpoint layout and the replay algorithm changed, so its run "
+                           "cannot be continued exactly; train into another --out (--init-from "
+                           "takes its weights; evaluate and --teacher-online still read it)")
     if int(ckpt["epoch"]) > cfg.epochs:
-        raise StudentError(f"--resume: {path} has trained {ckpt['epoch']} epochs, more than --epochs "
-                           f"{cfg.epochs}; pass --epochs {ckpt['epoch']} or more, or use another --out")
+        raise StudentError(f"--resume: {path} has trained {ckpt['epoch']} epochs, more than "
+                           f"--epochs {cfg.epochs}; pass --epochs {ckpt['epoch']} or more, or use "
+                           "another --out")
     return ckpt
 
 
 def nothing_to_do(cfg: TrainConfig, ckpt: dict, ctx: D.DistContext) -> dict:
-    """The summary of a --resume whose checkpoint is already at --epochs: nothing trained or written."""
+    """The summary of a --resume whose checkpoint is at --epochs: nothing trained or written."""
     path = Path(cfg.out) / LAST_CHECKPOINT
     if ctx.is_main:
         print(f"train-student: --resume: {path} already holds {ckpt['epoch']} epoch(s) of --epochs "
@@ -95,13 +96,14 @@ def _check_same_run(run: Run, ckpt: dict) -> None:
     changed = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in now.items()
                if k not in (*RUN_ONLY_OPTIONS, "epochs", "num_seeds") and saved.get(k) != v]
     old_seeds = saved.get("num_seeds")
-    if old_seeds != cfg.num_seeds and _seeds_of(old_seeds, cfg, ckpt) != _seeds_of(cfg.num_seeds, cfg, ckpt):
+    if (old_seeds != cfg.num_seeds
+            and _seeds_of(old_seeds, cfg, ckpt) != _seeds_of(cfg.num_seeds, cfg, ckpt)):
         changed.append(f"num_seeds: checkpoint {old_seeds!r}, now {cfg.num_seeds!r} (the epochs "
                        "trained would have used other seeds)")
     if changed:
-        raise StudentError(f"--resume from {run.checkpoint}: options differ from the checkpoint's run ("
-                           + "; ".join(changed) + "); rerun with the checkpoint's options or use "
-                           "another --out")
+        raise StudentError(f"--resume from {run.checkpoint}: options differ from the checkpoint's "
+                           "run (" + "; ".join(changed) + "); rerun with the checkpoint's options "
+                           "or use another --out")
 
 
 def _restore(run: Run, ckpt: dict) -> tuple[int, int, dict]:
@@ -119,7 +121,8 @@ def _restore(run: Run, ckpt: dict) -> tuple[int, int, dict]:
                  "length would use)")
     world_size = ckpt["data"]["world_size"]
     if world_size == ctx.world_size:
-        set_rng_state({k: None if v is None else v[ctx.rank] for k, v in ckpt["rng"].items()}, ctx.device)
+        rows = {k: None if v is None else v[ctx.rank] for k, v in ckpt["rng"].items()}
+        set_rng_state(rows, ctx.device)
     else:
         log.note(f"--resume: world size {world_size} -> {ctx.world_size}; the data is dealt "
                  "differently and RNG reseeded, so the run will not match an uninterrupted one")

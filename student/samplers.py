@@ -1,21 +1,10 @@
-"""The epoch planner: which (image, aug seed) samples each rank trains on at each step, as work
-items (DeiT's samplers.py; the semantics table is in DESIGN.md).
+"""The epoch planner (DeiT's samplers.py): which (image, aug seed) samples each rank trains on
+at each step, as work items. Semantics table and reasons: DESIGN.md, "Training semantics".
 
-Seed groups: epochs e = g*R .. g*R+R-1 use seeds g*R .. g*R+R-1 (modulo the S // R groups of S
-cached seeds; unbounded without a cache unless --num-seeds), so S seeds serve R * (S // R) epochs.
-
-R = 1 (`plan_epoch` -> `_dealt_items`): shards are dealt to ranks after a per-epoch shuffle and
-every rank runs min over ranks of samples // batch steps, from the shard metadata alone (no
-communication, no DDP hang on uneven shards). Items are cut where the batches end (online
-teacher: at its batches, as cache-teacher ran them), at most one batch each, so every loader
-worker holds an item, not a shard.
-
-R > 1 (`repeated_steps`, DeiT's RASampler): epoch j of a group takes part j of every shard's
-mixing order (shared by the group's seeds, recipe field `pairing_seeds`), shards shuffled once
-per group, so over the group's R epochs every image is used under every seed once. Step t takes
-the next P = ceil(W*B / R) images, seed-major, truncated to W*B; rank r takes samples
-[r*B, (r+1)*B). The copies of an image share a step (one batch with W = 1, different ranks with
-W >= R), and each rank's samples are runs of a mixing order (a run's mix partners are in it).
+Seed groups: epochs g*R .. g*R+R-1 use seeds g*R .. g*R+R-1 (modulo the S // R cached groups).
+R = 1: shards dealt to ranks, every rank runs min over ranks of samples // batch steps (from the
+metadata: no DDP hang on uneven shards), items cut where batches end. R > 1 (RASampler): epoch j
+of a group takes part j of every shard's mixing order; an image's copies share a step.
 """
 from __future__ import annotations
 
@@ -33,7 +22,7 @@ from .errors import DataPlanError
 class EpochPlan:
     epoch: int
     aug_seeds: list[int]
-    items: list[WorkItem]          # this rank's replayed slices of (shard, aug seed), in stream order
+    items: list[WorkItem]          # this rank's slices of (shard, aug seed), in stream order
     steps: int                     # the same on every rank
     samples_per_rank: list[int]    # available samples of every rank (for the log)
 
@@ -58,8 +47,7 @@ def seeds_for_epoch(epoch: int, num_seeds: int | None, repeated_aug: int = 1) ->
 
 def check_seed_budget(epochs: int, num_seeds: int | None, repeated_aug: int, reuse_seeds: bool,
                       cached: bool = True) -> str | None:
-    """Refuse (or, with reuse_seeds, describe) a run that would use a cached record twice
-    (`cached`: the seeds are a cache's, else --num-seeds')."""
+    """Refuse (reuse_seeds: describe) a run using a record twice (`cached`: a cache's seeds)."""
     if not num_seeds:
         return None
     supported = epochs_supported(num_seeds, repeated_aug)
@@ -87,10 +75,9 @@ def plan_rng(*parts: object) -> np.random.Generator:
 def plan_epoch(shard_counts: list[int], epoch: int, batch_size: int, rank: int, world_size: int,
                seed: int, num_seeds: int | None, repeated_aug: int = 1,
                max_steps: int | None = None, teacher_batch_size: int | None = None) -> EpochPlan:
-    """This rank's work items of the epoch. With `teacher_batch_size` (online teacher, R = 1)
-    items are the teacher's batches of each unit (the last may run past the epoch's end; the
-    surplus is dropped). With R > 1 an online teacher runs on the steps' pieces instead: its
-    targets can differ from a cache's in the last bits where its arithmetic depends on the batch."""
+    """This rank's work items. `teacher_batch_size` (online teacher, R = 1): items are the
+    teacher's batches of each unit (surplus past the epoch's end dropped). With R > 1 it runs on
+    the steps' pieces: targets may then differ from a cache's in the last bits."""
     if repeated_aug > 1:
         steps = repeated_steps(shard_counts, epoch, batch_size, rank, world_size, seed, num_seeds,
                                repeated_aug, max_steps)
@@ -104,11 +91,11 @@ def plan_epoch(shard_counts: list[int], epoch: int, batch_size: int, rank: int, 
 # ----------------------------------------------------------------------------- R = 1
 
 def deal_shards(num_shards: int, world_size: int, epoch: int, seed: int) -> list[list[int]]:
-    """Shards of each rank for this epoch: a seeded shuffle (same on every rank), dealt round-robin."""
+    """Shards of each rank this epoch: a seeded shuffle (same on every rank), dealt round-robin."""
     if num_shards < world_size:
-        raise DataPlanError(f"{num_shards} shard(s) cannot feed {world_size} ranks (a rank would get "
-                            "no data); re-run make-shards with a smaller --shard-size or use fewer "
-                            "processes")
+        raise DataPlanError(f"{num_shards} shard(s) cannot feed {world_size} ranks (a rank would "
+                            "get no data); re-run make-shards with a smaller --shard-size or use "
+                            "fewer processes")
     order = [int(i) for i in plan_rng("shard-order", seed, epoch).permutation(num_shards)]
     return [order[rank::world_size] for rank in range(world_size)]
 
@@ -158,8 +145,8 @@ def epoch_segments(shard_counts: list[int], epoch: int, repeated_aug: int,
     return segments
 
 
-def _take(segments: list[tuple[int, int, int]], first: int, count: int) -> list[tuple[int, int, int]]:
-    """Images [first, first+count) of the segment sequence, as sub-segments (none when count <= 0)."""
+def _take(segments: list[tuple[int, int, int]], first: int, count: int) -> list[tuple]:
+    """Images [first, first+count) of the segments, as sub-segments (none when count <= 0)."""
     out, offset = [], 0
     for shard, start, stop in segments:
         n = stop - start
@@ -189,7 +176,7 @@ def repeated_steps(shard_counts: list[int], epoch: int, batch_size: int, rank: i
                             "--repeated-aug 1")
     if max_steps is not None:
         steps = min(steps, max_steps)
-    lo, hi = rank * batch_size, (rank + 1) * batch_size    # this rank's slice of the seed-major samples
+    lo, hi = rank * batch_size, (rank + 1) * batch_size    # this rank's seed-major samples
     plan = []
     for step in range(steps):
         step_segments = _take(segments, step * per_step, per_step)

@@ -1,12 +1,6 @@
-"""Train a student (stage two): DeiT's recipe through timm, one readable loop.
-
-    deit-pipeline train-student --shards TRAIN --cache CACHE --out RUN --distillation-type hard
-    torchrun --standalone --nproc_per_node 8 -m pipeline train-student ...   (DDP, same options)
-
-As DeiT's main.py / engine.py: `setup`, then per epoch `train_one_epoch`, `evaluate`, save (an
-atomic RUN/checkpoint.pt, checkpoint.py, and a line of RUN/metrics.jsonl); `--resume` continues
-exactly (resume.py). Teacher targets come from a cache, a teacher run online or nowhere
-(teacher_policy.py); images from the epoch plan's work items (samplers.py, data.py).
+"""Train a student (stage two), DeiT's recipe through timm, as DeiT's main.py / engine.py:
+`setup`, then per epoch `train_one_epoch`, `evaluate`, save (RUN/checkpoint.pt and a line of
+RUN/metrics.jsonl). One process or torchrun (DDP, same options); `--resume`: resume.py.
 """
 from __future__ import annotations
 
@@ -34,7 +28,7 @@ from .data import train_batches
 from .errors import StudentError
 from .evaluate import evaluate_heads
 from .losses import DistillationLoss
-from .metrics import METRICS_FILE, EpochMeter, Logger, digest_coverage  # noqa: F401 (demo reads METRICS_FILE here)
+from .metrics import METRICS_FILE, EpochMeter, Logger, digest_coverage  # noqa: F401 (for the demo)
 from .models import StudentConfig, create_student, init_from_checkpoint, is_distilled
 from .resume import checkpoint_to_resume, nothing_to_do, start_or_resume
 from .samplers import plan_epoch
@@ -73,15 +67,15 @@ class Run:
 # ----------------------------------------------------------------------------- setup
 
 def setup(cfg: TrainConfig, ctx: D.DistContext) -> Run:
-    """Everything a run needs, every input checked; nothing is written yet (the Logger holds its lines)."""
+    """Everything a run needs, every input checked; nothing written yet (the Logger holds lines)."""
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise StudentError(f"--out {out} exists and is not a folder")
     log = Logger(out, ctx.is_main)
     checkpoint = out / LAST_CHECKPOINT
     if checkpoint.exists() and not cfg.resume:
-        raise StudentError(f"{out} already holds a checkpoint ({checkpoint}); pass --resume to continue "
-                           "it or choose another --out")
+        raise StudentError(f"{out} already holds a checkpoint ({checkpoint}); pass --resume to "
+                           "continue it or choose another --out")
     shard_set = ShardSet.open(cfg.shards)
     recipe, teacher, num_seeds = resolve_teacher(cfg, shard_set, ctx.device, log)
     check_seed_schedule(cfg, recipe, num_seeds, log)
@@ -103,12 +97,14 @@ def setup(cfg: TrainConfig, ctx: D.DistContext) -> Run:
 
 
 def build_student(cfg: TrainConfig, num_classes: int, recipe: AugRecipe, log: Logger):
-    config = replace(cfg.student, num_classes=num_classes, model_kwargs=dict(cfg.student.model_kwargs))
+    config = replace(cfg.student, num_classes=num_classes,
+                     model_kwargs=dict(cfg.student.model_kwargs))
     distilled_training = cfg.distillation_type != "none"
     model = create_student(config, distilled_training)
     # A ViT is built for one input size: follow the recipe's unless --img-size says otherwise.
     grid_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
-    if grid_size is not None and config.img_size is None and tuple(grid_size) != (recipe.input_size,) * 2:
+    size = recipe.input_size
+    if grid_size is not None and config.img_size is None and tuple(grid_size) != (size, size):
         config.img_size = recipe.input_size
         model = create_student(config, distilled_training)
     if grid_size is not None and config.img_size not in (None, recipe.input_size):
@@ -136,33 +132,24 @@ def _amp_precision(amp: str, device: torch.device) -> str:
 def create_optimisation(cfg: TrainConfig, model: torch.nn.Module, lr: float, precision: str,
                         device: torch.device):
     """-> (optimizer, scheduler, scaler, EMA or None, criterion), DeiT's through timm."""
-    # timm: no weight decay on 1-D params (biases, norms) nor on model.no_weight_decay() (pos_embed, tokens)
+    # timm: no weight decay on 1-D params (biases, norms), nor on model.no_weight_decay() (tokens)
     optimizer = create_optimizer_v2(model, opt=cfg.opt, lr=lr, weight_decay=cfg.weight_decay,
                                     eps=cfg.opt_eps)
     # timm warns that a 1-epoch cosine "will have no effect": true, and no news to a 1-epoch run
-    quiet = _DropLogMessage("Cosine annealing scheduler will have no effect")
-    logging.getLogger(CosineLRScheduler.__module__).addFilter(quiet)
+    timm_log = logging.getLogger(CosineLRScheduler.__module__)
+    warning = "Cosine annealing scheduler will have no effect"
+    quiet = lambda record: warning not in record.getMessage()  # noqa: E731
+    timm_log.addFilter(quiet)
     try:
         scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs, lr_min=cfg.min_lr,
                                       warmup_t=cfg.warmup_epochs, warmup_lr_init=cfg.warmup_lr,
                                       t_in_epochs=True)
     finally:
-        logging.getLogger(CosineLRScheduler.__module__).removeFilter(quiet)
+        timm_log.removeFilter(quiet)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     ema = ModelEmaV3(model, decay=cfg.ema_decay) if cfg.ema_decay else None
-    criterion = DistillationLoss(cfg.distillation_type, cfg.distillation_alpha, cfg.distillation_tau)
-    return optimizer, scheduler, scaler, ema, criterion
-
-
-class _DropLogMessage(logging.Filter):
-    """Drops log records holding `text`; every other record passes."""
-
-    def __init__(self, text: str):
-        super().__init__()
-        self.text = text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
+    loss = DistillationLoss(cfg.distillation_type, cfg.distillation_alpha, cfg.distillation_tau)
+    return optimizer, scheduler, scaler, ema, loss
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -212,8 +199,8 @@ def train_one_epoch(run: Run, epoch: int, global_step: int) -> tuple[dict, int]:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     meter = EpochMeter(device)
-    batches = train_batches(run.shard_set, plan, run.recipe, cfg.batch_size, run.teacher, cfg.workers,
-                            pin_memory=device.type == "cuda", device=device)
+    batches = train_batches(run.shard_set, plan, run.recipe, cfg.batch_size, run.teacher,
+                            cfg.workers, pin_memory=device.type == "cuda", device=device)
     bar = tqdm(total=plan.steps, desc=f"epoch {epoch}", unit="step", file=sys.stderr, leave=False,
                disable=not (ctx.is_main and cfg.progress))
     for step, batch in enumerate(meter.timed(batches)):
