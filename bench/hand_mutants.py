@@ -130,10 +130,10 @@ MUTANTS = {
         'n.split(".lock.")[0] not in done', JOBS),
     # student: data plan, cached teacher, digest coverage
     "data-steps-from-richest-rank": (
-        "student/data.py", "steps = min(samples) // batch_size",
+        "student/samplers.py", "steps = min(samples) // batch_size",
         "steps = max(samples) // batch_size", DATA),
     "data-same-deal-every-epoch": (
-        "student/data.py", 'plan_rng("shard-order", seed, epoch)', 'plan_rng("shard-order", seed)',
+        "student/samplers.py", 'plan_rng("shard-order", seed, epoch)', 'plan_rng("shard-order", seed)',
         DATA),
     "teacher-digest-not-compared": (
         "student/teachers.py", "            if found != recorded[key]:", "            if False:",
@@ -150,7 +150,7 @@ MUTANTS = {
         "        self.units_seen, self.units_checked, self.digests_checked = set(), set(), 0\n",
         "", ["tests/test_student_train.py", "-k", "repeated_aug_checks"]),
     "train-coverage-per-rank": (
-        "student/train.py", '"units_checked": int((read & checked_any).sum())}',
+        "student/metrics.py", '"units_checked": int((read & checked_any).sum())}',
         '"units_checked": int((read & checked_any).sum())\n'
         '            - int(D.all_reduce_sum(torch.tensor([float(len(seen - checked))]), ctx))}',
         ["tests/test_student_train.py", "-m", "slow", "-k", "killed_in_epoch_1"]),

@@ -1,26 +1,27 @@
-"""Student checkpoints: atomic, teacher-free, readable with torch.load(weights_only=True).
-
-A checkpoint is a dict of tensors and plain primitives only (no pickled objects):
-    format, model (state dict), student (StudentConfig dict), args (training options),
-    recipe (AugRecipe dict), optimizer, scheduler, scaler, ema (state dicts or None),
-    epoch (epochs completed = next epoch to run), global_step,
-    rng {"torch": (world, n) uint8 tensor, "cuda": ... or None} (one row per rank),
-    data {"next_epoch", "world_size", "shards_content_hash", "cache"}, metrics (last epoch's).
-It is written next to its destination and renamed over it (os.replace), so a crash while
-saving leaves the previous checkpoint intact.
+"""Student checkpoints: the run's state (each thing once; layout in DESIGN.md), tensors and
+primitives only, read with torch.load(weights_only=True). Written next to the destination and
+renamed over it (os.replace): a crash while saving leaves the previous checkpoint intact.
+Format 1 (before issue 21) is still read for evaluation and its weights, not resumed.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from data_shards.files import atomic_path, load_weights_only, owner_gone
 
+from . import distributed as D
 from .errors import StudentError
 
-CHECKPOINT_FORMAT = "deit-pipeline/student-checkpoint/1"
+if TYPE_CHECKING:
+    from .train import Run
+
+CHECKPOINT_FORMAT = "deit-pipeline/student-checkpoint/2"
+READ_FORMATS = (CHECKPOINT_FORMAT, "deit-pipeline/student-checkpoint/1")
 LAST_CHECKPOINT = "checkpoint.pt"
 _PRIMITIVES = (str, int, float, bool, type(None), torch.Tensor, torch.dtype, torch.device)
 
@@ -36,7 +37,8 @@ def _check_plain(obj, where: str = "checkpoint") -> None:
         for i, value in enumerate(obj):
             _check_plain(value, f"{where}[{i}]")
     elif not isinstance(obj, _PRIMITIVES):
-        raise TypeError(f"{where} is a {type(obj).__name__}; checkpoints hold tensors and primitives only")
+        raise TypeError(f"{where} is a {type(obj).__name__}; checkpoints hold tensors and "
+                        "primitives only")
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
@@ -51,7 +53,7 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
 
 
 def remove_stale_temporaries(path: Path) -> None:
-    """Delete half-written temporaries (io.temp_path) of dead writers on this host (never loaded anyway)."""
+    """Delete half-written temporaries (io.temp_path) of dead writers on this host."""
     for tmp in path.parent.glob(f".{path.name}@*.tmp"):
         if owner_gone(tmp):
             tmp.unlink(missing_ok=True)
@@ -61,15 +63,59 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
-    state = load_weights_only(path, StudentError, "evaluate --checkpoint and --resume read the RUN/checkpoint.pt "
-                              "that train-student writes")
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+    state = load_weights_only(path, StudentError, "evaluate --checkpoint and --resume read the "
+                              "RUN/checkpoint.pt that train-student writes")
+    if not isinstance(state, dict) or state.get("format") not in READ_FORMATS:
         found = (f"format {state.get('format')!r}" if isinstance(state, dict) and "format" in state
                  else "no format field" if isinstance(state, dict) else f"a {type(state).__name__}")
-        raise StudentError(f"{path} is not a train-student checkpoint ({found}; train-student writes "
-                           f"{CHECKPOINT_FORMAT!r} as RUN/checkpoint.pt); other weights are read by --init-from "
-                           "(train-student) or as a teacher")
+        raise StudentError(f"{path} is not a train-student checkpoint ({found}; train-student "
+                           f"writes {CHECKPOINT_FORMAT!r} as RUN/checkpoint.pt); other weights "
+                           "are read by --init-from (train-student) or as a teacher")
     return state
+
+
+# ----------------------------------------------------------------------------- the run's state
+
+# Options a checkpoint stores resolved instead: as "recipe" and as the network (arch, model_kwargs).
+RESOLVED_OPTIONS = ("recipe", "aug", "model", "img_size", "patch_size", "embed_dim", "depth",
+                    "num_heads", "model_kwargs")
+
+
+def run_record(run: Run) -> dict:
+    """What a checkpoint records of a run's setup: its options (args), the network, the recipe."""
+    args = {k: v for k, v in run.cfg.to_dict().items() if k not in RESOLVED_OPTIONS}
+    return {"args": args, **run.student.network(), "recipe": run.recipe.to_dict()}
+
+
+def save_run(run: Run, next_epoch: int, global_step: int, metrics: dict) -> None:
+    """RUN/checkpoint.pt after an epoch (rank 0 writes; every rank's RNG state is gathered)."""
+    ctx = run.ctx
+    # every rank's RNG state, so drop path continues exactly
+    rng_rows = {k: None if v is None else D.all_gather_rows(v, ctx)
+                for k, v in rng_state(ctx.device).items()}
+    if ctx.is_main:
+        save_checkpoint(run.checkpoint, {
+            "model": run.model.state_dict(), **run_record(run),
+            "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+            "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+            "ema": run.ema.state_dict() if run.ema is not None else None,
+            "epoch": next_epoch, "global_step": global_step, "rng": rng_rows,
+            "data": {"world_size": ctx.world_size,
+                     "shards_content_hash": run.shard_set.content_hash, "cache": run.cfg.cache},
+            "metrics": json.loads(json.dumps(metrics)),
+        })
+    D.barrier(ctx)
+
+
+def load_run_state(run: Run, ckpt: dict) -> None:
+    """The checkpoint's weights and optimisation state into the run (its RNG: see resume.py)."""
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    if ckpt["scaler"] is not None:
+        run.scaler.load_state_dict(ckpt["scaler"])
+    if run.ema is not None and ckpt["ema"] is not None:
+        run.ema.load_state_dict(ckpt["ema"])
 
 
 # ----------------------------------------------------------------------------- RNG

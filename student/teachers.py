@@ -13,27 +13,18 @@ import torch
 
 from data_shards import ReplayItem, tensor_digest
 from data_shards.items import digest_positions
-from teacher_cache.errors import CacheError
 from teacher_cache.targets import TeacherTargets
 from teacher_cache.teacher import TeacherError, load_teacher, teacher_forward
 
-
-class ReplayMismatchError(CacheError):
-    """A replayed image differs from the one the teacher saw when the cache was computed."""
+from .errors import ReplayMismatchError
 
 
 class CachedTeacher:
     """One batched `cache.read(shard, seed)` per unit, kept in a small LRU; items select their rows.
 
-    Stage one records image digests at the digest positions of each (shard, seed): the first R
-    positions of each of the R parts of its mixing order (data_shards.items.digest_positions, R =
-    the recipe's pairing_seeds). Every item is checked at the digest positions it holds, before
-    its targets are returned; every unit a run reads holds one among the first samples the run
-    reads of it in each epoch (the argument is in digest_positions' docstring), whatever the epoch,
-    R, world size or resume point. `take_coverage` shows it: the (shard, seed) units this process
-    read, and those of them whose digests it compared, since the last call (train-student: per
-    epoch, united over ranks: another rank may read a later piece of a unit in the step that
-    checks it)."""
+    Every item is checked at the digest positions it holds (data_shards.items.digest_positions)
+    before its targets are returned; why that covers every unit a run reads, in every epoch:
+    DESIGN.md, "Replay digests". `take_coverage`: units read and checked since the last call."""
     UNITS_KEPT = 4
 
     def __init__(self, cache, device: torch.device | str = "cpu"):
@@ -104,18 +95,13 @@ def _to_device(targets: TeacherTargets, device: torch.device) -> TeacherTargets:
 
 
 class OnlineTeacher:
-    """The teacher run live on an item's finished images, batched exactly as cache-teacher does.
+    """The teacher run live on an item's finished images, batched exactly as cache-teacher does:
+    a convnet's output for an image changes in the last bits with its batch, so the plan cuts
+    online-teacher items at stage one's batch boundaries (plan_epoch(teacher_batch_size=...)) and
+    the targets are bit-identical given the same precision and memory format."""
 
-    Why the item is the teacher batch: a convnet's output for one image changes in the last
-    bits with the batch it is computed in (other GEMM/conv blocking), and a flipped low bit can
-    change a rounded top-k value or even the argmax. Stage one runs each (shard, seed) in mixing
-    order in consecutive batches of its --batch-size; the epoch plan cuts online-teacher items
-    at exactly those boundaries (plan_epoch(teacher_batch_size=...)), so the targets are
-    bit-identical given the same precision and memory format.
-    """
-
-    def __init__(self, model, topk: int, store_full: bool = False, precision: str = "fp32", batch_size: int = 64,
-                 channels_last: bool | None = None):
+    def __init__(self, model, topk: int, store_full: bool = False, precision: str = "fp32",
+                 batch_size: int = 64, channels_last: bool | None = None):
         self.model, self.topk, self.store_full = model, topk, store_full
         self.precision, self.batch_size = precision, batch_size
         self.channels_last = bool(channels_last)      # default (None) off: cache-teacher's default
@@ -124,24 +110,23 @@ class OnlineTeacher:
 
     def item_targets(self, item: ReplayItem, images: torch.Tensor) -> TeacherTargets:
         if len(item) > self.batch_size:
-            raise ValueError(f"an online-teacher item holds {len(item)} samples, more than the teacher batch "
-                             f"{self.batch_size}; plan the epoch with teacher_batch_size={self.batch_size}")
-        targets = teacher_forward(self.model, images, self.topk, self.store_full, self.precision, self.channels_last)
-        return targets.to(images.device)    # stage one's encoder returns them on the CPU; the loss needs them here
+            raise ValueError(f"an online-teacher item holds {len(item)} samples, more than the "
+                             f"teacher batch {self.batch_size}; plan the epoch with "
+                             f"teacher_batch_size={self.batch_size}")
+        targets = teacher_forward(self.model, images, self.topk, self.store_full, self.precision,
+                                  self.channels_last)
+        return targets.to(images.device)    # stage one's encoder returns them on the CPU
 
 
 def load_online_teacher(spec: str, num_classes: int, device, teacher_model: str | None = None,
                         option: str = "--teacher-online"):
-    """NAME_OR_CHECKPOINT -> teacher in eval mode (stage one's load_teacher).
-
-    A train-student checkpoint (e.g. a teacher trained with --distillation-type none) records its
-    architecture and size options ("arch", "model_kwargs"), which load_teacher reads; other
-    checkpoints name it inside or need `teacher_model`. `option` is the command's option for
-    `spec` (messages name it).
-    """
+    """NAME_OR_CHECKPOINT -> teacher in eval mode (stage one's load_teacher, which reads a
+    train-student checkpoint's arch and model_kwargs; other checkpoints name their architecture
+    or need `teacher_model`). `option`: the command's option for `spec`, named in messages."""
     options = ("--teacher-model", option)
     if Path(spec).is_file():
-        return load_teacher(teacher_model, spec, num_classes=num_classes, device=device, options=options)
+        return load_teacher(teacher_model, spec, num_classes=num_classes, device=device,
+                            options=options)
     if Path(spec).suffix in (".pt", ".pth", ".safetensors", ".bin") or Path(spec).exists():
         raise TeacherError(f"{option} {spec} is not a checkpoint file (not found, or a folder)")
     return load_teacher(spec, None, num_classes=num_classes, device=device, options=options)

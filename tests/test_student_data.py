@@ -8,9 +8,11 @@ from _student_helpers import RECIPE, one_thread  # noqa: F401 (autouse)
 import tracemalloc
 
 from data_shards import ShardSet, finish_item, make_shards, tensor_digest
-from student.data import DataPlanError, WorkItem, deal_shards, plan_epoch, replay_item, train_batches
-from student.schedule import check_seed_budget, seeds_for_epoch
-from student.teachers import CachedTeacher, ReplayMismatchError
+from data_shards.items import WorkItem, replay_item
+from student.data import train_batches
+from student.errors import DataPlanError, ReplayMismatchError
+from student.samplers import check_seed_budget, deal_shards, plan_epoch, seeds_for_epoch
+from student.teachers import CachedTeacher
 from teacher_cache.targets import TeacherTargets
 
 
@@ -52,7 +54,8 @@ def units(plan) -> list[tuple[int, int]]:
 @pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_every_rank_gets_the_same_number_of_steps_on_uneven_shards(train_set, world_size):
     for epoch in range(3):
-        plans = [plan_epoch(train_set, epoch, 64, rank, world_size, seed=0, num_seeds=3) for rank in range(world_size)]
+        plans = [plan_epoch(train_set.shard_counts, epoch, 64, rank, world_size, seed=0, num_seeds=3)
+                 for rank in range(world_size)]
         samples = plans[0].samples_per_rank
         assert {p.steps for p in plans} == {min(samples) // 64}
         if world_size == 2:
@@ -63,12 +66,12 @@ def test_every_rank_gets_the_same_number_of_steps_on_uneven_shards(train_set, wo
 
 
 def test_surplus_units_are_not_replayed(train_set):
-    plan = plan_epoch(train_set, 0, 32, 0, 1, seed=0, num_seeds=None, max_steps=3)
+    plan = plan_epoch(train_set.shard_counts, 0, 32, 0, 1, seed=0, num_seeds=None, max_steps=3)
     assert plan.steps == 3 and len(units(plan)) == 1      # 96 samples fit in the first shard
 
 
 def test_batches_do_not_depend_on_worker_count(train_set):
-    plan = plan_epoch(train_set, 1, 100, 0, 1, seed=0, num_seeds=2, max_steps=4)   # crosses a unit boundary
+    plan = plan_epoch(train_set.shard_counts, 1, 100, 0, 1, seed=0, num_seeds=2, max_steps=4)   # crosses a unit boundary
     inline = list(train_batches(train_set, plan, RECIPE, 100, workers=0))
     pooled = list(train_batches(train_set, plan, RECIPE, 100, workers=2))
     assert len(inline) == len(pooled) == 4
@@ -108,7 +111,7 @@ class UncheckedTeacher(CachedTeacher):
 def test_one_cache_read_per_unit_and_targets_follow_the_samples(train_set):
     position = dict(zip(train_set.manifest.column("key").to_pylist(), train_set.manifest.column("position").to_pylist()))
     cache = FakeCache(train_set)
-    plan = plan_epoch(train_set, 0, 64, 0, 1, seed=0, num_seeds=2)
+    plan = plan_epoch(train_set.shard_counts, 0, 64, 0, 1, seed=0, num_seeds=2)
     seen = 0
     for batch in train_batches(train_set, plan, RECIPE, 64, UncheckedTeacher(cache)):
         assert batch.teacher.label.tolist() == [position[k] % 10 for k in batch.keys]
@@ -140,7 +143,7 @@ def test_a_replayed_image_that_differs_from_the_recorded_digest_stops(train_set)
 
 
 def test_items_are_batch_sized_slices_that_cover_the_stream(train_set):
-    plan = plan_epoch(train_set, 0, 100, 0, 1, seed=0, num_seeds=2)
+    plan = plan_epoch(train_set.shard_counts, 0, 100, 0, 1, seed=0, num_seeds=2)
     assert sum(i.stop - i.start for i in plan.items) == plan.steps * 100
     assert all(0 < i.stop - i.start <= 100 for i in plan.items)
     assert [(i.shard, i.aug_seed) for i in plan.items if i.start == 0] == units(plan)
@@ -148,7 +151,7 @@ def test_items_are_batch_sized_slices_that_cover_the_stream(train_set):
     for item in plan.items:     # no item crosses a batch boundary
         assert offset // 100 == (offset + item.stop - item.start - 1) // 100
         offset += item.stop - item.start
-    online = plan_epoch(train_set, 0, 100, 0, 1, seed=0, num_seeds=2, teacher_batch_size=32)
+    online = plan_epoch(train_set.shard_counts, 0, 100, 0, 1, seed=0, num_seeds=2, teacher_batch_size=32)
     assert all(i.start % 32 == 0 and i.stop - i.start <= 32 for i in online.items)
 
 
@@ -178,7 +181,7 @@ def test_a_workers_memory_does_not_grow_with_the_shard_size(tmp_path):
 
 def test_a_samples_image_does_not_depend_on_the_batch_size(train_set):
     def by_key(batch_size, teacher_batch_size=None):
-        plan = plan_epoch(train_set, 0, batch_size, 0, 1, seed=0, num_seeds=2, max_steps=120 // batch_size,
+        plan = plan_epoch(train_set.shard_counts, 0, batch_size, 0, 1, seed=0, num_seeds=2, max_steps=120 // batch_size,
                           teacher_batch_size=teacher_batch_size)
         return {key: tensor_digest(image) for batch in train_batches(train_set, plan, RECIPE, batch_size)
                 for key, image in zip(batch.keys, batch.images)}

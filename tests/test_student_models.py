@@ -8,9 +8,8 @@ import torch
 from _student_helpers import TINY_DEIT, one_thread  # noqa: F401 (autouse)
 
 from student.checkpoint import load_checkpoint, save_checkpoint
-from student.errors import StudentError
-from student.models import (CheckpointError, StudentConfig, create_student, init_from_checkpoint, is_distilled,
-                            student_heads)
+from student.errors import CheckpointError, StudentError
+from student.models import StudentConfig, create_student, init_from_checkpoint, is_distilled, student_heads
 
 
 def tiny(**changes) -> StudentConfig:

@@ -6,7 +6,9 @@ from collections import Counter
 import pytest
 import torch
 
-from student.schedule import (DataPlanError, check_seed_budget, epochs_supported, plan_epoch, seeds_for_epoch)
+from student.errors import DataPlanError
+from student.samplers import (check_seed_budget, epoch_segments, epochs_supported, repeated_steps,
+                              seeds_for_epoch)
 
 COUNTS = [37, 50, 41, 29]          # uneven shards, as make-shards leaves the last one
 
@@ -32,9 +34,12 @@ def test_seed_groups_and_budget():
 
 @pytest.mark.parametrize("batch", [12, 16])
 def test_one_rank_copies_share_a_batch(batch):
-    plan = plan_epoch(COUNTS, epoch=0, batch_size=batch, rank=0, world_size=1, seed=0, num_seeds=9, repeated_aug=3)
-    assert plan.aug_seeds == [0, 1, 2] and plan.images == sum(n // 3 for n in COUNTS)
-    for pieces in plan.steps:
+    steps = repeated_steps(COUNTS, epoch=0, batch_size=batch, rank=0, world_size=1, seed=0, num_seeds=9,
+                           repeated_aug=3)
+    assert seeds_for_epoch(0, 9, 3) == [0, 1, 2]
+    assert sum(b - a for _, a, b in epoch_segments(COUNTS, 0, 3, 0)) == sum(n // 3 for n in COUNTS)
+    assert {p.aug_seed for pieces in steps for p in pieces} == {0, 1, 2}
+    for pieces in steps:
         step = samples(pieces)
         assert len(step) == batch
         per_image = Counter((shard, k) for shard, k, _ in step)
@@ -46,10 +51,10 @@ def test_one_rank_copies_share_a_batch(batch):
 
 
 def test_two_ranks_copies_in_the_same_step_on_different_ranks():
-    plans = [plan_epoch(COUNTS, 0, 24, rank, 2, seed=0, num_seeds=6, repeated_aug=3) for rank in range(2)]
-    assert len(plans[0].steps) == len(plans[1].steps) > 0
-    for step in range(len(plans[0].steps)):
-        ranks = [samples(p.steps[step]) for p in plans]
+    plans = [repeated_steps(COUNTS, 0, 24, rank, 2, seed=0, num_seeds=6, repeated_aug=3) for rank in range(2)]
+    assert len(plans[0]) == len(plans[1]) > 0
+    for step in range(len(plans[0])):
+        ranks = [samples(p[step]) for p in plans]
         assert [len(r) for r in ranks] == [24, 24]
         images = Counter((sh, k) for r in ranks for sh, k, _ in r)
         assert set(images.values()) == {3}                     # 48 = 16 images x 3 seeds, all in this step
@@ -63,8 +68,8 @@ def test_no_record_used_twice_before_all_used_once(world_size, repeats):
     used = Counter()
     for epoch in range(epochs_supported(num_seeds, repeats)):
         for rank in range(world_size):
-            for pieces in plan_epoch(COUNTS, epoch, 8, rank, world_size, seed=3, num_seeds=num_seeds,
-                                     repeated_aug=repeats).steps:
+            for pieces in repeated_steps(COUNTS, epoch, 8, rank, world_size, seed=3, num_seeds=num_seeds,
+                                         repeated_aug=repeats):
                 used.update(samples(pieces))
     assert max(used.values()) == 1
     records = sum(COUNTS) * num_seeds
@@ -73,21 +78,21 @@ def test_no_record_used_twice_before_all_used_once(world_size, repeats):
 
 
 def test_one_rank_without_repeats_is_every_image_once():
-    plan = plan_epoch(COUNTS, epoch=4, batch_size=10, rank=0, world_size=1, seed=1, num_seeds=3)
-    assert plan.aug_seeds == [1]
-    seen = [x for pieces in plan.steps for x in samples(pieces)]
+    steps = repeated_steps(COUNTS, epoch=4, batch_size=10, rank=0, world_size=1, seed=1, num_seeds=3)
+    assert {p.aug_seed for pieces in steps for p in pieces} == {1}
+    seen = [x for pieces in steps for x in samples(pieces)]
     assert len(seen) == len(set(seen)) == (sum(COUNTS) // 10) * 10
     # pieces are runs of a mixing order: at most one piece per shard change or step
-    assert all(len(pieces) <= 2 for pieces in plan.steps)
+    assert all(len(pieces) <= 2 for pieces in steps)
 
 
 def test_plan_is_a_pure_function_and_epochs_differ():
-    a = plan_epoch(COUNTS, 1, 8, 1, 2, seed=0, num_seeds=9, repeated_aug=3)
-    assert a == plan_epoch(COUNTS, 1, 8, 1, 2, seed=0, num_seeds=9, repeated_aug=3)
-    b = plan_epoch(COUNTS, 0, 8, 1, 2, seed=0, num_seeds=9, repeated_aug=3)
-    assert samples(a.steps[0]) != samples(b.steps[0])
+    a = repeated_steps(COUNTS, 1, 8, 1, 2, seed=0, num_seeds=9, repeated_aug=3)
+    assert a == repeated_steps(COUNTS, 1, 8, 1, 2, seed=0, num_seeds=9, repeated_aug=3)
+    b = repeated_steps(COUNTS, 0, 8, 1, 2, seed=0, num_seeds=9, repeated_aug=3)
+    assert samples(a[0]) != samples(b[0])
     with pytest.raises(DataPlanError, match="fewer than one global batch"):
-        plan_epoch([5], 0, 8, 0, 1, seed=0, num_seeds=3, repeated_aug=3)
+        repeated_steps([5], 0, 8, 0, 1, seed=0, num_seeds=3, repeated_aug=3)
 
 
 def test_repeated_plan_feeds_training_batches_with_copies_together(digits_shards):
@@ -97,10 +102,11 @@ def test_repeated_plan_feeds_training_batches_with_copies_together(digits_shards
     from _student_helpers import RECIPE, single_thread
 
     from data_shards import ShardSet
-    from student.data import plan_epoch as data_plan_epoch, train_batches
+    from student.data import train_batches
+    from student.samplers import plan_epoch
 
     train_set = ShardSet.open(digits_shards["train"])
-    plan = data_plan_epoch(train_set, epoch=1, batch_size=30, rank=0, world_size=1, seed=0, num_seeds=6,
+    plan = plan_epoch(train_set.shard_counts, epoch=1, batch_size=30, rank=0, world_size=1, seed=0, num_seeds=6,
                            repeated_aug=3, max_steps=2)
     assert plan.aug_seeds == [0, 1, 2] and plan.steps == 2
     with single_thread():
@@ -117,9 +123,9 @@ def test_repeated_plan_feeds_training_batches_with_copies_together(digits_shards
 def first_reads(plans) -> dict[tuple[int, int], tuple[int, int]]:
     """(shard, seed) -> (first step that reads it, on any rank; the smallest position read then)."""
     first: dict[tuple[int, int], tuple[int, int]] = {}
-    for step in range(len(plans[0].steps)):
+    for step in range(len(plans[0])):
         for plan in plans:
-            for piece in plan.steps[step]:
+            for piece in plan[step]:
                 unit = (piece.shard, piece.aug_seed)
                 if unit not in first or first[unit][0] == step:
                     first[unit] = (step, min(piece.start, first.get(unit, (step, piece.start))[1]))
@@ -138,13 +144,13 @@ def test_every_unit_a_run_reads_is_first_read_at_a_digest_position(repeats):
         for batch in (1, 2, 5, 7, 12, 16):
             for epoch in range(2 * repeats):
                 try:
-                    plans = [plan_epoch(counts, epoch, batch, rank, world_size, seed=1,
-                                        num_seeds=3 * repeats, repeated_aug=repeats)
+                    plans = [repeated_steps(counts, epoch, batch, rank, world_size, seed=1,
+                                            num_seeds=3 * repeats, repeated_aug=repeats)
                              for rank in range(world_size)]
                 except DataPlanError:
                     continue
                 for (shard, seed), (step, start) in first_reads(plans).items():
-                    piece_stop = min(p.stop for plan in plans for p in plan.steps[step]
+                    piece_stop = min(p.stop for plan in plans for p in plan[step]
                                      if (p.shard, p.aug_seed, p.start) == (shard, seed, start))
                     recorded = digest_positions(counts[shard], repeats)
                     where = (world_size, batch, epoch, shard, seed)

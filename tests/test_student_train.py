@@ -19,11 +19,12 @@ from _student_helpers import (CACHE_BATCH, CACHE_TOPK, RECIPE, TEACHER_ARCH, TIN
 import student.train as train_module
 from cli_runner import CLI, run_cli
 from data_shards import ShardSet, finish_item
-from student.data import DataPlanError, replay_item, unit_items
-from student.errors import StudentError
+from data_shards.items import replay_item, unit_items
+from student.errors import DataPlanError, ReplayMismatchError, StudentError, TrainingError
 from student.evaluate import evaluate_checkpoint, head_logits, load_student
-from student.teachers import OnlineTeacher, ReplayMismatchError, load_online_teacher
-from student.train import TrainingError, train
+from student.teacher_policy import check_soft_targets
+from student.teachers import OnlineTeacher, load_online_teacher
+from student.train import train
 from teacher_cache import CacheError, TeacherCache
 from teacher_cache.inspection import format_inspection, inspect_cache
 from teacher_cache.targets import TeacherTargets, soft_tail_mass
@@ -105,7 +106,7 @@ def test_soft_distillation_is_refused_when_the_cache_cannot_represent_tau(setup,
 def test_a_full_logit_cache_gives_exact_soft_targets_at_any_tau(setup, tmp_path):
     full = make_cache(setup["train"], tmp_path / "full", setup["teacher"], seeds=1, store_logits="full")
     assert sorted(TeacherCache.open(full).array_names) == ["logits", "topk_indices", "topk_logprobs"]
-    note = train_module.check_soft_targets(TeacherCache.open(full), 3.0, 0.25)
+    note = check_soft_targets(TeacherCache.open(full), 3.0, 0.25)
     assert "<= 0.000" in note
 
 
@@ -299,7 +300,7 @@ def test_evaluate_against_the_cache(setup, tmp_path):
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_take_the_same_number_of_steps(setup, tmp_path):
     from data_shards.items import digest_positions
-    from student.data import plan_epoch
+    from student.samplers import plan_epoch
     run = tmp_path / "ddp"
     tiny = [f"--{k.replace('_', '-')}={v}" for k, v in TINY_DEIT.items()]
     result = run_torchrun(["train-student", "--shards", str(setup["train"]), "--out", str(run),
@@ -318,7 +319,7 @@ def test_ddp_two_cpu_processes_take_the_same_number_of_steps(setup, tmp_path):
         assert line["val"]["num_samples"] == sum(ShardSet.open(setup["val"]).shard_counts)
         # the digest counts are the run's, both ranks' (each replays whole units of its own shards)
         items = [i for rank in (0, 1)
-                 for i in plan_epoch(shard_set, line["epoch"], 64, rank, 2, 0, 2).items]
+                 for i in plan_epoch(shard_set.shard_counts, line["epoch"], 64, rank, 2, 0, 2).items]
         units = {(i.shard, i.aug_seed) for i in items}
         verified = sum(i.start <= k < i.stop for i in items
                        for k in digest_positions(shard_set.shard_counts[i.shard], 3))
@@ -393,8 +394,7 @@ def test_every_train_student_option_reaches_the_config():
     """train-student builds TrainConfig.from_dict(options), which ignores unknown keys: each option the
     command does not consume itself must be a key of the config's flat form, or it would be lost."""
     from pipeline.cli import main
-    consumed = {"input_size", "recipe_source", "aug_overrides", "model_kwargs", "distillation_type", "no_progress",
-                "as_json"}
+    consumed = {"input_size", "recipe_source", "aug_overrides", "model_kwargs", "no_progress", "as_json"}
     options = {p.name for p in main.commands["train-student"].params} - consumed
     assert options - set(tiny_config("s", "o").to_dict()) == set()
-    assert {"drop_path", "model", "resume", "teacher_channels_last"} <= options
+    assert {"drop_path_rate", "model", "resume", "teacher_channels_last", "distillation_type"} <= options

@@ -1,0 +1,125 @@
+"""Where a run's teacher targets come from (a cache, a teacher run online, or none) and what that
+source decides before any work: the recipe (a cache's, the user's fields refused where they
+differ), the seeds, and the guards on soft targets and on the seed schedule."""
+from __future__ import annotations
+
+import torch
+
+from data_shards import AugRecipe, ShardSet
+from teacher_cache.cache import TeacherCache
+from teacher_cache.targets import soft_tail_mass
+
+from .config import TrainConfig
+from .errors import StudentError
+from .metrics import Logger
+from .samplers import check_seed_budget, epochs_supported
+from .teachers import CachedTeacher, OnlineTeacher, load_online_teacher
+
+
+def resolve_recipe(cache: TeacherCache | None, recipe: dict | None, aug: dict,
+                   img_size: int | None = None) -> AugRecipe:
+    """The run's recipe: `recipe`'s fields (missing ones DeiT's), else the cache's, else DeiT's;
+    then the fields set one by one (`aug`: --aug, --input-size). A recipe not taken from the
+    cache follows --img-size where --input-size is not given. The cache's check_compatible then
+    refuses any field that differs from the cache's, naming it."""
+    if recipe is None and cache is not None:
+        fields = {**cache.recipe.to_dict(), **aug}
+    else:
+        fields = {**(recipe or {}), **({"input_size": img_size} if img_size else {}), **aug}
+    try:
+        return AugRecipe.from_dict(fields)
+    except (TypeError, ValueError) as exc:
+        raise StudentError(f"recipe (--recipe/--aug/--input-size): {exc}") from None
+
+
+def resolve_teacher(cfg: TrainConfig, shard_set: ShardSet, device: torch.device, log: Logger):
+    """-> (recipe, teacher source or None, number of seeds or None)."""
+    wants_teacher = cfg.distillation_type != "none"
+    if cfg.cache and cfg.teacher_online:
+        raise StudentError("give either --cache or --teacher-online, not both")
+    if wants_teacher and not (cfg.cache or cfg.teacher_online):
+        raise StudentError(f"--distillation-type {cfg.distillation_type} needs teacher targets: "
+                           "pass --cache CACHE (from cache-teacher) or --teacher-online "
+                           "NAME_OR_CHECKPOINT; or use --distillation-type none")
+    if cfg.cache:
+        return _cached_teacher(cfg, shard_set, device, log)
+    recipe = resolve_recipe(None, cfg.recipe, cfg.aug, cfg.student.img_size)
+    if not wants_teacher:
+        if cfg.teacher_online:
+            log.note("--distillation-type none: --teacher-online is not used")
+        return recipe, None, cfg.num_seeds
+    teacher = load_online_teacher(cfg.teacher_online, shard_set.num_classes, device,
+                                  cfg.teacher_model)
+    info = teacher.teacher_info
+    log.note(f"online teacher {info['name']} (weights sha256 {info['weights_sha256'][:12]}), "
+             f"top-{cfg.teacher_topk}{' + full logits' if cfg.teacher_full_logits else ''}, "
+             f"{cfg.teacher_precision}")
+    online = OnlineTeacher(teacher, cfg.teacher_topk, cfg.teacher_full_logits,
+                           cfg.teacher_precision, cfg.teacher_batch_size, cfg.teacher_channels_last)
+    return recipe, online, cfg.num_seeds
+
+
+def _cached_teacher(cfg: TrainConfig, shard_set: ShardSet, device: torch.device, log: Logger):
+    cache = TeacherCache.open(cfg.cache)
+    recipe = resolve_recipe(cache, cfg.recipe, cfg.aug, cfg.student.img_size)
+    cache.check_compatible(shard_set, recipe)
+    if cfg.num_seeds is not None and cfg.num_seeds != cache.num_seeds:
+        raise StudentError(f"--num-seeds {cfg.num_seeds} differs from the cache's "
+                           f"{cache.num_seeds} seeds; drop --num-seeds (a cache decides it)")
+    if cfg.distillation_type == "none":
+        log.note("--distillation-type none: the cache only decides the recipe and seeds; its "
+                 "targets are unused")
+        return recipe, None, cache.num_seeds
+    if cfg.distillation_type == "soft":
+        log.note(check_soft_targets(cache, cfg.distillation_tau, cfg.soft_tail_limit))
+    return recipe, CachedTeacher(cache, device=device), cache.num_seeds
+
+
+def check_soft_targets(cache: TeacherCache, tau: float, limit: float) -> str:
+    """Refuse soft distillation when the cache cannot represent τ: when the mean tail mass at τ
+    (a bound on the total variation to the exact soft target, targets.soft_tail_mass) exceeds
+    `limit`, measured on the first unit. Returns the note to log otherwise.
+    Default limit 0.25: in bench/bench_soft_targets.py, bounds up to ~0.2 kept the soft loss's
+    gradient cosine to the exact one >= 0.97 (mean, trained-like student); at ~0.35-0.6 it fell
+    to 0.93-0.26."""
+    mass = soft_tail_mass(cache.read(0, 0), cache.num_classes, tau)
+    fix = ("re-cache with a larger --topk or --store-logits full, use a lower --distillation-tau, "
+           "or pass --soft-tail-limit 1 to train anyway")
+    where = f"{cache.root} (top-{cache.topk} of {cache.num_classes} classes)"
+    if mass is None:
+        raise StudentError(f"soft distillation at τ={tau:g}: {where} has no tail summary (made "
+                           "before it existed), so the soft target's tail mass at τ != 1 is "
+                           f"unknown; {fix}")
+    bound = float(mass.mean())
+    if bound > limit:
+        raise StudentError(f"soft distillation at τ={tau:g}: in {where}, {bound:.1%} of the soft "
+                           "target's mass (mean over shard 0, seed 0) lies in classes whose values "
+                           f"are not stored, above --soft-tail-limit {limit:g}; the rebuilt target "
+                           "may differ from the exact one by up to that much in total variation; "
+                           f"{fix}")
+    return (f"soft targets at τ={tau:g} from {where}: total variation to the exact target <= "
+            f"{bound:.3f} (mean tail mass, shard 0 seed 0)")
+
+
+def check_seed_schedule(cfg: TrainConfig, recipe: AugRecipe, num_seeds: int | None,
+                        log: Logger) -> None:
+    """Refuse a --repeated-aug the recipe's pairing or the seeds cannot serve; note the budget."""
+    r, cached = cfg.repeated_aug, bool(cfg.cache)
+    if r > 1 and r != recipe.pairing_seeds:
+        raise StudentError(f"--repeated-aug {r} needs a recipe whose pairing_seeds is {r} (this "
+                           f"one shares a mixing order between {recipe.pairing_seeds} seeds, so an "
+                           "image's copies could not share a step); use --repeated-aug 1 or that "
+                           "many pairing seeds in the recipe")
+    if not num_seeds:
+        return                         # no cache, no --num-seeds: a new seed group every R epochs
+    if num_seeds < r:
+        raise StudentError(f"--repeated-aug {r} needs at least {r} seeds (one group), "
+                           f"{'the cache' if cached else '--num-seeds'} has {num_seeds}; "
+                           + ("grow the cache (cache-teacher --seeds N)" if cached
+                              else "raise --num-seeds")
+                           + " or use --repeated-aug 1")
+    held = f"a cache of {num_seeds} seeds" if cached else f"--num-seeds {num_seeds}"
+    log.note(f"{held} serves {epochs_supported(num_seeds, r)} epochs at --repeated-aug {r} before "
+             f"a {'record' if cached else '(image, seed) pair'} is used twice")
+    if note := check_seed_budget(cfg.epochs, num_seeds, r, cfg.reuse_seeds, cached=cached):
+        log.note(note)
