@@ -11,7 +11,7 @@ from teacher_cache.inspection import format_inspection, inspect_cache
 from teacher_cache.locks import DEFAULT_STALE_AFTER
 from teacher_cache.verification import NEAR_TIE_TOLERANCE, verify_cache
 
-from .cli import echo_json, main, run_or_explain
+from .group import echo_json, main, run_or_explain
 from .options import (COUNT, DEVICE_FORM, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, PROBABILITY, SEED,
                       device_option, recipe_from_options, recipe_given, recipe_options)
 

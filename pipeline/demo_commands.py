@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from .cli import UserError, main, run_or_explain
+from .group import UserError, main, run_or_explain
 from .options import device_option
 
 

@@ -10,7 +10,7 @@ from student.evaluate import evaluate_checkpoint
 from student.train import TrainConfig, train
 from teacher_cache.cache import TeacherCache
 
-from .cli import echo_json, main, run_or_explain
+from .group import echo_json, main, run_or_explain
 from .options import (COUNT, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, PROBABILITY, SEED, FiniteFloatRange,
                       device_option, parse_key_values, recipe_from_options, recipe_given, recipe_options)
 
