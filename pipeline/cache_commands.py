@@ -1,7 +1,6 @@
 """Stage one commands: cache-teacher, inspect-cache, verify-cache (thin wrappers over teacher_cache)."""
 from __future__ import annotations
 
-import json
 import sys
 
 import click
@@ -9,24 +8,11 @@ import click
 from teacher_cache import CacheOptions, cache_teacher
 from teacher_cache.inspection import format_inspection, inspect_cache
 from teacher_cache.locks import DEFAULT_STALE_AFTER
-from teacher_cache.verification import NEAR_TIE_TOLERANCE, verify_cache
+from teacher_cache.verification import NEAR_TIE_TOLERANCE, format_verification, verify_cache
 
 from .group import echo_json, main, run_or_explain
 from .options import (COUNT, DEVICE_FORM, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, PROBABILITY, SEED,
-                      device_option, recipe_from_options, recipe_given, recipe_options)
-
-
-def parse_json_option(ctx, param, text: str | None) -> dict | None:
-    """--teacher-kwargs: a JSON object, checked while the options are parsed."""
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise click.BadParameter(f"not valid JSON ({exc}): {text!r}", ctx, param) from None
-    if not isinstance(value, dict):
-        raise click.BadParameter(f"expected a JSON object like '{{\"img_size\": 32}}', got {text!r}", ctx, param)
-    return value
+                      device_option, json_object_option, recipe_from_options, recipe_given, recipe_options)
 
 
 @main.command("cache-teacher")
@@ -38,7 +24,7 @@ def parse_json_option(ctx, param, text: str | None) -> dict | None:
 @click.option("--teacher-checkpoint", type=click.Path(dir_okay=False), default=None,
               help="Local weights: DeiT dict {'model': state_dict}, plain state dict, or .safetensors "
                    "(loaded with weights_only=True).")
-@click.option("--teacher-kwargs", default=None, callback=parse_json_option,
+@click.option("--teacher-kwargs", default=None, callback=json_object_option,
               help='timm constructor arguments of the teacher as JSON, e.g. \'{"img_size": 32}\'.')
 @click.option("--seeds", type=COUNT, default=None,
               help="Number of augmentation seeds S (0..S-1). Required for a new cache; larger than an existing "
@@ -149,49 +135,3 @@ def verify_cache_cmd(cache, shards, as_json, **options):
     if not report["ok"]:
         sys.exit(1)
 
-
-def format_verification(report: dict) -> str:
-    """verify-cache's text report."""
-    r = report
-    allowed = " (allowed: --allow-incomplete)" if r["units_missing"] and r["allow_incomplete"] else ""
-    lines = [f"verify-cache {r['cache']}: units {r['units_done']}/{r['units_total']} computed, "
-             f"{r['units_missing']} missing{allowed}",
-             f"  storage files {r['files_checked'] - len(r['file_hash_mismatches'])}/{r['files_checked']} "
-             "present and matching their sha256 (every computed unit)"]
-    lines += [f"  missing unit (not computed yet): {name}" for name in r["missing_units"][:5]]
-    lines += [f"  DAMAGED unit {d['unit']}: {d['problem']}" for d in r["damaged_units"][:10]]
-    if r["records"]:
-        lines += _recomputation_lines(r)
-    else:
-        lines.append("  no record recomputed (no intact computed unit)")
-    if r["fix"]:
-        lines.append(f"  fix: {r['fix']}")
-    lines.append("  OK" if r["ok"] else "  FAILED")
-    return "\n".join(lines)
-
-
-def _recomputation_lines(r: dict) -> list[str]:
-    diffs = f"max top-k log-prob diff {r['max_logprob_diff']:.4g}"
-    if r["max_logit_diff"] is not None:
-        diffs += f", max logit diff {r['max_logit_diff']:.4g}"
-    if r["max_tail_logsumexp_diff"] is not None:
-        diffs += f", max tail log-sum-exp diff {r['max_tail_logsumexp_diff']:.4g}"
-    lines = [f"  recomputed {r['records']} records of {r['pairs']} (shard, seed) pairs on {r['device']} "
-             f"({r['precision']}) in their original batches (batch size {'/'.join(map(str, r['batch_sizes']))}, "
-             f"channels-last {'/'.join(map(str, r['channels_last']))})",
-             f"  argmax agreement {100 * r['argmax_agreement']:.2f}% (min {100 * r['min_agreement']:.2f}%), "
-             + diffs,
-             f"  replay digests {r['digests_checked'] - len(r['digest_mismatches'])}/{r['digests_checked']} match",
-             f"  real mismatches {r['mismatches']} (always fail), near-ties {r['near_ties']} "
-             f"(within {r['near_tie_tolerance']:g} nats; count as disagreement)"]
-    for item in r["disagreements"][:5]:
-        lines.append(f"  {item['kind']}: shard {item['shard']} seed {item['seed']} position {item['position']}: "
-                     f"cached class {item['cached_argmax']}, recomputed {item['recomputed_argmax']} "
-                     f"(recomputed gap {item['recomputed_gap']:.4g} nats)")
-    lines += [f"  replayed image differs from the cached one: {item}" for item in r["digest_mismatches"][:5]]
-    if r["other_kind_records"]:
-        lines.append(f"  {r['other_kind_records']} of {r['records']} records recomputed on {r['device_kind']}, "
-                     f"not on cache-teacher's {' / '.join(r['recorded_device_kinds'])}: their "
-                     f"{r['other_kind_near_ties']} near-ties are expected and do not fail; the verdict rests on "
-                     "digests, file hashes and real mismatches (min agreement: same-kind records)")
-    return lines

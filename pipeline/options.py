@@ -70,6 +70,24 @@ def parse_key_values(items: tuple[str, ...], option: str) -> dict:
     return out
 
 
+def parse_json_object(text: str, param_hint: str, what: str, expected: str) -> dict:
+    """An option's JSON object (--recipe, --teacher-kwargs): one error naming the option otherwise."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"{what} is not a JSON object ({exc})", param_hint=param_hint) from None
+    if not isinstance(value, dict):
+        raise click.BadParameter(f"expected {expected}, got a JSON {type(value).__name__}", param_hint=param_hint)
+    return value
+
+
+def json_object_option(ctx, param, text: str | None) -> dict | None:
+    """Callback of an option whose value is a JSON object (--teacher-kwargs), checked while parsing."""
+    if text is None:
+        return None
+    return parse_json_object(text, param.get_error_hint(ctx), repr(text), "a JSON object like '{\"img_size\": 32}'")
+
+
 def _check_fields(fields: dict, option: str) -> None:
     """Each recipe field's type and range (AugRecipe.check_field), naming `option` on the first bad one."""
     for key, value in fields.items():
@@ -99,16 +117,10 @@ def read_recipe_source(source: str) -> dict:
         except (OSError, UnicodeDecodeError) as exc:
             raise click.BadParameter(f"cannot read recipe file {source}: {getattr(exc, 'strerror', None) or exc}",
                                      param_hint="--recipe") from None
-    try:
-        loaded = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"{source if text is not source else 'the text'} is not a JSON object ({exc})",
-                                 param_hint="--recipe") from None
-    if isinstance(loaded, dict) and isinstance(loaded.get("recipe"), dict):
+    loaded = parse_json_object(text, "--recipe", source if text is not source else "the text",
+                               "a JSON object of recipe fields")
+    if isinstance(loaded.get("recipe"), dict):
         loaded = loaded["recipe"]          # a cache's manifest.json: reuse its recipe
-    if not isinstance(loaded, dict):
-        raise click.BadParameter(f"expected a JSON object of recipe fields, got a JSON {type(loaded).__name__}",
-                                 param_hint="--recipe")
     return loaded
 
 

@@ -82,7 +82,6 @@ class CacheOptions:
     lock_stale_after: float = DEFAULT_STALE_AFTER
     progress: bool = True
     log: Callable[[str], None] = print
-    on_commit: Callable[[Unit], None] | None = None        # after each commit (tests simulate crashes)
 
     @property
     def store_full(self) -> bool:
@@ -467,8 +466,6 @@ class _JobRun:
             self.lost.append(unit)   # another job broke our lock (we looked dead): let it commit
         self.keeper.discard(lock)
         lock.release()
-        if self.opts.on_commit is not None and unit not in self.lost:
-            self.opts.on_commit(unit)
         if self.tasks is not None and not self.sentinels_sent:    # with workers: queue the next unit's items
             self._queue(self._next_locked())
 

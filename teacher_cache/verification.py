@@ -306,3 +306,50 @@ def _replayed_digests(shard_set: ShardSet, pick: Pick, recipe, item, digests: di
             one = replay_item(shard_set, work, recipe, keys_cache)
             digests.update(finish_batch(one, recipe, device, count)[1])
     return digests
+
+
+def format_verification(report: dict) -> str:
+    """verify-cache's text report."""
+    r = report
+    allowed = " (allowed: --allow-incomplete)" if r["units_missing"] and r["allow_incomplete"] else ""
+    lines = [f"verify-cache {r['cache']}: units {r['units_done']}/{r['units_total']} computed, "
+             f"{r['units_missing']} missing{allowed}",
+             f"  storage files {r['files_checked'] - len(r['file_hash_mismatches'])}/{r['files_checked']} "
+             "present and matching their sha256 (every computed unit)"]
+    lines += [f"  missing unit (not computed yet): {name}" for name in r["missing_units"][:5]]
+    lines += [f"  DAMAGED unit {d['unit']}: {d['problem']}" for d in r["damaged_units"][:10]]
+    if r["records"]:
+        lines += _recomputation_lines(r)
+    else:
+        lines.append("  no record recomputed (no intact computed unit)")
+    if r["fix"]:
+        lines.append(f"  fix: {r['fix']}")
+    lines.append("  OK" if r["ok"] else "  FAILED")
+    return "\n".join(lines)
+
+
+def _recomputation_lines(r: dict) -> list[str]:
+    diffs = f"max top-k log-prob diff {r['max_logprob_diff']:.4g}"
+    if r["max_logit_diff"] is not None:
+        diffs += f", max logit diff {r['max_logit_diff']:.4g}"
+    if r["max_tail_logsumexp_diff"] is not None:
+        diffs += f", max tail log-sum-exp diff {r['max_tail_logsumexp_diff']:.4g}"
+    lines = [f"  recomputed {r['records']} records of {r['pairs']} (shard, seed) pairs on {r['device']} "
+             f"({r['precision']}) in their original batches (batch size {'/'.join(map(str, r['batch_sizes']))}, "
+             f"channels-last {'/'.join(map(str, r['channels_last']))})",
+             f"  argmax agreement {100 * r['argmax_agreement']:.2f}% (min {100 * r['min_agreement']:.2f}%), "
+             + diffs,
+             f"  replay digests {r['digests_checked'] - len(r['digest_mismatches'])}/{r['digests_checked']} match",
+             f"  real mismatches {r['mismatches']} (always fail), near-ties {r['near_ties']} "
+             f"(within {r['near_tie_tolerance']:g} nats; count as disagreement)"]
+    for item in r["disagreements"][:5]:
+        lines.append(f"  {item['kind']}: shard {item['shard']} seed {item['seed']} position {item['position']}: "
+                     f"cached class {item['cached_argmax']}, recomputed {item['recomputed_argmax']} "
+                     f"(recomputed gap {item['recomputed_gap']:.4g} nats)")
+    lines += [f"  replayed image differs from the cached one: {item}" for item in r["digest_mismatches"][:5]]
+    if r["other_kind_records"]:
+        lines.append(f"  {r['other_kind_records']} of {r['records']} records recomputed on {r['device_kind']}, "
+                     f"not on cache-teacher's {' / '.join(r['recorded_device_kinds'])}: their "
+                     f"{r['other_kind_near_ties']} near-ties are expected and do not fail; the verdict rests on "
+                     "digests, file hashes and real mismatches (min agreement: same-kind records)")
+    return lines
