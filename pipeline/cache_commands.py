@@ -1,7 +1,6 @@
 """Stage one commands: cache-teacher, inspect-cache, verify-cache (thin wrappers over teacher_cache)."""
 from __future__ import annotations
 
-import json
 import sys
 
 import click
@@ -9,40 +8,31 @@ import click
 from teacher_cache import CacheOptions, cache_teacher
 from teacher_cache.inspection import format_inspection, inspect_cache
 from teacher_cache.locks import DEFAULT_STALE_AFTER
-from teacher_cache.verification import NEAR_TIE_TOLERANCE, verify_cache
+from teacher_cache.verification import NEAR_TIE_TOLERANCE, format_verification, verify_cache
 
-from .cli import echo_json, main, run_or_explain
-from .options import (COUNT, DEVICE_FORM, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, PROBABILITY, SEED,
-                      device_option, recipe_from_options, recipe_given, recipe_options)
-
-
-def parse_json_option(ctx, param, text: str | None) -> dict | None:
-    """--teacher-kwargs: a JSON object, checked while the options are parsed."""
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        raise click.BadParameter(f"not valid JSON ({exc}): {text!r}", ctx, param) from None
-    if not isinstance(value, dict):
-        raise click.BadParameter(f"expected a JSON object like '{{\"img_size\": 32}}', got {text!r}", ctx, param)
-    return value
+from .group import echo_json, main, run_or_explain
+from .options import (COUNT, DEVICE_FORM, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE_FLOAT,
+                      PROBABILITY, SEED,
+                      device_option, json_object_option, recipe_from_options, recipe_given,
+                      recipe_options)
 
 
 @main.command("cache-teacher")
-@click.option("--shards", required=True, type=click.Path(file_okay=False), help="Shard folder (from make-shards).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Cache folder (created, or resumed).")
+@click.option("--shards", required=True, type=click.Path(file_okay=False),
+              help="Shard folder (from make-shards).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Cache folder (created, or resumed).")
 @click.option("--teacher", default=None,
-              help="timm model name. Default: regnety_160.deit_in1k (timm pretrained), or the architecture "
-                   "recorded in --teacher-checkpoint, or the existing cache's teacher.")
+              help="timm model name. Default: regnety_160.deit_in1k (timm pretrained), or the "
+                   "architecture recorded in --teacher-checkpoint, or the existing cache's teacher.")
 @click.option("--teacher-checkpoint", type=click.Path(dir_okay=False), default=None,
-              help="Local weights: DeiT dict {'model': state_dict}, plain state dict, or .safetensors "
-                   "(loaded with weights_only=True).")
-@click.option("--teacher-kwargs", default=None, callback=parse_json_option,
+              help="Local weights: DeiT dict {'model': state_dict}, plain state dict, or "
+                   ".safetensors (loaded with weights_only=True).")
+@click.option("--teacher-kwargs", default=None, callback=json_object_option,
               help='timm constructor arguments of the teacher as JSON, e.g. \'{"img_size": 32}\'.')
 @click.option("--seeds", type=COUNT, default=None,
-              help="Number of augmentation seeds S (0..S-1). Required for a new cache; larger than an existing "
-                   "cache's count, it grows the cache (a cache never shrinks).")
+              help="Number of augmentation seeds S (0..S-1). Required for a new cache; larger than "
+                   "an existing cache's count, it grows the cache (a cache never shrinks).")
 @click.option("--topk", type=COUNT, default=None,
               help="K top classes stored per record (at most the class count). [default: 10]")
 @click.option("--store-logits", type=click.Choice(["topk", "full"]), default=None,
@@ -51,25 +41,32 @@ def parse_json_option(ctx, param, text: str | None) -> dict | None:
               help="Seeds per work unit (locked and committed together). [default: min(S, 10)]")
 @recipe_options
 @click.option("--batch-size", type=COUNT, default=None,
-              help="Teacher batch size; recorded (GPU results depend on batch composition; verify-cache "
-                   "replays these batches). [default: 64, or the existing cache's]")
+              help="Teacher batch size; recorded (GPU results depend on batch composition; "
+                   "verify-cache replays these batches). [default: 64, or the existing cache's]")
 @click.option("--channels-last/--no-channels-last", default=None,
-              help="Feed the teacher NHWC tensors (recorded; verify-cache uses it). Slower for RegNetY-16GF "
-                   "bf16 on an H200 (3,554 against 4,352 img/s). [default: off, or the existing cache's]")
+              help="Feed the teacher NHWC tensors (recorded; verify-cache uses it). Slower for "
+                   "RegNetY-16GF bf16 on an H200 (3,554 against 4,352 img/s). [default: off, or "
+                   "the existing cache's]")
 @device_option()
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Teacher autocast precision (fp16 on CUDA only). [default: fp32]")
-@click.option("--num-jobs", type=COUNT, default=None, help="Total jobs N (default: SLURM array / torchrun / 1).")
+@click.option("--num-jobs", type=COUNT, default=None,
+              help="Total jobs N (default: SLURM array / torchrun / 1).")
 @click.option("--job-index", type=NON_NEGATIVE, default=None, help="This job's index I in 0..N-1.")
 @click.option("--workers", type=NON_NEGATIVE, default=0, show_default=True,
-              help="Processes that replay teacher batches (uint8 work items; 0: in the main process).")
+              help="Processes that replay teacher batches (uint8 work items; 0: in the main "
+                   "process).")
 @click.option("--max-units", type=NON_NEGATIVE, default=None,
-              help="Stop after computing this many units (time-limited jobs; 0 only creates or grows the cache).")
-@click.option("--lock-stale-after", type=POSITIVE_FLOAT, default=DEFAULT_STALE_AFTER, show_default=True,
-              help="Seconds without heartbeat after which another job's unit lock counts as abandoned.")
+              help="Stop after computing this many units (time-limited jobs; 0 only creates or "
+                   "grows the cache).")
+@click.option("--lock-stale-after", type=POSITIVE_FLOAT, default=DEFAULT_STALE_AFTER,
+              show_default=True,
+              help="Seconds without heartbeat after which another job's unit lock counts as "
+                   "abandoned.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def cache_teacher_cmd(input_size, recipe_source, aug_overrides, teacher_kwargs, as_json, no_progress, **options):
+def cache_teacher_cmd(input_size, recipe_source, aug_overrides, teacher_kwargs, as_json,
+                      no_progress, **options):
     """Run the teacher on every (sample, augmentation seed) and store its top-k in a Zarr cache.
 
     Resumable: rerunning skips finished units. Jobs split the units round-robin; several
@@ -92,11 +89,11 @@ def cache_teacher_cmd(input_size, recipe_source, aug_overrides, teacher_kwargs, 
 @click.option("--max-label-records", type=NON_NEGATIVE, default=200_000, show_default=True,
               help="Records read to measure teacher top-1 and top-k mass.")
 def inspect_cache_cmd(cache, as_json, max_label_records):
-    """Units done / missing / damaged, records, bytes on disk and per record, teacher top-1, per-seed summary.
+    """Units done / missing / damaged, records, bytes on disk and per record, teacher top-1,
+    per-seed summary.
 
-    Exit code 0; 1 when part of the cache is damaged (listed with what to do; the other figures leave it
-    out); 2 when CACHE is not a teacher cache.
-    """
+    Exit code 0; 1 when part of the cache is damaged (listed with what to do; the other figures
+    leave it out); 2 when CACHE is not a teacher cache. """
     info = run_or_explain(inspect_cache, cache, max_label_records=max_label_records)
     if as_json:
         echo_json(info)
@@ -108,39 +105,44 @@ def inspect_cache_cmd(cache, as_json, max_label_records):
 
 @main.command("verify-cache")
 @click.argument("cache", type=click.Path(file_okay=False))
-@click.option("--shards", required=True, type=click.Path(file_okay=False), help="The shard folder the cache was computed from.")
+@click.option("--shards", required=True, type=click.Path(file_okay=False),
+              help="The shard folder the cache was computed from.")
 @click.option("--samples", type=COUNT, default=64, show_default=True,
-              help="Random (key, seed) records to recompute with the teacher (every unit's files are "
-                   "checked anyway).")
+              help="Random (key, seed) records to recompute with the teacher (every unit's files "
+                   "are checked anyway).")
 @click.option("--min-agreement", type=PROBABILITY, default=1.0, show_default=True,
               help="Fail below this exact argmax agreement of the records recomputed on "
                    "cache-teacher's kind of device (near-ties count as disagreement; 1.0 is "
                    "expected there at the same precision; on another kind near-ties are only "
                    "reported). A real mismatch fails at any value.")
-@click.option("--near-tie-tolerance", type=NON_NEGATIVE_FLOAT, default=NEAR_TIE_TOLERANCE, show_default=True,
-              help="A disagreement is a near-tie when the recomputed log-probs of the two classes, and the stored "
-                   "and recomputed top-1 log-prob, are within this many nats.")
+@click.option("--near-tie-tolerance", type=NON_NEGATIVE_FLOAT, default=NEAR_TIE_TOLERANCE,
+              show_default=True,
+              help="A disagreement is a near-tie when the recomputed log-probs of the two classes, "
+                   "and the stored and recomputed top-1 log-prob, are within this many nats.")
 @click.option("--max-logprob-diff", type=NON_NEGATIVE_FLOAT, default=None,
               help="Also fail above this top-k log-prob (or tail log-sum-exp) difference, in nats.")
 @click.option("--teacher-checkpoint", type=click.Path(dir_okay=False), default=None,
-              help="Where the cache's teacher checkpoint is now, if it moved (its weights must match).")
-@device_option(help=f"Where the teacher is rerun: {DEVICE_FORM}. On the cache's own device type and precision a "
+              help="Where the cache's teacher checkpoint is now, if it moved (its weights must "
+                   "match).")
+@device_option(help=f"Where the teacher is rerun: {DEVICE_FORM}. On the cache's own device type "
+                    f"and precision a "
                         "healthy cache reproduces exactly.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default=None,
               help="Default: the cache's precision.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Which random records.")
 @click.option("--allow-incomplete", is_flag=True,
-              help="Pass a cache that is still being computed: its missing units are listed, not a failure.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON (exit codes as without it).")
+              help="Pass a cache that is still being computed: its missing units are listed, not a "
+                   "failure.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the report as JSON (exit codes as without it).")
 def verify_cache_cmd(cache, shards, as_json, **options):
     """Check every computed unit's files against its record, list the units not computed yet, and
-    recompute random cached records in the batches that produced them (the unit's recorded batch size,
-    order and channels-last).
+    recompute random cached records in the batches that produced them (the unit's recorded batch
+    size, order and channels-last).
 
-    Exit code 0 when all is well; 1 on damage (a unit's file missing or changed, a replayed image or a
-    record that differs) or missing units (unless --allow-incomplete); 2 on bad input (not a cache,
-    other shards, other teacher weights, a bad option).
-    """
+    Exit code 0 when all is well; 1 on damage (a unit's file missing or changed, a replayed image or
+    a record that differs) or missing units (unless --allow-incomplete); 2 on bad input (not a
+    cache, other shards, other teacher weights, a bad option). """
     report = run_or_explain(verify_cache, cache, shards, **options)
     if as_json:
         echo_json(report)
@@ -149,49 +151,3 @@ def verify_cache_cmd(cache, shards, as_json, **options):
     if not report["ok"]:
         sys.exit(1)
 
-
-def format_verification(report: dict) -> str:
-    """verify-cache's text report."""
-    r = report
-    allowed = " (allowed: --allow-incomplete)" if r["units_missing"] and r["allow_incomplete"] else ""
-    lines = [f"verify-cache {r['cache']}: units {r['units_done']}/{r['units_total']} computed, "
-             f"{r['units_missing']} missing{allowed}",
-             f"  storage files {r['files_checked'] - len(r['file_hash_mismatches'])}/{r['files_checked']} "
-             "present and matching their sha256 (every computed unit)"]
-    lines += [f"  missing unit (not computed yet): {name}" for name in r["missing_units"][:5]]
-    lines += [f"  DAMAGED unit {d['unit']}: {d['problem']}" for d in r["damaged_units"][:10]]
-    if r["records"]:
-        lines += _recomputation_lines(r)
-    else:
-        lines.append("  no record recomputed (no intact computed unit)")
-    if r["fix"]:
-        lines.append(f"  fix: {r['fix']}")
-    lines.append("  OK" if r["ok"] else "  FAILED")
-    return "\n".join(lines)
-
-
-def _recomputation_lines(r: dict) -> list[str]:
-    diffs = f"max top-k log-prob diff {r['max_logprob_diff']:.4g}"
-    if r["max_logit_diff"] is not None:
-        diffs += f", max logit diff {r['max_logit_diff']:.4g}"
-    if r["max_tail_logsumexp_diff"] is not None:
-        diffs += f", max tail log-sum-exp diff {r['max_tail_logsumexp_diff']:.4g}"
-    lines = [f"  recomputed {r['records']} records of {r['pairs']} (shard, seed) pairs on {r['device']} "
-             f"({r['precision']}) in their original batches (batch size {'/'.join(map(str, r['batch_sizes']))}, "
-             f"channels-last {'/'.join(map(str, r['channels_last']))})",
-             f"  argmax agreement {100 * r['argmax_agreement']:.2f}% (min {100 * r['min_agreement']:.2f}%), "
-             + diffs,
-             f"  replay digests {r['digests_checked'] - len(r['digest_mismatches'])}/{r['digests_checked']} match",
-             f"  real mismatches {r['mismatches']} (always fail), near-ties {r['near_ties']} "
-             f"(within {r['near_tie_tolerance']:g} nats; count as disagreement)"]
-    for item in r["disagreements"][:5]:
-        lines.append(f"  {item['kind']}: shard {item['shard']} seed {item['seed']} position {item['position']}: "
-                     f"cached class {item['cached_argmax']}, recomputed {item['recomputed_argmax']} "
-                     f"(recomputed gap {item['recomputed_gap']:.4g} nats)")
-    lines += [f"  replayed image differs from the cached one: {item}" for item in r["digest_mismatches"][:5]]
-    if r["other_kind_records"]:
-        lines.append(f"  {r['other_kind_records']} of {r['records']} records recomputed on {r['device_kind']}, "
-                     f"not on cache-teacher's {' / '.join(r['recorded_device_kinds'])}: their "
-                     f"{r['other_kind_near_ties']} near-ties are expected and do not fail; the verdict rests on "
-                     "digests, file hashes and real mismatches (min agreement: same-kind records)")
-    return lines

@@ -28,17 +28,21 @@ from teacher_cache.build import CacheOptions, cache_teacher
 # A recipe for 32x32 digits (8x8 originals, upsampled): DeiT's recipe with three changes a
 # digit needs — no horizontal flip (a mirrored 2 or 7 is not a 2 or 7), milder crops (a 0.08
 # crop of an 8x8 digit is one stroke), and no centre crop at evaluation (the digit fills the image).
-TEACHER_RECIPE = AugRecipe(input_size=32, scale=(0.35, 1.0), hflip=0.0, rand_augment="rand-m7-mstd0.5-inc1",
+TEACHER_RECIPE = AugRecipe(input_size=32, scale=(0.35, 1.0), hflip=0.0,
+                           rand_augment="rand-m7-mstd0.5-inc1",
                            eval_crop_pct=1.0)
 # The students' (= the cache's) recipe keeps every DeiT ingredient at magnitudes scaled for 1,443
 # images of 8x8 and 40 epochs (chosen by short runs, see README "demo"): RandAugment m5, crops of
 # 50-100 %, erasing of at most 20 % of the image, Mixup α 0.2 / CutMix α 0.5 on 80 % of batches.
-DEMO_RECIPE = AugRecipe(input_size=32, scale=(0.5, 1.0), hflip=0.0, rand_augment="rand-m5-mstd0.5-inc1",
-                        eval_crop_pct=1.0, re_area=(0.02, 0.2), mixup_alpha=0.2, cutmix_alpha=0.5, mix_prob=0.8)
+DEMO_RECIPE = AugRecipe(input_size=32, scale=(0.5, 1.0), hflip=0.0,
+                        rand_augment="rand-m5-mstd0.5-inc1",
+                        eval_crop_pct=1.0, re_area=(0.02, 0.2), mixup_alpha=0.2, cutmix_alpha=0.5,
+                        mix_prob=0.8)
 TEACHER_MODEL = "resnet10t"
 # DeiT-Tiny's width (192) and heads (3), 4 blocks, for 32x32 inputs: a 4x4 grid of 8x8 patches
 # (= 2x2 original pixels). Width 192 learns per step ~2x faster than 96 here, at ~3x the cost.
-STUDENT = dict(model="deit_tiny_distilled_patch16_224", img_size=32, patch_size=8, embed_dim=192, depth=4,
+STUDENT = dict(model="deit_tiny_distilled_patch16_224", img_size=32, patch_size=8, embed_dim=192,
+               depth=4,
                num_heads=3)
 DISTILLATION_TYPES = ("none", "soft", "hard")
 
@@ -50,10 +54,12 @@ class DemoSettings:
     teacher_lr: float = 1e-3
     student_epochs: int = 40        # = cached seeds: one seed per student epoch
     batch_size: int = 32            # students: twice DeiT's steps per image, for 1,443 images
-    lr: float = 5e-4                # DeiT's 5e-4 x 32/512 is too low; 1e-3 learns 2x slower, 2e-3 stalls
+    # DeiT's 5e-4 x 32/512 is too low; 1e-3 learns 2x slower, 2e-3 stalls
+    lr: float = 5e-4
     warmup_epochs: int = 2
     drop_path: float = 0.05         # DeiT-Ti's 0.1, halved for a 4-block model
-    student_seeds: int = 1          # train each student with seeds 0..N-1 (mean ± spread in results)
+    # train each student with seeds 0..N-1 (mean ± spread in results)
+    student_seeds: int = 1
     shard_size: int = 256
     device: str = "auto"
     # Replay in the main process and every core to torch: on 2 quiet cores a student epoch took
@@ -77,7 +83,8 @@ def phase(title: str, timings: dict[str, float], key: str | None = None):
         timings[key] = timings.get(key, 0.0) + time.time() - started
 
 
-DEMO_MARKER = ".deit-pipeline-demo"      # written into --out: the folder is the demo's, a rerun may replace it
+# written into --out: the folder is the demo's, a rerun may replace it
+DEMO_MARKER = ".deit-pipeline-demo"
 
 
 class DemoError(ValueError):
@@ -85,20 +92,23 @@ class DemoError(ValueError):
 
 
 def prepare_out(out: str | Path, overwrite: bool = False) -> Path:
-    """An empty `out` marked as the demo's. An existing folder is replaced only when the demo made it
-    (its marker file) or `overwrite` is given; a folder of someone else's files is refused untouched."""
+    """An empty `out` marked as the demo's. An existing folder is replaced only when the demo made
+    it (its marker file) or `overwrite` is given; a folder of someone else's files is refused
+    untouched."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DemoError(f"demo --out {out} exists and is not a folder; choose another --out")
     if out.is_dir() and any(out.iterdir()):
         if not ((out / DEMO_MARKER).is_file() or overwrite):
             names = sorted(p.name for p in out.iterdir())
-            raise DemoError(f"demo --out {out} holds files the demo did not write ({', '.join(names[:3])}"
-                            f"{', ...' if len(names) > 3 else ''}); choose another --out, or pass --overwrite to "
+            raise DemoError(f"demo --out {out} holds files the demo did not write "
+                            f"({', '.join(names[:3])}{', ...' if len(names) > 3 else ''}); choose "
+                            f"another --out, or pass --overwrite to "
                             "delete the folder and everything in it")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / DEMO_MARKER).write_text("written by `deit-pipeline demo`: a rerun into this folder replaces it\n")
+    (out / DEMO_MARKER).write_text("written by `deit-pipeline demo`: a rerun into this folder "
+                                   "replaces it\n")
     return out
 
 
@@ -115,25 +125,33 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), overwrite
     started = time.time()
 
     shards = {split: out / "shards" / split for split in ("train", "val")}
-    with phase("1/6 make-shards: scikit-learn digits -> WebDataset shards (train / val)", timings, "make_shards"):
+    with phase("1/6 make-shards: scikit-learn digits -> WebDataset shards (train / val)", timings,
+               "make_shards"):
         for split, folder in shards.items():
-            make_shards("digits", folder, split=split, shard_size=settings.shard_size, overwrite=True)
-    common = dict(shards=str(shards["train"]), val_shards=str(shards["val"]), device=settings.device,
-                  workers=settings.workers, repeated_aug=1, log_interval=10**9, max_steps_per_epoch=settings.max_steps_per_epoch)
+            make_shards("digits", folder, split=split, shard_size=settings.shard_size,
+                        overwrite=True)
+    common = dict(shards=str(shards["train"]), val_shards=str(shards["val"]),
+                  device=settings.device,
+                  workers=settings.workers, repeated_aug=1, log_interval=10**9,
+                  max_steps_per_epoch=settings.max_steps_per_epoch)
 
-    teacher_ckpt, cache_dir, cache_summary = teacher_and_cache(out, shards, settings, common, timings)
+    teacher_ckpt, cache_dir, cache_summary = teacher_and_cache(out, shards, settings, common,
+                                                               timings)
     runs = train_students(out, cache_dir, settings, common, timings)
 
-    with phase("5/6 evaluate the students (class, distillation, fused heads) and the teacher", timings, "evaluate"):
+    with phase("5/6 evaluate the students (class, distillation, fused heads) and the teacher",
+               timings, "evaluate"):
         all_reports = {key: evaluate_checkpoint(str(d / "checkpoint.pt"), str(shards["val"]), teacher=str(teacher_ckpt),
                                                 device=settings.device) for key, d in runs.items()}
-        teacher_report = evaluate_checkpoint(str(teacher_ckpt), str(shards["val"]), device=settings.device)
+        teacher_report = evaluate_checkpoint(str(teacher_ckpt), str(shards["val"]),
+                                             device=settings.device)
 
     with phase("6/6 results: results.md, results.json, accuracy.png", timings):
         curves = {kind: val_curve(runs[kind, 0] / METRICS_FILE) for kind in DISTILLATION_TYPES}
         curves["teacher"] = val_curve(teacher_ckpt.parent / METRICS_FILE)
         results = {
-            "settings": settings.__dict__, "recipe": DEMO_RECIPE.to_dict(), "teacher_recipe": TEACHER_RECIPE.to_dict(),
+            "settings": settings.__dict__, "recipe": DEMO_RECIPE.to_dict(),
+            "teacher_recipe": TEACHER_RECIPE.to_dict(),
             "teacher_model": TEACHER_MODEL, "student": STUDENT, "teacher": teacher_report,
             "students": {kind: all_reports[kind, 0] for kind in DISTILLATION_TYPES},
             "over_seeds": over_seeds(all_reports), "val_curves": curves,
@@ -144,22 +162,33 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), overwrite
     return results
 
 
-def teacher_and_cache(out: Path, shards: dict[str, Path], settings: DemoSettings, common: dict, timings: dict):
+def teacher_and_cache(out: Path, shards: dict[str, Path], settings: DemoSettings, common: dict,
+                      timings: dict):
     """Phases 2-3: the supervised teacher, then its cache over one seed per student epoch."""
     teacher_dir, cache_dir = out / "teacher", out / "teacher_cache"
     teacher_ckpt = teacher_dir / "checkpoint.pt"
-    with phase(f"2/6 train the teacher ({TEACHER_MODEL}, supervised, {settings.teacher_epochs} epochs)",
+    with phase(f"2/6 train the teacher ({TEACHER_MODEL}, supervised, {settings.teacher_epochs} "
+               f"epochs)",
                timings, "train_teacher"):
-        train(TrainConfig(out=str(teacher_dir), student=StudentConfig(TEACHER_MODEL, drop_path_rate=0.0),
-                          distillation_type="none", recipe=TEACHER_RECIPE.to_dict(), epochs=settings.teacher_epochs,
-                          batch_size=settings.teacher_batch_size, lr=settings.teacher_lr, warmup_epochs=2, **common))
-    with phase(f"3/6 cache-teacher: {settings.student_epochs} augmentation seeds x every training image",
+        train(TrainConfig(out=str(teacher_dir),
+                          student=StudentConfig(TEACHER_MODEL, drop_path_rate=0.0),
+                          distillation_type="none", recipe=TEACHER_RECIPE.to_dict(),
+                          epochs=settings.teacher_epochs,
+                          batch_size=settings.teacher_batch_size, lr=settings.teacher_lr,
+                          warmup_epochs=2, **common))
+    with phase(f"3/6 cache-teacher: {settings.student_epochs} augmentation seeds x every training "
+               f"image",
                timings, "cache_teacher"):
-        cache_summary = cache_teacher(CacheOptions(shards["train"], cache_dir, teacher_checkpoint=str(teacher_ckpt),
-                                                   seeds=settings.student_epochs, topk=10, recipe=DEMO_RECIPE,
-                                                   batch_size=settings.teacher_batch_size, device=settings.device,
-                                                   workers=settings.workers,    # replay off the teacher's core
-                                                   log=lambda message: click.echo(message, err=True)))
+        cache_summary = cache_teacher(CacheOptions(shards["train"], cache_dir,
+                                                   teacher_checkpoint=str(teacher_ckpt),
+                                                   seeds=settings.student_epochs, topk=10,
+                                                   recipe=DEMO_RECIPE,
+                                                   batch_size=settings.teacher_batch_size,
+                                                   device=settings.device,
+                                                   # replay off the teacher's core
+                                                   workers=settings.workers,
+                                                   log=lambda message: click.echo(message,
+                                                                                  err=True)))
     return teacher_ckpt, cache_dir, cache_summary
 
 
@@ -171,8 +200,10 @@ def train_students(out: Path, cache_dir: Path, settings: DemoSettings, common: d
             runs[kind, seed] = out / (f"student_{kind}" if seed == 0 else f"student_{kind}_seed{seed}")
             with phase(f"4/6 student {i + 1}/3 (seed {seed}): {STUDENT['model']} (32x32, patch 8), "
                        f"distillation {kind}, from the cache", timings, f"train_student_{kind}"):
-                train(TrainConfig(out=str(runs[kind, seed]), cache=str(cache_dir), distillation_type=kind, seed=seed,
-                                  epochs=settings.student_epochs, batch_size=settings.batch_size, lr=settings.lr,
+                train(TrainConfig(out=str(runs[kind, seed]), cache=str(cache_dir),
+                                  distillation_type=kind, seed=seed,
+                                  epochs=settings.student_epochs, batch_size=settings.batch_size,
+                                  lr=settings.lr,
                                   warmup_epochs=settings.warmup_epochs,
                                   student=StudentConfig(**STUDENT, drop_path_rate=settings.drop_path), **common))
     return runs
@@ -193,7 +224,8 @@ def over_seeds(reports: dict[tuple[str, int], dict]) -> dict[str, dict]:
     out = {}
     for kind in DISTILLATION_TYPES:
         values = [r["heads"][r["default_head"]]["top1"] for (k, _), r in sorted(reports.items()) if k == kind]
-        out[kind] = {"top1": values, "mean": sum(values) / len(values), "spread": max(values) - min(values)}
+        out[kind] = {"top1": values, "mean": sum(values) / len(values),
+                     "spread": max(values) - min(values)}
     return out
 
 
@@ -205,7 +237,8 @@ def val_curve(metrics_path: Path) -> list[dict]:
         if record.get("event") == "epoch" and "val" in record:
             val = record["val"]
             curve.append({"epoch": record["epoch"] + 1, "top1": val[default_head(val)]["top1"],
-                          **{f"{h}_top1": v["top1"] for h, v in val.items() if isinstance(v, dict)}})
+                          **{f"{h}_top1": v["top1"] for h, v in val.items() if isinstance(v,
+                                                                                          dict)}})
     return curve
 
 
@@ -214,12 +247,15 @@ def results_table(results: dict) -> str:
     lines = [
         "# deit-pipeline demo: digits, 32x32",
         "",
-        f"Teacher `{results['teacher_model']}` (supervised, {results['settings']['teacher_epochs']} epochs); "
-        f"student `{results['student']['model']}` resized to 32x32 / patch 8 / dim {results['student']['embed_dim']} / "
-        f"depth {results['student']['depth']}, {results['settings']['student_epochs']} epochs, one cached seed per epoch. "
-        f"Validation: {results['teacher']['num_samples']} held-out digits, evaluation transform.",
+        f"Teacher `{results['teacher_model']}` (supervised, "
+        f"{results['settings']['teacher_epochs']} epochs); student `{results['student']['model']}` "
+        f"resized to 32x32 / patch 8 / dim {results['student']['embed_dim']} / depth "
+        f"{results['student']['depth']}, {results['settings']['student_epochs']} epochs, one "
+        f"cached seed per epoch. Validation: {results['teacher']['num_samples']} held-out digits, "
+        f"evaluation transform.",
         "",
-        "| model | distillation | class head top-1 | dist head top-1 | fused top-1 | agreement with teacher |",
+        "| model | distillation | class head top-1 | dist head top-1 | fused top-1 | agreement "
+        "with teacher |",
         "|---|---|---|---|---|---|",
         f"| teacher {results['teacher_model']} | - | {t_top1:.2%} | - | - | - |",
     ]
@@ -250,9 +286,11 @@ def plot_curves(curves: dict[str, list[dict]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     for kind in DISTILLATION_TYPES:
-        ax.plot([p["epoch"] for p in curves[kind]], [100 * p["top1"] for p in curves[kind]], marker="o", ms=3,
+        ax.plot([p["epoch"] for p in curves[kind]], [100 * p["top1"] for p in curves[kind]],
+                marker="o", ms=3,
                 label=f"student, {kind} distillation")
-    ax.axhline(100 * curves["teacher"][-1]["top1"], color="black", ls="--", lw=1, label="teacher (final)")
+    ax.axhline(100 * curves["teacher"][-1]["top1"], color="black", ls="--", lw=1,
+               label="teacher (final)")
     ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation top-1 (%)")

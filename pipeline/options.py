@@ -40,7 +40,8 @@ def check_device(ctx, param, value):
 
 
 def device_option(help: str = f"{DEVICE_FORM}.", default: str = "auto"):
-    return click.option("--device", default=default, show_default=True, callback=check_device, help=help)
+    return click.option("--device", default=default, show_default=True, callback=check_device,
+                        help=help)
 
 
 def recipe_options(fn):
@@ -50,9 +51,11 @@ def recipe_options(fn):
                            "--aug rand_augment=null (values are JSON). Faster, not timm's bytes: "
                            "--aug resize_backend=torch --aug rand_augment_interpolation=bilinear.")(fn)
     fn = click.option("--recipe", "recipe_source", default=None, metavar="FILE|JSON", callback=_check_recipe,
-                      help="Augmentation recipe as a JSON file or string (fields of AugRecipe; missing ones "
-                           "are DeiT's), or a cache's manifest.json to reuse its recipe.")(fn)
-    fn = click.option("--input-size", type=COUNT, default=None, help="Training input size (default 224).")(fn)
+                      help="Augmentation recipe as a JSON file or string (fields of AugRecipe; "
+                           "missing ones are DeiT's), or a cache's manifest.json to reuse its "
+                           "recipe.")(fn)
+    fn = click.option("--input-size", type=COUNT, default=None, help="Training input size (default "
+                      "224).")(fn)
     return fn
 
 
@@ -68,6 +71,26 @@ def parse_key_values(items: tuple[str, ...], option: str) -> dict:
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+def parse_json_object(text: str, param_hint: str, what: str, expected: str) -> dict:
+    """An option's JSON object (--recipe, --teacher-kwargs): one error naming the option otherwise."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"{what} is not a JSON object ({exc})", param_hint=param_hint) from None
+    if not isinstance(value, dict):
+        raise click.BadParameter(f"expected {expected}, got a JSON {type(value).__name__}",
+                                 param_hint=param_hint)
+    return value
+
+
+def json_object_option(ctx, param, text: str | None) -> dict | None:
+    """Callback of an option whose value is a JSON object (--teacher-kwargs), checked while parsing."""
+    if text is None:
+        return None
+    return parse_json_object(text, param.get_error_hint(ctx), repr(text),
+                             "a JSON object like '{\"img_size\": 32}'")
 
 
 def _check_fields(fields: dict, option: str) -> None:
@@ -93,22 +116,18 @@ def _check_recipe(ctx, param, source: str | None) -> str | None:
 def read_recipe_source(source: str) -> dict:
     """--recipe's fields: a JSON object, a JSON file, or a cache's manifest.json (its recipe)."""
     text = source
-    if not source.lstrip().startswith("{"):   # a JSON object is never a path; a long one is no valid file name
+    # a JSON object is never a path; a long one is no valid file name
+    if not source.lstrip().startswith("{"):
         try:
             text = Path(source).read_text()
         except (OSError, UnicodeDecodeError) as exc:
-            raise click.BadParameter(f"cannot read recipe file {source}: {getattr(exc, 'strerror', None) or exc}",
+            raise click.BadParameter(f"cannot read recipe file {source}: "
+                                     f"{getattr(exc, 'strerror', None) or exc}",
                                      param_hint="--recipe") from None
-    try:
-        loaded = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise click.BadParameter(f"{source if text is not source else 'the text'} is not a JSON object ({exc})",
-                                 param_hint="--recipe") from None
-    if isinstance(loaded, dict) and isinstance(loaded.get("recipe"), dict):
+    loaded = parse_json_object(text, "--recipe", source if text is not source else "the text",
+                               "a JSON object of recipe fields")
+    if isinstance(loaded.get("recipe"), dict):
         loaded = loaded["recipe"]          # a cache's manifest.json: reuse its recipe
-    if not isinstance(loaded, dict):
-        raise click.BadParameter(f"expected a JSON object of recipe fields, got a JSON {type(loaded).__name__}",
-                                 param_hint="--recipe")
     return loaded
 
 

@@ -11,7 +11,7 @@ from student.config import option_defaults
 from student.evaluate import evaluate_checkpoint
 from student.train import TrainConfig, train
 
-from .cli import echo_json, main, run_or_explain
+from .group import echo_json, main, run_or_explain
 from .options import (COUNT, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, PROBABILITY, SEED,
                       FiniteFloatRange, device_option, parse_key_values, read_recipe_source, recipe_options)
 

@@ -33,7 +33,8 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from data_shards import (AugRecipe, ReplayItem, ShardSet, WorkItem, finish_item, replay_item, tensor_digest,
+from data_shards import (AugRecipe, ReplayItem, ShardSet, WorkItem, finish_item, replay_item,
+                         tensor_digest,
                          unit_items)
 from data_shards.devices import device_kind, resolve_device
 from data_shards.faults import crash_point
@@ -43,10 +44,12 @@ from data_shards.items import digest_positions
 from .errors import CacheError
 from .growth import check_not_shrinking, grow_cache
 from .jobs import JobSlot, resolve_job
-from .layout import (ARRAYS_DIR, INDEX_FILE, MANIFEST_FILE, TMP_DIR, SeedGeneration, Unit, all_units, array_specs,
+from .layout import (ARRAYS_DIR, INDEX_FILE, MANIFEST_FILE, TMP_DIR, SeedGeneration, Unit,
+                     all_units, array_specs,
                      select_units, unit_json_path, UNITS_DIR)
 from .locks import DEFAULT_STALE_AFTER, HEARTBEAT_SECONDS, LockKeeper, try_lock
-from .manifest import (MANIFEST_DEFAULTS, build_manifest, create_or_match_manifest, read_manifest, refuse_differences,
+from .manifest import (MANIFEST_DEFAULTS, build_manifest, create_or_match_manifest, read_manifest,
+                       refuse_differences,
                        seed_generations, with_defaults)
 from .store import clean_leftovers, commit_unit, ensure_arrays
 from .teacher import DEFAULT_TEACHER, check_precision, load_teacher, teacher_forward
@@ -60,9 +63,10 @@ DEFAULT_BATCH_SIZE = MANIFEST_DEFAULTS["batch_size"]
 
 @dataclass
 class CacheOptions:
-    """One cache-teacher call. The options that decide the numbers (seeds .. channels_last) left as None
-    take the existing cache's values (so resuming needs only shards/out), or the defaults for a new cache;
-    a `seeds` larger than the existing cache's grows it (growth.py), a smaller one is refused."""
+    """One cache-teacher call. The options that decide the numbers (seeds .. channels_last) left as
+    None take the existing cache's values (so resuming needs only shards/out), or the defaults for a
+    new cache; a `seeds` larger than the existing cache's grows it (growth.py), a smaller one is
+    refused."""
     shards: str | os.PathLike
     out: str | os.PathLike
     seeds: int | None = None
@@ -76,7 +80,8 @@ class CacheOptions:
     teacher_kwargs: dict | None = None
     batch_size: int | None = None
     channels_last: bool | None = None
-    device: str = "auto"                                   # the rest: how this job runs (not recorded)
+    # the rest: how this job runs (not recorded)
+    device: str = "auto"
     num_jobs: int | None = None
     job_index: int | None = None
     workers: int = 0
@@ -84,7 +89,6 @@ class CacheOptions:
     lock_stale_after: float = DEFAULT_STALE_AFTER
     progress: bool = True
     log: Callable[[str], None] = print
-    on_commit: Callable[[Unit], None] | None = None        # after each commit (tests simulate crashes)
 
     @property
     def store_full(self) -> bool:
@@ -96,7 +100,8 @@ class CacheOptions:
                            shard_set.num_classes, self.topk, self.seeds_per_unit, self.store_full)
 
     def manifest(self, shard_set: ShardSet, teacher_info: dict) -> dict:
-        return build_manifest(self, shard_set, teacher_info, self.specs_for(shard_set, SeedGeneration(0, self.seeds)))
+        return build_manifest(self, shard_set, teacher_info,
+                              self.specs_for(shard_set, SeedGeneration(0, self.seeds)))
 
 
 def resolve_settings(shard_set: ShardSet, existing: dict | None, opts: CacheOptions) -> CacheOptions:
@@ -109,8 +114,8 @@ def resolve_settings(shard_set: ShardSet, existing: dict | None, opts: CacheOpti
 
     seeds = pick("seeds", None)
     if seeds is None:
-        raise CacheError("--seeds S is required to create a cache (the number of augmentation seeds, "
-                         "e.g. one per student epoch)")
+        raise CacheError("--seeds S is required to create a cache (the number of augmentation "
+                         "seeds, e.g. one per student epoch)")
     store_logits = pick("store_logits", "topk")
     if store_logits not in ("topk", "full"):
         raise CacheError(f"--store-logits must be 'topk' or 'full', got {store_logits!r}")
@@ -119,14 +124,16 @@ def resolve_settings(shard_set: ShardSet, existing: dict | None, opts: CacheOpti
         seeds_per_unit=int(pick("seeds_per_unit", min(int(seeds), DEFAULT_SEEDS_PER_UNIT))),
         precision=pick("precision", "fp32"),
         recipe=opts.recipe if opts.recipe is not None else _recorded_recipe(old),
-        batch_size=int(pick("batch_size", DEFAULT_BATCH_SIZE)), channels_last=bool(pick("channels_last", False)),
+        batch_size=int(pick("batch_size", DEFAULT_BATCH_SIZE)),
+        channels_last=bool(pick("channels_last", False)),
         **_resolve_teacher(opts, old))
     for option, value in (("--batch-size", settings.batch_size), ("--seeds", settings.seeds),
                           ("--seeds-per-unit", settings.seeds_per_unit)):
         if value < 1:
             raise CacheError(f"{option} must be >= 1, got {value}")
     if not 1 <= settings.topk <= shard_set.num_classes:
-        raise CacheError(f"--topk {settings.topk} must be between 1 and the class count {shard_set.num_classes}")
+        raise CacheError(f"--topk {settings.topk} must be between 1 and the class count "
+                         f"{shard_set.num_classes}")
     return replace(settings, seeds_per_unit=min(settings.seeds_per_unit, settings.seeds))
 
 
@@ -135,7 +142,8 @@ def _recorded_recipe(old: dict) -> AugRecipe:
     try:
         return AugRecipe.from_dict(old.get("recipe", {}))
     except (TypeError, ValueError) as exc:
-        raise CacheError(f"the existing cache's manifest.json holds a recipe that is not valid ({exc})") from None
+        raise CacheError(f"the existing cache's manifest.json holds a recipe that is not valid "
+                         f"({exc})") from None
 
 
 def _check_job_options(opts: CacheOptions) -> None:
@@ -160,8 +168,9 @@ def _refuse_foreign_folder(root: Path) -> None:
         return
     foreign = sorted(p.name for p in root.iterdir() if p.name not in CACHE_ENTRIES and not p.name.startswith("."))
     if foreign:
-        raise CacheError(f"--out {root} holds no teacher cache (no {MANIFEST_FILE}) but other files "
-                         f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); choose a new or empty "
+        raise CacheError(f"--out {root} holds no teacher cache (no {MANIFEST_FILE}) but other "
+                         f"files ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+                         f"choose a new or empty "
                          "folder for the cache")
 
 
@@ -239,11 +248,13 @@ class UnitAccumulator:
         self.expected = count * len(unit.seeds)
         self.received = 0
         self.items = 0
-        self.worker_pids: set[int] = set()    # processes that replayed its items (the record shows them)
+        # processes that replayed its items (the record shows them)
+        self.worker_pids: set[int] = set()
         self.digests: dict[str, dict[str, str]] = {}
         self.started = time.time()
         self.buffers = {name: np.full((len(unit.seeds), rows_per_shard, spec["shape"][2]),
-                                      np.nan if spec["fill_value"] == "NaN" else 0, dtype=spec["dtype"])
+                                      np.nan if spec["fill_value"] == "NaN" else 0,
+                                      dtype=spec["dtype"])
                         for name, spec in specs.items()}
 
     def add(self, item: ReplayItem, digests: dict[str, str], targets, worker_pid: int) -> None:
@@ -267,7 +278,8 @@ def write_index(root: Path, shard_set: ShardSet) -> None:
                 return
         except (OSError, pa.ArrowException):
             pass                                    # damaged: rewrite below
-    columns = {name: shard_set.manifest.column(name) for name in ("key", "label", "shard", "position")}
+    columns = {name: shard_set.manifest.column(name) for name in ("key", "label", "shard",
+                                                                  "position")}
     row = columns["shard"].to_numpy().astype(np.int64) * shard_set.rows_per_shard + columns["position"].to_numpy()
     table = pa.table({**columns, "row": pa.array(row, pa.int64())})
     with atomic_path(path) as tmp:
@@ -290,12 +302,15 @@ def cache_teacher(opts: CacheOptions) -> dict:
     job = resolve_job(opts.num_jobs, opts.job_index)
     device = resolve_device(opts.device)
     check_precision(s.precision, device)
-    if existing is not None:      # refuse early (before loading the teacher) on anything but the teacher weights
+    # refuse early (before loading the teacher) on anything but the teacher weights
+    if existing is not None:
         known = {**existing["teacher"], "name": s.teacher or existing["teacher"]["name"]}
         refuse_differences(root, existing, s.manifest(shard_set, known))
     opts.log(f"cache-teacher: loading teacher {s.teacher or '(from checkpoint)'}"
-             f"{' from ' + s.teacher_checkpoint if s.teacher_checkpoint else ' (timm pretrained)'} on {device}")
-    model = load_teacher(s.teacher, s.teacher_checkpoint, num_classes=shard_set.num_classes, device=device,
+             f"{' from ' + s.teacher_checkpoint if s.teacher_checkpoint else ' (timm pretrained)'} "
+             f"on {device}")
+    model = load_teacher(s.teacher, s.teacher_checkpoint, num_classes=shard_set.num_classes,
+                         device=device,
                          model_kwargs=s.teacher_kwargs)
     if s.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -307,11 +322,13 @@ def cache_teacher(opts: CacheOptions) -> dict:
     todo = pending if opts.max_units is None else pending[:opts.max_units]
     records = sum(shard_set.shard_counts[u.shard] * len(u.seeds) for u in todo)
     opts.log(f"cache-teacher: {job}: {len(mine)} of {len(units)} units are this job's, "
-             f"{len(mine) - len(pending)} already done, {len(todo)} to compute ({records} images x seeds)"
-             f"{' [new cache]' if created else ''}")
-    run = _JobRun(root, shard_set, s.specs_for(shard_set, seed_generations(manifest)[0]), model, device, job, s)
+             f"{len(mine) - len(pending)} already done, {len(todo)} to compute ({records} images x "
+             f"seeds){' [new cache]' if created else ''}")
+    run = _JobRun(root, shard_set, s.specs_for(shard_set, seed_generations(manifest)[0]), model,
+                  device, job, s)
     started = time.time()
-    with tqdm(total=records, unit="img", unit_scale=True, desc=f"cache-teacher {job.index}/{job.count}",
+    with tqdm(total=records, unit="img", unit_scale=True, desc=f"cache-teacher "
+              f"{job.index}/{job.count}",
               disable=not opts.progress, smoothing=0.1) as bar:
         run.execute(todo, bar)
     return _summary(run, units, mine, time.time() - started)
@@ -329,10 +346,12 @@ def _open_storage(root: Path, shard_set: ShardSet, s: CacheOptions, manifest: di
     if s.seeds > int(manifest["seeds"]):
         s.log(f"cache-teacher: growing {root} from {manifest['seeds']} to {s.seeds} seeds")
         manifest = grow_cache(root, s.seeds, specs_for, s.lock_stale_after)
-    check_not_shrinking(root, manifest, s.seeds)       # another job may have grown it further meanwhile
+    # another job may have grown it further meanwhile
+    check_not_shrinking(root, manifest, s.seeds)
     generations = seed_generations(manifest)
     for gen in generations[1:]:
-        ensure_arrays(root, specs_for(gen), gen.dir)       # checks the metadata (created by the growth)
+        # checks the metadata (created by the growth)
+        ensure_arrays(root, specs_for(gen), gen.dir)
     return all_units(shard_set.num_shards, s.seeds, s.seeds_per_unit, generations)
 
 
@@ -343,17 +362,19 @@ def _summary(run: "_JobRun", units: list[Unit], mine: list[Unit], seconds: float
     summary = {
         "cache": str(root), "job_index": job.index, "num_jobs": job.count, "job_source": job.source,
         "units_total": len(units), "units_this_job": len(mine), "units_computed": run.committed,
-        "units_skipped_locked": [u.name for u in run.skipped_locked], "units_lost_lock": [u.name for u in run.lost],
+        "units_skipped_locked": [u.name for u in run.skipped_locked],
+        "units_lost_lock": [u.name for u in run.lost],
         "units_this_job_done": done_mine, "units_this_job_missing": len(mine) - done_mine,
         "records_computed": run.records, "seconds": round(seconds, 3),
         "records_per_s": round(run.records / seconds, 1) if seconds > 0 else None,
         "teacher_seconds": round(run.teacher_seconds, 3), "device": str(run.device),
-        "precision": run.opts.precision, "cache_units_done": sum(unit_json_path(root, u).exists() for u in units),
+        "precision": run.opts.precision,
+        "cache_units_done": sum(unit_json_path(root, u).exists() for u in units),
     }
-    run.opts.log(f"cache-teacher: {job}: computed {run.committed} unit(s), {run.records} images x seeds in "
-                 f"{seconds:.1f}s ({summary['records_per_s']} /s; teacher forward {run.teacher_seconds:.1f}s); "
-                 f"this job's units done {done_mine}/{len(mine)}; whole cache {summary['cache_units_done']}/"
-                 f"{len(units)} units" + (f"; {len(run.skipped_locked)} unit(s) held by another live job"
+    run.opts.log(f"cache-teacher: {job}: computed {run.committed} unit(s), {run.records} images x "
+                 f"seeds in {seconds:.1f}s ({summary['records_per_s']} /s; teacher forward "
+                 f"{run.teacher_seconds:.1f}s); this job's units done {done_mine}/{len(mine)}; "
+                 f"whole cache {summary['cache_units_done']}/{len(units)} units" + (f"; {len(run.skipped_locked)} unit(s) held by another live job"
                                           if run.skipped_locked else ""))
     return summary
 
@@ -394,7 +415,8 @@ class _JobRun:
             else:
                 self._run_with_workers()
         finally:
-            self.keeper.close()           # releases the locks of units not committed (error / interrupt)
+            # releases the locks of units not committed (error / interrupt)
+            self.keeper.close()
 
     def _next_locked(self) -> tuple[int, list[WorkItem]] | None:
         """Lock the next pending unit and return its slot and teacher batches (work items);
@@ -409,9 +431,12 @@ class _JobRun:
             self.keeper.add(lock)
             self.slots += 1
             count, batch_size = self.shard_set.shard_counts[unit.shard], self.opts.batch_size
-            self.active[self.slots] = (unit, lock, UnitAccumulator(unit, count, self.shard_set.rows_per_shard,
+            self.active[self.slots] = (unit, lock,
+                                       UnitAccumulator(unit, count, self.shard_set.rows_per_shard,
                                                                    self.specs))
-            return self.slots, [work for seed in unit.seeds for work in unit_items(count, unit.shard, seed, batch_size)]
+            return self.slots, [work for seed in unit.seeds for work in unit_items(count,
+                                                                                   unit.shard, seed,
+                                                                                   batch_size)]
         return None
 
     def _inline_items(self) -> Iterator[UnitItem]:
@@ -434,13 +459,16 @@ class _JobRun:
         ctx = torch.multiprocessing.get_context("fork" if "fork" in torch.multiprocessing.get_all_start_methods()
                                                 else "spawn")
         self.tasks = ctx.Queue()
-        for _ in range(2 * self.opts.workers):   # units in flight (their items queued): no worker waits on a commit
+        # units in flight (their items queued): no worker waits on a commit
+        for _ in range(2 * self.opts.workers):
             self._queue(self._next_locked())
             if self.sentinels_sent:
                 break
         dataset = _QueuedItems(str(self.shard_set.root), self.opts.recipe.to_dict(), self.tasks)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=self.opts.workers, in_order=False,
-                                             multiprocessing_context=ctx, pin_memory=self.device.type == "cuda",
+        loader = torch.utils.data.DataLoader(dataset, batch_size=None,
+                                             num_workers=self.opts.workers, in_order=False,
+                                             multiprocessing_context=ctx,
+                                             pin_memory=self.device.type == "cuda",
                                              prefetch_factor=2)
         self._consume(loader)
 
@@ -450,7 +478,8 @@ class _JobRun:
             unit, lock, acc = self.active[got.unit_slot]
             images, digests = finish_batch(got.item, s.recipe, self.device, acc.count)
             t0 = time.perf_counter()
-            targets = teacher_forward(self.model, images, s.topk, s.store_full, s.precision, s.channels_last)
+            targets = teacher_forward(self.model, images, s.topk, s.store_full, s.precision,
+                                      s.channels_last)
             self.teacher_seconds += time.perf_counter() - t0
             crash_point("teacher-batch")
             acc.add(got.item, digests, targets, got.worker_pid)
@@ -461,7 +490,8 @@ class _JobRun:
     def _finish(self, slot) -> None:
         unit, lock, acc = self.active.pop(slot)
         if lock.still_held():
-            commit_unit(self.root, unit, self.shard_set.rows_per_shard, acc.buffers, self._record(unit, acc))
+            commit_unit(self.root, unit, self.shard_set.rows_per_shard, acc.buffers,
+                        self._record(unit, acc))
             self.committed += 1
             self.records += acc.expected
             self.bar.set_postfix(units=self.committed, refresh=False)
@@ -469,19 +499,22 @@ class _JobRun:
             self.lost.append(unit)   # another job broke our lock (we looked dead): let it commit
         self.keeper.discard(lock)
         lock.release()
-        if self.opts.on_commit is not None and unit not in self.lost:
-            self.opts.on_commit(unit)
-        if self.tasks is not None and not self.sentinels_sent:    # with workers: queue the next unit's items
+        # with workers: queue the next unit's items
+        if self.tasks is not None and not self.sentinels_sent:
             self._queue(self._next_locked())
 
     def _record(self, unit: Unit, acc: UnitAccumulator) -> dict:
         """The unit's JSON record (commit_unit adds its files' sha256)."""
         s = self.opts
-        return {"unit": unit.name, "shard": unit.shard, "seeds": [unit.seed_start, unit.seed_stop - 1],
-                "status": "done", "count": acc.count, "records": acc.expected, "digests": acc.digests,
+        return {"unit": unit.name, "shard": unit.shard,
+                "seeds": [unit.seed_start, unit.seed_stop - 1],
+                "status": "done", "count": acc.count, "records": acc.expected,
+                "digests": acc.digests,
                 "job": self.job_label, "host": socket.gethostname(), "pid": os.getpid(),
                 "device": str(self.device),
                 "device_kind": device_kind(self.device),      # verify-cache compares its own
                 "precision": s.precision, "batch_size": s.batch_size,
-                "channels_last": s.channels_last, "items": acc.items, "worker_pids": sorted(acc.worker_pids),
-                "started": acc.started, "finished": time.time(), "seconds": round(time.time() - acc.started, 3)}
+                "channels_last": s.channels_last, "items": acc.items,
+                "worker_pids": sorted(acc.worker_pids),
+                "started": acc.started, "finished": time.time(),
+                "seconds": round(time.time() - acc.started, 3)}

@@ -26,7 +26,8 @@ from data_shards import AugRecipe
 from data_shards.hashing import file_sha256
 
 from .errors import CacheError
-from .layout import (INDEX_FILE, LOGITS, TAIL_LOGSUMEXP, TOPK_INDICES, TOPK_LOGPROBS, UNITS_DIR, Unit, all_units,
+from .layout import (INDEX_FILE, LOGITS, TAIL_LOGSUMEXP, TOPK_INDICES, TOPK_LOGPROBS, UNITS_DIR,
+                     Unit, all_units,
                      array_path,
                      storage_shard_path, unit_json_path, unit_of)
 from .manifest import (library_versions, other_algorithm_message, read_manifest, recipe_differences,
@@ -43,7 +44,8 @@ class TeacherCache:
         self.has_logits = manifest["store_logits"] == "full"
         self.num_shards, self.rows_per_shard = int(shards["num_shards"]), int(shards["rows_per_shard"])
         self.shard_counts = list(shards["shard_counts"])
-        self.array_names = list(manifest["arrays"])   # caches made before the tail summary lack TAIL_LOGSUMEXP
+        # caches made before the tail summary lack TAIL_LOGSUMEXP
+        self.array_names = list(manifest["arrays"])
         self._arrays: dict[str, object] = {}
         self._arrays_pid = None
         self._done: set[str] = set()
@@ -53,7 +55,8 @@ class TeacherCache:
     def open(cls, path: str | os.PathLike) -> "TeacherCache":
         root = Path(path)
         if not root.is_dir():
-            raise CacheError(f"teacher cache {root} not found (create it with `deit-pipeline cache-teacher`)")
+            raise CacheError(f"teacher cache {root} not found (create it with `deit-pipeline "
+                             f"cache-teacher`)")
         return cls(root, read_manifest(root))
 
     # ------------------------------------------------------------------ description
@@ -70,14 +73,17 @@ class TeacherCache:
         return seed_generations(self.manifest)
 
     def units(self) -> list[Unit]:
-        return all_units(self.num_shards, self.num_seeds, self.seeds_per_unit, self.seed_generations)
+        return all_units(self.num_shards, self.num_seeds, self.seeds_per_unit,
+                         self.seed_generations)
 
     def unit_for(self, shard: int, aug_seed: int) -> Unit:
         if not 0 <= shard < self.num_shards:
-            raise CacheError(f"shard {shard} is not in this cache (it has shards 0..{self.num_shards - 1})")
+            raise CacheError(f"shard {shard} is not in this cache (it has shards "
+                             f"0..{self.num_shards - 1})")
         if not 0 <= aug_seed < self.num_seeds:
-            raise CacheError(f"aug seed {aug_seed} is not in this cache (it has seeds 0..{self.num_seeds - 1}); "
-                             f"grow it with `deit-pipeline cache-teacher --shards SHARDS --out {self.root} --seeds N`")
+            raise CacheError(f"aug seed {aug_seed} is not in this cache (it has seeds "
+                             f"0..{self.num_seeds - 1}); grow it with `deit-pipeline cache-teacher "
+                             f"--shards SHARDS --out {self.root} --seeds N`")
         return unit_of(shard, aug_seed, self.num_seeds, self.seeds_per_unit, self.seed_generations)
 
     def is_done(self, unit: Unit) -> bool:
@@ -104,8 +110,9 @@ class TeacherCache:
         return self._records[unit.name]
 
     def unit_file_problems(self, unit: Unit, hash_files: bool = True) -> dict[str, str]:
-        """{array or 'record': what is wrong} for a done unit: its record unreadable, a storage file missing,
-        of another size than recorded, or (hash_files) of another sha256. Empty when it is intact."""
+        """{array or 'record': what is wrong} for a done unit: its record unreadable, a storage file
+        missing, of another size than recorded, or (hash_files) of another sha256. Empty when it is
+        intact."""
         try:
             files = self.unit_record(unit)["files"]
         except CacheError as exc:
@@ -128,22 +135,24 @@ class TeacherCache:
 
     def compute_command(self) -> str:
         """The command that completes this cache (unset options are taken from the manifest)."""
-        return (f"`deit-pipeline cache-teacher --shards {shlex.quote(self.manifest['shards']['path'])} "
-                f"--out {shlex.quote(str(self.root))}`")
+        return (f"`deit-pipeline cache-teacher --shards "
+                f"{shlex.quote(self.manifest['shards']['path'])} --out "
+                f"{shlex.quote(str(self.root))}`")
 
     def fix_command(self) -> str:
         return f"run {self.compute_command()} to compute it"
 
     def repair_advice(self, damaged: bool) -> str:
-        """What to do about damaged units (their records must go: a unit with a record counts as done) or
-        missing ones."""
+        """What to do about damaged units (their records must go: a unit with a record counts as
+        done) or missing ones."""
         if damaged:
-            return (f"delete the record {self.root / UNITS_DIR}/UNIT.json of each damaged unit, then run "
-                    f"{self.compute_command()} to recompute them")
+            return (f"delete the record {self.root / UNITS_DIR}/UNIT.json of each damaged unit, "
+                    f"then run {self.compute_command()} to recompute them")
         return f"run {self.compute_command()} to compute the missing units"
 
     def _not_done(self, unit: Unit) -> CacheError:
-        return CacheError(f"teacher cache {self.root}: unit {unit} is not computed yet; {self.fix_command()}")
+        return CacheError(f"teacher cache {self.root}: unit {unit} is not computed yet; "
+                          f"{self.fix_command()}")
 
     def _damaged(self, unit: Unit, what: str) -> CacheError:
         return CacheError(f"teacher cache {self.root}: unit {unit} is damaged ({what}); delete "
@@ -156,7 +165,8 @@ class TeacherCache:
         diffs = []
         if shard_set.content_hash != shards["content_hash"]:
             diffs.append(f"shards content hash: cache {shards['content_hash'][:12]}… "
-                         f"({shards.get('path')}), shards {shard_set.content_hash[:12]}… ({shard_set.root})")
+                         f"({shards.get('path')}), shards {shard_set.content_hash[:12]}… "
+                         f"({shard_set.root})")
         if shard_set.num_classes != self.num_classes:
             diffs.append(f"class count: cache {self.num_classes}, shards {shard_set.num_classes}")
         if shard_set.num_shards != self.num_shards or shard_set.rows_per_shard != self.rows_per_shard:
@@ -169,12 +179,13 @@ class TeacherCache:
             detail = recipe_differences(self.manifest, {"recipe": recipe.to_dict(),
                                                         "library_versions": library_versions(recipe)})
             diffs.append("augmentation recipe fingerprint: cache "
-                         f"{self.manifest['recipe_fingerprint'][:12]}…, this run {recipe.fingerprint()[:12]}…"
+                         f"{self.manifest['recipe_fingerprint'][:12]}…, this run "
+                         f"{recipe.fingerprint()[:12]}…"
                          + "".join("; " + d.strip() for d in detail))
         if diffs:                 # one line (the CLI's errors are one line each)
             raise CacheError(f"teacher cache {self.root} does not match: " + "; ".join(diffs) +
-                             ". Use the shards and recipe the cache was computed from, or compute a cache "
-                             "for these with `deit-pipeline cache-teacher`")
+                             ". Use the shards and recipe the cache was computed from, or compute "
+                             "a cache for these with `deit-pipeline cache-teacher`")
 
     # ------------------------------------------------------------------ reading
     def _array(self, name: str, array_dir: str = ""):
@@ -191,7 +202,8 @@ class TeacherCache:
         if not self.is_done(unit):
             raise self._not_done(unit)
         start, stop = shard * self.rows_per_shard, shard * self.rows_per_shard + self.shard_counts[shard]
-        local_seed = unit.local_seeds.start + aug_seed - unit.seed_start    # index in its generation's arrays
+        # index in its generation's arrays
+        local_seed = unit.local_seeds.start + aug_seed - unit.seed_start
         data = {}
         for name in self.array_names:
             if not (path := storage_shard_path(self.root, name, unit)).is_file():
@@ -199,7 +211,8 @@ class TeacherCache:
             try:
                 data[name] = np.asarray(self._array(name, unit.array_dir)[local_seed, start:stop])
             except Exception as exc:  # zarr/numcodecs raise ValueError, RuntimeError, OSError...
-                raise self._damaged(unit, f"{name} chunk for seed {aug_seed} cannot be decoded: {exc}") from None
+                raise self._damaged(unit, f"{name} chunk for seed {aug_seed} cannot be decoded: "
+                                          f"{exc}") from None
         for name in (TOPK_LOGPROBS, LOGITS, TAIL_LOGSUMEXP):
             if name in data and not np.isfinite(data[name]).all():
                 raise self._damaged(unit, f"{name} for seed {aug_seed} holds unwritten (NaN) rows")
@@ -220,7 +233,8 @@ class TeacherCache:
         try:
             return pq.read_table(path)
         except (OSError, pa.ArrowException) as exc:
-            raise CacheError(f"cannot read {path}: {exc}; {self.fix_command()} (it rewrites the index)") from None
+            raise CacheError(f"cannot read {path}: {exc}; {self.fix_command()} (it rewrites the "
+                             f"index)") from None
 
     def __repr__(self) -> str:
         return (f"TeacherCache({str(self.root)!r}, teacher={self.manifest['teacher']['name']!r}, "

@@ -40,10 +40,12 @@ class _GrowthLockName:
 def check_not_shrinking(root: Path, manifest: dict, seeds: int) -> None:
     held = int(manifest["seeds"])
     if seeds < held:
-        raise CacheError(f"teacher cache {root} holds {held} seeds (0..{held - 1}); --seeds {seeds} would shrink "
-                         "it, and a cache never shrinks. Train with fewer epochs instead (train-student at "
-                         "--repeated-aug R uses seeds R*(e//R)..R*(e//R)+R-1 in epoch e, so E epochs read the seeds "
-                         "below R*ceil(E/R)), or omit --seeds to resume the cache as it is")
+        raise CacheError(f"teacher cache {root} holds {held} seeds (0..{held - 1}); --seeds "
+                         f"{seeds} would shrink "
+                         "it, and a cache never shrinks. Train with fewer epochs instead "
+                         "(train-student at --repeated-aug R uses seeds R*(e//R)..R*(e//R)+R-1 in "
+                         "epoch e, so E epochs read the seeds below R*ceil(E/R)), or omit --seeds "
+                         "to resume the cache as it is")
 
 
 def grow_cache(root: Path, seeds: int, specs_for: Callable[[SeedGeneration], dict],
@@ -65,8 +67,10 @@ def grow_cache(root: Path, seeds: int, specs_for: Callable[[SeedGeneration], dic
         ensure_arrays(root, specs_for(gen), gen.dir)
         crash_point("grow-arrays-created")
         generations = seed_generations(manifest) + [gen]
-        grown = {**manifest, "seeds": seeds, "seed_generations": [[g.start, g.stop] for g in generations],
-                 "units": {**manifest["units"], "count": len(all_units(int(manifest["shards"]["num_shards"]), seeds,
+        grown = {**manifest, "seeds": seeds,
+                 "seed_generations": [[g.start, g.stop] for g in generations],
+                 "units": {**manifest["units"],
+                           "count": len(all_units(int(manifest["shards"]["num_shards"]), seeds,
                                                                         int(manifest["seeds_per_unit"]), generations))},
                  "grown": manifest.get("grown", []) + [{
                      "from_seeds": held, "to_seeds": seeds, "arrays": gen.dir,
@@ -83,7 +87,9 @@ def _acquire(root: Path, stale_after: float):
     deadline = time.time() + 2 * stale_after + 10
     while (lock := try_lock(root, _GrowthLockName(), stale_after, job="grow")) is None:
         if time.time() > deadline:
-            raise CacheError(f"{root / UNITS_DIR}/grow.lock.* has been held for over {2 * stale_after:.0f}s by a "
-                             "live job; if no cache-teacher runs on this cache, delete the file and rerun")
+            raise CacheError(f"{root / UNITS_DIR}/grow.lock.* has been held for over "
+                             f"{2 * stale_after:.0f}s by a "
+                             "live job; if no cache-teacher runs on this cache, delete the file "
+                             "and rerun")
         time.sleep(LOCK_POLL_SECONDS)
     return lock

@@ -55,8 +55,8 @@ STAT_NAMES = ("records", "top1", "dominant", "either", "mass", "unmixed", "unmix
 
 
 def _label_stats(cache: TeacherCache, pairs: list[tuple[int, int]], damage: dict[str, str]) -> dict:
-    """top-1 against labels for the given (shard, seed) pairs, plus per-seed rows; what cannot be read
-    (the index, a unit) goes into `damage` instead."""
+    """top-1 against labels for the given (shard, seed) pairs, plus per-seed rows; what cannot be
+    read (the index, a unit) goes into `damage` instead."""
     try:
         index = cache.read_index().sort_by([("shard", "ascending"), ("position", "ascending")])
     except CacheError as exc:
@@ -98,9 +98,9 @@ SOFT_TAUS = (1.0, 2.0, 3.0, 4.0)
 
 
 def soft_target_bounds(cache: TeacherCache, pairs: list[tuple[int, int]], taus=SOFT_TAUS) -> dict:
-    """What soft targets the cache gives: per τ, the mean tail mass (the share of the soft target whose
-    per-class values are not stored; it bounds the total variation to the exact target), or None
-    where the cache cannot tell. 0 = exact (full logits, or top-k covering every class)."""
+    """What soft targets the cache gives: per τ, the mean tail mass (the share of the soft target
+    whose per-class values are not stored; it bounds the total variation to the exact target), or
+    None where the cache cannot tell. 0 = exact (full logits, or top-k covering every class)."""
     parts = [cache.read(shard, seed) for shard, seed in pairs]
     out = {}
     for tau in taus:
@@ -111,16 +111,18 @@ def soft_target_bounds(cache: TeacherCache, pairs: list[tuple[int, int]], taus=S
 
 
 def inspect_cache(path: str | os.PathLike, max_label_records: int = 200_000) -> dict:
-    """Units done / missing / damaged, records, bytes on disk and per record, teacher top-1, top-k mass,
-    per seed. Damage (an unreadable unit record, a storage file missing or of another size than
-    committed, a chunk that does not decode, an unreadable index) is listed under "damage", never raised."""
+    """Units done / missing / damaged, records, bytes on disk and per record, teacher top-1, top-k
+    mass, per seed. Damage (an unreadable unit record, a storage file missing or of another size
+    than committed, a chunk that does not decode, an unreadable index) is listed under "damage",
+    never raised."""
     if max_label_records < 0:
         raise CacheError(f"--max-label-records must be >= 0, got {max_label_records}")
     cache = TeacherCache.open(path)
     m, counts, units = cache.manifest, cache.shard_counts, cache.units()
     done, missing = cache.done_units(), cache.missing_units()
     damage = {}
-    for unit in done:                       # stat only; verify-cache also compares every file's sha256
+    # stat only; verify-cache also compares every file's sha256
+    for unit in done:
         if problems := cache.unit_file_problems(unit, hash_files=False):
             damage[unit.name] = "; ".join(problems.values())
     records_done = sum(counts[u.shard] * len(u.seeds) for u in done)
@@ -132,11 +134,13 @@ def inspect_cache(path: str | os.PathLike, max_label_records: int = 200_000) -> 
         "cache": str(cache.root),
         "teacher": m["teacher"],
         "num_classes": cache.num_classes, "topk": cache.topk, "store_logits": m["store_logits"],
-        "precision": m["precision"], "seeds": cache.num_seeds, "seeds_per_unit": cache.seeds_per_unit,
+        "precision": m["precision"], "seeds": cache.num_seeds,
+        "seeds_per_unit": cache.seeds_per_unit,
         "seed_generations": [[g.start, g.stop] for g in cache.seed_generations],
         "batch_size": m.get("batch_size"), "channels_last": m.get("channels_last"),
         "recipe_fingerprint": m["recipe_fingerprint"], "shards": {k: m["shards"][k] for k in
-                                                                  ("path", "content_hash", "num_shards", "num_samples")},
+                                                                  ("path", "content_hash",
+                                                                   "num_shards", "num_samples")},
         "units": {"total": len(units), "done": len(done), "missing": len(missing),
                   "missing_names": [u.name for u in missing[:20]], "locks_present": locks[:20],
                   "damaged": len([k for k in damage if k != INDEX_FILE])},
@@ -160,7 +164,8 @@ def _fix_advice(cache: TeacherCache, damage: dict[str, str]) -> str | None:
 
 def _seed_row(seed: int, stats: dict | None, done: list[Unit], num_shards: int) -> dict:
     """One seed's units done (all of them, sampled or not) and, when sampled, its label statistics."""
-    row = {"seed": seed, "units_done": sum(1 for u in done if seed in u.seeds), "units_total": num_shards,
+    row = {"seed": seed, "units_done": sum(1 for u in done if seed in u.seeds),
+           "units_total": num_shards,
            "records_checked": int(stats["records"]) if stats else 0}
     if stats:
         row |= {"top1_vs_label": _ratio(stats["top1"], stats["records"]),
@@ -173,7 +178,8 @@ def _label_pairs(done: list[Unit], counts: list[int], max_records: int) -> list[
     """A deterministic spread of done (shard, seed) pairs holding up to about `max_records` records."""
     pairs = sorted({(u.shard, s) for u in done for s in u.seeds}, key=lambda p: (p[1], p[0]))
     np.random.default_rng(0).shuffle(pairs)
-    ahead = np.cumsum([0] + [counts[shard] for shard, _ in pairs])     # records of the pairs before each
+    # records of the pairs before each
+    ahead = np.cumsum([0] + [counts[shard] for shard, _ in pairs])
     return [pair for pair, records in zip(pairs, ahead) if records < max_records]
 
 
@@ -182,7 +188,8 @@ def _storage(cache: TeacherCache, records_done: int) -> dict:
     usage = disk_usage(cache.root)
     arrays = array_bytes(cache.root, cache.array_names, [g.dir for g in cache.seed_generations])
     total = sum(part["bytes"] for part in usage.values())
-    return {"bytes": {"total": total, "arrays": sum(arrays.values()), "per_array": arrays, "parts": usage},
+    return {"bytes": {"total": total, "arrays": sum(arrays.values()), "per_array": arrays,
+                      "parts": usage},
             "bytes_per_record": {"arrays": _ratio(sum(arrays.values()), records_done),
                                  "total": _ratio(total, records_done),
                                  "per_array": {k: _ratio(v, records_done) for k, v in arrays.items()}}}
@@ -214,7 +221,8 @@ def format_inspection(info: dict) -> str:
         f"precision {info['precision']}  seeds {info['seeds']} ({info['seeds_per_unit']} per unit)"
         + (f", grown: seed ranges {', '.join(f'{a}..{b - 1}' for a, b in info['seed_generations'])}"
            if len(info["seed_generations"]) > 1 else "")
-        + f"  batch size {_fmt_opt(info['batch_size'])}  channels-last {_fmt_opt(info['channels_last'])}",
+        + f"  batch size {_fmt_opt(info['batch_size'])}  channels-last "
+          f"{_fmt_opt(info['channels_last'])}",
         f"  shards       {info['shards']['path']}  ({info['shards']['num_shards']} shards, "
         f"{info['shards']['num_samples']} samples, hash {info['shards']['content_hash'][:12]}…)",
         f"  units        {u['done']}/{u['total']} done, {u['missing']} missing"
@@ -224,22 +232,28 @@ def format_inspection(info: dict) -> str:
         f"  disk         {b['total']:,} B total, arrays {b['arrays']:,} B  ->  "
         f"{_fmt(bpr['arrays'])} B/record (arrays), {_fmt(bpr['total'])} B/record (everything)",
         "               " + ", ".join(f"{k} {_fmt(v)} B/rec" for k, v in bpr["per_array"].items()),
-        f"  teacher      top-1 vs label {_pct(q['top1_vs_label'])}, agreement with dominant mixed label "
-        f"{_pct(q['agreement_with_dominant_label'])}, argmax is either label {_pct(q['argmax_is_either_label'])}"
+        f"  teacher      top-1 vs label {_pct(q['top1_vs_label'])}, agreement with dominant mixed "
+        f"label {_pct(q['agreement_with_dominant_label'])}, argmax is either label "
+        f"{_pct(q['argmax_is_either_label'])}"
         + (f", unmixed top-1 {_pct(q['top1_vs_label_unmixed'])} on {q['unmixed_records']}" if q["unmixed_records"] else "")
-        + f"; mean top-{info['topk']} mass {_fmt(q['mean_topk_mass'])} ({q['records_checked']} records checked)",
+        + f"; mean top-{info['topk']} mass {_fmt(q['mean_topk_mass'])} ({q['records_checked']} "
+          f"records checked)",
         "  soft targets " + _soft_line(info),
         "  per seed     seed  units  top-1   dominant  top-k mass",
     ]
     for row in info["per_seed"]:
-        lines.append(f"               {row['seed']:>4}  {row['units_done']:>2}/{row['units_total']:<3}"
-                     f" {_pct(row.get('top1_vs_label')):>7}  {_pct(row.get('agreement_with_dominant_label')):>7}"
-                     f"  {_fmt(row.get('mean_topk_mass')):>6}")
+        lines.append(f"               {row['seed']:>4}  "
+                     f"{row['units_done']:>2}/{row['units_total']:<3} "
+                     f"{_pct(row.get('top1_vs_label')):>7}  "
+                     f"{_pct(row.get('agreement_with_dominant_label')):>7}  "
+                     f"{_fmt(row.get('mean_topk_mass')):>6}")
     if u["locks_present"]:
-        lines.append(f"  locks        {len(u['locks_present'])} lock file(s) present (running or crashed jobs): "
+        lines.append(f"  locks        {len(u['locks_present'])} lock file(s) present (running or "
+                     f"crashed jobs): "
                      + ", ".join(u["locks_present"][:3]))
     if info["damage"]:
-        lines.append(f"  DAMAGE       {len(info['damage'])} part(s) of the cache are damaged (figures above leave "
+        lines.append(f"  DAMAGE       {len(info['damage'])} part(s) of the cache are damaged "
+                     f"(figures above leave "
                      "them out):")
         lines += [f"               {d['unit']}: {d['problem']}" for d in info["damage"][:20]]
         lines.append(f"  fix          {info['fix']}")

@@ -40,15 +40,17 @@ def resolve_job(num_jobs: int | None = None, job_index: int | None = None,
         step = _int(env, "SLURM_ARRAY_TASK_STEP") if "SLURM_ARRAY_TASK_STEP" in env else 1
         offset = _int(env, "SLURM_ARRAY_TASK_ID") - first
         if step < 1 or offset % step:
-            raise CacheError(f"SLURM_ARRAY_TASK_ID={env['SLURM_ARRAY_TASK_ID']} is not on the array's grid "
-                             f"(min {first}, step {step}); pass --num-jobs/--job-index instead")
+            raise CacheError(f"SLURM_ARRAY_TASK_ID={env['SLURM_ARRAY_TASK_ID']} is not on the "
+                             f"array's grid (min {first}, step {step}); pass "
+                             f"--num-jobs/--job-index instead")
         slot = JobSlot(offset // step, _int(env, "SLURM_ARRAY_TASK_COUNT"), "SLURM array")
     elif _int_or(env, "SLURM_NTASKS", 1) > 1 and "SLURM_PROCID" in env:
         slot = JobSlot(_int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"), "SLURM tasks")
     else:
         slot = JobSlot(0, 1, "single job")
     if slot.count < 1 or not 0 <= slot.index < slot.count:
-        raise CacheError(f"job index {slot.index} is not in 0..{slot.count - 1} (from {slot.source})")
+        raise CacheError(f"job index {slot.index} is not in 0..{slot.count - 1} (from "
+                         f"{slot.source})")
     return slot
 
 

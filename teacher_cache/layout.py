@@ -55,7 +55,8 @@ class Unit:
     shard: int
     seed_start: int
     seed_stop: int
-    generation: SeedGeneration | None = field(default=None, compare=False)   # None: the first (from seed 0)
+    # None: the first (from seed 0)
+    generation: SeedGeneration | None = field(default=None, compare=False)
 
     @property
     def array_dir(self) -> str:
@@ -143,7 +144,8 @@ def array_specs(num_seeds: int, num_shards: int, rows_per_shard: int, num_classe
     }
     if store_full:
         specs[LOGITS] = dict(dtype="float16", width=num_classes, fill_value="NaN")
-    elif topk < num_classes:    # the tail's log-sum-exp at targets.TAIL_TAUS, for soft targets at any τ
+    # the tail's log-sum-exp at targets.TAIL_TAUS, for soft targets at any τ
+    elif topk < num_classes:
         specs[TAIL_LOGSUMEXP] = dict(dtype="float16", width=len(TAIL_TAUS), fill_value="NaN")
     for spec in specs.values():
         width = spec.pop("width")

@@ -1,9 +1,9 @@
 """Per-unit locks so that two jobs never compute (and commit) the same unit at once.
 
-A lock is a file `units/<unit>.lock.<generation>` created exclusively and atomically
-(written aside, then hard-linked into place; see create_exclusive) holding {host, pid, token}. While a job holds it, a
-background thread refreshes its mtime (heartbeat). A lock is stale when its holder is
-gone: same host and the pid no longer exists, or no heartbeat for `stale_after` seconds.
+A lock is a file `units/<unit>.lock.<generation>` created exclusively and atomically (written aside,
+then hard-linked into place; see create_exclusive) holding {host, pid, token}. While a job holds it,
+a background thread refreshes its mtime (heartbeat). A lock is stale when its holder is gone: same
+host and the pid no longer exists, or no heartbeat for `stale_after` seconds.
 
 Breaking a stale lock never deletes it: the next job creates generation g+1 with O_EXCL,
 so when two jobs find the same stale lock only one of them wins (no check-then-delete

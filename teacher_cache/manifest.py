@@ -1,10 +1,10 @@
 """The cache's manifest.json: what was computed, from what, and how it is laid out.
 
-Written once, by whichever job gets there first, atomically: each job writes its own
-candidate aside and hard-links it to manifest.json (os.link fails if the name exists, so
-exactly one job wins; locks.create_exclusive); every other job reads the winner's and checks it matches its own
-settings. The fields that decide the numbers (IDENTITY_FIELDS) must match for any job to
-add to the cache; the rest is description.
+Written once, by whichever job gets there first, atomically: each job writes its own candidate aside
+and hard-links it to manifest.json (os.link fails if the name exists, so exactly one job wins;
+locks.create_exclusive); every other job reads the winner's and checks it matches its own settings.
+The fields that decide the numbers (IDENTITY_FIELDS) must match for any job to add to the cache; the
+rest is description.
 
 The seed count is not an identity field: `cache-teacher --seeds S2` grows a cache of fewer
 seeds (growth.py replaces the manifest atomically, adding a `seed_generations` entry); a
@@ -77,7 +77,8 @@ def seed_generations(manifest: dict) -> list[SeedGeneration]:
 
 
 def library_versions(recipe: AugRecipe | None = None) -> dict[str, str]:
-    return {**pixel_library_versions(recipe), "zarr": zarr.__version__, "numcodecs": numcodecs.__version__,
+    return {**pixel_library_versions(recipe), "zarr": zarr.__version__,
+            "numcodecs": numcodecs.__version__,
             "pyarrow": pyarrow.__version__, "python": platform.python_version()}
 
 
@@ -90,27 +91,32 @@ def build_manifest(opts, shard_set, teacher_info: dict, arrays: dict) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "created_by": {"host": socket.gethostname(), "pid": os.getpid(), "argv": sys.argv},
         "teacher": {k: teacher_info.get(k) for k in ("name", "checkpoint", "checkpoint_sha256",
-                                                     "weights_sha256", "pretrained", "model_kwargs")},
+                                                     "weights_sha256", "pretrained",
+                                                     "model_kwargs")},
         "num_classes": shard_set.num_classes,
         "classes": shard_set.metadata.get("classes"),
         "topk": opts.topk,
         "store_logits": opts.store_logits,
         "precision": opts.precision,
         "seeds": opts.seeds,
-        "seed_generations": [[0, opts.seeds]],    # growth.py appends [S1, S2] (arrays under arrays.zarr/seeds-…)
+        # growth.py appends [S1, S2] (arrays under arrays.zarr/seeds-…)
+        "seed_generations": [[0, opts.seeds]],
         "seeds_per_unit": opts.seeds_per_unit,
         "batch_size": opts.batch_size,            # verify-cache recomputes records in these batches
         "channels_last": opts.channels_last,
         "recipe": opts.recipe.to_dict(),
         "recipe_fingerprint": opts.recipe.fingerprint(),
         "replay_algorithm": REPLAY_ALGORITHM_VERSION,     # description: the fingerprint covers it
-        "shards": {"path": str(Path(shard_set.root).resolve()), "content_hash": shard_set.content_hash,
+        "shards": {"path": str(Path(shard_set.root).resolve()),
+                   "content_hash": shard_set.content_hash,
                    "num_shards": shard_set.num_shards, "shard_counts": shard_set.shard_counts,
-                   "rows_per_shard": shard_set.rows_per_shard, "num_samples": sum(shard_set.shard_counts),
+                   "rows_per_shard": shard_set.rows_per_shard,
+                   "num_samples": sum(shard_set.shard_counts),
                    "split": shard_set.metadata.get("split")},
         "arrays": arrays,
         "units": {"count": num_units, "dir": "units",
-                  "status": "a unit is done when units/<unit>.json exists; see `deit-pipeline inspect-cache`"},
+                  "status": "a unit is done when units/<unit>.json exists; see `deit-pipeline "
+                            "inspect-cache`"},
         "library_versions": library_versions(opts.recipe),
     }
 
@@ -132,7 +138,8 @@ def recipe_differences(existing: dict, wanted: dict) -> list[str]:
     new_recipe = {**LATER_FIELD_DEFAULTS, **(wanted.get("recipe") or {})}
     for key in sorted(set(old_recipe) | set(new_recipe)):
         if old_recipe.get(key) != new_recipe.get(key):
-            out.append(f"  recipe {key}: cache {old_recipe.get(key)!r}, this run {new_recipe.get(key)!r}")
+            out.append(f"  recipe {key}: cache {old_recipe.get(key)!r}, this run "
+                       f"{new_recipe.get(key)!r}")
     old_lib, new_lib = existing.get("library_versions") or {}, wanted.get("library_versions") or {}
     for key in sorted(set(pixel_library_versions()) | {RESIZE_KERNEL_KEY}):
         if old_lib.get(key) != new_lib.get(key):
@@ -218,7 +225,8 @@ def read_manifest(root: str | os.PathLike, retries: int = 20) -> dict:
                                  "recreate it in a new folder") from None
             time.sleep(0.1)
     if manifest.get("format") != FORMAT:
-        raise CacheError(f"{path} is not a teacher-cache manifest (format {manifest.get('format')!r})")
+        raise CacheError(f"{path} is not a teacher-cache manifest (format "
+                         f"{manifest.get('format')!r})")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CacheError(f"{path}: cache format version {manifest.get('format_version')} is not "
                          f"{FORMAT_VERSION}; recreate the cache with this version of deit-pipeline")
@@ -231,13 +239,15 @@ def write_json_atomic(path: Path, obj: dict) -> None:
 
 
 def create_or_match_manifest(root: Path, wanted: dict) -> tuple[dict, bool]:
-    """Install `wanted` as root/manifest.json unless one exists; return (manifest in force, created).
+    """Install `wanted` as root/manifest.json unless one exists; return (manifest in force,
+    created).
 
     Raises CacheError naming every identity field that differs from an existing manifest.
     """
     root.mkdir(parents=True, exist_ok=True)
     path = root / MANIFEST_FILE
-    if not path.exists() and create_exclusive(path, json.dumps(wanted, indent=1, sort_keys=True) + "\n"):
+    if not path.exists() and create_exclusive(path,
+                                              json.dumps(wanted, indent=1, sort_keys=True) + "\n"):
         return wanted, True                # exactly one job wins; the others check theirs below
     existing = read_manifest(root)
     refuse_differences(root, existing, wanted)

@@ -26,8 +26,10 @@ TAIL_TAUS = (1.0, 2.0, 3.0, 4.0)
 class TeacherTargets:
     topk_indices: torch.Tensor            # (N, K) int64, descending by teacher score
     topk_logprobs: torch.Tensor           # (N, K) float32 (values representable in fp16)
-    logits: torch.Tensor | None = None    # (N, C) float32 (values representable in fp16), full mode only
-    tail_logsumexp: torch.Tensor | None = None  # (N, len(TAIL_TAUS)) float32 (fp16 values), top-k mode with K < C
+    # (N, C) float32 (values representable in fp16), full mode only
+    logits: torch.Tensor | None = None
+    # (N, len(TAIL_TAUS)) float32 (fp16 values), top-k mode with K < C
+    tail_logsumexp: torch.Tensor | None = None
 
     @property
     def label(self) -> torch.Tensor:
@@ -38,7 +40,8 @@ class TeacherTargets:
         return self.topk_indices.shape[0]
 
     def _map(self, fn) -> "TeacherTargets":
-        return TeacherTargets(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self, f.name))
+        return TeacherTargets(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self,
+                                                                                               f.name))
                                  for f in fields(self)})
 
     def select(self, index) -> "TeacherTargets":
@@ -63,8 +66,10 @@ def tail_logsumexp_at(targets: TeacherTargets, num_classes: int, tau: float) -> 
     """(N,) L(β) = log Σ_tail exp(β · log p_j) at β = 1/τ: stored at β = 1/τ for τ in TAIL_TAUS, and
     L(0) = log(C - K); linear in β in between (L is convex in β, so the interpolated tail mass is
     never too small; for τ < 1 the last segment is extended and may be)."""
-    points = [(0.0, torch.full((len(targets),), math.log(num_classes - targets.topk_indices.shape[1])))]
-    points += sorted((1.0 / t, v) for t, v in zip(TAIL_TAUS, targets.tail_logsumexp.float().unbind(dim=1)))
+    points = [(0.0,
+               torch.full((len(targets),), math.log(num_classes - targets.topk_indices.shape[1])))]
+    points += sorted((1.0 / t, v) for t, v in zip(TAIL_TAUS,
+                                                  targets.tail_logsumexp.float().unbind(dim=1)))
     beta = 1.0 / tau
     i = next((i for i in range(len(points) - 1) if beta <= points[i + 1][0]), len(points) - 2)
     (b0, l0), (b1, l1) = points[i], points[i + 1]
@@ -73,9 +78,9 @@ def tail_logsumexp_at(targets: TeacherTargets, num_classes: int, tau: float) -> 
 
 def soft_tail_mass(targets: TeacherTargets, num_classes: int, tau: float) -> torch.Tensor | None:
     """(N,) mass of the tail (the classes whose individual values are not stored) in the soft target
-    at τ, or None when the cache cannot tell (no tail summary and τ != 1). A rebuilt soft target with
-    the right tail mass differs from the exact one only inside the tail, so this bounds their total
-    variation; 0 with full logits or K = C."""
+    at τ, or None when the cache cannot tell (no tail summary and τ != 1). A rebuilt soft target
+    with the right tail mass differs from the exact one only inside the tail, so this bounds their
+    total variation; 0 with full logits or K = C."""
     k = targets.topk_indices.shape[1]
     if targets.logits is not None or k >= num_classes:
         return torch.zeros(len(targets))
@@ -91,7 +96,8 @@ def encode_teacher_logits(logits: torch.Tensor, topk: int, store_full: bool = Fa
     the full fp16 logits or (when K < C) the fp16 tail summary `tail_logsumexp`."""
     logits = logits.detach().float()
     if not 1 <= topk <= logits.shape[1]:
-        raise ValueError(f"top-k K={topk} must be between 1 and the number of classes {logits.shape[1]}")
+        raise ValueError(f"top-k K={topk} must be between 1 and the number of classes "
+                         f"{logits.shape[1]}")
     logprobs = torch.log_softmax(logits, dim=1)
     values, indices = torch.topk(logprobs, topk, dim=1, largest=True, sorted=True)
     full = logits.half().float() if store_full else None

@@ -75,7 +75,8 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
         raise TeacherError(f"checkpoint {path} has no tensors (top-level keys: "
                            f"{', '.join(sorted(map(str, obj))[:8])}); expected a state dict or "
                            "a dict with a 'model' state dict (DeiT's format)")
-    return clean_state_dict(tensors), arch, dict(kwargs)   # DDP's / torch.compile's prefixes dropped
+    # DDP's / torch.compile's prefixes dropped
+    return clean_state_dict(tensors), arch, dict(kwargs)
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str | None, dict]:
@@ -90,7 +91,8 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str | None, 
     try:
         kwargs = json.loads(metadata.get("model_kwargs") or "{}")
     except ValueError:
-        raise TeacherError(f"{path}: metadata model_kwargs is not JSON: {metadata['model_kwargs']!r}") from None
+        raise TeacherError(f"{path}: metadata model_kwargs is not JSON: "
+                           f"{metadata['model_kwargs']!r}") from None
     return clean_state_dict(state), next((metadata[k] for k in _ARCH_KEYS if metadata.get(k)), None), kwargs
 
 
@@ -100,12 +102,11 @@ def load_teacher(name: str | None, checkpoint: str | os.PathLike | None = None, 
     """A timm teacher in eval mode with grads off, on `device`.
 
     name: timm model name (a pretrained tag like ".deit_in1k" is allowed); None means the name
-    recorded in the checkpoint, or DEFAULT_TEACHER when there is no checkpoint.
-    checkpoint: local weights file; without it timm's pretrained weights are used.
-    num_classes: the head size (the shards' class count); a checkpoint must match it.
-    options: the command's options for the name and the checkpoint, named in messages.
-    The returned module carries `teacher_info` (name, checkpoint, checkpoint_sha256, weights_sha256).
-    """
+    recorded in the checkpoint, or DEFAULT_TEACHER when there is no checkpoint. checkpoint: local
+    weights file; without it timm's pretrained weights are used. num_classes: the head size (the
+    shards' class count); a checkpoint must match it. options: the command's options for the name
+    and the checkpoint, named in messages. The returned module carries `teacher_info` (name,
+    checkpoint, checkpoint_sha256, weights_sha256). """
     state, arch, checkpoint_sha, recorded_kwargs = None, None, None, {}
     if checkpoint is not None:
         state, arch, recorded_kwargs = read_checkpoint(checkpoint)
@@ -129,8 +130,10 @@ def load_teacher(name: str | None, checkpoint: str | os.PathLike | None = None, 
     if state is not None:
         _load_state(model, state, checkpoint, name)
     model.eval().requires_grad_(False).to(device)
-    model.teacher_info = {"name": name, "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
-                          "checkpoint_sha256": checkpoint_sha, "weights_sha256": weights_sha256(model),
+    model.teacher_info = {"name": name,
+                          "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
+                          "checkpoint_sha256": checkpoint_sha,
+                          "weights_sha256": weights_sha256(model),
                           "pretrained": checkpoint is None, "num_classes": num_classes,
                           "model_kwargs": {k: v for k, v in kwargs.items() if k != "num_classes"}}
     return model
@@ -143,11 +146,13 @@ def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], checkpoi
     wrong_shape = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
     parts = [f"{what} {len(keys)} key(s) e.g. {', '.join(keys[:3])}"
              for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
-    parts += ["shape mismatch " + ", ".join(f"{k} {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+    parts += ["shape mismatch " + ", ".join(f"{k} {tuple(state[k].shape)} vs model "
+                                            f"{tuple(expected[k].shape)}"
                                             for k in wrong_shape[:3])] if wrong_shape else []
     if parts:
         raise TeacherError(f"checkpoint {checkpoint} does not fit timm model {name!r} "
-                           f"(num_classes={getattr(model, 'num_classes', '?')}): {'; '.join(parts)}. "
+                           f"(num_classes={getattr(model, 'num_classes', '?')}): "
+                           f"{'; '.join(parts)}. "
                            "Check --teacher and that the checkpoint was trained on these classes")
     model.load_state_dict(state, strict=True)
 
@@ -156,7 +161,8 @@ def check_precision(precision: str, device: torch.device) -> None:
     if precision not in PRECISIONS:
         raise TeacherError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "fp16" and torch.device(device).type != "cuda":
-        raise TeacherError("fp16 autocast needs a CUDA device; use --precision bf16 or fp32 on the CPU")
+        raise TeacherError("fp16 autocast needs a CUDA device; use --precision bf16 or fp32 on the "
+                           "CPU")
 
 
 @torch.no_grad()
@@ -171,13 +177,15 @@ def teacher_logits(model: torch.nn.Module, images: torch.Tensor, precision: str 
     with autocast(device, precision):       # fp32: none; bf16 on CUDA or CPU; fp16 on CUDA only
         logits = model(images)
     if not torch.isfinite(logits).all():
-        raise TeacherError("the teacher produced NaN/inf logits; check the checkpoint or use --precision fp32")
+        raise TeacherError("the teacher produced NaN/inf logits; check the checkpoint or use "
+                           "--precision fp32")
     return logits.float()
 
 
 def teacher_forward(model: torch.nn.Module, images: torch.Tensor, topk: int, store_full: bool = False,
                     precision: str = "fp32", channels_last: bool = False) -> TeacherTargets:
-    """Replayed images -> TeacherTargets (top-k indices + fp16 log-probs [+ fp16 logits]) on the CPU;
-    channels_last: feed NHWC (for a model converted with `model.to(memory_format=torch.channels_last)`)."""
+    """Replayed images -> TeacherTargets (top-k indices + fp16 log-probs [+ fp16 logits]) on the
+    CPU; channels_last: feed NHWC (for a model converted with
+    `model.to(memory_format=torch.channels_last)`)."""
     logits = teacher_logits(model, images, precision, channels_last)
     return encode_teacher_logits(logits, topk, store_full).to("cpu")

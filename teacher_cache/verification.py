@@ -1,27 +1,27 @@
-"""verify_cache: recompute sampled cached records in the very batches that produced them, and compare.
+"""verify_cache: recompute sampled cached records in the very batches that produced them, and
+compare.
 
-cache-teacher runs the teacher on consecutive slices of --batch-size replayed images of one
-(shard, seed), in mixing order (build.py: one work item per batch). On a GPU, bf16 results
-depend on the batch a record sat in, so recomputing records in other batches disagrees on a
-healthy cache. Here each sampled record's original batch is rebuilt as cache-teacher builds it (the same work item,
-replay_item + finish_item: same shard, seed, order and the unit's recorded batch size) and run
-with the cache's precision and the unit's channels-last setting: on the same machine and
-precision a healthy cache reproduces exactly.
+cache-teacher runs the teacher on consecutive slices of --batch-size replayed images of one (shard,
+seed), in mixing order (build.py: one work item per batch). On a GPU, bf16 results depend on the
+batch a record sat in, so recomputing records in other batches disagrees on a healthy cache. Here
+each sampled record's original batch is rebuilt as cache-teacher builds it (the same work item,
+replay_item + finish_item: same shard, seed, order and the unit's recorded batch size) and run with
+the cache's precision and the unit's channels-last setting: on the same machine and precision a
+healthy cache reproduces exactly.
 
 Before any recomputation, every done unit's storage files are checked against its record (present,
-same size, same sha256: cheap next to the teacher) and the units not computed yet are listed; damaged
-units are reported and left out of the sample. Each sampled (shard, seed) also gets its recorded
-replay digests checked. A record whose recomputed argmax differs from the cached one is a *near-tie* when the
-recomputation itself puts the two classes within `near_tie_tolerance` (nats) and the stored
-top-1 log-prob is that class's recomputed value within the same tolerance; any other difference
-is a *real mismatch* and always fails. Near-ties count against --min-agreement (exact argmax
-agreement, default 1.0): they fail by default, because on the same kind of device a healthy cache
-is bit-exact. Records recomputed on another kind of device than their unit's (`device_kind` in
+same size, same sha256: cheap next to the teacher) and the units not computed yet are listed;
+damaged units are reported and left out of the sample. Each sampled (shard, seed) also gets its
+recorded replay digests checked. A record whose recomputed argmax differs from the cached one is a
+*near-tie* when the recomputation itself puts the two classes within `near_tie_tolerance` (nats) and
+the stored top-1 log-prob is that class's recomputed value within the same tolerance; any other
+difference is a *real mismatch* and always fails. Near-ties count against --min-agreement (exact
+argmax agreement, default 1.0): they fail by default, because on the same kind of device a healthy
+cache is bit-exact. Records recomputed on another kind of device than their unit's (`device_kind` in
 the unit record: GPU model, or CPU architecture and kernel capability) are expected to flip
-near-ties: there they are reported and do not fail, and --min-agreement applies to same-kind
-records only; the verdict then rests on the digests (finishing is exact on every device), the
-file hashes and real mismatches.
-"""
+near-ties: there they are reported and do not fail, and --min-agreement applies to same-kind records
+only; the verdict then rests on the digests (finishing is exact on every device), the file hashes
+and real mismatches. """
 from __future__ import annotations
 
 import math
@@ -43,8 +43,10 @@ from .manifest import with_defaults
 from .targets import encode_teacher_logits
 from .teacher import check_precision, load_teacher, teacher_logits
 
-RECORDS_PER_PAIR = 8            # sampled records per (shard, seed), all from one batch: one replay serves them
-NEAR_TIE_TOLERANCE = 0.05       # nats; about the spread of bf16 logits between GPU kernels of different shapes
+# sampled records per (shard, seed), all from one batch: one replay serves them
+RECORDS_PER_PAIR = 8
+# nats; about the spread of bf16 logits between GPU kernels of different shapes
+NEAR_TIE_TOLERANCE = 0.05
 
 
 @dataclass
@@ -59,8 +61,8 @@ class Pick:
 
 
 def unit_batch_settings(cache: TeacherCache, unit: Unit) -> tuple[int, bool]:
-    """(batch size, channels-last) the unit was computed with. Unit records always held the batch size;
-    channels-last was implicit before it was recorded: on for CUDA devices."""
+    """(batch size, channels-last) the unit was computed with. Unit records always held the batch
+    size; channels-last was implicit before it was recorded: on for CUDA devices."""
     record = cache.unit_record(unit)
     batch_size = int(record.get("batch_size") or with_defaults(cache.manifest)["batch_size"])
     channels_last = record.get("channels_last")
@@ -70,9 +72,9 @@ def unit_batch_settings(cache: TeacherCache, unit: Unit) -> tuple[int, bool]:
 
 
 def sample_records(cache: TeacherCache, samples: int, seed: int = 0, units: list[Unit] | None = None) -> list[Pick]:
-    """About `samples` records over `units` (default: the done ones): random (shard, seed) pairs, one random
-    batch of each, up to RECORDS_PER_PAIR random rows of that batch (small caches: further batches of the
-    pairs). Empty when there is no unit."""
+    """About `samples` records over `units` (default: the done ones): random (shard, seed) pairs,
+    one random batch of each, up to RECORDS_PER_PAIR random rows of that batch (small caches:
+    further batches of the pairs). Empty when there is no unit."""
     done = cache.done_units() if units is None else units
     rng = np.random.default_rng(seed)
     pairs = [(u, s) for u in done for s in u.seeds]
@@ -84,9 +86,11 @@ def sample_records(cache: TeacherCache, samples: int, seed: int = 0, units: list
             if remaining <= 0:
                 break
             unit, aug_seed = pairs[i]
-            batch_size, channels_last = unit_batch_settings(cache, unit)      # unit records are read once
+            # unit records are read once
+            batch_size, channels_last = unit_batch_settings(cache, unit)
             count = cache.shard_counts[unit.shard]
-            free = sorted(set(range(math.ceil(count / batch_size))) - used.setdefault(int(i), set()))
+            free = sorted(set(range(math.ceil(count / batch_size))) - used.setdefault(int(i),
+                                                                                      set()))
             if not free:
                 continue
             batch = int(free[rng.integers(len(free))])
@@ -116,13 +120,14 @@ def verify_cache(path: str | os.PathLike, shards: str | os.PathLike, samples: in
                  max_logprob_diff: float | None = None, device: str = "auto", precision: str | None = None,
                  teacher_checkpoint: str | None = None, seed: int = 0,
                  near_tie_tolerance: float = NEAR_TIE_TOLERANCE, allow_incomplete: bool = False) -> dict:
-    """Check every done unit's files against its record (existence, size, sha256), list the units not
-    computed yet, and recompute about `samples` sampled records of the intact units. "ok" is False on any
-    damaged unit, any missing unit (unless `allow_incomplete`), any real mismatch, below `min_agreement`
-    exact argmax agreement of the records recomputed on their unit's kind of device (near-ties count as
-    disagreement; on another kind they are expected and only reported), on a digest mismatch, or when a
-    top-k log-prob or tail log-sum-exp differs by more than `max_logprob_diff` (when given).
-    Bad input (no cache, other shards, other teacher weights, a bad option) raises CacheError."""
+    """Check every done unit's files against its record (existence, size, sha256), list the units
+    not computed yet, and recompute about `samples` sampled records of the intact units. "ok" is
+    False on any damaged unit, any missing unit (unless `allow_incomplete`), any real mismatch,
+    below `min_agreement` exact argmax agreement of the records recomputed on their unit's kind of
+    device (near-ties count as disagreement; on another kind they are expected and only reported),
+    on a digest mismatch, or when a top-k log-prob or tail log-sum-exp differs by more than
+    `max_logprob_diff` (when given). Bad input (no cache, other shards, other teacher weights, a bad
+    option) raises CacheError."""
     _check_verify_options(samples, min_agreement, near_tie_tolerance, max_logprob_diff, seed)
     cache = TeacherCache.open(path)
     shard_set = ShardSet.open(shards)
@@ -149,16 +154,20 @@ def verify_cache(path: str | os.PathLike, shards: str | os.PathLike, samples: in
           and (max_logprob_diff is None or max(found.max_lp, found.max_tail) <= max_logprob_diff))
     pairs = sorted({(p.shard, p.seed) for p in picks})
     return {"cache": str(cache.root), "records": records, "pairs": len(pairs),
-            "units_total": len(done) + len(missing), "units_done": len(done), "units_missing": len(missing),
+            "units_total": len(done) + len(missing), "units_done": len(done),
+            "units_missing": len(missing),
             "missing_units": [u.name for u in missing[:20]], "complete": not missing,
             "allow_incomplete": allow_incomplete,
             "damaged_units": [{"unit": name, "problem": problem} for name, problem in found.damaged.items()],
             "fix": cache.repair_advice(bool(found.damaged)) if missing or found.damaged else None,
-            "argmax_agreement": agreement, "near_ties": tally["near-tie"], "mismatches": tally["mismatch"],
+            "argmax_agreement": agreement, "near_ties": tally["near-tie"],
+            "mismatches": tally["mismatch"],
             "near_tie_tolerance": near_tie_tolerance, "disagreements": found.examples,
-            "pairs_checked": [list(p) for p in pairs], "batch_sizes": sorted({p.batch_size for p in picks}),
+            "pairs_checked": [list(p) for p in pairs],
+            "batch_sizes": sorted({p.batch_size for p in picks}),
             "channels_last": sorted({p.channels_last for p in picks}),
-            "max_logprob_diff": found.max_lp, "max_logit_diff": found.max_logit if cache.has_logits else None,
+            "max_logprob_diff": found.max_lp,
+            "max_logit_diff": found.max_logit if cache.has_logits else None,
             "max_tail_logsumexp_diff": found.max_tail if TAIL_LOGSUMEXP in cache.array_names else None,
             "digests_checked": found.digests_checked, "digest_mismatches": found.bad_digests,
             "files_checked": found.files_checked, "file_hash_mismatches": found.bad_files,
@@ -188,7 +197,8 @@ def _check_verify_options(samples: int, min_agreement: float, near_tie_tolerance
 class _Findings:
     """What the recomputation found so far, over every pick."""
     kind: str                                                 # device_kind of the recomputation
-    tally: dict[str, int] = field(default_factory=lambda: {"match": 0, "near-tie": 0, "mismatch": 0})
+    tally: dict[str, int] = field(default_factory=lambda: {"match": 0, "near-tie": 0,
+                                                           "mismatch": 0})
     other_kind: dict[str, int] = field(default_factory=lambda: {"match": 0, "near-tie": 0,
                                                                 "mismatch": 0})
     recorded_kinds: set[str] = field(default_factory=set)     # the sampled units' device kinds
@@ -206,8 +216,8 @@ class _Findings:
 
 def _verify_pick(cache: TeacherCache, shard_set: ShardSet, model: torch.nn.Module, pick: Pick, precision: str,
                  tolerance: float, found: _Findings, device: torch.device) -> None:
-    """Rebuild and rerun the pick's batch; check its seed's replay digests and its records against the
-    cache (a unit that cannot be read is recorded as damaged)."""
+    """Rebuild and rerun the pick's batch; check its seed's replay digests and its records against
+    the cache (a unit that cannot be read is recorded as damaged)."""
     unit = cache.unit_for(pick.shard, pick.seed)
     try:
         stored = cache.read(pick.shard, pick.seed)
@@ -235,28 +245,33 @@ def _verify_pick(cache: TeacherCache, shard_set: ShardSet, model: torch.nn.Modul
         if not same_kind:
             found.other_kind[verdict] += 1
         if verdict != "match" and len(found.examples) < 20:
-            found.examples.append({"kind": verdict, "shard": pick.shard, "seed": pick.seed, "position": pos,
+            found.examples.append({"kind": verdict, "shard": pick.shard, "seed": pick.seed,
+                                   "position": pos,
                                    "batch": pick.batch, "cached_argmax": int(idx[0]),
                                    "recomputed_argmax": int(recomputed.topk_indices[row, 0]),
                                    "recomputed_gap": float(full_logprobs[row].max() - full_logprobs[row, int(idx[0])])})
-        found.max_lp = max(found.max_lp, float((full_logprobs[row, idx].half().float() - lp).abs().max()))
+        found.max_lp = max(found.max_lp,
+                           float((full_logprobs[row, idx].half().float() - lp).abs().max()))
         if stored.tail_logsumexp is not None:
             found.max_tail = max(found.max_tail, float((recomputed.tail_logsumexp[row]
                                                         - stored.tail_logsumexp[pos]).abs().max()))
         if stored.logits is not None:
-            found.max_logit = max(found.max_logit, float((recomputed.logits[row] - stored.logits[pos]).abs().max()))
+            found.max_logit = max(found.max_logit,
+                                  float((recomputed.logits[row] - stored.logits[pos]).abs().max()))
 
 
 def _load_cache_teacher(cache: TeacherCache, teacher_checkpoint, device: torch.device) -> torch.nn.Module:
     t = cache.manifest["teacher"]
     checkpoint = teacher_checkpoint or t.get("checkpoint")
     if checkpoint is not None and not os.path.isfile(checkpoint):
-        raise CacheError(f"the cache's teacher checkpoint {checkpoint} is gone; pass --teacher-checkpoint PATH")
+        raise CacheError(f"the cache's teacher checkpoint {checkpoint} is gone; pass "
+                         f"--teacher-checkpoint PATH")
     model = load_teacher(t["name"], checkpoint, num_classes=cache.num_classes, device=device,
                          model_kwargs=t.get("model_kwargs"))
     if model.teacher_info["weights_sha256"] != t["weights_sha256"]:
-        raise CacheError(f"teacher weights {model.teacher_info['weights_sha256'][:12]}… differ from the cache's "
-                         f"{t['weights_sha256'][:12]}…; pass the checkpoint the cache was computed with")
+        raise CacheError(f"teacher weights {model.teacher_info['weights_sha256'][:12]}… differ "
+                         f"from the cache's {t['weights_sha256'][:12]}…; pass the checkpoint the "
+                         f"cache was computed with")
     return model
 
 
@@ -286,7 +301,8 @@ def _original_batch(shard_set: ShardSet, unit: Unit, pick: Pick, recipe, device:
     count = shard_set.shard_counts[unit.shard]
     works = unit_items(count, unit.shard, pick.seed, pick.batch_size)
     if pick.batch >= len(works):
-        raise CacheError(f"shard {pick.shard} replays fewer than {pick.batch + 1} batches of {pick.batch_size}: "
+        raise CacheError(f"shard {pick.shard} replays fewer than {pick.batch + 1} batches of "
+                         f"{pick.batch_size}: "
                          "the shards changed since the cache was computed")
     keys_cache: dict[int, list[str]] = {}
     item = replay_item(shard_set, works[pick.batch], recipe, keys_cache)
@@ -306,3 +322,56 @@ def _replayed_digests(shard_set: ShardSet, pick: Pick, recipe, item, digests: di
             one = replay_item(shard_set, work, recipe, keys_cache)
             digests.update(finish_batch(one, recipe, device, count)[1])
     return digests
+
+
+def format_verification(report: dict) -> str:
+    """verify-cache's text report."""
+    r = report
+    allowed = " (allowed: --allow-incomplete)" if r["units_missing"] and r["allow_incomplete"] else ""
+    lines = [f"verify-cache {r['cache']}: units {r['units_done']}/{r['units_total']} computed, "
+             f"{r['units_missing']} missing{allowed}",
+             f"  storage files "
+             f"{r['files_checked'] - len(r['file_hash_mismatches'])}/{r['files_checked']} "
+             "present and matching their sha256 (every computed unit)"]
+    lines += [f"  missing unit (not computed yet): {name}" for name in r["missing_units"][:5]]
+    lines += [f"  DAMAGED unit {d['unit']}: {d['problem']}" for d in r["damaged_units"][:10]]
+    if r["records"]:
+        lines += _recomputation_lines(r)
+    else:
+        lines.append("  no record recomputed (no intact computed unit)")
+    if r["fix"]:
+        lines.append(f"  fix: {r['fix']}")
+    lines.append("  OK" if r["ok"] else "  FAILED")
+    return "\n".join(lines)
+
+
+def _recomputation_lines(r: dict) -> list[str]:
+    diffs = f"max top-k log-prob diff {r['max_logprob_diff']:.4g}"
+    if r["max_logit_diff"] is not None:
+        diffs += f", max logit diff {r['max_logit_diff']:.4g}"
+    if r["max_tail_logsumexp_diff"] is not None:
+        diffs += f", max tail log-sum-exp diff {r['max_tail_logsumexp_diff']:.4g}"
+    lines = [f"  recomputed {r['records']} records of {r['pairs']} (shard, seed) pairs on "
+             f"{r['device']} ({r['precision']}) in their original batches (batch size "
+             f"{'/'.join(map(str, r['batch_sizes']))}, channels-last "
+             f"{'/'.join(map(str, r['channels_last']))})",
+             f"  argmax agreement {100 * r['argmax_agreement']:.2f}% (min "
+             f"{100 * r['min_agreement']:.2f}%), "
+             + diffs,
+             f"  replay digests "
+             f"{r['digests_checked'] - len(r['digest_mismatches'])}/{r['digests_checked']} match",
+             f"  real mismatches {r['mismatches']} (always fail), near-ties {r['near_ties']} "
+             f"(within {r['near_tie_tolerance']:g} nats; count as disagreement)"]
+    for item in r["disagreements"][:5]:
+        lines.append(f"  {item['kind']}: shard {item['shard']} seed {item['seed']} position "
+                     f"{item['position']}: cached class {item['cached_argmax']}, recomputed "
+                     f"{item['recomputed_argmax']} (recomputed gap {item['recomputed_gap']:.4g} "
+                     f"nats)")
+    lines += [f"  replayed image differs from the cached one: {item}" for item in r["digest_mismatches"][:5]]
+    if r["other_kind_records"]:
+        lines.append(f"  {r['other_kind_records']} of {r['records']} records recomputed on "
+                     f"{r['device_kind']}, not on cache-teacher's "
+                     f"{' / '.join(r['recorded_device_kinds'])}: their {r['other_kind_near_ties']} "
+                     f"near-ties are expected and do not fail; the verdict rests on "
+                     "digests, file hashes and real mismatches (min agreement: same-kind records)")
+    return lines

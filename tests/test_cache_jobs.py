@@ -15,7 +15,7 @@ import torch
 from cache_fixtures import (REPO, SEEDS, SEEDS_PER_UNIT, TEACHER_ARCH, all_at_once, assert_same_cache,
                             cache_options, cli_args, job_summaries, leftovers)
 from cli_runner import CLI, run_cli
-from teacher_cache import CacheError, CacheOptions, TeacherCache, cache_teacher
+from teacher_cache import CacheError, CacheOptions, TeacherCache, build, cache_teacher
 from teacher_cache.jobs import resolve_job
 from teacher_cache.layout import Unit, all_units, select_units
 from teacher_cache.locks import lock_is_stale, try_lock
@@ -28,17 +28,20 @@ class SimulatedCrash(RuntimeError):
     pass
 
 
-def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, small_shards, teacher_checkpoint, reference_cache):
+def test_resume_after_a_crash_equals_an_uninterrupted_run(tmp_path, small_shards, teacher_checkpoint, reference_cache,
+                                                          monkeypatch):
     out = tmp_path / "crashed"
-    committed = []
+    finish = build._JobRun._finish
 
-    def crash_after_five(unit):
-        committed.append(unit)
-        if len(committed) == 5:
+    def crash_after_five(run, slot):           # the job dies right after its fifth unit's commit
+        finish(run, slot)
+        if run.committed == 5:
             raise SimulatedCrash("power cut")
 
+    monkeypatch.setattr(build._JobRun, "_finish", crash_after_five)
     with pytest.raises(SimulatedCrash):
-        cache_teacher(cache_options(small_shards, out, teacher_checkpoint, on_commit=crash_after_five))
+        cache_teacher(cache_options(small_shards, out, teacher_checkpoint))
+    monkeypatch.undo()
     assert len(TeacherCache.open(out).missing_units()) == NUM_UNITS - 5
     assert leftovers(out) == []          # the crash path released its locks and scratch
     # The rerun needs only --shards/--out: everything else comes from the manifest.
