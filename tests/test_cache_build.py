@@ -105,6 +105,7 @@ def test_full_logit_mode_stores_fp16_logits(tmp_path, small_shards, teacher_chec
         torch.testing.assert_close(lp, got.topk_logprobs, rtol=0, atol=2e-2)
 
 
+@pytest.mark.slow
 def test_workers_produce_the_same_cache(tmp_path, small_shards, teacher_checkpoint, reference_cache):
     from cache_fixtures import assert_same_cache
     out = tmp_path / "workers"

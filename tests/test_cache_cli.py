@@ -291,6 +291,7 @@ def test_cli_refusal_and_bad_arguments_are_one_clear_line(cache_copy, small_shar
         assert not (tmp_path / name).exists()
 
 
+@pytest.mark.slow
 def test_cli_creates_and_resumes_a_cache(tmp_path, small_shards, teacher_checkpoint, reference_cache):
     from cache_fixtures import assert_same_cache
     out = tmp_path / "cli"

@@ -42,6 +42,7 @@ def assert_reads_like(cache_root: Path, direct_root: Path) -> None:
             assert grown.unit_digests(shard, seed) == direct.unit_digests(shard, seed)
 
 
+@pytest.mark.slow
 def test_growth_adds_new_units_and_never_rewrites_a_committed_file(tmp_path, small_shards, teacher_checkpoint,
                                                                    reference_cache, direct_cache):
     out = copy_cache(reference_cache, tmp_path / "cache")
@@ -64,6 +65,7 @@ def test_growth_adds_new_units_and_never_rewrites_a_committed_file(tmp_path, sma
     assert report["ok"] and {s for _, s in report["pairs_checked"]} & {3, 4}, report
 
 
+@pytest.mark.slow
 def test_growth_resumes_and_splits_into_jobs_like_a_first_run(tmp_path, small_shards, teacher_checkpoint,
                                                               reference_cache, grown_reference):
     out = copy_cache(reference_cache, tmp_path / "cache")

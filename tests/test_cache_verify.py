@@ -29,6 +29,7 @@ def batch_dependent_teacher(monkeypatch):
     monkeypatch.setattr(verification, "teacher_logits", logits_of_batch)         # verify-cache's path
 
 
+@pytest.mark.slow
 def test_records_are_recomputed_in_their_original_batches(tmp_path, small_shards, teacher_checkpoint,
                                                           batch_dependent_teacher, monkeypatch):
     out = tmp_path / "cache"

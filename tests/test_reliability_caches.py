@@ -60,6 +60,7 @@ def test_cache_of_other_shards_refused(tmp_path, reference_cache, other_shards, 
         assert_clean_failure(run_cli(cmds[name]), "shards content hash", "cache-teacher", command=name)
 
 
+@pytest.mark.slow
 def test_missing_unit_named_with_fix(tmp_path, reference_cache, small_shards, student_checkpoint):
     cache = copy_cache(reference_cache, tmp_path / "cache")
     unit_json = sorted((cache / "units").glob("*seeds-000002-000002.json"))[3]
@@ -83,6 +84,7 @@ def test_missing_unit_named_with_fix(tmp_path, reference_cache, small_shards, st
     assert unit_json.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["deleted", "corrupted", "truncated"])
 def test_damaged_chunk_named_with_fix(tmp_path, reference_cache, small_shards, student_checkpoint, damage):
     cache = copy_cache(reference_cache, tmp_path / "cache")
