@@ -94,7 +94,7 @@ def main(argv=None) -> dict:
     precision = args.precision or ("bf16" if gpu else "fp32")
     modes = args.modes.split(",")
     aug_opts = [f"--aug={kv}" for kv in args.aug]
-    # seeds for the epochs at R repeats: each epoch takes R seeds of one group (student/schedule.py)
+    # seeds for the epochs at R repeats: each epoch takes R seeds of one group (student/samplers.py)
     seeds = args.repeated_aug * -(-args.epochs // args.repeated_aug) if args.repeated_aug > 1 else args.epochs
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -67,7 +67,7 @@ def time_replay(samples, recipe: AugRecipe, item_size: int, finish: bool = True)
 
 def _patch_timm_posterize() -> None:
     """timm's Posterize passes 0 bits at high magnitudes, which Pillow >= 12 refuses; older Pillow
-    (which timm targets) returned a black image - do that, as data_shards.augment does."""
+    (which timm targets) returned a black image - do that, as data_shards.pixels_pil does."""
     from timm.data import auto_augment
     for name, op in list(auto_augment.NAME_TO_OP.items()):
         if name.startswith("Posterize"):

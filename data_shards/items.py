@@ -122,7 +122,7 @@ def replay_item(shard_set: ShardSet, item: WorkItem, recipe: AugRecipe,
 
 def order_part(n: int, part: int, parts: int) -> tuple[int, int]:
     """Positions [start, stop) of part `part` of `parts` of a mixing order of n samples: epoch j
-    of a seed group (student/schedule.py) trains on part j; stage one records digests there."""
+    of a seed group (student/samplers.py) trains on part j; stage one records digests there."""
     return part * n // parts, (part + 1) * n // parts
 
 
