@@ -73,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--student", default="deit_small_distilled_patch16_224")
     p.add_argument("--student-kwarg", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--teacher", default="regnety_160")
+    p.add_argument("--img-size", type=int, default=224,
+                   help="input size of the recipe, the student and the pure step (small: smoke runs)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--teacher-batch-size", type=int, default=256)
     p.add_argument("--precision", default=None, help="Teacher precision (default bf16 on GPU, fp32 on CPU).")
@@ -92,6 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=None, help="Keep the data here (default: a temporary folder).")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
+    if args.img_size != 224:        # the recipe's and the student's input size (AugRecipe's default: 224)
+        args.aug = [f"input_size={args.img_size}", *args.aug]
+        args.student_kwarg = [f"img_size={args.img_size}", *args.student_kwarg]
     args.precision = args.precision or ("bf16" if torch.cuda.is_available() else "fp32")
     # seeds for the epochs at R repeats: each epoch takes R seeds of one group (student/schedule.py)
     args.seeds = (args.repeated_aug * -(-args.epochs // args.repeated_aug) if args.repeated_aug > 1
@@ -140,7 +145,8 @@ def pure_step(args, modes: list[str], out: Path) -> dict:
     """bench_student_step of the same models (tensors already on the device), never compiled."""
     return bench_student_step.main([
         "--student", args.student, *[f"--student-kwarg={kv}" for kv in args.student_kwarg],
-        "--teacher", args.teacher, "--num-classes", str(args.classes), "--batch-size", str(args.batch_size),
+        "--teacher", args.teacher, "--img-size", str(args.img_size), "--num-classes", str(args.classes),
+        "--batch-size", str(args.batch_size),
         "--steps", str(args.steps), "--rounds", str(args.rounds), "--warmup", str(args.warmup),
         "--modes", ",".join(modes), "--out", str(out)])
 
