@@ -53,9 +53,10 @@ from data_shards import AugRecipe, make_shards
 
 RESULTS = Path(__file__).resolve().parent / "results"
 FAST_AUG = ["resize_backend=torch", "rand_augment_interpolation=bilinear"]    # = FAST_RECIPE
-GPU_SIZES = dict(images=4096, classes=1000, shard_size=512, student="deit_small_distilled_patch16_224",
-                 student_kwargs=[], teacher="regnety_160", input_size=224, batch_size=128,
-                 teacher_batch_size=256, precision="bf16", workers=max(1, (os.cpu_count() or 2) - 2),
+GPU_SIZES = dict(images=4096, classes=1000, shard_size=512,
+                 student="deit_small_distilled_patch16_224", student_kwargs=[],
+                 teacher="regnety_160", input_size=224, batch_size=128, teacher_batch_size=256,
+                 precision="bf16", workers=max(1, (os.cpu_count() or 2) - 2),
                  epochs=2, repeated_aug=3, log_interval=4, steps=20, rounds=2, warmup=5,
                  stage_one_seeds=2, bare_seconds=5.0, finish_items=12, verify_samples=64,
                  cpu_samples=8)
@@ -113,11 +114,12 @@ def step_finishing(ctx) -> dict:
 
 
 def step_stage_one(ctx) -> dict:
-    """cache-teacher vs the bare forward, channels-last then contiguous (2 caches, kept for verify)."""
+    """cache-teacher vs the bare forward, channels-last then contiguous (caches kept for verify)."""
     out = {}
     for name, channels_last in (("channels_last", True), ("contiguous", False)):
-        args = SimpleNamespace(teacher=ctx.s.teacher, classes=ctx.s.classes, input_size=ctx.s.input_size,
-                               batch_size=ctx.s.teacher_batch_size, precision=ctx.s.precision,
+        args = SimpleNamespace(teacher=ctx.s.teacher, classes=ctx.s.classes,
+                               input_size=ctx.s.input_size, batch_size=ctx.s.teacher_batch_size,
+                               precision=ctx.s.precision,
                                channels_last=channels_last, bare_seconds=ctx.s.bare_seconds,
                                seeds=ctx.s.stage_one_seeds, workers=ctx.s.workers)
         work = ctx.work / f"stage_one-{name}"
@@ -152,12 +154,13 @@ def step_verify_cpu(ctx) -> dict:
 def step_loader(ctx) -> dict:
     out = {}
     deit = AugRecipe(input_size=ctx.s.input_size)
-    for name, recipe in (("deit", deit), ("fast", FAST_RECIPE.with_overrides(input_size=ctx.s.input_size))):
-        out[name] = r = e2e.loader_alone(ctx.shards, recipe, ctx.s.batch_size, ctx.s.workers, ctx.device,
-                                         ctx.s.repeated_aug)
-        print(f"  {name}: items {r['items']['img_s']:.0f} img/s (steady {r['items']['steady_img_s']}), "
-              f"batches {r['batches']['img_s']:.0f} img/s (steady {r['batches']['steady_img_s']})",
-              flush=True)
+    fast = FAST_RECIPE.with_overrides(input_size=ctx.s.input_size)
+    for name, recipe in (("deit", deit), ("fast", fast)):
+        out[name] = r = e2e.loader_alone(ctx.shards, recipe, ctx.s.batch_size, ctx.s.workers,
+                                         ctx.device, ctx.s.repeated_aug)
+        items, batches = r["items"], r["batches"]
+        print(f"  {name}: items {items['img_s']:.0f} img/s (steady {items['steady_img_s']}), "
+              f"batches {batches['img_s']:.0f} img/s (steady {batches['steady_img_s']})", flush=True)
     return out
 
 
@@ -165,9 +168,10 @@ def e2e_args(ctx, *extra: str) -> argparse.Namespace:
     s = ctx.s
     argv = ["--images", s.images, "--classes", s.classes, "--shard-size", s.shard_size,
             "--student", s.student, *[f"--student-kwarg={kv}" for kv in s.student_kwargs],
-            "--teacher", s.teacher, "--img-size", s.input_size, "--batch-size", s.batch_size, "--teacher-batch-size",
-            s.teacher_batch_size, "--precision", s.precision, "--workers", s.workers,
-            "--epochs", s.epochs, "--repeated-aug", s.repeated_aug, "--log-interval", s.log_interval,
+            "--teacher", s.teacher, "--img-size", s.input_size, "--batch-size", s.batch_size,
+            "--teacher-batch-size", s.teacher_batch_size, "--precision", s.precision,
+            "--workers", s.workers, "--epochs", s.epochs, "--repeated-aug", s.repeated_aug,
+            "--log-interval", s.log_interval,
             "--steps", s.steps, "--rounds", s.rounds, "--warmup", s.warmup, *extra]
     return e2e.parse_args([str(a) for a in argv])
 
@@ -201,14 +205,15 @@ def _e2e_rows(ctx, variant: str, modes: list[str], *extra: str) -> list[dict]:
     runs = {}
     for mode in modes:
         cache = _cache(ctx, recipe) if mode == "cached" else None
-        runs[mode] = e2e.train_run(args, mode, ctx.shards, ctx.work / f"run-{variant}-{mode}", cache,
-                                   ctx.teacher_ckpt)
+        run = ctx.work / f"run-{variant}-{mode}"
+        runs[mode] = e2e.train_run(args, mode, ctx.shards, run, cache, ctx.teacher_ckpt)
     pure = _pure(ctx, modes)
     for mode in modes:
         rows.append({"variant": variant, **e2e.table_row(mode, runs[mode], pure[mode])})
         r = rows[-1]
-        print(f"  {variant} {mode}: {r['end_to_end_img_s']:.0f} / {r['steady_img_s']:.0f} img/s against "
-              f"{r['pure_step_img_s']:.0f}, ratio {r['ratio']:.2f} / {r['steady_ratio']:.2f}", flush=True)
+        print(f"  {variant} {mode}: {r['end_to_end_img_s']:.0f} / {r['steady_img_s']:.0f} img/s "
+              f"against {r['pure_step_img_s']:.0f}, ratio {r['ratio']:.2f} / {r['steady_ratio']:.2f}",
+              flush=True)
     return rows
 
 
@@ -225,8 +230,9 @@ STEPS = {
 
 
 def _compiled(ctx) -> list[dict]:
-    """cached with --compile. In --smoke, TORCH_COMPILE_DISABLE=1: the flag's path runs (torch.compile
-    wraps the model) but nothing is compiled (inductor on 2 CPU cores would take minutes)."""
+    """cached with --compile. In --smoke, TORCH_COMPILE_DISABLE=1: the flag's path runs
+    (torch.compile wraps the model) but nothing is compiled (inductor on 2 CPU cores would take
+    minutes)."""
     if not ctx.smoke:
         return _e2e_rows(ctx, "compile", ["cached"], "--compile")
     os.environ["TORCH_COMPILE_DISABLE"] = "1"          # read by train-student's subprocess
@@ -241,14 +247,15 @@ def _compiled(ctx) -> list[dict]:
 def run_step(ctx, name: str, fn) -> None:
     """Run one step, guarded: its result or its error, and its seconds against the plan."""
     k, n = list(ctx.plan).index(name) + 1, len(ctx.plan)
-    print(f"[{k}/{n}] {name} (planned {ctx.plan[name]} s; {time.perf_counter() - ctx.t0:.0f} s so far)",
-          flush=True)
+    so_far = time.perf_counter() - ctx.t0
+    print(f"[{k}/{n}] {name} (planned {ctx.plan[name]} s; {so_far:.0f} s so far)", flush=True)
     start = time.perf_counter()
     record = {"planned_s": ctx.plan[name], "ok": True, "result": None, "error": None}
     try:
         record["result"] = fn(ctx)
     except Exception as exc:            # a failing step is recorded; the others still run
-        record.update(ok=False, error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+        record.update(ok=False, error=f"{type(exc).__name__}: {exc}",
+                      traceback=traceback.format_exc())
         print(f"  FAILED: {record['error']}", flush=True)
     record["seconds"] = round(time.perf_counter() - start, 1)
     ctx.results[name] = record
@@ -279,8 +286,9 @@ def write(ctx, paths: tuple[Path, Path]) -> dict:
 def markdown(r: dict) -> str:
     m, steps = r["machine"], r["steps"]
     lines = [f"# Device check, {m['name']}{' (smoke: toy sizes)' if r['smoke'] else ''}", "",
-             f"{m['gpu'] or 'no GPU'}, {m['cpu_count']} CPUs; Python {m['python']}, torch {m['torch']}, "
-             f"torchvision {m['torchvision']}, timm {m['timm']}; {r['seconds']} s in all "
+             f"{m['gpu'] or 'no GPU'}, {m['cpu_count']} CPUs; Python {m['python']}, "
+             f"torch {m['torch']}, torchvision {m['torchvision']}, timm {m['timm']}; "
+             f"{r['seconds']} s in all "
              f"(planned {r['planned_total_s']} s). Checks: " +
              ", ".join(f"{k} {v}" for k, v in r["checks"].items()), "",
              "| step | ok | seconds (planned) | error |", "|---|---|---|---|"]
@@ -291,8 +299,9 @@ def markdown(r: dict) -> str:
     if rows:
         lines += ["", "| variant | mode | train-student img/s (epoch / steady) | pure step img/s "
                   "| ratio (epoch / steady) | data-wait share |", "|---|---|---|---|---|---|"]
-        lines += [f"| {w['variant']} | {w['mode']} | {w['end_to_end_img_s']:,.0f} / {w['steady_img_s']:,.0f} "
-                  f"| {w['pure_step_img_s']:,.0f} | {w['ratio']:.2f} / {w['steady_ratio']:.2f} "
+        lines += [f"| {w['variant']} | {w['mode']} | {w['end_to_end_img_s']:,.0f} "
+                  f"/ {w['steady_img_s']:,.0f} | {w['pure_step_img_s']:,.0f} | {w['ratio']:.2f} "
+                  f"/ {w['steady_ratio']:.2f} "
                   f"| {w['data_wait_share']:.2f} |" for w in rows]
     if steps.get("loader", {}).get("ok"):
         lines += ["", "| loader alone | items img/s (steady) | finished batches img/s (steady) |",
@@ -304,8 +313,8 @@ def markdown(r: dict) -> str:
     if steps.get("stage_one", {}).get("ok"):
         lines += ["", "| stage one | bare forward img/s | cache-teacher img·seeds/s | ratio |",
                   "|---|---|---|---|"]
-        lines += [f"| {n} | {v['bare_forward_img_per_s']:,.0f} | {v['cache_img_seeds_per_s']} | {v['ratio']} |"
-                  for n, v in steps["stage_one"]["result"].items()]
+        lines += [f"| {n} | {v['bare_forward_img_per_s']:,.0f} | {v['cache_img_seeds_per_s']} "
+                  f"| {v['ratio']} |" for n, v in steps["stage_one"]["result"].items()]
     for n in ("verify_device", "verify_cpu"):
         if steps.get(n, {}).get("ok"):
             lines += ["", f"{n}: " + gcv.verify_line(steps[n]["result"])]
@@ -318,12 +327,14 @@ def markdown(r: dict) -> str:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--smoke", action="store_true", help="Toy sizes on the CPU (about 3 min on 2 cores).")
-    p.add_argument("--out", type=Path, default=RESULTS, help="Folder of the .json and .md [bench/results].")
-    p.add_argument("--work", type=Path, default=None, help="Keep the data here [a temporary folder].")
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--smoke", action="store_true", help="Toy sizes on the CPU.")
+    p.add_argument("--out", type=Path, default=RESULTS,
+                   help="Folder of the .json and .md [bench/results].")
+    p.add_argument("--work", type=Path, default=None, help="Keep the data here [a temporary one].")
     p.add_argument("--steps", default=",".join(STEPS), help="A subset of the steps, comma-separated.")
-    p.add_argument("--workers", type=int, default=None, help="Loader workers [cores - 2; --smoke: 1].")
+    p.add_argument("--workers", type=int, default=None, help="Loader workers [cores - 2; smoke: 1].")
     return p.parse_args(argv)
 
 
@@ -334,7 +345,8 @@ def main(argv=None) -> dict:
         sizes["workers"] = args.workers
     names = [n for n in args.steps.split(",") if n]
     if not set(names) <= set(STEPS):
-        raise SystemExit(f"--steps: unknown {sorted(set(names) - set(STEPS))}; known: {', '.join(STEPS)}")
+        raise SystemExit(f"--steps: unknown {sorted(set(names) - set(STEPS))}; "
+                         f"known: {', '.join(STEPS)}")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     work = args.work or Path(tempfile.mkdtemp(prefix="gpu_check_"))
     work.mkdir(parents=True, exist_ok=True)
@@ -344,13 +356,13 @@ def main(argv=None) -> dict:
     stem = f"gpu_check-{ctx.machine['name']}-{time.strftime('%Y-%m-%d')}"
     args.out.mkdir(parents=True, exist_ok=True)
     paths = (args.out / f"{stem}.json", args.out / f"{stem}.md")
+    plan = ", ".join(f"{n} {s}" for n, s in ctx.plan.items())
     print(f"device check on {ctx.machine['name']} ({device}), torch {torch.__version__}, work {work}; "
-          f"plan (s, {'toy sizes: not the GPU plan' if args.smoke else 'one H200'}): "
-          + ", ".join(f"{n} {s}" for n, s in ctx.plan.items()) + f"; total {sum(ctx.plan.values())}",
-          flush=True)
+          f"plan (s, {'toy sizes: not the GPU plan' if args.smoke else 'one H200'}): {plan}; "
+          f"total {sum(ctx.plan.values())}", flush=True)
     if device.type != "cuda":
-        print("no CUDA device in this run: the device steps run on the CPU and compare the CPU with itself",
-              flush=True)
+        print("no CUDA device in this run: the device steps run on the CPU and compare the CPU "
+              "with itself", flush=True)
 
     def data(c):
         c.shards = make_data(work, c.s, c.s.workers + 1)
