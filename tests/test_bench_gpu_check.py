@@ -20,7 +20,7 @@ def test_the_device_check_runs_every_step_at_toy_sizes_on_the_cpu(tmp_path):
                           "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")],
                          capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    [report_path] = (tmp_path / "out").glob("gpu_check-cpu-*cpu-*.json")
+    [report_path] = (tmp_path / "out").glob("gpu_check-smoke-cpu-*cpu-*.json")
     report = json.loads(report_path.read_text())
     assert report["smoke"] and report["passed"] and report["machine"]["gpu"] is None
     assert {"torch", "torchvision", "timm", "cpu_count"} <= set(report["machine"])
