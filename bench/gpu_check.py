@@ -3,9 +3,13 @@
 On the device machine, from a copy of the tree (run from its root; the dependencies that machine
 lacks travel as wheels in bench/wheels, see bench/README.md, "The device check"):
 
-    python3 -m pip install -q --no-deps --no-index --target /tmp/deps bench/wheels/*.whl \\
+    set -o pipefail; python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \\
+        --target /tmp/deps bench/wheels/*.whl \\
         || for w in bench/wheels/*.whl; do python3 -m zipfile -e "$w" /tmp/deps; done; \\
-    PYTHONPATH=$PWD:/tmp/deps python3 bench/gpu_check.py --out $OUT
+    PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/tmp/deps python3 bench/gpu_check.py --out $OUT 2>&1 \\
+        | tee $OUT/gpu_check.log
+
+(the device tool: carry ["bench/wheels"], timeout_s 480; the one line is in bench/README.md).
 
     python bench/gpu_check.py --smoke --out DIR       # the same steps at toy sizes on the CPU
 
