@@ -298,7 +298,7 @@ def markdown(r: dict) -> str:
              f"{m['gpu'] or 'no GPU'}, {m['cpu_count']} CPUs; Python {m['python']}, "
              f"torch {m['torch']}, torchvision {m['torchvision']}, timm {m['timm']}; "
              f"{r['seconds']} s in all "
-             f"(planned {r['planned_total_s']} s). Checks: " +
+             f"(planned {r['planned_total_s']} s{' on one H200' if r['smoke'] else ''}). Checks: " +
              ", ".join(f"{k} {v}" for k, v in r["checks"].items()), "",
              "| step | ok | seconds (planned) | error |", "|---|---|---|---|"]
     lines += [f"| {n} | {s['ok']} | {s['seconds']} ({s['planned_s']}) | {s['error'] or ''} |"
