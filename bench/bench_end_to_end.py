@@ -166,10 +166,11 @@ def loader_alone(shards: Path, recipe, batch_size: int, workers: int, device, re
     as the training loop gets them). img/s over the epoch, and steady: after the first 2 x workers
     items / first 3 batches (the loader's start: workers forked, first items replayed)."""
     from data_shards import ShardSet
-    from student.data import iter_items, plan_epoch, train_batches
+    from student.data import iter_items, train_batches
+    from student.samplers import plan_epoch
     device = torch.device(device)
     shard_set = ShardSet.open(shards)
-    plan = plan_epoch(shard_set, epoch, batch_size, 0, 1, 0, repeated_aug, repeated_aug=repeated_aug)
+    plan = plan_epoch(shard_set.shard_counts, epoch, batch_size, 0, 1, 0, repeated_aug, repeated_aug=repeated_aug)
     cuda = device.type == "cuda"
     out = {}
     for kind in ("items", "batches"):

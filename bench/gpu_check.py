@@ -40,6 +40,7 @@ only from the wheels' folder.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -163,7 +164,7 @@ def step_verify_cpu(ctx) -> dict:
 def step_loader(ctx) -> dict:
     out = {}
     deit = AugRecipe(input_size=ctx.s.input_size)
-    fast = FAST_RECIPE.with_overrides(input_size=ctx.s.input_size)
+    fast = dataclasses.replace(FAST_RECIPE, input_size=ctx.s.input_size)
     for name, recipe in (("deit", deit), ("fast", fast)):
         out[name] = r = e2e.loader_alone(ctx.shards, recipe, ctx.s.batch_size, ctx.s.workers,
                                          ctx.device, ctx.s.repeated_aug)
