@@ -1,6 +1,7 @@
 """Batched geometric pixel ops on any torch device, bit-identical to the Pillow calls of the CPU
 recipe (issue 19, first part): decode, timm's crop-then-resize, horizontal flip and RandAugment's
-five affine ops (`GEOMETRY_OPS`), for a whole batch with per-sample parameters.
+five affine ops (`GEOMETRY_OPS`), for a whole batch with per-sample parameters. The
+crop-then-resize itself (Resample.c's maths) is in device_resample.py, re-exported here.
 
 Split of the work (why: the bits must not depend on the batch, its size or its order):
   * the CPU computes each sample's small tables in float64 / Python exactly as Pillow's C does
