@@ -27,7 +27,7 @@ from PIL import Image
 from timm.data.auto_augment import NAME_TO_OP
 
 from bench_replay import imagenet_like_jpegs
-from data_shards import AugRecipe, decode_image, device_geometry
+from data_shards import AugRecipe, decode_image, device_resample
 from data_shards.parameters import SIGNED_LEVEL, rand_augment_hparams, resized_crop_params
 from data_shards.device_geometry import (GEOMETRY_OPS, decode_images, hflip,
                                          resized_crop)
@@ -77,15 +77,15 @@ def launches(fn, device: str) -> int:
     """Kernels per call; on the CPU counted with the GPU's chunk size (fewer, larger chunks)."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    cpu_budget = device_geometry.MAX_GATHER_ELEMENTS
-    device_geometry.MAX_GATHER_ELEMENTS = device_geometry.MAX_GATHER_ELEMENTS_CUDA
+    cpu_budget = device_resample.MAX_GATHER_ELEMENTS
+    device_resample.MAX_GATHER_ELEMENTS = device_resample.MAX_GATHER_ELEMENTS_CUDA
     try:
         with profile(activities=activities) as prof:
             fn()
             if device == "cuda":
                 torch.cuda.synchronize()
     finally:
-        device_geometry.MAX_GATHER_ELEMENTS = cpu_budget
+        device_resample.MAX_GATHER_ELEMENTS = cpu_budget
     events = prof.events()
     if device == "cuda":
         return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)

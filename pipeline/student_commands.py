@@ -1,5 +1,6 @@
-"""Stage two commands: train-student and evaluate (thin wrappers over student.train / student.evaluate).
-The options' defaults are the library's (TrainConfig's fields, evaluate_checkpoint's arguments)."""
+"""Stage two commands: train-student and evaluate (thin wrappers over student.train /
+student.evaluate). The options' defaults are the library's (TrainConfig's fields,
+evaluate_checkpoint's arguments)."""
 from __future__ import annotations
 
 import inspect
@@ -13,7 +14,8 @@ from student.train import TrainConfig, train
 
 from .group import echo_json, main, run_or_explain
 from .options import (COUNT, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, PROBABILITY, SEED,
-                      FiniteFloatRange, device_option, parse_key_values, read_recipe_source, recipe_options)
+                      FiniteFloatRange, device_option, parse_key_values, read_recipe_source,
+                      recipe_options)
 
 TRAIN = option_defaults()
 EVALUATE = {name: p.default
@@ -147,7 +149,8 @@ def train_student_cmd(input_size, recipe_source, aug_overrides, model_kwargs, no
     if input_size:
         aug["input_size"] = input_size
     recipe = read_recipe_source(recipe_source) if recipe_source else None
-    cfg = TrainConfig.from_dict({**options, "aug": aug, "progress": not no_progress, "recipe": recipe,
+    cfg = TrainConfig.from_dict({**options, "aug": aug, "progress": not no_progress,
+                                 "recipe": recipe,
                                  "model_kwargs": parse_key_values(model_kwargs, "--model-kwarg")})
     summary = run_or_explain(train, cfg)
     if int(os.environ.get("RANK", 0)) != 0:        # torchrun: rank 0 reports
@@ -163,8 +166,9 @@ def train_student_cmd(input_size, recipe_source, aug_overrides, model_kwargs, no
         heads = ", ".join(f"{h} {v['top1']:.4f}" for h, v in val.items() if isinstance(v, dict))
         click.echo(f"trained {summary['epochs_trained']} epoch(s)"
                    + (f" (epochs {first}..{summary['epochs'] - 1}, resumed)" if first else "")
-                   + f", {summary['global_step']} steps in all on {summary['world_size']} process(es); "
-                   f"last loss {m.get('loss', float('nan')):.4f}" + (f"; val top-1 {heads}" if heads else "")
+                   + f", {summary['global_step']} steps in all on {summary['world_size']} "
+                   f"process(es); last loss {m.get('loss', float('nan')):.4f}"
+                   + (f"; val top-1 {heads}" if heads else "")
                    + f"; checkpoint {summary['checkpoint']}")
 
 
@@ -178,9 +182,8 @@ def train_student_cmd(input_size, recipe_source, aug_overrides, model_kwargs, no
                    "head.")
 @click.option("--teacher-model", metavar="NAME", help="Architecture of a --teacher checkpoint.")
 @click.option("--cache", type=click.Path(file_okay=False),
-              help="Compare with the cached teacher on the replayed images of --aug-seed (--shards "
-                   "= the "
-                   "cache's).")
+              help="Compare with the cached teacher on the replayed images of --aug-seed "
+                   "(--shards = the cache's).")
 @click.option("--aug-seed", type=NON_NEGATIVE, default=EVALUATE["aug_seed"], show_default=True,
               help="With --cache: the cached augmentation seed to compare on.")
 @click.option("--batch-size", type=COUNT, default=EVALUATE["batch_size"], show_default=True,
@@ -189,7 +192,8 @@ def train_student_cmd(input_size, recipe_source, aug_overrides, model_kwargs, no
 @device_option(default=EVALUATE["device"])
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def evaluate_cmd(as_json, **options):
-    """Top-1/top-5 of the class head, the distillation head and their late fusion (eval transform)."""
+    """Top-1/top-5 of the class head, the distillation head and their late fusion (eval
+    transform)."""
     report = run_or_explain(evaluate_checkpoint, **options)
     if as_json:
         echo_json(report)
@@ -206,8 +210,10 @@ def evaluate_cmd(as_json, **options):
                    + ", ".join(f"{k} {v:.4f}" for k, v in t["agreement"].items()))
         d = t["disagreement"]
         click.echo(f"  {d['head']} head vs teacher: both right {d['both_correct']}, only student "
-                   f"{d['student_only']}, only teacher {d['teacher_only']}, both wrong {d['both_wrong']}")
+                   f"{d['student_only']}, only teacher {d['teacher_only']}, "
+                   f"both wrong {d['both_wrong']}")
     if "cache_agreement" in report:
         c = report["cache_agreement"]
-        click.echo(f"  vs cached teacher (aug seed {c['aug_seed']}, {c['num_samples']} replayed images): "
-                   "agreement " + ", ".join(f"{k} {v:.4f}" for k, v in c["agreement"].items()))
+        click.echo(f"  vs cached teacher (aug seed {c['aug_seed']}, {c['num_samples']} replayed "
+                   "images): agreement "
+                   + ", ".join(f"{k} {v:.4f}" for k, v in c["agreement"].items()))
