@@ -90,7 +90,7 @@ def test_fingerprint_covers_every_parameter():
     changed = dict(input_size=192, scale=(0.2, 1.0), ratio=(0.5, 2.0), interpolation="bilinear", hflip=0.0,
                    rand_augment="rand-m7-mstd0.5-inc1", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), reprob=0.0,
                    re_area=(0.1, 0.2), re_aspect=0.5, mixup_alpha=0.2, cutmix_alpha=0.0, mix_prob=0.5,
-                   switch_prob=0.1, smoothing=0.0, eval_crop_pct=0.9, decode_draft=False,
+                   switch_prob=0.1, smoothing=0.0, eval_crop_pct=0.9, decode_draft=True,
                    pairing_seeds=1, resize_backend="torch", rand_augment_interpolation="bilinear")
     assert set(changed) == {f.name for f in dataclasses.fields(AugRecipe)}
     prints = {base.fingerprint()}
@@ -288,7 +288,7 @@ def test_draft_decoding_stays_close_to_full_decoding():
     from data_shards.parameters import make_rng
 
     photo = sample_photo_paths()[1].read_bytes()       # 640x427 JPEG
-    draft = AugRecipe(input_size=64)
+    draft = AugRecipe(input_size=64, decode_draft=True)     # the fast recipe's decoding
     full = dataclasses.replace(draft, decode_draft=False)
     diffs, sizes = [], set()
     for seed in range(6):
@@ -303,6 +303,70 @@ def test_draft_decoding_stays_close_to_full_decoding():
     # Resampled from a 1/2-1/8 DCT-scaled decode: a few grey levels apart on average, where a
     # misplaced box would be tens apart.
     assert max(diffs) < 4 and max(diffs) > 0
+
+
+def photo_jpegs() -> dict[str, bytes]:
+    """The two sample photos resized / cropped to several sizes and aspect ratios, as JPEGs."""
+    import io
+
+    from PIL import Image
+
+    out = {}
+    for path in sample_photo_paths():
+        photo = Image.open(path).convert("RGB")                  # 640x427
+        for size, box in (((640, 427), None), ((300, 500), None), ((1000, 250), None),
+                          ((160, 120), None), ((227, 227), (100, 0, 527, 427))):
+            buf = io.BytesIO()
+            photo.resize(size, Image.Resampling.BILINEAR, box=box).save(buf, "JPEG", quality=90)
+            out[f"{path.stem}-{size[0]}x{size[1]}"] = buf.getvalue()
+    return out
+
+
+def test_default_recipe_gives_timms_bytes_for_the_drawn_parameters():
+    """DeiT's recipe (the default) against timm's own training transform applied with the same
+    parameters: its RandomResizedCropAndInterpolation given our drawn box, torchvision's hflip,
+    timm's RandAugment op functions with our drawn args and the kwargs timm's ops carry for this
+    recipe (fill, resample). uint8 before normalisation, equal byte for byte."""
+    import io
+
+    from PIL import Image
+    from timm.data import create_transform
+    from timm.data.auto_augment import NAME_TO_OP, RandAugment
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+    from torchvision.transforms import functional as F
+
+    from data_shards.parameters import draw_sample
+    from data_shards.pixels_pil import augment_uint8
+
+    recipe = AugRecipe()
+    timm_train = create_transform(recipe.input_size, is_training=True, scale=recipe.scale,
+                                  ratio=recipe.ratio, hflip=recipe.hflip,
+                                  auto_augment=recipe.rand_augment,
+                                  interpolation=recipe.interpolation, mean=recipe.mean,
+                                  std=recipe.std, re_prob=recipe.reprob)
+    crop = timm_train.transforms[0]
+    assert isinstance(crop, RandomResizedCropAndInterpolation)
+    rand_augment = next(t for t in timm_train.transforms if isinstance(t, RandAugment))
+    op_kwargs = {op.name: op.kwargs for op in rand_augment.ops}
+    edges = ops = 0
+    for key, data in photo_jpegs().items():
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        for seed in range(3):
+            ours, _ = augment_uint8(data, key, seed, recipe)
+            params = draw_sample(key, seed, recipe, img.size)
+            crop.get_params = lambda *_: params.crop          # timm's transform, our box
+            ref = crop(img)
+            i, j, h, w = params.crop
+            edges += (i, j, h, w) != (0, 0, img.height, img.width)
+            ref = F.hflip(ref) if params.flip else ref
+            for name, args in params.ops:
+                if name.startswith("Posterize") and args[0] <= 0:   # Pillow >= 12 refuses 0 bits
+                    ref = Image.new("RGB", ref.size)                # (older Pillow: black)
+                else:
+                    ref = NAME_TO_OP[name](ref, *args, **op_kwargs[name])
+                ops += 1
+            np.testing.assert_array_equal(ours, np.asarray(ref), err_msg=f"{key} seed {seed}")
+    assert edges > 20 and ops > 20      # crops inside the image (edges), RandAugment ops applied
 
 
 def test_finishing_is_elementwise_whatever_the_batch(digits_shards):
