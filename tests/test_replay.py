@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from conftest import sample_photo_paths
 from data_shards import (AugRecipe, ShardSet, decode_image, finish_item, mixed_targets, replay_slice, slice_positions,
                          tensor_digest)
-from data_shards.mixing import mix_params
+from data_shards.mixing import mix_params, mixing_order, mixing_partners
 from replay_helpers import augment_seeds, decode_drawn_crop, replay_shard
 
 RECIPE_32 = AugRecipe(input_size=32)
@@ -107,11 +108,14 @@ def test_mixing_pairs_form_one_cycle_with_valid_lambda(digits_shards):
     assert sorted(r.key for r in replayed) == sorted(keys)
     assert sorted(r.partner_key for r in replayed) == sorted(keys)  # each sample is a partner exactly once
     partner = {r.key: r.partner_key for r in replayed}
+    order = [keys[i] for i in mixing_order(keys, 4, RECIPE_32)]
+    d = 2                          # seed 4 = 3 + 1: offset 1 of its pairing group, partner k + 2
+    assert all(partner[key] == order[(k + d) % len(keys)] for k, key in enumerate(order))
     seen, key = set(), keys[0]
     while key not in seen:
         seen.add(key)
         key = partner[key]
-    assert len(seen) == len(keys)  # one cycle through the whole shard
+    assert len(seen) == len(keys) // math.gcd(d, len(keys))  # cycles of the order, stepped by d
     lams = np.array([r.lam for r in replayed])
     assert ((lams >= 0) & (lams <= 1)).all() and lams.std() > 0.1
     cutmix = [mix_params(r.key, r.partner_key, 4, RECIPE_32).use_cutmix for r in replayed]
@@ -264,22 +268,43 @@ def test_any_cut_into_slices_gives_the_whole_shard(digits_shards, recipe):
     shard = shard_set.read_shard(3)
     keys = shard_set.shard_keys(3)
     positions = slice_positions(keys, 4, recipe, 100, 132)
-    assert len(positions) == 33
+    assert len(positions) == 34                       # seed 4: the partners of the last two too
     item = replay_slice(shard_set.read_samples(3, positions), 4, recipe, 100, 132, keys)
     full = replay_slice(shard, 4, recipe, 100, 132)
     assert item.keys == full.keys and torch.equal(item.images, full.images)
-    assert item.images.dtype == torch.uint8 and item.images.shape == (33, 32, 32, 3)   # uint8 across processes
+    assert item.images.dtype == torch.uint8 and item.images.shape == (34, 32, 32, 3)   # uint8 across processes
     assert torch.equal(finish_item(item, recipe), finish_item(full, recipe))
 
 
-def test_seeds_of_a_pairing_group_share_partners_not_pixels(digits_shards):
+def test_seeds_of_a_pairing_group_share_the_order_not_partners_or_pixels(digits_shards):
+    """Seeds g*3 .. g*3+2 share one mixing order (their epochs' parts) but give each image 3
+    distinct partners (DeiT draws fresh ones each epoch), the same whatever the slices."""
     samples = ShardSet.open(digits_shards["train"]).read_shard(1)[:40]
-    partners = {s: {r.key: r.partner_key for r in replay_shard(samples, s, RECIPE_32)} for s in range(4)}
-    assert partners[0] == partners[1] == partners[2] != partners[3]      # pairing_seeds = 3
+    keys = [s.key for s in samples]
+    orders = [mixing_order(keys, s, RECIPE_32) for s in range(4)]
+    assert orders[0] == orders[1] == orders[2] != orders[3]             # pairing_seeds = 3
+    partners = {s: {r.key: r.partner_key for r in replay_shard(samples, s, RECIPE_32, slice_size)}
+                for s, slice_size in ((0, 64), (1, 7), (2, 1), (3, 13))}
+    for group in ((0, 1, 2), (3,)):
+        for key in keys:
+            found = [partners[s][key] for s in group]
+            assert len(set(found)) == len(group) and key not in found
+    sliced = {r.key: r.partner_key for r in replay_shard(samples, 2, RECIPE_32, 40)}
+    assert sliced == partners[2]
     lams = {s: [r.lam for r in replay_shard(samples, s, RECIPE_32)] for s in range(2)}
     assert lams[0] != lams[1]
     single = dataclasses.replace(RECIPE_32, pairing_seeds=1)
-    assert {r.key: r.partner_key for r in replay_shard(samples, 1, single)} != partners[0]
+    assert {r.key: r.partner_key for r in replay_shard(samples, 1, single)} != partners[1]
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_tiny_shards_never_mix_an_image_with_itself(n):
+    """With n <= pairing_seeds samples the offsets wrap (mod n - 1): min(P, n - 1) partners."""
+    keys = [f"k{i}" for i in range(n)]
+    partners = [mixing_partners(keys, seed, RECIPE_32) for seed in range(3)]
+    for i in range(n):
+        found = {p[i] for p in partners}
+        assert i not in found and len(found) == min(3, n - 1)
 
 
 def test_draft_decoding_stays_close_to_full_decoding():
