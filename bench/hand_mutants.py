@@ -73,13 +73,16 @@ MUTANTS = {
         "data_shards/mixing.py", "group = int(aug_seed) // recipe.pairing_seeds",
         "group = int(aug_seed)", REPLAY + DATA),
     "replay-mix-with-itself": (
-        "data_shards/items.py", "partners = augmented[1:] if recipe.mixing else primaries",
-        "partners = primaries", REPLAY),
+        "data_shards/items.py", "partners = augmented[offset:offset + m]",
+        "partners = augmented[:m]", REPLAY),
     "replay-no-cutmix-paste": (
         "data_shards/finishing.py", "        if yh > yl and xh > xl:", "        if False:", REPLAY),
     "replay-wrong-last-partner": (
-        "data_shards/items.py", "[by_position[order[stop % n]]] if recipe.mixing",
-        "[by_position[order[(stop + 1) % n]]] if recipe.mixing", REPLAY),
+        "data_shards/items.py", "for k in range(stop, stop + offset)]",
+        "for k in range(stop + 1, stop + offset + 1)]", REPLAY),
+    "replay-one-partner-per-group": (
+        "data_shards/mixing.py",
+        "return 1 + (int(aug_seed) % recipe.pairing_seeds) % max(1, n - 1)", "return 1", REPLAY),
     "replay-digest-ignores-shape": (
         "data_shards/finishing.py", 'f"{tuple(t.shape)}|{t.dtype}|"', 'f"|"', REPLAY + BUILD),
     "parts-one-short": (

@@ -63,8 +63,9 @@ def finish_images(images: torch.Tensor, erase: torch.Tensor, recipe: AugRecipe) 
 def finish_item(item: ReplayItem, recipe: AugRecipe,
                 device: torch.device | str | None = None) -> torch.Tensor:
     """A replay item -> its (m, 3, H, W) float32 training images on `device` (default: the
-    images'): `finish_images`, then sample k mixed with image k+1, x*w0 + partner*w1 (Mixup;
-    w = (1, 0) otherwise), then the CutMix box pasted. Parameters stay on the host (no syncs).
+    images'): `finish_images`, then sample k mixed with image k+d (d = item.partner_offset),
+    x*w0 + partner*w1 (Mixup; w = (1, 0) otherwise), then the CutMix box pasted. Parameters stay
+    on the host (no syncs).
     The same bits on every device (DESIGN.md; tests/test_finish_exact.py): copies, lookups, and
     a blend of two tensor-by-tensor multiplies and one add, each its own kernel (one IEEE
     rounding each, nothing to fuse, no scalar operand, no division). Denormals are kept by
@@ -76,7 +77,8 @@ def finish_item(item: ReplayItem, recipe: AugRecipe,
     if not recipe.mixing:
         return x
     weights = item.mix_weights.to(device, non_blocking=True)
-    primary, partner = x[:m], x[1:m + 1]
+    d = item.partner_offset
+    primary, partner = x[:m], x[d:m + d]
     out = primary * weights[:, 0].view(m, 1, 1, 1) + partner * weights[:, 1].view(m, 1, 1, 1)
     for k, (yl, yh, xl, xh) in enumerate(item.cut_boxes.tolist()):
         if yh > yl and xh > xl:

@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .mixing import mix_params, mixing_order
+from .mixing import mix_params, mixing_order, partner_offset
 from .pixels_pil import augment_uint8
 from .recipe import AugRecipe
 from .shards import ShardSet
@@ -31,7 +31,8 @@ class WorkItem:
 class ReplayItem(WorkItem):
     """A work item's samples replayed up to the uint8 stage, with per-sample parameters of
     everything after it (so `finish_item` needs no generator). When the recipe mixes, `images`
-    holds one more: order[stop % n], the last sample's partner."""
+    holds d = partner_offset more, order[stop .. stop + d - 1] (mod n): sample k's partner is
+    image k + d."""
     keys: list[str]
     partner_keys: list[str]
     positions: torch.Tensor        # (m,) int64 shard positions
@@ -40,11 +41,16 @@ class ReplayItem(WorkItem):
     lam: torch.Tensor              # (m,) float64 label weight of the primary (box-corrected)
     mix_weights: torch.Tensor      # (m, 2) float32 pixel weights (primary, partner); CutMix (1, 0)
     cut_boxes: torch.Tensor        # (m, 4) int64 partner box (y_low, y_high, x_low, x_high); 0: none
-    erase: torch.Tensor            # (m or m+1, 5) int64 (top, left, h, w, bank offset); h=0: none
-    images: torch.Tensor           # (m or m+1, H, W, 3) uint8, after crop-resize, flip, RandAugment
+    erase: torch.Tensor            # (m + d, 5) int64 (top, left, h, w, bank offset); h=0: none
+    images: torch.Tensor           # (m + d, H, W, 3) uint8, after crop-resize, flip, RandAugment
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    @property
+    def partner_offset(self) -> int:
+        """d: sample k is mixed with image k + d (0 when the recipe does not mix)."""
+        return len(self.images) - len(self.keys)
 
     def pin_memory(self) -> "ReplayItem":
         """For DataLoader(pin_memory=True): page-locked tensors copy to the GPU asynchronously
@@ -72,13 +78,14 @@ def replay_slice(samples: Sequence, aug_seed: int, recipe: AugRecipe, start: int
     order = mixing_order(keys, aug_seed, recipe) if order is None else order
     by_position = samples if isinstance(samples, dict) else {s.position: s for s in samples}
     primaries = [by_position[order[k]] for k in range(start, stop)]
-    augmented = primaries + ([by_position[order[stop % n]]] if recipe.mixing else [])
+    offset = partner_offset(n, aug_seed, recipe)      # 0 when the recipe does not mix
+    augmented = primaries + [by_position[order[k % n]] for k in range(stop, stop + offset)]
     size = recipe.input_size
     images = np.empty((len(augmented), size, size, 3), dtype=np.uint8)
     erase = [augment_uint8(sample.data, sample.key, aug_seed, recipe, out=images[i])[1]
              for i, sample in enumerate(augmented)]
     m = len(primaries)
-    partners = augmented[1:] if recipe.mixing else primaries
+    partners = augmented[offset:offset + m]
     lam, weights, boxes = [], np.zeros((m, 2), dtype=np.float32), np.zeros((m, 4), dtype=np.int64)
     for i, (primary, partner) in enumerate(zip(primaries, partners)):
         params = mix_params(primary.key, partner.key, aug_seed, recipe)
@@ -99,10 +106,10 @@ def replay_slice(samples: Sequence, aug_seed: int, recipe: AugRecipe, start: int
 
 def slice_positions(keys: Sequence[str], aug_seed: int, recipe: AugRecipe, start: int, stop: int,
                     order: Sequence[int] | None = None) -> list[int]:
-    """Shard positions a slice reads: order[start:stop], and order[stop % n] (the last one's
-    partner) when the recipe mixes."""
+    """Shard positions a slice reads: order[start:stop], and the next partner_offset ones (mod
+    n: the last samples' partners) when the recipe mixes."""
     order = mixing_order(keys, aug_seed, recipe) if order is None else order
-    last = stop + 1 if recipe.mixing else stop
+    last = stop + partner_offset(len(keys), aug_seed, recipe)
     return sorted({order[k % len(keys)] for k in range(start, last)})
 
 

@@ -23,8 +23,9 @@ class MixParams:
 
 
 def mixing_order(keys: Sequence[str], aug_seed: int, recipe: AugRecipe) -> list[int]:
-    """Seeded cyclic order of a shard: order[k] is mixed with order[(k+1) % n]. Seeds g*P ..
-    g*P+P-1 (P = pairing_seeds) share one order; a recipe that does not mix keeps shard order."""
+    """Seeded cyclic order of a shard: order[k] is mixed with order[(k + d) % n], d =
+    partner_offset. Seeds g*P .. g*P+P-1 (P = pairing_seeds) share one order (it splits a group's
+    images into epochs: items.order_part); a recipe that does not mix keeps shard order."""
     if not recipe.mixing:
         return list(range(len(keys)))
     group = int(aug_seed) // recipe.pairing_seeds
@@ -32,13 +33,23 @@ def mixing_order(keys: Sequence[str], aug_seed: int, recipe: AugRecipe) -> list[
     return [int(i) for i in rng.permutation(len(keys))]
 
 
+def partner_offset(n: int, aug_seed: int, recipe: AugRecipe) -> int:
+    """How far along a mixing order of n samples each sample's partner lies: 1 + (aug_seed mod P),
+    so the P seeds of a pairing group give an image P different partners (DeiT draws fresh ones
+    each epoch); taken mod n - 1 so no sample is its own partner. 0 when the recipe does not mix."""
+    if not recipe.mixing:
+        return 0
+    return 1 + (int(aug_seed) % recipe.pairing_seeds) % max(1, n - 1)
+
+
 def mixing_partners(keys: Sequence[str], aug_seed: int, recipe: AugRecipe) -> list[int]:
     """partners[i]: the position sample i is mixed with (itself when the recipe does not mix)."""
     if not recipe.mixing:
         return list(range(len(keys)))
     order = mixing_order(keys, aug_seed, recipe)
-    successor = dict(zip(order, order[1:] + order[:1]))
-    return [successor[i] for i in range(len(order))]
+    d = partner_offset(len(order), aug_seed, recipe)
+    partner = dict(zip(order, order[d:] + order[:d]))
+    return [partner[i] for i in range(len(order))]
 
 
 def mix_params(key: str, partner_key: str, aug_seed: int, recipe: AugRecipe) -> MixParams:

@@ -102,12 +102,24 @@ def _decode_colour_jpeg(data: bytes) -> np.ndarray | None:
 
 def crop_resize(pixels: Image.Image | np.ndarray, box: tuple[float, ...], recipe: AugRecipe
                 ) -> Image.Image:
-    """The crop box resized to input_size square, by the recipe's resize backend."""
+    """The crop box resized to input_size square, by the recipe's resize backend; with Pillow, a
+    whole-pixel box is cropped then resized (timm's bytes)."""
     size = recipe.input_size
     if recipe.resize_backend == "torch":
         return Image.fromarray(_torch_crop_resize(pixels, box, size, recipe.interpolation))
+    resample = INTERPOLATION[recipe.interpolation][1]
+    if all(float(v).is_integer() for v in box):
+        # timm's RandomResizedCropAndInterpolation (torchvision F.resized_crop): crop, then resize
+        # (resize(box=) would also weigh pixels outside the box at its edges).
+        left, top, right, bottom = (int(v) for v in box)
+        if isinstance(pixels, np.ndarray):
+            img = Image.fromarray(np.ascontiguousarray(pixels[top:bottom, left:right]))
+        else:
+            img = pixels.crop((left, top, right, bottom))
+        return img.resize((size, size), resample)
+    # A draft-decoded (fractional) box: resampled from the reduced image in place.
     img = Image.fromarray(pixels) if isinstance(pixels, np.ndarray) else pixels
-    return img.resize((size, size), INTERPOLATION[recipe.interpolation][1], box=box)
+    return img.resize((size, size), resample, box=box)
 
 
 def _torch_crop_resize(pixels: Image.Image | np.ndarray, box: tuple[float, ...], size: int,

@@ -24,7 +24,9 @@ REPLAY_ALGORITHM_VERSION = 3
 # What each version changed (named when a cache of an older version is refused).
 REPLAY_ALGORITHM_CHANGES = {
     2: "uint8 items finished on the device, noise-bank erasing fill, draft decoding",
-    3: "finishing changed: exact normalisation by a per-channel table, the same bits on any device",
+    3: "finishing changed: exact normalisation by a per-channel table, the same bits on any device"
+       "; DeiT's pixels by default: no draft decoding, crop then resize as timm (fast recipe: "
+       "decode_draft); the seeds of a pairing group mix each image with different partners",
 }
 
 INTERPOLATION = {"bicubic": (InterpolationMode.BICUBIC, Image.Resampling.BICUBIC),
@@ -58,8 +60,10 @@ class AugRecipe:
     switch_prob: float = 0.5
     smoothing: float = 0.1
     eval_crop_pct: float = 224 / 256              # eval: resize to size/crop_pct, centre crop
-    decode_draft: bool = True                     # JPEG DCT-scaled decoding when the crop allows
+    decode_draft: bool = False                    # JPEG DCT-scaled decoding when the crop allows
+                                                  # (fast recipe; not timm's bytes)
     pairing_seeds: int = 3                        # seeds g*P..g*P+P-1 share one mixing order
+                                                  # (with partners 1..P places ahead in it)
     resize_backend: str = "pil"                   # crop-resize: "pil" (timm's, portable bytes) or
                                                   # "torch" (uint8 antialiased, ~2.5x faster)
     rand_augment_interpolation: str | None = None  # RandAugment's affine ops; None: interpolation

@@ -41,7 +41,8 @@ def test_records_are_recomputed_in_their_original_batches(tmp_path, small_shards
     assert report["near_ties"] == report["mismatches"] == 0
     # Control: the same check in other batches (what verify-cache did before) does not reproduce the cache.
     monkeypatch.setattr(verification, "unit_batch_settings", lambda cache, unit: (16, False))
-    other = verify_cache(out, small_shards, samples=48, device="cpu")
+    # (argmax flips depend on the images; the log-prob bound does not: held to 0.01, as above)
+    other = verify_cache(out, small_shards, samples=48, device="cpu", max_logprob_diff=0.01)
     assert not other["ok"] and other["max_logprob_diff"] > 0.01, other
     assert other["max_tail_logsumexp_diff"] > 0.01, other
 

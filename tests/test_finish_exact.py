@@ -93,9 +93,11 @@ def test_erasing_and_mixing_equal_numpy_float32_arithmetic(mixed_item):
         if h > 0:
             x[n, :, top:top + h, left:left + w] = bank[offset:offset + 3 * h * w].reshape(3, h, w)
     w = item.mix_weights.numpy()[:, :, None, None, None]
-    expected = x[:m] * w[:, 0] + x[1:m + 1] * w[:, 1]    # float32 *, *, then +: one rounding each
+    d = item.partner_offset
+    assert d == 2 and len(item.images) == m + d         # seed 1 of its pairing group: partner k + 2
+    expected = x[:m] * w[:, 0] + x[d:m + d] * w[:, 1]    # float32 *, *, then +: one rounding each
     for k, (yl, yh, xl, xh) in enumerate(item.cut_boxes.tolist()):
-        expected[k, :, yl:yh, xl:xh] = x[k + 1, :, yl:yh, xl:xh]
+        expected[k, :, yl:yh, xl:xh] = x[k + d, :, yl:yh, xl:xh]
     assert expected.dtype == np.float32
     assert same_bits(finish_item(item, MIXING), expected)
 

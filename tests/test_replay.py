@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import random
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from conftest import sample_photo_paths
 from data_shards import (AugRecipe, ShardSet, decode_image, finish_item, mixed_targets, replay_slice, slice_positions,
                          tensor_digest)
-from data_shards.mixing import mix_params
+from data_shards.mixing import mix_params, mixing_order, mixing_partners
 from replay_helpers import augment_seeds, decode_drawn_crop, replay_shard
 
 RECIPE_32 = AugRecipe(input_size=32)
@@ -90,7 +91,7 @@ def test_fingerprint_covers_every_parameter():
     changed = dict(input_size=192, scale=(0.2, 1.0), ratio=(0.5, 2.0), interpolation="bilinear", hflip=0.0,
                    rand_augment="rand-m7-mstd0.5-inc1", mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), reprob=0.0,
                    re_area=(0.1, 0.2), re_aspect=0.5, mixup_alpha=0.2, cutmix_alpha=0.0, mix_prob=0.5,
-                   switch_prob=0.1, smoothing=0.0, eval_crop_pct=0.9, decode_draft=False,
+                   switch_prob=0.1, smoothing=0.0, eval_crop_pct=0.9, decode_draft=True,
                    pairing_seeds=1, resize_backend="torch", rand_augment_interpolation="bilinear")
     assert set(changed) == {f.name for f in dataclasses.fields(AugRecipe)}
     prints = {base.fingerprint()}
@@ -107,11 +108,14 @@ def test_mixing_pairs_form_one_cycle_with_valid_lambda(digits_shards):
     assert sorted(r.key for r in replayed) == sorted(keys)
     assert sorted(r.partner_key for r in replayed) == sorted(keys)  # each sample is a partner exactly once
     partner = {r.key: r.partner_key for r in replayed}
+    order = [keys[i] for i in mixing_order(keys, 4, RECIPE_32)]
+    d = 2                          # seed 4 = 3 + 1: offset 1 of its pairing group, partner k + 2
+    assert all(partner[key] == order[(k + d) % len(keys)] for k, key in enumerate(order))
     seen, key = set(), keys[0]
     while key not in seen:
         seen.add(key)
         key = partner[key]
-    assert len(seen) == len(keys)  # one cycle through the whole shard
+    assert len(seen) == len(keys) // math.gcd(d, len(keys))  # cycles of the order, stepped by d
     lams = np.array([r.lam for r in replayed])
     assert ((lams >= 0) & (lams <= 1)).all() and lams.std() > 0.1
     cutmix = [mix_params(r.key, r.partner_key, 4, RECIPE_32).use_cutmix for r in replayed]
@@ -264,22 +268,43 @@ def test_any_cut_into_slices_gives_the_whole_shard(digits_shards, recipe):
     shard = shard_set.read_shard(3)
     keys = shard_set.shard_keys(3)
     positions = slice_positions(keys, 4, recipe, 100, 132)
-    assert len(positions) == 33
+    assert len(positions) == 34                       # seed 4: the partners of the last two too
     item = replay_slice(shard_set.read_samples(3, positions), 4, recipe, 100, 132, keys)
     full = replay_slice(shard, 4, recipe, 100, 132)
     assert item.keys == full.keys and torch.equal(item.images, full.images)
-    assert item.images.dtype == torch.uint8 and item.images.shape == (33, 32, 32, 3)   # uint8 across processes
+    assert item.images.dtype == torch.uint8 and item.images.shape == (34, 32, 32, 3)   # uint8 across processes
     assert torch.equal(finish_item(item, recipe), finish_item(full, recipe))
 
 
-def test_seeds_of_a_pairing_group_share_partners_not_pixels(digits_shards):
+def test_seeds_of_a_pairing_group_share_the_order_not_partners_or_pixels(digits_shards):
+    """Seeds g*3 .. g*3+2 share one mixing order (their epochs' parts) but give each image 3
+    distinct partners (DeiT draws fresh ones each epoch), the same whatever the slices."""
     samples = ShardSet.open(digits_shards["train"]).read_shard(1)[:40]
-    partners = {s: {r.key: r.partner_key for r in replay_shard(samples, s, RECIPE_32)} for s in range(4)}
-    assert partners[0] == partners[1] == partners[2] != partners[3]      # pairing_seeds = 3
+    keys = [s.key for s in samples]
+    orders = [mixing_order(keys, s, RECIPE_32) for s in range(4)]
+    assert orders[0] == orders[1] == orders[2] != orders[3]             # pairing_seeds = 3
+    partners = {s: {r.key: r.partner_key for r in replay_shard(samples, s, RECIPE_32, slice_size)}
+                for s, slice_size in ((0, 64), (1, 7), (2, 1), (3, 13))}
+    for group in ((0, 1, 2), (3,)):
+        for key in keys:
+            found = [partners[s][key] for s in group]
+            assert len(set(found)) == len(group) and key not in found
+    sliced = {r.key: r.partner_key for r in replay_shard(samples, 2, RECIPE_32, 40)}
+    assert sliced == partners[2]
     lams = {s: [r.lam for r in replay_shard(samples, s, RECIPE_32)] for s in range(2)}
     assert lams[0] != lams[1]
     single = dataclasses.replace(RECIPE_32, pairing_seeds=1)
-    assert {r.key: r.partner_key for r in replay_shard(samples, 1, single)} != partners[0]
+    assert {r.key: r.partner_key for r in replay_shard(samples, 1, single)} != partners[1]
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_tiny_shards_never_mix_an_image_with_itself(n):
+    """With n <= pairing_seeds samples the offsets wrap (mod n - 1): min(P, n - 1) partners."""
+    keys = [f"k{i}" for i in range(n)]
+    partners = [mixing_partners(keys, seed, RECIPE_32) for seed in range(3)]
+    for i in range(n):
+        found = {p[i] for p in partners}
+        assert i not in found and len(found) == min(3, n - 1)
 
 
 def test_draft_decoding_stays_close_to_full_decoding():
@@ -288,7 +313,7 @@ def test_draft_decoding_stays_close_to_full_decoding():
     from data_shards.parameters import make_rng
 
     photo = sample_photo_paths()[1].read_bytes()       # 640x427 JPEG
-    draft = AugRecipe(input_size=64)
+    draft = AugRecipe(input_size=64, decode_draft=True)     # the fast recipe's decoding
     full = dataclasses.replace(draft, decode_draft=False)
     diffs, sizes = [], set()
     for seed in range(6):
@@ -303,6 +328,70 @@ def test_draft_decoding_stays_close_to_full_decoding():
     # Resampled from a 1/2-1/8 DCT-scaled decode: a few grey levels apart on average, where a
     # misplaced box would be tens apart.
     assert max(diffs) < 4 and max(diffs) > 0
+
+
+def photo_jpegs() -> dict[str, bytes]:
+    """The two sample photos resized / cropped to several sizes and aspect ratios, as JPEGs."""
+    import io
+
+    from PIL import Image
+
+    out = {}
+    for path in sample_photo_paths():
+        photo = Image.open(path).convert("RGB")                  # 640x427
+        for size, box in (((640, 427), None), ((300, 500), None), ((1000, 250), None),
+                          ((160, 120), None), ((227, 227), (100, 0, 527, 427))):
+            buf = io.BytesIO()
+            photo.resize(size, Image.Resampling.BILINEAR, box=box).save(buf, "JPEG", quality=90)
+            out[f"{path.stem}-{size[0]}x{size[1]}"] = buf.getvalue()
+    return out
+
+
+def test_default_recipe_gives_timms_bytes_for_the_drawn_parameters():
+    """DeiT's recipe (the default) against timm's own training transform applied with the same
+    parameters: its RandomResizedCropAndInterpolation given our drawn box, torchvision's hflip,
+    timm's RandAugment op functions with our drawn args and the kwargs timm's ops carry for this
+    recipe (fill, resample). uint8 before normalisation, equal byte for byte."""
+    import io
+
+    from PIL import Image
+    from timm.data import create_transform
+    from timm.data.auto_augment import NAME_TO_OP, RandAugment
+    from timm.data.transforms import RandomResizedCropAndInterpolation
+    from torchvision.transforms import functional as F
+
+    from data_shards.parameters import draw_sample
+    from data_shards.pixels_pil import augment_uint8
+
+    recipe = AugRecipe()
+    timm_train = create_transform(recipe.input_size, is_training=True, scale=recipe.scale,
+                                  ratio=recipe.ratio, hflip=recipe.hflip,
+                                  auto_augment=recipe.rand_augment,
+                                  interpolation=recipe.interpolation, mean=recipe.mean,
+                                  std=recipe.std, re_prob=recipe.reprob)
+    crop = timm_train.transforms[0]
+    assert isinstance(crop, RandomResizedCropAndInterpolation)
+    rand_augment = next(t for t in timm_train.transforms if isinstance(t, RandAugment))
+    op_kwargs = {op.name: op.kwargs for op in rand_augment.ops}
+    edges = ops = 0
+    for key, data in photo_jpegs().items():
+        img = Image.open(io.BytesIO(data)).convert("RGB")
+        for seed in range(3):
+            ours, _ = augment_uint8(data, key, seed, recipe)
+            params = draw_sample(key, seed, recipe, img.size)
+            crop.get_params = lambda *_: params.crop          # timm's transform, our box
+            ref = crop(img)
+            i, j, h, w = params.crop
+            edges += (i, j, h, w) != (0, 0, img.height, img.width)
+            ref = F.hflip(ref) if params.flip else ref
+            for name, args in params.ops:
+                if name.startswith("Posterize") and args[0] <= 0:   # Pillow >= 12 refuses 0 bits
+                    ref = Image.new("RGB", ref.size)                # (older Pillow: black)
+                else:
+                    ref = NAME_TO_OP[name](ref, *args, **op_kwargs[name])
+                ops += 1
+            np.testing.assert_array_equal(ours, np.asarray(ref), err_msg=f"{key} seed {seed}")
+    assert edges > 20 and ops > 20      # crops inside the image (edges), RandAugment ops applied
 
 
 def test_finishing_is_elementwise_whatever_the_batch(digits_shards):

@@ -62,7 +62,7 @@ def test_default_recipe_replays_photos_as_with_pillow_decoding(monkeypatch):
     used = []
     real = pixels_pil._decode_colour_jpeg
     monkeypatch.setattr(pixels_pil, "_decode_colour_jpeg", lambda data: used.append(1) or real(data))
-    recipe = AugRecipe(input_size=128)          # 128 from ~300-640 px photos: draft decoding for some crops
+    recipe = AugRecipe(input_size=128, decode_draft=True)   # ~300-640 px photos: some crops drafted
     fast_decoded = _replay_photos(recipe)
     assert 0 < len(used) < len(fast_decoded)    # both paths were taken
     monkeypatch.setattr(pixels_pil, "_decode_colour_jpeg", lambda data: None)
