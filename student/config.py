@@ -30,7 +30,8 @@ class TrainConfig:
     teacher_channels_last: bool | None = None  # online: None = off, cache-teacher's default
     recipe: dict | None = None                 # AugRecipe fields, missing ones DeiT's / the cache's
     aug: dict = field(default_factory=dict)    # recipe fields set one by one (--aug, --input-size)
-    num_seeds: int | None = None               # without a cache: seeds cycle every S epochs
+    # without a cache: epoch e uses seeds R*g..R*g+R-1, g = (e // R) mod (S // R), R = repeated_aug
+    num_seeds: int | None = None
     # student (its num_classes is ignored: the shards' class count is used)
     student: StudentConfig = field(default_factory=StudentConfig)
     init_from: str | None = None
