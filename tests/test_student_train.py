@@ -478,3 +478,18 @@ def test_every_train_student_option_reaches_the_config():
     options = {p.name for p in main.commands["train-student"].params} - consumed
     assert options - set(tiny_config("s", "o").to_dict()) == set()
     assert {"drop_path_rate", "model", "resume", "teacher_channels_last", "distillation_type"} <= options
+
+
+def test_the_baseline_trains_and_evaluates_deits_non_distilled_model(setup, tmp_path):
+    """--distillation-type none with DeiT's non-distilled model (no dist token, as the paper's baseline):
+    it trains, and evaluate reports its class head only, as the default prediction."""
+    run = tmp_path / "baseline"
+    train(tiny_config(setup["train"], run, student=dict(model="deit_tiny_patch16_224"), distillation_type="none",
+                      epochs=1, max_steps_per_epoch=2, val_shards=str(setup["val"])))
+    model, _, ckpt = load_student(run / "checkpoint.pt", torch.device("cpu"))
+    assert ckpt["arch"] == "deit_tiny_patch16_224" and not hasattr(model, "dist_token")
+    assert set(metric_lines(run, "epoch")[0]["val"]) == {"class", "num_samples"}
+    report = evaluate_checkpoint(str(run / "checkpoint.pt"), str(setup["val"]), teacher=str(setup["teacher"]),
+                                 teacher_model=TEACHER_ARCH, device="cpu")
+    assert set(report["heads"]) == {"class"} and report["default_head"] == "class"
+    assert set(report["teacher"]["agreement"]) == {"class"} and report["num_samples"] == 354
