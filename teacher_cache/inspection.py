@@ -119,8 +119,16 @@ def soft_target_fit(cache: TeacherCache, readable: set[tuple[int, int]],
     """The largest τ at which train-student's guard (its sample of units, the p99 of the tail
     mass) accepts the cache at `limit`: "any" (exact or (C-K)/C <= limit), a number, or None (not
     even τ = 0.25; or, without a tail summary, not τ = 1, the only one known)."""
-    units = [u for u in guard_units(cache.num_shards, cache.num_seeds) if u in readable]
-    tau = largest_fit_tau([cache.read(*u) for u in units], cache.num_classes, limit)
+    units, parts = [], []
+    for unit in guard_units(cache.num_shards, cache.num_seeds):
+        if unit not in readable:
+            continue
+        try:
+            parts.append(cache.read(*unit))
+        except CacheError:             # damage the stat-only check missed: inspect never raises
+            continue
+        units.append(unit)
+    tau = largest_fit_tau(parts, cache.num_classes, limit) if parts else None
     records = sum(cache.shard_counts[shard] for shard, _ in units)
     return {"limit": limit, "quantile": GUARD_QUANTILE, "units": len(units), "records": records,
             "largest_tau": "any" if tau == math.inf else tau,
@@ -301,6 +309,8 @@ def _soft_line(info: dict) -> str:
 
 def _fit_tau(fit: dict) -> str:
     tau = fit["largest_tau"]
+    if not fit["units"]:
+        return "unknown (no readable unit among those the guard samples)"
     if tau == "any":
         return "any"
     if tau is None:
