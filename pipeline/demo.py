@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import shutil
 import time
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ import click
 import torch
 
 from data_shards import AugRecipe, make_shards
+from data_shards.devices import device_kind, resolve_device
 from student.evaluate import default_head, evaluate_checkpoint
 from student.models import StudentConfig
 from student.train import METRICS_FILE, TrainConfig, train
@@ -44,7 +46,15 @@ TEACHER_MODEL = "resnet10t"
 STUDENT = dict(model="deit_tiny_distilled_patch16_224", img_size=32, patch_size=8, embed_dim=192,
                depth=4,
                num_heads=3)
+# DeiT's baseline: without distillation the student is the non-distilled DeiT of the same size
+# (no distillation token, one head), as in the paper; soft and hard train the distilled one.
+BASELINE_MODEL = "deit_tiny_patch16_224"
 DISTILLATION_TYPES = ("none", "soft", "hard")
+
+
+def student_for(kind: str) -> dict:
+    """The demo student's timm arguments for a distillation type."""
+    return {**STUDENT, "model": BASELINE_MODEL} if kind == "none" else STUDENT
 
 
 @dataclass
@@ -113,9 +123,12 @@ def prepare_out(out: str | Path, overwrite: bool = False) -> Path:
 
 
 def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), overwrite: bool = False,
-             echo=click.echo) -> dict:
-    """The whole demo into `out` (see prepare_out); `echo` shows the results table."""
+             echo=click.echo, command: str | None = None) -> dict:
+    """The whole demo into `out` (see prepare_out); `echo` shows the results table. `command`: the
+    command line as run, for results.md (default: this Python call)."""
     out = prepare_out(out, overwrite)
+    run = {"command": command or f"python: pipeline.demo.run_demo({str(out)!r}, {settings})",
+           "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "machine": machine_info(settings.device)}
     if settings.device in ("auto", "cpu") and not torch.cuda.is_available():
         # One core per replay worker, the rest for torch: oversubscribed OpenMP threads spin against
         # the workers (and against other jobs: with 2 threads and another job on one of 2 cores a
@@ -150,9 +163,10 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), overwrite
         curves = {kind: val_curve(runs[kind, 0] / METRICS_FILE) for kind in DISTILLATION_TYPES}
         curves["teacher"] = val_curve(teacher_ckpt.parent / METRICS_FILE)
         results = {
-            "settings": settings.__dict__, "recipe": DEMO_RECIPE.to_dict(),
+            "run": run, "settings": settings.__dict__, "recipe": DEMO_RECIPE.to_dict(),
             "teacher_recipe": TEACHER_RECIPE.to_dict(),
-            "teacher_model": TEACHER_MODEL, "student": STUDENT, "teacher": teacher_report,
+            "teacher_model": TEACHER_MODEL, "student": STUDENT,
+            "baseline_model": BASELINE_MODEL, "teacher": teacher_report,
             "students": {kind: all_reports[kind, 0] for kind in DISTILLATION_TYPES},
             "over_seeds": over_seeds(all_reports), "val_curves": curves,
             "cache": cache_summary, "timings_s": {k: round(v, 1) for k, v in timings.items()},
@@ -198,14 +212,17 @@ def train_students(out: Path, cache_dir: Path, settings: DemoSettings, common: d
     for seed in range(settings.student_seeds):
         for i, kind in enumerate(DISTILLATION_TYPES):
             runs[kind, seed] = out / (f"student_{kind}" if seed == 0 else f"student_{kind}_seed{seed}")
-            with phase(f"4/6 student {i + 1}/3 (seed {seed}): {STUDENT['model']} (32x32, patch 8), "
+            model = student_for(kind)["model"]
+            with phase(f"4/6 student {i + 1}/3 (seed {seed}): {model} (32x32, patch 8), "
                        f"distillation {kind}, from the cache", timings, f"train_student_{kind}"):
                 train(TrainConfig(out=str(runs[kind, seed]), cache=str(cache_dir),
                                   distillation_type=kind, seed=seed,
                                   epochs=settings.student_epochs, batch_size=settings.batch_size,
                                   lr=settings.lr,
                                   warmup_epochs=settings.warmup_epochs,
-                                  student=StudentConfig(**STUDENT, drop_path_rate=settings.drop_path), **common))
+                                  student=StudentConfig(**student_for(kind),
+                                                        drop_path_rate=settings.drop_path),
+                                  **common))
     return runs
 
 
@@ -242,17 +259,55 @@ def val_curve(metrics_path: Path) -> list[dict]:
     return curve
 
 
+def machine_info(device: str) -> dict:
+    """What results.md names the run's machine by: CPU model and cores, versions, the device."""
+    import timm
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [line.split(":", 1)[1].strip() for line in
+                 Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__, "timm": timm.__version__,
+            "python": platform.python_version(),
+            "device": device_kind(resolve_device(device))}
+
+
 def results_table(results: dict) -> str:
     t_top1 = results["teacher"]["heads"]["class"]["top1"]
+    run, machine = results["run"], results["run"]["machine"]
     lines = [
         "# deit-pipeline demo: digits, 32x32",
         "",
+        f"    {run['command']}",
+        "",
+        f"Machine: {machine['cpu']}, {machine['cpu_count']} cores ({machine['torch_threads']} torch "
+        f"threads), device {machine['device']}; torch {machine['torch']}, timm {machine['timm']}, "
+        f"python {machine['python']}. Started {run['started']}, wall time "
+        f"{results['total_s']:.0f} s ({results['total_s'] / 60:.1f} min).",
+        "",
         f"Teacher `{results['teacher_model']}` (supervised, "
-        f"{results['settings']['teacher_epochs']} epochs); student `{results['student']['model']}` "
-        f"resized to 32x32 / patch 8 / dim {results['student']['embed_dim']} / depth "
-        f"{results['student']['depth']}, {results['settings']['student_epochs']} epochs, one "
-        f"cached seed per epoch. Validation: {results['teacher']['num_samples']} held-out digits, "
-        f"evaluation transform.",
+        f"{results['settings']['teacher_epochs']} epochs); students resized to 32x32 / patch 8 / "
+        f"dim {results['student']['embed_dim']} / depth {results['student']['depth']}: "
+        f"`{results['student']['model']}` for soft and hard, `{results['baseline_model']}` for none "
+        f"(DeiT's baseline: no distillation token, class head only, its default prediction); "
+        f"{results['settings']['student_epochs']} epochs, one cached seed per epoch. Validation: "
+        f"{results['teacher']['num_samples']} held-out digits, evaluation transform.",
+        "",
+    ]
+    seeds = results["over_seeds"]
+    n = len(seeds["none"]["top1"])
+    lines += [f"Default prediction (fused heads; class head for none), top-1 over {n} student "
+              f"seed{'s' if n > 1 else ''} ({', '.join(map(str, range(n)))}), mean ± spread "
+              "(max - min):", "",
+              "| student | top-1 mean | ± spread | per seed |", "|---|---|---|---|"]
+    lines += [f"| {kind} | {100 * s['mean']:.2f}% | {100 * s['spread']:.2f} | "
+              + ", ".join(f"{100 * v:.2f}%" for v in s["top1"]) + " |" for kind, s in seeds.items()]
+    lines += [
+        "",
+        "Seed 0 per head:",
         "",
         "| model | distillation | class head top-1 | dist head top-1 | fused top-1 | agreement "
         "with teacher |",
@@ -260,16 +315,12 @@ def results_table(results: dict) -> str:
         f"| teacher {results['teacher_model']} | - | {t_top1:.2%} | - | - | - |",
     ]
     for kind, report in results["students"].items():
-        # the demo's students are distilled DeiTs (three heads), evaluated against the teacher
-        cells = [report["heads"][head]["top1"] for head in ("class", "distillation", "fused")]
+        # distilled DeiTs have three heads; the baseline (none) only the class head: "-" for others
+        cells = [report["heads"].get(head, {}).get("top1")
+                 for head in ("class", "distillation", "fused")]
         cells.append(report["teacher"]["agreement"][report["default_head"]])
-        lines.append(f"| student | {kind} | " + " | ".join(f"{c:.2%}" for c in cells) + " |")
-    seeds = results["over_seeds"]
-    n = len(seeds["none"]["top1"])
-    if n > 1:
-        lines += ["", f"Over {n} student seeds (fused top-1, mean ± spread = max - min): "
-                  + ", ".join(f"{kind} {100 * s['mean']:.1f}% ± {100 * s['spread']:.1f}" for kind, s in seeds.items())
-                  + ". The table above is seed 0."]
+        lines.append(f"| student | {kind} | "
+                     + " | ".join("-" if c is None else f"{c:.2%}" for c in cells) + " |")
     cache = results["cache"]
     lines += ["", f"Cache: {cache.get('records_computed')} records (images x seeds) computed at "
               f"{cache.get('records_per_s')} records/s. Wall time per step (s): "

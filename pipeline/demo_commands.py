@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import shlex
+import sys
 from pathlib import Path
 
 import click
@@ -38,6 +40,8 @@ def demo_cmd(out, quick, overwrite, as_json, **options):
         prepare_out(out, overwrite)
     except DemoError as exc:
         raise UserError(str(exc)) from None
-    run_or_explain(run_demo, out, settings, echo=lambda text: click.echo(text, err=as_json))
+    command = shlex.join(["deit-pipeline", *sys.argv[1:]])      # as typed (the script's name aside)
+    run_or_explain(run_demo, out, settings, echo=lambda text: click.echo(text, err=as_json),
+                   command=command)
     if as_json:
         click.echo((Path(out) / "results.json").read_text(), nl=False)

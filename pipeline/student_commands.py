@@ -33,8 +33,10 @@ EVALUATE = {name: p.default
               help="Run this teacher live on the same replayed images instead of reading a cache.")
 @click.option("--teacher-model", metavar="NAME",
               help="timm architecture of a --teacher-online checkpoint that does not record it.")
-@click.option("--teacher-topk", type=COUNT, default=TRAIN["teacher_topk"], show_default=True,
-              help="Online teacher: K kept, as a cache's --topk.")
+@click.option("--teacher-topk", type=COUNT, default=TRAIN["teacher_topk"],
+              help="Online teacher: K kept, as a cache's --topk. Default: full logits for soft "
+                   "distillation (DeiT's), top-10 for hard; with soft, given K truncates the "
+                   "targets (logged, refused past --soft-tail-limit).")
 @click.option("--teacher-full-logits", is_flag=True,
               help="Online teacher: keep full logits, as --store-logits full.")
 @click.option("--teacher-precision", type=click.Choice(["fp32", "bf16", "fp16"]),
@@ -81,10 +83,10 @@ EVALUATE = {name: p.default
               show_default=True, help="Soft distillation temperature τ.")
 @click.option("--soft-tail-limit", type=PROBABILITY, default=TRAIN["soft_tail_limit"],
               show_default=True,
-              help="Soft distillation from a top-k cache: refuse when the mean mass at τ of the "
-                   "classes "
-                   "outside the stored top k (a bound on the soft target's total variation error) "
-                   "exceeds this.")
+              help="Soft distillation from a top-k cache (or --teacher-topk): refuse when the "
+                   "99th percentile over records (8 units sampled) of the mass at τ of the "
+                   "classes outside the stored top k (a bound on the soft target's total variation "
+                   "error) exceeds this.")
 @click.option("--epochs", type=COUNT, default=TRAIN["epochs"], show_default=True,
               help="Epochs of the run (with --resume: may grow or shrink the rest of the run; the "
                    "cosine "

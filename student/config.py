@@ -9,6 +9,9 @@ from .errors import StudentError
 from .models import StudentConfig
 
 
+DEFAULT_TEACHER_TOPK = 10      # the online teacher's K when --teacher-topk is not given
+
+
 @dataclass
 class TrainConfig:
     """Every option of train-student, under the CLI's names (DeiT's defaults)."""
@@ -18,14 +21,17 @@ class TrainConfig:
     cache: str | None = None
     teacher_online: str | None = None          # timm name or checkpoint path
     teacher_model: str | None = None           # architecture of a checkpoint not recording it
-    teacher_topk: int = 10                     # online only (a cache brings its own K / full mode)
+    # online only (a cache brings its own K / full mode); None: full logits for soft distillation
+    # (DeiT's), the top DEFAULT_TEACHER_TOPK for hard; given with soft: truncated and guarded
+    teacher_topk: int | None = None
     teacher_full_logits: bool = False
     teacher_precision: str = "fp32"
     teacher_batch_size: int = 64               # online: cache-teacher's --batch-size (same targets)
     teacher_channels_last: bool | None = None  # online: None = off, cache-teacher's default
     recipe: dict | None = None                 # AugRecipe fields, missing ones DeiT's / the cache's
     aug: dict = field(default_factory=dict)    # recipe fields set one by one (--aug, --input-size)
-    num_seeds: int | None = None               # without a cache: seeds cycle every S epochs
+    # without a cache: epoch e uses seeds R*g..R*g+R-1, g = (e // R) mod (S // R), R = repeated_aug
+    num_seeds: int | None = None
     # student (its num_classes is ignored: the shards' class count is used)
     student: StudentConfig = field(default_factory=StudentConfig)
     init_from: str | None = None

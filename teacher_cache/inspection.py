@@ -6,6 +6,7 @@ mixed pair, whose partner and λ come from the recipe's mixing rule at no image 
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -16,7 +17,10 @@ from data_shards.mixing import mix_params, mixing_partners
 from .cache import TeacherCache
 from .errors import CacheError
 from .layout import ARRAYS_DIR, INDEX_FILE, MANIFEST_FILE, TMP_DIR, UNITS_DIR, Unit, array_path
-from .targets import soft_tail_mass
+from .targets import GUARD_QUANTILE, guard_units, largest_fit_tau, soft_tail_mass
+
+# train-student's --soft-tail-limit default (student/config.py; stage one cannot import it)
+DEFAULT_SOFT_TAIL_LIMIT = 0.25
 
 
 def disk_usage(root: Path) -> dict[str, dict[str, int]]:
@@ -110,6 +114,27 @@ def soft_target_bounds(cache: TeacherCache, pairs: list[tuple[int, int]], taus=S
     return out
 
 
+def soft_target_fit(cache: TeacherCache, readable: set[tuple[int, int]],
+                    limit: float = DEFAULT_SOFT_TAIL_LIMIT) -> dict:
+    """The largest τ at which train-student's guard (its sample of units, the p99 of the tail
+    mass) accepts the cache at `limit`: "any" (exact or (C-K)/C <= limit), a number, or None (not
+    even τ = 0.25; or, without a tail summary, not τ = 1, the only one known)."""
+    units, parts = [], []
+    for unit in guard_units(cache.num_shards, cache.num_seeds):
+        if unit not in readable:
+            continue
+        try:
+            parts.append(cache.read(*unit))
+        except CacheError:             # damage the stat-only check missed: inspect never raises
+            continue
+        units.append(unit)
+    tau = largest_fit_tau(parts, cache.num_classes, limit) if parts else None
+    records = sum(cache.shard_counts[shard] for shard, _ in units)
+    return {"limit": limit, "quantile": GUARD_QUANTILE, "units": len(units), "records": records,
+            "largest_tau": "any" if tau == math.inf else tau,
+            "tail_summary": "tail_logsumexp" in cache.array_names}
+
+
 def inspect_cache(path: str | os.PathLike, max_label_records: int = 200_000) -> dict:
     """Units done / missing / damaged, records, bytes on disk and per record, teacher top-1, top-k
     mass, per seed. Damage (an unreadable unit record, a storage file missing or of another size
@@ -150,6 +175,8 @@ def inspect_cache(path: str | os.PathLike, max_label_records: int = 200_000) -> 
         **_storage(cache, records_done),
         "teacher_quality": _quality({k: sum(r[k] for r in per_seed.values()) for k in STAT_NAMES}),
         "soft_target_tv_bound_by_tau": soft_target_bounds(cache, readable[:8]),
+        "soft_target_fit": soft_target_fit(cache, {u for u in _all_pairs(done) if
+                                                   cache.unit_for(*u).name not in damage}),
         "per_seed": [_seed_row(seed, per_seed.get(seed), done, cache.num_shards) for seed in range(cache.num_seeds)],
     }
 
@@ -172,6 +199,10 @@ def _seed_row(seed: int, stats: dict | None, done: list[Unit], num_shards: int) 
                 "agreement_with_dominant_label": _ratio(stats["dominant"], stats["records"]),
                 "mean_topk_mass": _ratio(stats["mass"], stats["records"])}
     return row
+
+
+def _all_pairs(done: list[Unit]) -> set[tuple[int, int]]:
+    return {(u.shard, s) for u in done for s in u.seeds}
 
 
 def _label_pairs(done: list[Unit], counts: list[int], max_records: int) -> list[tuple[int, int]]:
@@ -267,10 +298,24 @@ def _fmt_opt(x) -> str:
 def _soft_line(info: dict) -> str:
     if info["store_logits"] == "full" or info["topk"] >= info["num_classes"]:
         return "exact at any τ (full logits or top-k covers every class)"
-    bounds = info["soft_target_tv_bound_by_tau"]
+    bounds, fit = info["soft_target_tv_bound_by_tau"], info["soft_target_fit"]
     return ("total variation to the exact target <= mean tail mass: "
-            + ", ".join(f"τ={tau} {'unknown (no tail summary)' if v is None else _fmt(v)}" for tau, v in bounds.items())
-            + " (train-student refuses above --soft-tail-limit, default 0.25)")
+            + ", ".join(f"τ={tau} {'unknown (no tail summary)' if v is None else _fmt(v)}"
+                        for tau, v in bounds.items())
+            + f"\n               fit for soft distillation up to τ = {_fit_tau(fit)} at "
+            f"--soft-tail-limit {fit['limit']:g} (train-student's guard: p99 of the tail mass "
+            f"over {fit['records']} records of {fit['units']} units)")
+
+
+def _fit_tau(fit: dict) -> str:
+    tau = fit["largest_tau"]
+    if not fit["units"]:
+        return "unknown (no readable unit among those the guard samples)"
+    if tau == "any":
+        return "any"
+    if tau is None:
+        return "none (not even τ = 0.25)" if fit["tail_summary"] else "none (τ = 1 not fit)"
+    return f"{tau:g}" + ("" if fit["tail_summary"] else " only (no tail summary)")
 
 
 def _pct(x) -> str:

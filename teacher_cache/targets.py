@@ -91,6 +91,55 @@ def soft_tail_mass(targets: TeacherTargets, num_classes: int, tau: float) -> tor
     return (log_tail - torch.logaddexp(log_tail, torch.logsumexp(top / tau, dim=1))).exp()
 
 
+# The soft-target guard (train-student, inspect-cache): the 99th percentile over records of the
+# tail mass at τ, on at most GUARD_UNITS (shard, seed) units spread over shards and seeds. A
+# per-record statistic: a mean lets a minority of flat records (the ones soft targets are for)
+# pass with most of their target unstored.
+GUARD_QUANTILE = 0.99
+GUARD_UNITS = 8
+
+
+def guard_units(num_shards: int, num_seeds: int, max_units: int = GUARD_UNITS) -> list[tuple[int, int]]:
+    """Up to `max_units` distinct (shard, seed) pairs, deterministic, spread over both: seeds
+    evenly over 0..num_seeds-1, shards evenly (or in turn, when there are fewer than the pairs)."""
+    n = min(max_units, num_shards * num_seeds)
+    return [(i * num_shards // n if num_shards >= n else i % num_shards, i * num_seeds // n)
+            for i in range(n)]
+
+
+def tail_mass_quantile(parts: list[TeacherTargets], num_classes: int, tau: float,
+                       q: float = GUARD_QUANTILE) -> float | None:
+    """The q-quantile over every record of `parts` of soft_tail_mass at τ (None: cannot tell)."""
+    masses = [soft_tail_mass(t, num_classes, tau) for t in parts]
+    if not masses or any(m is None for m in masses):
+        return None
+    return float(torch.cat(masses).double().quantile(q))
+
+
+def largest_fit_tau(parts: list[TeacherTargets], num_classes: int, limit: float,
+                    lowest: float = 0.25, highest: float = 1000.0) -> float | None:
+    """The largest τ (floored to 0.01) whose tail_mass_quantile is <= limit: math.inf when any τ is
+    (exact targets, or (C-K)/C <= limit, the tail's share as τ -> ∞), None when not even `lowest`
+    is. A record's tail mass grows with τ (the tail's log-probs are below the top k's, and the
+    stored summary keeps that), so the quantile does too: bisection in log τ. Without a tail
+    summary only τ = 1 is known: 1.0 or None."""
+    fits = lambda tau: (m := tail_mass_quantile(parts, num_classes, tau)) is not None and m <= limit  # noqa: E731
+    k = parts[0].topk_indices.shape[1] if parts else num_classes
+    if not parts or parts[0].logits is not None or (num_classes - k) / num_classes <= limit:
+        return math.inf
+    if any(t.tail_logsumexp is None for t in parts):
+        return 1.0 if fits(1.0) else None
+    if not fits(lowest):
+        return None
+    if fits(highest):
+        return highest
+    lo, hi = math.log(lowest), math.log(highest)
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if fits(math.exp(mid)) else (lo, mid)
+    return max(lowest, math.floor(math.exp(lo) * 100) / 100)
+
+
 def encode_teacher_logits(logits: torch.Tensor, topk: int, store_full: bool = False) -> TeacherTargets:
     """fp32 teacher logits (N, C) -> top-k indices + fp16-rounded top-k log-probs, and either
     the full fp16 logits or (when K < C) the fp16 tail summary `tail_logsumexp`."""

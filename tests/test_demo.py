@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
+import timm
+import torch
 from click.testing import CliRunner
 
 from pipeline.cli import main
@@ -16,15 +19,18 @@ def test_quick_demo_writes_results(tmp_path):
     assert result.exit_code == 0, result.output + repr(result.exception)
     results = json.loads((out / "results.json").read_text())
     assert set(results["students"]) == {"none", "soft", "hard"}
-    for report in results["students"].values():
-        assert set(report["heads"]) == {"class", "distillation", "fused"}
+    for kind, report in results["students"].items():
+        # none: DeiT's baseline, the non-distilled DeiT of the same size (class head only)
+        assert set(report["heads"]) == ({"class"} if kind == "none" else {"class", "distillation", "fused"})
+        checkpoint = torch.load(out / f"student_{kind}" / "checkpoint.pt", weights_only=True)
+        assert checkpoint["arch"] == ("deit_tiny_patch16_224" if kind == "none" else "deit_tiny_distilled_patch16_224")
         assert report["num_samples"] == results["teacher"]["num_samples"] > 300
         n, teacher = report["num_samples"], report["teacher"]
-        split = teacher["disagreement"]              # of the fused head: who is right where
+        split = teacher["disagreement"]              # of the default head: who is right where
         assert split["both_correct"] + split["student_only"] + split["teacher_only"] + split["both_wrong"] == n
         assert round(teacher["top1"] * n) == split["both_correct"] + split["teacher_only"]
         # both right -> they agree; one alone right -> they differ; both wrong -> either
-        agree = round(teacher["agreement"]["fused"] * n)
+        agree = round(teacher["agreement"][report["default_head"]] * n)
         assert split["both_correct"] <= agree <= split["both_correct"] + split["both_wrong"]
     train_samples = json.loads((out / "shards" / "train" / "metadata.json").read_text())["num_samples"]
     assert results["cache"]["records_computed"] == 2 * train_samples  # 2 seeds x every training image
@@ -37,5 +43,11 @@ def test_quick_demo_writes_results(tmp_path):
         assert seeds["top1"][0] == report["heads"][report["default_head"]]["top1"]
         assert len(seeds["top1"]) == 2 and seeds["spread"] == max(seeds["top1"]) - min(seeds["top1"])
         assert (out / f"student_{kind}_seed1" / "checkpoint.pt").is_file()
-    assert "Over 2 student seeds" in table
+    assert "top-1 over 2 student seeds (0, 1), mean ± spread" in table
+    assert "| student | none | " in table and " | - | - | " in table.split("| student | none | ")[1].splitlines()[0]
+    # the artefact says how it was made: command, machine, date, wall time, before the tables
+    run = results["run"]
+    assert table.index(run["command"]) < table.index(run["machine"]["cpu"]) < table.index("| student | top-1 mean")
+    assert f"{os.cpu_count()} cores" in table and f"torch {torch.__version__}, timm {timm.__version__}" in table
+    assert run["started"][:10] in table and f"wall time {results['total_s']:.0f} s" in table
 
