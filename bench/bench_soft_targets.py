@@ -1,6 +1,8 @@
 """How wrong is a soft target rebuilt from what the cache stores, and what does each encoding cost?
 
     python bench/bench_soft_targets.py                     # ~1 min on 2 cores; writes bench/results/soft_targets.{md,json}
+    python bench/bench_soft_targets.py --digits-teacher DEMO_OUT/teacher/checkpoint.pt --work DEMO_OUT
+                                                           # reuses a demo's teacher and shards
 
 Teacher logits (1,000 classes; exact = fp32 softmax(z/τ)):
   synthetic-T  a peaked top class (margin ~ 2 + Exp(3)), 30 related classes a few logits below,
@@ -152,8 +154,8 @@ def train_digits_teacher(shards: Path, out: Path) -> Path:
 
 
 @torch.no_grad()
-def digits_teacher_logits(checkpoint: str | None, work: Path) -> dict[str, torch.Tensor]:
-    """fp32 logits of the trained digits teacher on the validation digits (eval transform) and on
+def digits_teacher_logits(checkpoint: str | None, work: Path) -> tuple[dict, float]:
+    """({name: fp32 logits}, validation top-1): logits of the trained digits teacher on the validation digits (eval transform) and on
     the training digits as the demo's cache replays them (its recipe, seed 0)."""
     from data_shards import ShardSet, finish_item, make_shards
     from data_shards.items import replay_item, unit_items
@@ -167,14 +169,17 @@ def digits_teacher_logits(checkpoint: str | None, work: Path) -> dict[str, torch
     checkpoint = checkpoint or str(train_digits_teacher(shards, work / "teacher"))
     model = load_teacher(None, checkpoint, num_classes=10)
     val = ShardSet.open(shards / "val")
-    out = {"digits-trained val": torch.cat([model(x) for x, _, _ in
-                                           eval_batches(val, DEMO_RECIPE, 128)])}
+    batches = [(model(x), y) for x, y, _ in eval_batches(val, DEMO_RECIPE, 128)]
+    out = {"digits-trained val": torch.cat([z for z, _ in batches])}
+    labels = torch.cat([y for _, y in batches])
+    top1 = float((out["digits-trained val"].argmax(1) == labels).double().mean())
+    print(f"digits teacher {checkpoint}: validation top-1 {top1:.4f}")
     train_set, cached = ShardSet.open(shards / "train"), []
     for shard in range(train_set.num_shards):
         for item in unit_items(train_set.shard_counts[shard], shard, 0, 64):
             cached.append(model(finish_item(replay_item(train_set, item, DEMO_RECIPE), DEMO_RECIPE)))
     out["digits-trained cache seed 0"] = torch.cat(cached)
-    return {name: z.float() for name, z in out.items()}
+    return {name: z.float() for name, z in out.items()}, top1
 
 
 def trained_rows(logits: dict[str, torch.Tensor], g: torch.Generator) -> list[dict]:
@@ -219,21 +224,25 @@ def main() -> None:
             for name, nbytes, rebuilt, bound in encodings(z, tau):
                 rows.append({"teacher": tname, "tau": tau, "encoding": name, "bytes": nbytes,
                              "teacher_top1_mass": top1_mass, **errors(exact, rebuilt, studs, tau, bound)})
-    trained = trained_rows(digits_teacher_logits(args.digits_teacher, Path(args.work)), g)
+    logits, top1 = digits_teacher_logits(args.digits_teacher, Path(args.work))
+    trained = trained_rows(logits, g)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(rows + trained, indent=1) + "\n")
-    text = markdown(rows, teachers) + trained_markdown(trained, args.digits_teacher)
+    text = markdown(rows, teachers) + trained_markdown(trained, args.digits_teacher, top1)
     Path(args.out + ".md").write_text(text)
     print(text)
 
 
-def trained_markdown(rows: list[dict], checkpoint: str | None) -> str:
-    source = checkpoint or "trained by this script with the demo's recipe and settings"
+def trained_markdown(rows: list[dict], checkpoint: str | None, top1: float) -> str:
+    source = (f"{checkpoint}" if checkpoint else "trained by this script") + (
+        f", trained with the demo's recipe and settings; validation top-1 {top1:.2%}")
     lines = ["", "## Trained teacher: the demo's digits teacher (resnet10t, 10 classes)", "",
              f"Teacher: {source}. No timm model with its real weights could be downloaded where "
              "this was measured (no internet), so this is the only trained teacher. Tail mass = "
              "the share of the soft target at τ in the C-K classes not stored (bounds the total "
-             "variation); p99 is train-student's guard statistic (refused above 0.25).", "",
+             "variation); p99 is train-student's guard statistic (refused above 0.25). Command: "
+             "`python bench/bench_soft_targets.py"
+             + (f" --digits-teacher {checkpoint}`" if checkpoint else "`") + ".", "",
              "| logits | K | τ | top-1 prob at τ | tail mass p50 / p99 | TV | grad cos uniform: "
              "mean (p5) | grad cos trained: mean (p5) | largest τ fit at 0.25 |",
              "|---|---|---|---|---|---|---|---|---|"]
