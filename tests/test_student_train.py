@@ -115,7 +115,7 @@ def test_the_cache_guard_is_a_per_record_percentile_over_units_not_the_first_uni
     units = guard_units(cache.num_shards, cache.num_seeds)
     assert len(set(units)) == 8 and {s for s, _ in units} == set(range(6)) and {e for _, e in units} == {0, 1}
     p99 = float(torch.cat([soft_tail_mass(cache.read(*u), 10, 3.0) for u in units]).double().quantile(0.99))
-    assert old_mean + 0.01 < p99
+    assert old_mean + 1e-3 < p99
     limit = (old_mean + p99) / 2
     with pytest.raises(StudentError, match=rf"{100 * p99:.1f}% .*p99 over \d+ records of 8 \(shard, seed\) units"):
         check_soft_targets(cache, 3.0, limit)
@@ -180,7 +180,9 @@ def test_online_truncation_is_on_request_and_guarded_as_a_cache(setup, tmp_path)
                       **options))
     notes = [line["message"] for line in metric_lines(tmp_path / "allowed", "note")]
     assert any("online teacher" in n and "top-3," in n and "full logits" not in n for n in notes)
-    assert any("the online teacher's top-3" in n and "p99 over 256 records" in n for n in notes)
+    # one epoch uses seed 0 only: the first teacher batch of each of the 6 shards
+    assert any("the online teacher's top-3" in n and "p99 over 192 records of the first teacher batch of 6" in n
+               for n in notes), notes
 
 
 def test_a_full_logit_cache_gives_exact_soft_targets_at_any_tau(setup, tmp_path):
