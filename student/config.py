@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
+from teacher_cache.targets import DEFAULT_SOFT_TAIL_LIMIT
+
 from .errors import StudentError
 from .models import StudentConfig
 
@@ -39,7 +41,7 @@ class TrainConfig:
     distillation_type: str | None = None
     distillation_alpha: float = 0.5
     distillation_tau: float = 1.0
-    soft_tail_limit: float = 0.25              # refuse soft targets whose tail mass exceeds this
+    soft_tail_limit: float = DEFAULT_SOFT_TAIL_LIMIT  # refuse soft targets whose tail mass exceeds it
     # optimisation (DeiT defaults)
     epochs: int = 300
     batch_size: int = 64                       # per process

@@ -17,10 +17,8 @@ from data_shards.mixing import mix_params, mixing_partners
 from .cache import TeacherCache
 from .errors import CacheError
 from .layout import ARRAYS_DIR, INDEX_FILE, MANIFEST_FILE, TMP_DIR, UNITS_DIR, Unit, array_path
-from .targets import GUARD_QUANTILE, guard_units, largest_fit_tau, soft_tail_mass
-
-# train-student's --soft-tail-limit default (student/config.py; stage one cannot import it)
-DEFAULT_SOFT_TAIL_LIMIT = 0.25
+from .targets import (DEFAULT_SOFT_TAIL_LIMIT, GUARD_QUANTILE, guard_units, largest_fit_tau,
+                      soft_tail_mass)
 
 
 def disk_usage(root: Path) -> dict[str, dict[str, int]]:

@@ -96,6 +96,8 @@ def soft_tail_mass(targets: TeacherTargets, num_classes: int, tau: float) -> tor
 # per-record statistic: a mean lets a minority of flat records (the ones soft targets are for)
 # pass with most of their target unstored.
 GUARD_QUANTILE = 0.99
+# train-student's --soft-tail-limit default; inspect-cache reports the τ fit at it
+DEFAULT_SOFT_TAIL_LIMIT = 0.25
 GUARD_UNITS = 8
 
 
