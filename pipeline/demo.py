@@ -23,8 +23,9 @@ import torch
 from data_shards import AugRecipe, make_shards
 from data_shards.devices import device_kind, resolve_device
 from student.evaluate import default_head, evaluate_checkpoint
+from student.metrics import METRICS_FILE
 from student.models import StudentConfig
-from student.train import METRICS_FILE, TrainConfig, train
+from student.train import TrainConfig, train
 from teacher_cache.build import CacheOptions, cache_teacher
 
 # A recipe for 32x32 digits (8x8 originals, upsampled): DeiT's recipe with three changes a

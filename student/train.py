@@ -28,7 +28,7 @@ from .data import train_batches
 from .errors import StudentError
 from .evaluate import evaluate_heads
 from .losses import DistillationLoss
-from .metrics import METRICS_FILE, EpochMeter, Logger, digest_coverage  # noqa: F401 (for the demo)
+from .metrics import EpochMeter, Logger, digest_coverage
 from .models import StudentConfig, create_student, init_from_checkpoint, is_distilled
 from .resume import checkpoint_to_resume, nothing_to_do, start_or_resume
 from .samplers import plan_epoch
