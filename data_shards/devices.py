@@ -9,13 +9,11 @@ import platform
 import torch
 
 PRECISIONS = {"fp32": None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DEVICE_FORM = "auto, cpu, cuda or cuda:N"
 
 
 class DeviceError(ValueError):
     """A device or precision that this machine cannot provide."""
-
-
-DEVICE_FORM = "auto, cpu, cuda or cuda:N"
 
 
 def check_device_name(device: str) -> str:

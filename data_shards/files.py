@@ -86,8 +86,7 @@ def write_text_atomic(path: str | os.PathLike, text: str, crash: str | None = No
         tmp.write_text(text)
 
 
-def load_weights_only(path: str | os.PathLike, error: type[Exception] = ValueError,
-                      advice: str = ""):
+def load_weights_only(path: str | os.PathLike, error: type[Exception] = ValueError, advice: str = ""):
     """torch.load(path, weights_only=True) on the CPU (pickled objects refused, never run); failing,
     `error` names the file and says what it is (never torch's advice to unpickle), + `advice`."""
     try:
@@ -108,10 +107,9 @@ def describe_file(path: str | os.PathLike) -> str:
             head = f.read(512)
     except OSError as exc:
         return f"unreadable ({exc.strerror or exc})"
-    text = head.lstrip()
     if not head:
         return "an empty file"
-    if text[:1] in (b"{", b"["):
+    if head.lstrip()[:1] in (b"{", b"["):
         return "a JSON file"
     if head[:4] == b"PAR1":
         return "a Parquet file"
@@ -120,8 +118,7 @@ def describe_file(path: str | os.PathLike) -> str:
                 "or a damaged one" if b"data.pkl" in head
                 else "a zip file that is not a PyTorch checkpoint")
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
-        return ("a pickle of objects other than tensors and plain values (a legacy PyTorch file, "
-                "or any pickle)")
+        return "a pickle of objects other than tensors and plain values (a legacy PyTorch file, or any pickle)"
     if len(head) >= 262 and head[257:262] == b"ustar":
         return "a tar archive"
     if all(32 <= b < 127 or b in (9, 10, 13) for b in head):

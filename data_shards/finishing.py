@@ -46,8 +46,7 @@ def finish_images(images: torch.Tensor, erase: torch.Tensor, recipe: AugRecipe) 
     in `normalise_table` (CUDA divides by a Python scalar as a multiply by its reciprocal: 9.5e-7
     from the CPU on an H200), then erase by copying from `noise_bank`; no float arithmetic on the
     device. `erase`: (N, 5) CPU int64 rows (top, left, h, w, bank offset), h=0: none."""
-    device = images.device
-    n, height, width, _ = images.shape
+    device, (n, height, width, _) = images.device, images.shape
     table = normalise_table(recipe.mean, recipe.std, str(device))
     x = torch.empty((n, 3, height, width), dtype=torch.float32, device=device)
     for c in range(3):
@@ -60,24 +59,20 @@ def finish_images(images: torch.Tensor, erase: torch.Tensor, recipe: AugRecipe) 
     return x
 
 
-def finish_item(item: ReplayItem, recipe: AugRecipe,
-                device: torch.device | str | None = None) -> torch.Tensor:
+def finish_item(item: ReplayItem, recipe: AugRecipe, device: torch.device | str | None = None
+                ) -> torch.Tensor:
     """A replay item -> its (m, 3, H, W) float32 training images on `device` (default: the
     images'): `finish_images`, then sample k mixed with image k+d (d = item.partner_offset),
-    x*w0 + partner*w1 (Mixup; w = (1, 0) otherwise), then the CutMix box pasted. Parameters stay
-    on the host (no syncs).
-    The same bits on every device (DESIGN.md; tests/test_finish_exact.py): copies, lookups, and
-    a blend of two tensor-by-tensor multiplies and one add, each its own kernel (one IEEE
-    rounding each, nothing to fuse, no scalar operand, no division). Denormals are kept by
-    default on CPU and CUDA; torch.set_flush_denormal(True) would break equality."""
+    x*w0 + partner*w1 (Mixup; w = (1, 0) otherwise), then the CutMix box pasted; parameters stay
+    on the host (no syncs). The same bits on every device (DESIGN.md): copies, lookups, and two
+    tensor-by-tensor multiplies and one add, each its own kernel (one IEEE rounding each, no
+    scalar operand, no division); torch.set_flush_denormal(True) would break equality."""
     device = torch.device(device) if device is not None else item.images.device
-    images = item.images.to(device, non_blocking=True)
-    x = finish_images(images, item.erase, recipe)
-    m = len(item)
+    x = finish_images(item.images.to(device, non_blocking=True), item.erase, recipe)
     if not recipe.mixing:
         return x
     weights = item.mix_weights.to(device, non_blocking=True)
-    d = item.partner_offset
+    m, d = len(item), item.partner_offset
     primary, partner = x[:m], x[d:m + d]
     out = primary * weights[:, 0].view(m, 1, 1, 1) + partner * weights[:, 1].view(m, 1, 1, 1)
     for k, (yl, yh, xl, xh) in enumerate(item.cut_boxes.tolist()):

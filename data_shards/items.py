@@ -1,8 +1,6 @@
-"""Work items: slices (shard, seed, start, stop) of a shard's seeded mixing order, replayed alone.
-
-Both stages replay their data as items (stage one per teacher batch, stage two where its batches
-end): a worker reads only the slice's samples and returns the uint8 `ReplayItem`; the consumer
-finishes it on its device (`finish_item`)."""
+"""Work items: slices (shard, seed, start, stop) of a shard's seeded mixing order, replayed alone
+by both stages: a worker reads only the slice's samples and returns the uint8 `ReplayItem`; the
+consumer finishes it on its device (`finish_item`)."""
 from __future__ import annotations
 
 import functools
@@ -53,8 +51,7 @@ class ReplayItem(WorkItem):
         return len(self.images) - len(self.keys)
 
     def pin_memory(self) -> "ReplayItem":
-        """For DataLoader(pin_memory=True): page-locked tensors copy to the GPU asynchronously
-        (from pageable memory the host waits for the GPU: a sync per step)."""
+        """For DataLoader(pin_memory=True): page-locked tensors copy to the GPU asynchronously."""
         names = ("images", "positions", "labels", "partner_labels", "lam", "mix_weights")
         return replace(self, **{name: getattr(self, name).pin_memory() for name in names})
 
@@ -63,13 +60,11 @@ class ReplayItem(WorkItem):
 
 
 def replay_slice(samples: Sequence, aug_seed: int, recipe: AugRecipe, start: int, stop: int,
-                 keys: Sequence[str] | None = None, order: Sequence[int] | None = None
-                 ) -> ReplayItem:
+                 keys: Sequence[str] | None = None, order: Sequence[int] | None = None) -> ReplayItem:
     """Replay samples order[start:stop] of one shard for `aug_seed` (uint8, not yet finished).
-
     `samples`: ShardSample-likes, the whole shard or at least the positions `slice_positions`
-    names (a list, or a dict by position); then `keys`, all the shard's keys in position order,
-    are needed. Any cut of (0, n) into slices gives the same finished images."""
+    names (a list, or a dict by position; then `keys`, all the shard's keys in position order).
+    Any cut of (0, n) into slices gives the same finished images."""
     if keys is None:
         keys = [s.key for s in sorted(samples, key=lambda s: s.position)]
     n = len(keys)
@@ -96,12 +91,11 @@ def replay_slice(samples: Sequence, aug_seed: int, recipe: AugRecipe, start: int
         else:
             weights[i] = (params.lam, 1.0 - params.lam)    # rounded once to float32, on the host
     as_int64 = functools.partial(torch.tensor, dtype=torch.int64)
-    return ReplayItem(
-        int(primaries[0].shard), int(aug_seed), start, stop, [s.key for s in primaries],
-        [s.key for s in partners], as_int64([s.position for s in primaries]),
-        as_int64([s.label for s in primaries]), as_int64([s.label for s in partners]),
-        torch.tensor(lam, dtype=torch.float64), torch.from_numpy(weights), torch.from_numpy(boxes),
-        as_int64(erase).view(-1, 5), torch.from_numpy(images))
+    return ReplayItem(int(primaries[0].shard), int(aug_seed), start, stop, [s.key for s in primaries],
+                      [s.key for s in partners], as_int64([s.position for s in primaries]),
+                      as_int64([s.label for s in primaries]), as_int64([s.label for s in partners]),
+                      torch.tensor(lam, dtype=torch.float64), torch.from_numpy(weights),
+                      torch.from_numpy(boxes), as_int64(erase).view(-1, 5), torch.from_numpy(images))
 
 
 def slice_positions(keys: Sequence[str], aug_seed: int, recipe: AugRecipe, start: int, stop: int,
@@ -135,9 +129,9 @@ def order_part(n: int, part: int, parts: int) -> tuple[int, int]:
 
 def digest_positions(n: int, parts: int) -> list[int]:
     """Mixing-order positions of a (shard, seed) whose finished images stage one records as
-    digests: the first `parts` positions of each of the `parts` parts (order_part); parts =
-    recipe.pairing_seeds. Why these cover every unit a run reads, under any R, world size and
-    resume point: DESIGN.md, "Replay digests"."""
+    digests: the first `parts` (= recipe.pairing_seeds) positions of each part (order_part). Why
+    they cover every unit a run reads, under any R, world size and resume: DESIGN.md, "Replay
+    digests"."""
     positions: list[int] = []
     for part in range(parts):
         start, stop = order_part(n, part, parts)

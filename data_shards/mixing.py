@@ -44,8 +44,6 @@ def partner_offset(n: int, aug_seed: int, recipe: AugRecipe) -> int:
 
 def mixing_partners(keys: Sequence[str], aug_seed: int, recipe: AugRecipe) -> list[int]:
     """partners[i]: the position sample i is mixed with (itself when the recipe does not mix)."""
-    if not recipe.mixing:
-        return list(range(len(keys)))
     order = mixing_order(keys, aug_seed, recipe)
     d = partner_offset(len(order), aug_seed, recipe)
     partner = dict(zip(order, order[d:] + order[:d]))
@@ -61,10 +59,9 @@ def mix_params(key: str, partner_key: str, aug_seed: int, recipe: AugRecipe) -> 
         return MixParams(1.0, False)
     if recipe.mixup_alpha > 0 and recipe.cutmix_alpha > 0:
         use_cutmix = bool(rng.random() < recipe.switch_prob)
-        alpha = recipe.cutmix_alpha if use_cutmix else recipe.mixup_alpha
     else:
         use_cutmix = recipe.mixup_alpha <= 0
-        alpha = recipe.cutmix_alpha if use_cutmix else recipe.mixup_alpha
+    alpha = recipe.cutmix_alpha if use_cutmix else recipe.mixup_alpha
     lam = float(rng.beta(alpha, alpha))
     if not use_cutmix:
         return MixParams(lam, False)
@@ -82,8 +79,7 @@ def mixed_targets(labels: torch.Tensor, partner_labels: torch.Tensor, lam: torch
                   num_classes: int, smoothing: float) -> torch.Tensor:
     """λ·smooth(y) + (1-λ)·smooth(y_partner), timm's mixup_target maths per sample."""
     off_value = smoothing / num_classes
-    on_value = 1.0 - smoothing + off_value
-    y1 = one_hot(labels, num_classes, on_value=on_value, off_value=off_value)
-    y2 = one_hot(partner_labels, num_classes, on_value=on_value, off_value=off_value)
+    y1, y2 = (one_hot(y, num_classes, on_value=1.0 - smoothing + off_value, off_value=off_value)
+              for y in (labels, partner_labels))
     lam = lam.to(torch.float32).view(-1, 1)
     return y1 * lam + y2 * (1.0 - lam)

@@ -1,11 +1,8 @@
 """Every random choice of one sample's training augmentation, drawn before any pixel is touched.
-
-timm's transforms draw from the global RNGs, so images would depend on workers, order and
-process. Here one generator per sample, rng(recipe fingerprint, "sample", key, aug_seed), draws
-the crop, flip, RandAugment ops and args and the erasing box, in that order, into `SampleParams`
-for a pixel path (pixels_pil.py, or one on a device) to apply; the maths mirrors torchvision /
-timm (cited at each step).
-"""
+timm draws from the global RNGs (images would depend on workers, order and process); here one
+generator per sample, rng(recipe fingerprint, "sample", key, aug_seed), draws the crop, flip,
+RandAugment ops and args and the erasing box, in that order, into `SampleParams` for a pixel
+path to apply. The maths mirrors torchvision / timm (cited at each step)."""
 from __future__ import annotations
 
 import functools
@@ -21,15 +18,12 @@ from .recipe import NOISE_BANK_SIZE, AugRecipe, parse_rand_augment
 NO_ERASING = (0, 0, 0, 0, 0)
 # The unsigned part of timm's _rotate/_shear/_translate_*_level_to_arg (level in [0, 1]), which
 # draw the sign from the global RNG: we draw it from our own generator.
-SIGNED_LEVEL = {
-    "Rotate": lambda level, hp: level * 30.0,
-    "ShearX": lambda level, hp: level * 0.3,
-    "ShearY": lambda level, hp: level * 0.3,
-    "TranslateX": lambda level, hp: level * float(hp["translate_const"]),
-    "TranslateY": lambda level, hp: level * float(hp["translate_const"]),
-    "TranslateXRel": lambda level, hp: level * hp.get("translate_pct", 0.45),
-    "TranslateYRel": lambda level, hp: level * hp.get("translate_pct", 0.45),
-}
+SIGNED_LEVEL = {"Rotate": lambda level, hp: level * 30.0,
+                **dict.fromkeys(("ShearX", "ShearY"), lambda level, hp: level * 0.3),
+                **dict.fromkeys(("TranslateX", "TranslateY"),
+                                lambda level, hp: level * float(hp["translate_const"])),
+                **dict.fromkeys(("TranslateXRel", "TranslateYRel"),
+                                lambda level, hp: level * hp.get("translate_pct", 0.45))}
 _SIGNED_ENHANCE_OPS = {"ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
                        "SharpnessIncreasing"}
 
@@ -49,8 +43,7 @@ def make_rng(fingerprint: str, *parts: object) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(seed))
 
 
-def draw_sample(key: str, aug_seed: int, recipe: AugRecipe, size: tuple[int, int]
-                ) -> SampleParams:
+def draw_sample(key: str, aug_seed: int, recipe: AugRecipe, size: tuple[int, int]) -> SampleParams:
     """The draws of sample `key` for `aug_seed`; `size`: the full (width, height), from the header."""
     rng = make_rng(recipe.fingerprint(), "sample", key, int(aug_seed))
     width, height = size
@@ -61,9 +54,8 @@ def draw_sample(key: str, aug_seed: int, recipe: AugRecipe, size: tuple[int, int
     return SampleParams(crop, flip, ops, erase)
 
 
-def resized_crop_params(rng: np.random.Generator, height: int, width: int,
-                        scale: tuple[float, float], ratio: tuple[float, float]
-                        ) -> tuple[int, int, int, int]:
+def resized_crop_params(rng: np.random.Generator, height: int, width: int, scale: tuple[float, float],
+                        ratio: tuple[float, float]) -> tuple[int, int, int, int]:
     """torchvision RandomResizedCrop.get_params maths, drawn from `rng`."""
     area = height * width
     log_ratio = (math.log(ratio[0]), math.log(ratio[1]))

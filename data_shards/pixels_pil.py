@@ -30,9 +30,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         img = Image.fromarray(np.clip(np.round(arr * (255.0 / top)), 0, 255).astype(np.uint8), "L")
     elif img.mode == "F":
         img = Image.fromarray(np.clip(np.asarray(img), 0, 255).astype(np.uint8), "L")
-    if img.mode == "P":
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA"):
+    if img.mode in ("P", "RGBA", "LA", "PA"):
         img = img.convert("RGBA")
         background = Image.new("RGBA", img.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, img)
@@ -40,8 +38,7 @@ def _to_rgb(img: Image.Image) -> Image.Image:
 
 
 def augment_uint8(data: bytes, key: str, aug_seed: int, recipe: AugRecipe,
-                  out: np.ndarray | None = None
-                  ) -> tuple[np.ndarray, tuple[int, int, int, int, int]]:
+                  out: np.ndarray | None = None) -> tuple[np.ndarray, tuple[int, ...]]:
     """One image's (H, W, 3) uint8 training augmentation (crop-resize, flip, RandAugment; into
     `out` if given) and its erasing parameters (top, left, h, w, bank offset)."""
     img = Image.open(io.BytesIO(data))     # the header: the crop is drawn from the full size
@@ -63,12 +60,10 @@ def apply_params(img: Image.Image, data: bytes, params: SampleParams, recipe: Au
 
 def decode_crop(img: Image.Image, data: bytes, crop: tuple[int, int, int, int], recipe: AugRecipe
                 ) -> tuple[Image.Image | np.ndarray, tuple[float, ...]]:
-    """Decode `img` (opened from `data`, not loaded) for the crop (top, left, height, width) of
-    its full size -> (pixels: PIL, or a uint8 HWC array for a full-size colour JPEG; the crop's
-    (left, top, right, bottom) float box on them). With decode_draft, a JPEG is decoded at
-    1/2..1/8 scale when the crop stays >= input_size there (DESIGN.md)."""
-    width, height = img.size
-    i, j, h, w = crop
+    """Decode `img` (opened from `data`, not loaded) for the crop (top, left, height, width) ->
+    (PIL pixels, or uint8 HWC for a full-size colour JPEG; the crop's (left, top, right, bottom)
+    float box on them). decode_draft: a JPEG at 1/2..1/8 scale where the crop stays >= input_size."""
+    (width, height), (i, j, h, w) = img.size, crop
     box = (float(j), float(i), float(j + w), float(i + h))
     if recipe.decode_draft and img.format == "JPEG":
         size = recipe.input_size
@@ -87,12 +82,12 @@ def decode_crop(img: Image.Image, data: bytes, crop: tuple[int, int, int, int], 
 def _decode_colour_jpeg(data: bytes) -> np.ndarray | None:
     """A colour JPEG -> (H, W, 3) uint8 by torchvision: Pillow's bytes (tested), ~20% faster.
     None when it refuses: Pillow decides then."""
-    decode_jpeg = getattr(torchvision.io, "decode_jpeg", None)
-    if decode_jpeg is None:
+    decode_jpeg = getattr(torchvision.io, "decode_jpeg", None)   # deprecated for TorchCodec since
+    if decode_jpeg is None:                                      # 0.29; Pillow takes over when gone
         return None
     try:
-        with warnings.catch_warnings():   # deprecated for TorchCodec since 0.29; Pillow takes over
-            warnings.simplefilter("ignore", DeprecationWarning)     # when it goes
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
             chw = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
                               mode=torchvision.io.ImageReadMode.RGB)
     except RuntimeError:

@@ -19,9 +19,9 @@ from torchvision.transforms import InterpolationMode
 
 from .hashing import text_sha256
 
-# Bump when the parameter maths or the draw order changes: old caches must stop matching.
+# Bump when the parameter maths or the draw order changes: old caches must stop matching. What
+# each version changed is named when a cache of an older version is refused.
 REPLAY_ALGORITHM_VERSION = 3
-# What each version changed (named when a cache of an older version is refused).
 REPLAY_ALGORITHM_CHANGES = {
     2: "uint8 items finished on the device, noise-bank erasing fill, draft decoding",
     3: "finishing changed: exact normalisation by a per-channel table, the same bits on any device"
@@ -60,12 +60,9 @@ class AugRecipe:
     switch_prob: float = 0.5
     smoothing: float = 0.1
     eval_crop_pct: float = 224 / 256              # eval: resize to size/crop_pct, centre crop
-    decode_draft: bool = False                    # JPEG DCT-scaled decoding when the crop allows
-                                                  # (fast recipe; not timm's bytes)
-    pairing_seeds: int = 3                        # seeds g*P..g*P+P-1 share one mixing order
-                                                  # (with partners 1..P places ahead in it)
-    resize_backend: str = "pil"                   # crop-resize: "pil" (timm's, portable bytes) or
-                                                  # "torch" (uint8 antialiased, ~2.5x faster)
+    decode_draft: bool = False     # JPEG DCT-scaled decoding where the crop allows (not timm's)
+    pairing_seeds: int = 3         # seeds g*P..g*P+P-1 share one mixing order (partners 1..P ahead)
+    resize_backend: str = "pil"    # "pil" (timm's, portable bytes) or "torch" (uint8, ~2.5x faster)
     rand_augment_interpolation: str | None = None  # RandAugment's affine ops; None: interpolation
 
     def __post_init__(self):
@@ -83,9 +80,8 @@ class AugRecipe:
             raise ValueError(f"unknown recipe field {name!r}; the fields are "
                              f"{', '.join(cls.__dataclass_fields__)}")
         form, in_range = RECIPE_FIELD_FORMS[name]
-        default = cls.__dataclass_fields__[name].default
         try:
-            value = _typed_field(name, value, default)
+            value = _typed_field(name, value, cls.__dataclass_fields__[name].default)
             if value is not None and in_range is not None and not in_range(value):
                 raise ValueError
         except ValueError as exc:
@@ -112,17 +108,12 @@ class AugRecipe:
 
     @functools.lru_cache(maxsize=64)     # asked for every sample replayed
     def fingerprint(self) -> str:
-        libraries = pixel_library_versions(self)
-        return fingerprint_of(self.to_dict(), libraries, REPLAY_ALGORITHM_VERSION)
+        return fingerprint_of(self.to_dict(), pixel_library_versions(self),
+                              REPLAY_ALGORITHM_VERSION)
 
 
 def _probability(v: float) -> bool:
     return 0.0 <= v <= 1.0
-
-
-def _rand_augment_ok(v: str) -> bool:
-    parse_rand_augment(v)          # raises ValueError with the reason
-    return True
 
 
 PROBABILITY = "a probability in [0, 1]"
@@ -135,7 +126,7 @@ RECIPE_FIELD_FORMS = {
                       lambda v: v in INTERPOLATION),
     "hflip": (f"{PROBABILITY}, like 0.5", _probability),
     "rand_augment": ("null or a timm RandAugment string, like 'rand-m9-mstd0.5-inc1'",
-                     _rand_augment_ok),
+                     lambda v: bool(parse_rand_augment(v))),     # or its ValueError, saying why
     "mean": ("three numbers, like [0.485, 0.456, 0.406]", None),
     "std": ("three numbers > 0, like [0.229, 0.224, 0.225]", lambda v: min(v) > 0),
     "reprob": (f"{PROBABILITY}, like 0.25", _probability),
@@ -231,8 +222,7 @@ def parse_rand_augment(config: str) -> dict:
 
 def torch_resize_kernel_class() -> str:
     """Which of torch's uint8 antialiased resize kernels runs here: the AVX2 one (also at AVX512)
-    or the generic one, reported to differ in bytes (one AVX512 machine gave the same bytes for
-    all three): kept apart to be safe."""
+    or the generic one, reported to differ in bytes (kept apart to be safe)."""
     capability = torch.backends.cpu.get_cpu_capability().lower()
     return "vectorised" if capability in ("avx2", "avx512") else capability
 

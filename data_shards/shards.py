@@ -1,30 +1,26 @@
-"""The shard-set format (WebDataset tars + Parquet manifest + JSON metadata) and reading it.
-
-One output folder of make-shards (data_shards/writer.py) holds one split:
+"""The shard-set format and reading it. One folder of make-shards (writer.py) holds one split:
     shard-000000.tar ...   webdataset tars; members KEY.jpg|png|... and KEY.cls
     manifest.parquet       key, label, shard, position, nbytes, ext, sha256, offset (one row per
                            image; offset = where its bytes start inside the tar)
     metadata.json          classes, counts per class and shard, content_hash, skipped files
-
-A shard set may instead index existing WebDataset tars in place (metadata "external_shards"):
-then metadata's shard names are the absolute paths of those tars.
-"""
+With "external_shards" in metadata, the shard names are absolute paths of WebDataset tars
+indexed in place. Each image's data offset is recorded, so a reader fetches a few samples with
+one seek each instead of streaming the whole shard."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-
-from .tar_members import member_offsets
 
 FORMAT_VERSION = 1
 SHARD_PATTERN = "shard-%06d.tar"
@@ -34,9 +30,6 @@ MANIFEST_SCHEMA = pa.schema([
     ("key", pa.string()), ("label", pa.int32()), ("shard", pa.int32()), ("position", pa.int32()),
     ("nbytes", pa.int64()), ("ext", pa.string()), ("sha256", pa.string()), ("offset", pa.int64()),
 ])
-# What the content hash covers: the samples and their order, not where the bytes sit in a file
-# (shard sets written before `offset` existed keep their hash).
-CONTENT_COLUMNS = ("key", "label", "shard", "position", "nbytes", "ext", "sha256")
 
 
 class ShardsError(ValueError):
@@ -44,12 +37,53 @@ class ShardsError(ValueError):
 
 
 def hash_manifest_rows(h: "hashlib._Hash", rows: Iterable[tuple]) -> None:
-    """Feed rows (values in CONTENT_COLUMNS order) into a content hash."""
+    """Feed rows (the manifest's columns up to sha256) into a content hash: the samples and their
+    order, not where the bytes sit (shard sets written before `offset` existed keep their hash)."""
     for row in rows:
         h.update(("\t".join(str(v) for v in row) + "\n").encode("utf-8"))
 
 
-# ----------------------------------------------------------------------------- reading
+class SampleTarWriter:
+    """One tar of webdataset samples, the bytes `webdataset.TarWriter` writes (member order,
+    headers, padding), which does not tell where a member's data starts. mtime 0 and a fixed
+    owner make the bytes a function of the content alone."""
+
+    def __init__(self, path: str | os.PathLike):
+        self._file = open(path, "wb")
+        self._tar = tarfile.open(fileobj=self._file, mode="w|", format=tarfile.PAX_FORMAT)
+
+    def write(self, key: str, members: dict[str, bytes]) -> dict[str, int]:
+        """Append one sample (members by extension); return each member's data offset."""
+        offsets = {}
+        for ext in sorted(members):
+            data = members[ext]
+            info = tarfile.TarInfo(f"{key}.{ext}")
+            info.size, info.mtime, info.mode = len(data), 0.0, 0o444
+            info.uname = info.gname = "deit"
+            self._tar.addfile(info, io.BytesIO(data))
+            padded = -(-len(data) // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE   # whole blocks
+            offsets[ext] = self._tar.offset - padded
+        return offsets
+
+    def close(self) -> None:
+        self._tar.close()
+        self._file.close()
+
+
+def iter_members(path: str | os.PathLike) -> Iterator[tuple[str, int, int]]:
+    """(name, data offset, size) of each regular file in a tar, in order, from headers only
+    (tarfile seeks over member data in "r:" mode: about 1 KB read per member)."""
+    with tarfile.open(Path(path), mode="r:") as tar:
+        for info in tar:
+            if info.isfile():
+                yield info.name, info.offset_data, info.size
+            tar.members = []  # headers only as we go: a large tar's member list would grow
+
+
+def member_offsets(path: str | os.PathLike) -> dict[str, tuple[int, int]]:
+    """{member name: (data offset, size)} of every regular file in a tar."""
+    return {name: (offset, size) for name, offset, size in iter_members(path)}
+
 
 @dataclass(frozen=True)
 class ShardSample:
@@ -70,10 +104,10 @@ class ShardSet:
     _scanned_offsets: dict[int, list[int]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        shards = self.metadata["shards"]    # the description, read once
-        self.num_classes, self.content_hash = int(self.metadata["num_classes"]), self.metadata["content_hash"]
-        self.num_shards, self.shard_counts = len(shards), [s["count"] for s in shards]
-        self.rows_per_shard = int(self.metadata["shard_size"])
+        meta = self.metadata    # the description, read once
+        self.num_classes, self.content_hash = int(meta["num_classes"]), meta["content_hash"]
+        self.num_shards, self.shard_counts = len(meta["shards"]), [s["count"] for s in meta["shards"]]
+        self.rows_per_shard = int(meta["shard_size"])
 
     @classmethod
     def open(cls, root: str | os.PathLike) -> "ShardSet":
@@ -109,11 +143,8 @@ class ShardSet:
         """The samples at `positions` (None: all) of one shard, in the order asked: one seek each,
         each checked against the manifest's sha256 (a changed shard is refused, not replayed)."""
         rows = self._shard_rows(shard)
-        offsets = self._offsets(shard, rows)
-        path = self.shard_path(shard)
-        if positions is None:
-            positions = range(len(rows["key"]))
-        samples = []
+        offsets, path, samples = self._offsets(shard, rows), self.shard_path(shard), []
+        positions = range(len(rows["key"])) if positions is None else positions
         try:
             with open(path, "rb") as f:
                 for position in positions:

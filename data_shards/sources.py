@@ -1,10 +1,7 @@
-"""Image sources for make-shards: an ImageFolder tree or scikit-learn's digits.
-
-A source lists `Candidate`s (stable key, class index, where the bytes are) without reading
-them, so the shard writer can fix the order from the keys alone and then stream the bytes.
-`check_candidates` reads and validates a batch of them (by fully decoding each image once;
-bytes are kept as they are, no re-encoding); it runs in worker processes.
-"""
+"""Image sources for make-shards: an ImageFolder tree or scikit-learn's digits, listed as
+`Candidate`s (stable key, class index, where the bytes are) without reading them, so the writer
+fixes the order from the keys alone, then streams the bytes. `check_candidates` (in worker
+processes) reads and fully decodes each once; the bytes are kept as they are."""
 from __future__ import annotations
 
 import hashlib
@@ -22,9 +19,10 @@ from .hashing import text_seed
 # PIL format name -> the extension written into the shard (webdataset decodes by extension).
 FORMAT_EXTENSION = {"JPEG": "jpg", "PNG": "png", "BMP": "bmp", "GIF": "gif", "TIFF": "tiff",
                     "WEBP": "webp", "PPM": "ppm"}
-# Largest image we accept (pixels): ImageNet's largest is ~ 1e8 / 10; anything past this
-# is almost certainly a decompression bomb or a scan that will take minutes per epoch.
+# Largest image accepted (pixels): ImageNet's largest is ~ 1e8 / 10; past this, almost surely
+# a decompression bomb or a scan that takes minutes per epoch.
 MAX_PIXELS = 178_956_970
+_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")   # PIL messages' <.. at 0x..>
 
 
 class SourceError(ValueError):
@@ -72,18 +70,12 @@ def check_image_bytes(data: bytes) -> str:
     except Image.UnidentifiedImageError:   # its message holds the BytesIO's memory address
         raise ValueError("not a readable image (Pillow recognises no image format in it)") from None
     except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ...)
-        raise ValueError(f"not a readable image ({type(exc).__name__}: {_without_addresses(str(exc))})") from None
+        # without object reprs: metadata.json must not vary by process
+        detail = _OBJECT_REPR.sub("the image bytes", str(exc))
+        raise ValueError(f"not a readable image ({type(exc).__name__}: {detail})") from None
     if fmt not in FORMAT_EXTENSION:
         raise ValueError(f"unsupported image format {fmt!r}")
     return FORMAT_EXTENSION[fmt]
-
-
-_OBJECT_REPR = re.compile(r"<[^<>]* at 0x[0-9a-fA-F]+>")
-
-
-def _without_addresses(text: str) -> str:
-    """`text` without object reprs (<.. at 0x..>): metadata.json must not vary by process."""
-    return _OBJECT_REPR.sub("the image bytes", text)
 
 
 def make_key(relative_path: str) -> str:
@@ -156,8 +148,9 @@ def check_candidates(refs: list, keep_data: bool = True) -> list[Checked]:
             ext = check_image_bytes(data)
         except (ValueError, OSError) as exc:
             out.append(Checked(None, None, 0, None, str(exc)))
-            continue
-        out.append(Checked(ext, hashlib.sha256(data).hexdigest(), len(data), data if keep_data else None, None))
+        else:
+            out.append(Checked(ext, hashlib.sha256(data).hexdigest(), len(data),
+                               data if keep_data else None, None))
     return out
 
 

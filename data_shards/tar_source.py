@@ -1,15 +1,10 @@
-"""Existing WebDataset tars as a make-shards source, indexed in place.
-
-Each tar becomes one shard as it is: the manifest records where each image's bytes are
-(offset, nbytes) and metadata names the tar by its absolute path, so nothing is copied.
-Samples keep the tars' order; mixing classes within a shard then relies on the tars having
-been written from a shuffled list (as ImageNet's WebDataset tars are).
-
-Samples are grouped as webdataset groups them (consecutive members with the same key, split
-at the first dot of the file name). Skipped and listed: samples without exactly one
-jpg/jpeg/png/webp member, without a readable `cls`, or whose key was already seen; members
-other than the image, `cls` and `json`. Refused: a class index beyond the --classes file.
-"""
+"""Existing WebDataset tars as a make-shards source, indexed in place: each tar is one shard as
+it is (the manifest records each image's offset and nbytes, metadata the tar's absolute path).
+Samples keep the tars' order, so class mixing within a shard relies on the tars having been
+written shuffled (as ImageNet's are). Samples are grouped as webdataset groups them. Skipped and
+listed: samples without exactly one jpg/jpeg/png/webp member, without a readable `cls`, or whose
+key was already seen; members other than image, `cls` and `json`. Refused: a class index beyond
+the --classes file."""
 from __future__ import annotations
 
 import tarfile
@@ -20,8 +15,8 @@ from typing import BinaryIO, Iterator
 from braceexpand import braceexpand
 from webdataset.tariterators import base_plus_ext
 
+from .shards import iter_members
 from .sources import Candidate, Skipped, SourceError, in_val_split
-from .tar_members import iter_members
 
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
 COMPANION_MEMBERS = ("cls", "json")
@@ -97,29 +92,29 @@ class TarIndexer:
             except (OSError, tarfile.TarError) as exc:
                 self.skipped.append(Skipped(str(tar), f"cannot read tar ({exc}); its remaining samples are skipped"))
 
-    def _candidate(self, tar: Path, handle: BinaryIO, key: str, members: dict[str, tuple[int, int]]) -> Candidate | None:
+    def _candidate(self, tar: Path, handle: BinaryIO, key: str, members: dict[str, tuple[int, int]]
+                   ) -> Candidate | None:
         origin = f"{tar}:{key}"
         for ext in sorted(set(members) - set(IMAGE_MEMBERS) - set(COMPANION_MEMBERS)):
             self.skipped.append(Skipped(f"{origin}.{ext}", "not an image, cls or json member (ignored)"))
         images = [ext for ext in IMAGE_MEMBERS if ext in members]
-        reason = None
-        if key in self._seen:
+        reason, duplicate = None, key in self._seen
+        self._seen.add(key)
+        if duplicate:
             reason = "duplicate key (its first occurrence is kept)"
         elif len(images) != 1:
             reason = (f"{len(images)} image members ({', '.join(images)})" if images
                       else f"no image member ({'/'.join(IMAGE_MEMBERS)})")
         elif "cls" not in members:
             reason = "no .cls member (class index)"
-        self._seen.add(key)
-        label = None if reason else _read_label(handle, *members["cls"])
-        if reason is None and label is None:
+        elif (label := _read_label(handle, *members["cls"])) is None:
             reason = ".cls is not a class index (an integer as text)"
-        elif reason is None and self.classes is not None and label >= len(self.classes):
-            # refused, not skipped: a short classes file would silently drop every sample of the classes it misses
-            raise SourceError(f"{origin}: class index {label} is outside the --classes file's {len(self.classes)} "
-                              f"classes (indices 0..{len(self.classes) - 1}); the file must name every class "
-                              "index the tars use, one line per index")
-        elif reason is None and label < 0:
+        elif self.classes is not None and label >= len(self.classes):
+            # refused, not skipped: a short classes file would silently drop its missing classes
+            raise SourceError(f"{origin}: class index {label} is outside the --classes file's "
+                              f"{len(self.classes)} classes (indices 0..{len(self.classes) - 1}); the "
+                              "file must name every class index the tars use, one line per index")
+        elif label < 0:
             reason = f"negative class index {label}"
         if reason is not None:
             self.skipped.append(Skipped(origin, reason))
@@ -163,8 +158,7 @@ def _read_label(handle: BinaryIO, offset: int, size: int) -> int | None:
     if size > 32:
         return None
     handle.seek(offset)
-    text = handle.read(size)
     try:
-        return int(text.decode("ascii").strip())
+        return int(handle.read(size).decode("ascii").strip())
     except (UnicodeDecodeError, ValueError):
         return None

@@ -1,21 +1,23 @@
 """make-shards: turn a source into a shard set (format in data_shards/shards.py).
 
 Memory stays flat in the data-set size: the order is fixed from the keys alone, then the bytes
-stream through a bounded pool of read + decode-validation workers and into the tars in that
-order, and the manifest goes to Parquet in batches. The output is byte-identical whatever the
-worker count. For an ImageFolder tree or digits, samples are ordered by sha256(key) so every
-shard mixes classes (Mixup partners are drawn within a shard) and the order does not depend on
-the file system. Existing WebDataset tars are indexed in place instead (data_shards/tar_source.py).
-"""
+stream through a bounded pool of read + decode-validation workers into the tars in that order
+(the same bytes whatever the worker count), and the manifest goes to Parquet in batches. An
+ImageFolder tree or digits is ordered by sha256(key), so every shard mixes classes (Mixup
+partners are drawn within a shard); WebDataset tars are indexed in place (tar_source.py)."""
 from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
 import sys
-from collections import Counter
+from collections import Counter, deque
+from functools import partial
+from itertools import islice
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -24,11 +26,9 @@ from tqdm import tqdm
 from .faults import crash_point
 from .files import out_folder, temp_path
 from .hashing import text_sha256
-from .parallel import default_workers, ordered_chunk_map
 from .shards import (FORMAT_VERSION, MANIFEST_FILE, MANIFEST_SCHEMA, METADATA_FILE, SHARD_PATTERN,
-                     hash_manifest_rows)
+                     SampleTarWriter, hash_manifest_rows)
 from .sources import Candidate, Skipped, SourceError, check_candidates, list_source
-from .tar_members import SampleTarWriter
 from .tar_source import TarIndexer, expand_tar_source, is_tar_source, read_classes_file
 
 DEFAULT_SHARD_SIZE = 1000
@@ -41,12 +41,10 @@ class ManifestBuilder:
     def __init__(self, path: Path):
         self._writer = pq.ParquetWriter(path, MANIFEST_SCHEMA, compression="zstd")
         self._rows: dict[str, list] = {name: [] for name in MANIFEST_SCHEMA.names}
-        self._hash = hashlib.sha256()
-        self.label_counts: Counter = Counter()
-        self.shard_counts: list[int] = []
+        self._hash, self.label_counts, self.shard_counts = hashlib.sha256(), Counter(), []
 
-    def add(self, key: str, label: int, shard: int, position: int, nbytes: int, ext: str, sha256: str,
-            offset: int) -> None:
+    def add(self, key: str, label: int, shard: int, position: int, nbytes: int, ext: str,
+            sha256: str, offset: int) -> None:
         row = (key, label, shard, position, nbytes, sys.intern(ext), sha256)
         hash_manifest_rows(self._hash, [row])
         for name, value in zip(MANIFEST_SCHEMA.names, row + (offset,)):
@@ -64,14 +62,10 @@ class ManifestBuilder:
             self._rows = {name: [] for name in MANIFEST_SCHEMA.names}
 
     def close(self) -> str:
-        """Write what is left; return the content hash (of the rows' CONTENT_COLUMNS, in write order)."""
+        """Write what is left; return the content hash (hash_manifest_rows, in write order)."""
         self._flush()
         self._writer.close()
         return self._hash.hexdigest()
-
-    @property
-    def num_rows(self) -> int:
-        return sum(self.shard_counts)
 
 
 def make_shards(source: str, out: str | os.PathLike, split: str = "train", shard_size: int | None = None,
@@ -210,7 +204,7 @@ def _finish(tmp: Path, manifest: ManifestBuilder, content_hash: str, classes: li
     skipped.sort(key=lambda s: s.origin)
     for s in skipped:
         print(f"make-shards: skipped {s.origin}: {s.reason}", file=sys.stderr)
-    if manifest.num_rows == 0:
+    if sum(manifest.shard_counts) == 0:
         raise SourceError(f"source {source} has no usable images for split {split!r} "
                           f"({len(skipped)} files skipped)")
     counts = [manifest.label_counts.get(i, 0) for i in range(len(classes))]
@@ -222,7 +216,7 @@ def _finish(tmp: Path, manifest: ManifestBuilder, content_hash: str, classes: li
     names = extra.pop("shard_names", None) or [SHARD_PATTERN % i for i in range(len(manifest.shard_counts))]
     metadata = {"format_version": FORMAT_VERSION, "source": extra.pop("source"), **extra, "split": split,
                 "val_fraction": val_fraction, "classes": classes, "num_classes": len(classes),
-                "num_samples": manifest.num_rows, "counts_per_class": counts, "shard_size": shard_size,
+                "num_samples": sum(manifest.shard_counts), "counts_per_class": counts, "shard_size": shard_size,
                 "shards": [{"name": n, "count": c} for n, c in zip(names, manifest.shard_counts)],
                 "content_hash": content_hash, "skipped": [{"path": s.origin, "reason": s.reason} for s in skipped]}
     (tmp / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
@@ -237,3 +231,38 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         shutil.rmtree(old)
     else:
         tmp.rename(out)
+
+
+def default_workers() -> int:
+    """All cores this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def ordered_chunk_map(fn: Callable[[list], list], items: Iterable, workers: int, ref: Callable = lambda x: x,
+                      chunk: int = 16, window_per_worker: int = 4, **kwargs) -> Iterator[tuple]:
+    """Yield (item, result) in the order of `items` (lazy or not); fn maps a list of ref(item) to
+    a list of results. At most `workers * window_per_worker` chunks are in flight, so memory is
+    bounded (Pool.imap queues every result not yet taken). workers <= 1 runs in this process."""
+    fn = partial(fn, **kwargs) if kwargs else fn
+    items = iter(items)
+    chunks = iter(lambda: list(islice(items, chunk)), [])
+    if workers <= 1:
+        for c in chunks:
+            yield from zip(c, fn([ref(x) for x in c]))
+        return
+    # fork: workers only read files and decode with PIL; no start-up imports, shared pages.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
+    with multiprocessing.get_context(method).Pool(workers) as pool:
+        def submit(c: list) -> tuple:
+            return c, pool.apply_async(fn, ([ref(x) for x in c],))
+
+        pending = deque(submit(c) for c in islice(chunks, workers * window_per_worker))
+        while pending:
+            c, result = pending.popleft()
+            results = result.get()
+            for nxt in islice(chunks, 1):
+                pending.append(submit(nxt))
+            yield from zip(c, results)
