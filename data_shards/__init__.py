@@ -8,7 +8,6 @@ from .shards import ShardSample, ShardSet, ShardsError
 from .sources import SourceError
 from .writer import make_shards
 
-__all__ = ["AugRecipe", "ReplayItem", "ShardSample", "ShardSet", "ShardsError", "SourceError",
-           "decode_image", "eval_image", "finish_item", "make_shards", "mixed_targets",
-           "replay_slice", "slice_positions", "tensor_digest", "WorkItem", "replay_item",
-           "unit_items"]
+__all__ = ["AugRecipe", "ReplayItem", "ShardSample", "ShardSet", "ShardsError", "SourceError", "WorkItem",
+           "decode_image", "eval_image", "finish_item", "make_shards", "mixed_targets", "replay_item",
+           "replay_slice", "slice_positions", "tensor_digest", "unit_items"]

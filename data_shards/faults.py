@@ -1,9 +1,6 @@
-"""Crash points for the reliability tests: a real `kill -9` at a known place.
-
-With DEIT_PIPELINE_CRASH_AT="NAME:N" in the environment, the process sends itself SIGKILL
-the N-th time it reaches `crash_point("NAME")` (no cleanup handler, no finally block runs,
-exactly as if the node died). Without the variable a crash point costs one dict lookup.
-"""
+"""Crash points for the reliability tests: a real `kill -9` at a known place. With
+DEIT_PIPELINE_CRASH_AT="NAME:N", the process SIGKILLs itself the N-th time it reaches
+`crash_point("NAME")` (no cleanup or finally block runs, as if the node died)."""
 from __future__ import annotations
 
 import os
@@ -14,10 +11,7 @@ _hits: dict[str, int] = {}
 
 
 def crash_point(name: str) -> None:
-    spec = os.environ.get(ENV)
-    if not spec:
-        return
-    target, _, count = spec.partition(":")
+    target, _, count = os.environ.get(ENV, "").partition(":")
     if target != name:
         return
     _hits[name] = _hits.get(name, 0) + 1

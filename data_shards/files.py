@@ -94,10 +94,9 @@ def load_weights_only(path: str | os.PathLike, error: type[Exception] = ValueErr
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # pickle.UnpicklingError for objects, RuntimeError for junk, ...
-        raise error(f"cannot read {path} as weights: it is {describe_file(path)}; expected a "
-                    "PyTorch checkpoint of tensors and plain values (read with weights_only=True: "
-                    "pickled objects are refused, never run)" + (f"; {advice}" if advice else "")
-                    ) from None
+        raise error(f"cannot read {path} as weights: it is {describe_file(path)}; expected a PyTorch "
+                    "checkpoint of tensors and plain values (read with weights_only=True: pickled "
+                    "objects are refused, never run)" + (f"; {advice}" if advice else "")) from None
 
 
 def describe_file(path: str | os.PathLike) -> str:
@@ -114,9 +113,8 @@ def describe_file(path: str | os.PathLike) -> str:
     if head[:4] == b"PAR1":
         return "a Parquet file"
     if head[:4] == b"PK\x03\x04":
-        return ("a PyTorch checkpoint holding pickled objects besides tensors and plain values, "
-                "or a damaged one" if b"data.pkl" in head
-                else "a zip file that is not a PyTorch checkpoint")
+        return ("a PyTorch checkpoint holding pickled objects besides tensors and plain values, or a "
+                "damaged one" if b"data.pkl" in head else "a zip file that is not a PyTorch checkpoint")
     if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
         return "a pickle of objects other than tensors and plain values (a legacy PyTorch file, or any pickle)"
     if len(head) >= 262 and head[257:262] == b"ustar":

@@ -42,10 +42,9 @@ def normalise_table(mean: tuple, std: tuple, device: str) -> torch.Tensor:
 
 
 def finish_images(images: torch.Tensor, erase: torch.Tensor, recipe: AugRecipe) -> torch.Tensor:
-    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 on images.device: scale + normalise as a lookup
-    in `normalise_table` (CUDA divides by a Python scalar as a multiply by its reciprocal: 9.5e-7
-    from the CPU on an H200), then erase by copying from `noise_bank`; no float arithmetic on the
-    device. `erase`: (N, 5) CPU int64 rows (top, left, h, w, bank offset), h=0: none."""
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 on images.device, no float arithmetic there (CUDA
+    divides by a scalar as a multiply by its reciprocal): `normalise_table` lookups, then erasing
+    copied from `noise_bank`. `erase`: (N, 5) CPU int64 (top, left, h, w, bank offset), h=0: none."""
     device, (n, height, width, _) = images.device, images.shape
     table = normalise_table(recipe.mean, recipe.std, str(device))
     x = torch.empty((n, 3, height, width), dtype=torch.float32, device=device)
@@ -62,11 +61,10 @@ def finish_images(images: torch.Tensor, erase: torch.Tensor, recipe: AugRecipe) 
 def finish_item(item: ReplayItem, recipe: AugRecipe, device: torch.device | str | None = None
                 ) -> torch.Tensor:
     """A replay item -> its (m, 3, H, W) float32 training images on `device` (default: the
-    images'): `finish_images`, then sample k mixed with image k+d (d = item.partner_offset),
-    x*w0 + partner*w1 (Mixup; w = (1, 0) otherwise), then the CutMix box pasted; parameters stay
-    on the host (no syncs). The same bits on every device (DESIGN.md): copies, lookups, and two
-    tensor-by-tensor multiplies and one add, each its own kernel (one IEEE rounding each, no
-    scalar operand, no division); torch.set_flush_denormal(True) would break equality."""
+    images'): `finish_images`, then image k mixed with image k + item.partner_offset (x*w0 +
+    partner*w1, then the CutMix box pasted; parameters on the host: no syncs). The same bits on
+    every device (DESIGN.md): each op its own kernel, one IEEE rounding each, no scalar operand;
+    torch.set_flush_denormal(True) would break that."""
     device = torch.device(device) if device is not None else item.images.device
     x = finish_images(item.images.to(device, non_blocking=True), item.erase, recipe)
     if not recipe.mixing:

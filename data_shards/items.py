@@ -27,10 +27,9 @@ class WorkItem:
 
 @dataclass(frozen=True, eq=False)    # compared as its WorkItem: tensors give no single bool
 class ReplayItem(WorkItem):
-    """A work item's samples replayed up to the uint8 stage, with per-sample parameters of
-    everything after it (so `finish_item` needs no generator). When the recipe mixes, `images`
-    holds d = partner_offset more, order[stop .. stop + d - 1] (mod n): sample k's partner is
-    image k + d."""
+    """A work item's samples replayed up to the uint8 stage, with per-sample parameters of the
+    rest (`finish_item` needs no generator). When mixing, `images` holds d = partner_offset more,
+    order[stop .. stop + d - 1] (mod n): sample k's partner is image k + d."""
     keys: list[str]
     partner_keys: list[str]
     positions: torch.Tensor        # (m,) int64 shard positions
@@ -128,10 +127,8 @@ def order_part(n: int, part: int, parts: int) -> tuple[int, int]:
 
 
 def digest_positions(n: int, parts: int) -> list[int]:
-    """Mixing-order positions of a (shard, seed) whose finished images stage one records as
-    digests: the first `parts` (= recipe.pairing_seeds) positions of each part (order_part). Why
-    they cover every unit a run reads, under any R, world size and resume: DESIGN.md, "Replay
-    digests"."""
+    """Mixing-order positions whose finished images stage one records as digests: the first `parts`
+    (= recipe.pairing_seeds) of each part (order_part); why these: DESIGN.md, "Replay digests"."""
     positions: list[int] = []
     for part in range(parts):
         start, stop = order_part(n, part, parts)

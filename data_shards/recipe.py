@@ -189,11 +189,10 @@ def _check_erasing_fits_noise_bank(recipe: AugRecipe) -> None:
     aspect = math.sqrt(recipe.re_aspect)
     largest = area + 0.5 * math.sqrt(area) * (aspect + 1 / aspect) + 0.25
     if 3 * largest > NOISE_BANK_SIZE:
-        raise ValueError(f"recipe fields input_size {recipe.input_size} and re_area "
-                         f"[{recipe.re_area[0]:g}, {recipe.re_area[1]:g}]: erased boxes of up to "
-                         f"{int(largest)} pixels (3 values each) need more than the "
-                         f"{NOISE_BANK_SIZE} values of the erasing noise bank; lower re_area's "
-                         "upper bound or input_size, or set reprob 0")
+        raise ValueError(f"recipe fields input_size {recipe.input_size} and re_area [{recipe.re_area[0]:g}"
+                         f", {recipe.re_area[1]:g}]: erased boxes of up to {int(largest)} pixels (3 "
+                         f"values each) need more than the {NOISE_BANK_SIZE} values of the erasing "
+                         "noise bank; lower re_area's upper bound or input_size, or set reprob 0")
 
 
 @functools.lru_cache(maxsize=16)
@@ -228,8 +227,7 @@ def torch_resize_kernel_class() -> str:
 
 
 def pixel_library_versions(recipe: AugRecipe | None = None) -> dict[str, str]:
-    """Versions of the libraries that decide the augmented pixels (with resize_backend "torch",
-    also the class of torch's CPU kernels)."""
+    """Versions of the libraries that decide the augmented pixels (+ torch's CPU kernel class)."""
     versions = {"torch": torch.__version__, "torchvision": torchvision.__version__,
                 "timm": timm.__version__, "pillow": PIL.__version__, "numpy": np.__version__}
     if recipe is not None and recipe.resize_backend == "torch":

@@ -28,8 +28,7 @@ MANIFEST_FILE = "manifest.parquet"
 METADATA_FILE = "metadata.json"
 MANIFEST_SCHEMA = pa.schema([
     ("key", pa.string()), ("label", pa.int32()), ("shard", pa.int32()), ("position", pa.int32()),
-    ("nbytes", pa.int64()), ("ext", pa.string()), ("sha256", pa.string()), ("offset", pa.int64()),
-])
+    ("nbytes", pa.int64()), ("ext", pa.string()), ("sha256", pa.string()), ("offset", pa.int64())])
 
 
 class ShardsError(ValueError):
@@ -44,9 +43,8 @@ def hash_manifest_rows(h: "hashlib._Hash", rows: Iterable[tuple]) -> None:
 
 
 class SampleTarWriter:
-    """One tar of webdataset samples, the bytes `webdataset.TarWriter` writes (member order,
-    headers, padding), which does not tell where a member's data starts. mtime 0 and a fixed
-    owner make the bytes a function of the content alone."""
+    """One tar of webdataset samples: `webdataset.TarWriter`'s bytes, plus where each member's data
+    starts. mtime 0 and a fixed owner make the bytes a function of the content alone."""
 
     def __init__(self, path: str | os.PathLike):
         self._file = open(path, "wb")
@@ -200,8 +198,7 @@ class ShardSet:
         return ""
 
     def _offsets(self, shard: int, rows: dict[str, list]) -> list[int]:
-        """Data offset of each sample's image (scanned once from the headers of shard sets written
-        before the manifest had an `offset` column)."""
+        """Data offset of each sample's image (older manifests: scanned once from the tar headers)."""
         if "offset" in rows:
             return rows["offset"]
         if shard not in self._scanned_offsets:

@@ -4,7 +4,7 @@ Memory stays flat in the data-set size: the order is fixed from the keys alone, 
 stream through a bounded pool of read + decode-validation workers into the tars in that order
 (the same bytes whatever the worker count), and the manifest goes to Parquet in batches. An
 ImageFolder tree or digits is ordered by sha256(key), so every shard mixes classes (Mixup
-partners are drawn within a shard); WebDataset tars are indexed in place (tar_source.py)."""
+partners are drawn within a shard); WebDataset tars are indexed in place (sources.py)."""
 from __future__ import annotations
 
 import hashlib
@@ -28,8 +28,8 @@ from .files import out_folder, temp_path
 from .hashing import text_sha256
 from .shards import (FORMAT_VERSION, MANIFEST_FILE, MANIFEST_SCHEMA, METADATA_FILE, SHARD_PATTERN,
                      SampleTarWriter, hash_manifest_rows)
-from .sources import Candidate, Skipped, SourceError, check_candidates, list_source
-from .tar_source import TarIndexer, expand_tar_source, is_tar_source, read_classes_file
+from .sources import (Candidate, Skipped, SourceError, TarIndexer, check_candidates,
+                      expand_tar_source, is_tar_source, list_source, read_classes_file)
 
 DEFAULT_SHARD_SIZE = 1000
 MANIFEST_BATCH_ROWS = 8192  # rows held (as Python objects, ~300 B each) before a Parquet row group is written
@@ -72,10 +72,9 @@ def make_shards(source: str, out: str | os.PathLike, split: str = "train", shard
                 val_fraction: float | None = None, overwrite: bool = False,
                 allow_empty_classes: bool = False, progress: bool = True, workers: int | None = None,
                 classes_file: str | os.PathLike | None = None) -> dict:
-    """Write `source` (ImageFolder path, "digits", or WebDataset tars: a folder of *.tar, one .tar,
-    or a brace pattern like `train-{000000..001281}.tar`, indexed in place, one shard per tar) as
-    a shard set in `out`; returns its metadata. Built aside and renamed into place: a failure
-    never leaves a half-written shard set."""
+    """Write `source` (ImageFolder path, "digits", or WebDataset tars: a folder of *.tar, one .tar
+    or a brace pattern like `train-{000000..001281}.tar`) as a shard set in `out`; returns its
+    metadata. Built aside and renamed into place: a failure never leaves a half-written set."""
     if val_fraction is None:
         val_fraction = 0.2 if source == "digits" else 0.0
     workers = default_workers() if workers is None else workers
