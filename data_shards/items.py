@@ -74,8 +74,7 @@ def replay_slice(samples: Sequence, aug_seed: int, recipe: AugRecipe, start: int
     primaries = [by_position[order[k]] for k in range(start, stop)]
     offset = partner_offset(n, aug_seed, recipe)      # 0 when the recipe does not mix
     augmented = primaries + [by_position[order[k % n]] for k in range(stop, stop + offset)]
-    size = recipe.input_size
-    images = np.empty((len(augmented), size, size, 3), dtype=np.uint8)
+    images = np.empty((len(augmented), recipe.input_size, recipe.input_size, 3), dtype=np.uint8)
     erase = [augment_uint8(sample.data, sample.key, aug_seed, recipe, out=images[i])[1]
              for i, sample in enumerate(augmented)]
     m = len(primaries)

@@ -106,10 +106,8 @@ def crop_resize(pixels: Image.Image | np.ndarray, box: tuple[float, ...], recipe
         # timm's RandomResizedCropAndInterpolation (torchvision F.resized_crop): crop, then resize
         # (resize(box=) would also weigh pixels outside the box at its edges).
         left, top, right, bottom = (int(v) for v in box)
-        if isinstance(pixels, np.ndarray):
-            img = Image.fromarray(np.ascontiguousarray(pixels[top:bottom, left:right]))
-        else:
-            img = pixels.crop((left, top, right, bottom))
+        img = (Image.fromarray(np.ascontiguousarray(pixels[top:bottom, left:right]))
+               if isinstance(pixels, np.ndarray) else pixels.crop((left, top, right, bottom)))
         return img.resize((size, size), resample)
     # A draft-decoded (fractional) box: resampled from the reduced image in place.
     img = Image.fromarray(pixels) if isinstance(pixels, np.ndarray) else pixels

@@ -1,10 +1,8 @@
-"""make-shards: turn a source into a shard set (format in data_shards/shards.py).
-
-Memory stays flat in the data-set size: the order is fixed from the keys alone, then the bytes
+"""make-shards: turn a source into a shard set (format: shards.py) in flat memory. The order is
+fixed from the keys alone (sha256(key) for a folder or digits, so every shard mixes classes:
+Mixup partners are drawn within a shard; WebDataset tars are indexed in place), then the bytes
 stream through a bounded pool of read + decode-validation workers into the tars in that order
-(the same bytes whatever the worker count), and the manifest goes to Parquet in batches. An
-ImageFolder tree or digits is ordered by sha256(key), so every shard mixes classes (Mixup
-partners are drawn within a shard); WebDataset tars are indexed in place (sources.py)."""
+(the same bytes for any worker count), and the manifest goes to Parquet in batches."""
 from __future__ import annotations
 
 import hashlib
@@ -145,7 +143,7 @@ def _write_sorted(candidates: list[Candidate], folder: Path, shard_size: int, wo
     for a, b in zip(candidates, candidates[1:]):
         if a.key == b.key:
             raise SourceError(f"duplicate key {a.key!r} (from {a.origin} and {b.origin})")
-    checked = ordered_chunk_map(check_candidates, candidates, workers, ref=lambda c: c.ref)
+    checked = ordered_chunk_map(check_candidates, candidates, workers)
     writer, i = None, 0
     try:
         for cand, res in tqdm(checked, total=len(candidates), desc="make-shards", unit="img",
@@ -170,8 +168,8 @@ def _write_sorted(candidates: list[Candidate], folder: Path, shard_size: int, wo
 def _index_in_place(indexer: "TarIndexer", workers: int, manifest: ManifestBuilder,
                     skipped: list[Skipped], progress: bool) -> None:
     """Validate the tars' images in parallel (bytes stay in the tars) and record where they are."""
-    checked = ordered_chunk_map(check_candidates, indexer.candidates(), workers, ref=lambda c: c.ref,
-                                keep_data=False)
+    checked = ordered_chunk_map(partial(check_candidates, keep_data=False), indexer.candidates(),
+                                workers)
     first_label: list[int] = []  # per shard; -1 once a second class is seen
     try:
         for cand, res in tqdm(checked, desc="make-shards: indexing", unit="img", disable=not progress):
@@ -240,23 +238,22 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def ordered_chunk_map(fn: Callable[[list], list], items: Iterable, workers: int, ref: Callable = lambda x: x,
-                      chunk: int = 16, window_per_worker: int = 4, **kwargs) -> Iterator[tuple]:
-    """Yield (item, result) in the order of `items` (lazy or not); fn maps a list of ref(item) to
-    a list of results. At most `workers * window_per_worker` chunks are in flight, so memory is
+def ordered_chunk_map(fn: Callable[[list], list], items: Iterable, workers: int, chunk: int = 16,
+                      window_per_worker: int = 4) -> Iterator[tuple]:
+    """Yield (item, result) in the order of `items` (lazy or not); fn maps a list of item.ref to a
+    list of results. At most `workers * window_per_worker` chunks are in flight, so memory is
     bounded (Pool.imap queues every result not yet taken). workers <= 1 runs in this process."""
-    fn = partial(fn, **kwargs) if kwargs else fn
     items = iter(items)
     chunks = iter(lambda: list(islice(items, chunk)), [])
     if workers <= 1:
         for c in chunks:
-            yield from zip(c, fn([ref(x) for x in c]))
+            yield from zip(c, fn([x.ref for x in c]))
         return
     # fork: workers only read files and decode with PIL; no start-up imports, shared pages.
     method = "fork" if "fork" in multiprocessing.get_all_start_methods() else None
     with multiprocessing.get_context(method).Pool(workers) as pool:
         def submit(c: list) -> tuple:
-            return c, pool.apply_async(fn, ([ref(x) for x in c],))
+            return c, pool.apply_async(fn, ([x.ref for x in c],))
 
         pending = deque(submit(c) for c in islice(chunks, workers * window_per_worker))
         while pending:
