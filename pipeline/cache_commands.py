@@ -5,21 +5,19 @@ import sys
 
 import click
 
-from .group import (COUNT, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, PRECISION, PROBABILITY,
-                    SEED, device_form, device_option, echo_json, json_object_option, library_value,
-                    main, option, recipe_from_options, recipe_options, run_or_explain)
+from .group import (COUNT, FILE, FOLDER, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE_FLOAT,
+                    PRECISION, PROBABILITY, SEED, device_form, device_option, echo_json,
+                    json_object_option, library_value, main, option, recipe_from_options,
+                    recipe_options, run_or_explain)
 
 
 @main.command("cache-teacher")
-@option("--shards", required=True, type=click.Path(file_okay=False),
-        help="Shard folder (from make-shards).")
-@option("--out", required=True, type=click.Path(file_okay=False),
-        help="Cache folder (created, or resumed).")
+@option("--shards", required=True, type=FOLDER, help="Shard folder (from make-shards).")
+@option("--out", required=True, type=FOLDER, help="Cache folder (created, or resumed).")
 @option("--teacher", help="timm model name. Default: regnety_160.deit_in1k (timm pretrained), or "
         "the architecture recorded in --teacher-checkpoint, or the existing cache's teacher.")
-@option("--teacher-checkpoint", type=click.Path(dir_okay=False),
-        help="Local weights: DeiT dict {'model': state_dict}, plain state dict, or .safetensors "
-             "(loaded with weights_only=True).")
+@option("--teacher-checkpoint", type=FILE, help="Local weights: DeiT dict {'model': state_dict}, "
+        "plain state dict, or .safetensors (loaded with weights_only=True).")
 @option("--teacher-kwargs", callback=json_object_option,
         help='timm constructor arguments of the teacher as JSON, e.g. \'{"img_size": 32}\'.')
 @option("--seeds", type=COUNT,
@@ -35,10 +33,9 @@ from .group import (COUNT, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, PRE
 @option("--batch-size", type=COUNT,
         help="Teacher batch size; recorded (GPU results depend on batch composition; verify-cache "
              "replays these batches). [default: 64, or the existing cache's]")
-@option("--channels-last/--no-channels-last", default=None,
-        help="Feed the teacher NHWC tensors (recorded; verify-cache uses it). Slower for "
-             "RegNetY-16GF bf16 on an H200 (3,554 against 4,352 img/s). [default: off, or the "
-             "existing cache's]")
+@option("--channels-last/--no-channels-last", default=None, help="Feed the teacher NHWC tensors "
+        "(recorded; verify-cache uses it). Slower for RegNetY-16GF bf16 on an H200 (3,554 "
+        "against 4,352 img/s). [default: off, or the existing cache's]")
 @device_option()
 @option("--precision", type=PRECISION,
         help="Teacher autocast precision (fp16 on CUDA only). [default: fp32]")
@@ -46,9 +43,8 @@ from .group import (COUNT, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, PRE
 @option("--job-index", type=NON_NEGATIVE, help="This job's index I in 0..N-1.")
 @option("--workers", type=NON_NEGATIVE, default=0, show_default=True,
         help="Processes that replay teacher batches (uint8 work items; 0: in the main process).")
-@option("--max-units", type=NON_NEGATIVE,
-        help="Stop after computing this many units (time-limited jobs; 0 only creates or grows "
-             "the cache).")
+@option("--max-units", type=NON_NEGATIVE, help="Stop after computing this many units "
+        "(time-limited jobs; 0 only creates or grows the cache).")
 @option("--lock-stale-after", type=POSITIVE_FLOAT, show_default=True,
         default=library_value("teacher_cache.locks", "DEFAULT_STALE_AFTER"),
         help="Seconds without heartbeat after which another job's unit lock counts as abandoned.")
@@ -84,7 +80,7 @@ def show_report(report: dict, as_json: bool, format_text, ok: bool) -> None:
 
 
 @main.command("inspect-cache")
-@click.argument("cache", type=click.Path(file_okay=False))
+@click.argument("cache", type=FOLDER)
 @option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @option("--max-label-records", type=NON_NEGATIVE, default=200_000, show_default=True,
         help="Records read to measure teacher top-1 and top-k mass.")
@@ -100,12 +96,11 @@ def inspect_cache_cmd(cache, as_json, max_label_records):
 
 
 @main.command("verify-cache")
-@click.argument("cache", type=click.Path(file_okay=False))
-@option("--shards", required=True, type=click.Path(file_okay=False),
+@click.argument("cache", type=FOLDER)
+@option("--shards", required=True, type=FOLDER,
         help="The shard folder the cache was computed from.")
-@option("--samples", type=COUNT, default=64, show_default=True,
-        help="Random (key, seed) records to recompute with the teacher (every unit's files are "
-             "checked anyway).")
+@option("--samples", type=COUNT, default=64, show_default=True, help="Random (key, seed) records "
+        "to recompute with the teacher (every unit's files are checked anyway).")
 @option("--min-agreement", type=PROBABILITY, default=1.0, show_default=True,
         help="Fail below this exact argmax agreement of the records recomputed on cache-teacher's "
              "kind of device (near-ties count as disagreement; 1.0 is expected there at the same "
@@ -117,15 +112,14 @@ def inspect_cache_cmd(cache, as_json, max_label_records):
              "the stored and recomputed top-1 log-prob, are within this many nats.")
 @option("--max-logprob-diff", type=NON_NEGATIVE_FLOAT,
         help="Also fail above this top-k log-prob (or tail log-sum-exp) difference, in nats.")
-@option("--teacher-checkpoint", type=click.Path(dir_okay=False),
+@option("--teacher-checkpoint", type=FILE,
         help="Where the cache's teacher checkpoint is now, if it moved (its weights must match).")
 @device_option(help=lambda: f"Where the teacher is rerun: {device_form()}. On the cache's own "
                "device type and precision a healthy cache reproduces exactly.")
 @option("--precision", type=PRECISION, help="Default: the cache's precision.")
 @option("--seed", type=SEED, default=0, show_default=True, help="Which random records.")
-@option("--allow-incomplete", is_flag=True,
-        help="Pass a cache that is still being computed: its missing units are listed, not a "
-             "failure.")
+@option("--allow-incomplete", is_flag=True, help="Pass a cache that is still being computed: its "
+        "missing units are listed, not a failure.")
 @option("--json", "as_json", is_flag=True,
         help="Print the report as JSON (exit codes as without it).")
 def verify_cache_cmd(cache, shards, as_json, **options):

@@ -8,20 +8,20 @@ from pathlib import Path
 
 import click
 
-from .group import COUNT, NON_NEGATIVE, UserError, device_option, main, option, run_or_explain
+from .group import (COUNT, FOLDER, NON_NEGATIVE, UserError, device_option, main, option,
+                    run_or_explain)
 
 
 @main.command("demo")
-@option("--out", default="demo_out", show_default=True, type=click.Path(file_okay=False),
+@option("--out", default="demo_out", show_default=True, type=FOLDER,
         help="Folder for shards, checkpoints, the cache and the results. A folder the demo made "
              "before is replaced; any other non-empty folder is refused unless --overwrite.")
 @option("--overwrite", is_flag=True,
         help="Replace --out even when the demo did not make it (deletes its files).")
 @device_option(help="auto (GPU when there is one), cpu, cuda or cuda:N.")
 @option("--quick", is_flag=True, help="Two epochs per model: checks the wiring in about a minute.")
-@option("--student-seeds", type=COUNT, default=1, show_default=True,
-        help="Train each student with seeds 0..N-1 from the same cache; results give mean ± "
-             "spread.")
+@option("--student-seeds", type=COUNT, default=1, show_default=True, help="Train each student "
+        "with seeds 0..N-1 from the same cache; results give mean ± spread.")
 @option("--workers", type=NON_NEGATIVE, default=0, show_default=True,
         help="Replay worker processes; the other cores go to torch. 0 is fastest on quiet cores; 1 "
              "degrades more gracefully when other jobs share a small machine.")

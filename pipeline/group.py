@@ -1,9 +1,8 @@
-"""The `deit-pipeline` click group and what every command module shares: run_or_explain, the
-option types and the shared options (the recipe, the device). The command modules register
-themselves on `main`; pipeline/cli.py imports them, so the arrows go one way: cli → *_commands →
-group. Every bad value is refused while the options are parsed (exit code 2, one line naming the
-option), before a command starts any work. The library (torch) is imported only to check a given
-value, to show a default it holds, or to run a command: `--help` starts without it."""
+"""The `deit-pipeline` click group and what every command module shares: run_or_explain, option
+types, the shared options. Commands register on `main`; cli.py imports them (cli → *_commands →
+group). Bad values are refused while parsing (exit code 2, one line naming the option), before any
+work; the library (torch) is imported only to check a given value, show a default it holds, or run
+a command: `--help` starts without it."""
 from __future__ import annotations
 
 import functools
@@ -21,8 +20,7 @@ class UserError(click.ClickException):
 
 
 def run_or_explain(fn, *args, **kwargs):
-    """Call a library function; turn the errors it raises for bad input into a clean CLI error (its
-    message without a traceback)."""
+    """Call a library function; its errors for bad input become a clean CLI error (no traceback)."""
     from data_shards import ShardsError, SourceError
     from data_shards.devices import DeviceError
     from student.errors import StudentError
@@ -80,6 +78,7 @@ PROBABILITY = FiniteFloatRange(0.0, 1.0)
 NON_NEGATIVE_FLOAT = FiniteFloatRange(min=0.0)
 POSITIVE_FLOAT = FiniteFloatRange(min=0.0, min_open=True)
 PRECISION = click.Choice(["fp32", "bf16", "fp16"])
+FOLDER, FILE = click.Path(file_okay=False), click.Path(dir_okay=False)
 
 
 def library_value(module: str, name: str):

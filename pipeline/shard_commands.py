@@ -3,16 +3,14 @@ from __future__ import annotations
 
 import click
 
-from .group import COUNT, FiniteFloatRange, echo_json, main, option, run_or_explain
+from .group import COUNT, FILE, FOLDER, FiniteFloatRange, echo_json, main, option, run_or_explain
 
 
 @main.command("make-shards")
-@option("--source", required=True,
-        help="ImageFolder root (one sub-folder per class), the word 'digits', or existing WebDataset "
-             "tars: a folder of *.tar, one .tar, or a brace pattern like "
-             "'train-{000000..001281}.tar' (indexed in place).")
-@option("--out", required=True, type=click.Path(file_okay=False),
-        help="Output folder for this split's shards.")
+@option("--source", required=True, help="ImageFolder root (one sub-folder per class), the word "
+        "'digits', or existing WebDataset tars: a folder of *.tar, one .tar, or a brace pattern "
+        "like 'train-{000000..001281}.tar' (indexed in place).")
+@option("--out", required=True, type=FOLDER, help="Output folder for this split's shards.")
 @option("--split", type=click.Choice(["train", "val"]), default="train", show_default=True,
         help="Which split this output folder holds (with --val-fraction: which part of SOURCE).")
 @option("--shard-size", type=COUNT,
@@ -25,7 +23,7 @@ from .group import COUNT, FiniteFloatRange, echo_json, main, option, run_or_expl
         help="Keep class folders with no usable image (index kept, no samples).")
 @option("--workers", type=COUNT, help="Processes that read and decode-validate images (default: "
         "all cores). Output is the same for any value.")
-@option("--classes", "classes_file", type=click.Path(dir_okay=False),
+@option("--classes", "classes_file", type=FILE,
         help="WebDataset tars only: class names, one per line (line i = class index i); it must "
              "name every class index the tars use. Default: the indices.")
 @option("--no-progress", is_flag=True, help="No progress bar.")

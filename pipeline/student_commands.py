@@ -8,9 +8,9 @@ import os
 
 import click
 
-from .group import (COUNT, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE_FLOAT, PRECISION, PROBABILITY,
-                    SEED, FiniteFloatRange, device_option, echo_json, main, option,
-                    parse_key_values, read_recipe_source, recipe_options, run_or_explain)
+from .group import (COUNT, FILE, FOLDER, NON_NEGATIVE, NON_NEGATIVE_FLOAT, POSITIVE_FLOAT,
+                    PRECISION, PROBABILITY, SEED, FiniteFloatRange, device_option, echo_json, main,
+                    option, parse_key_values, read_recipe_source, recipe_options, run_or_explain)
 
 
 def train_default(name: str):
@@ -30,11 +30,10 @@ def evaluate_default(name: str):
 
 
 @main.command("train-student")
-@option("--shards", required=True, type=click.Path(file_okay=False),
-        help="Training shards (make-shards).")
-@option("--out", required=True, type=click.Path(file_okay=False),
+@option("--shards", required=True, type=FOLDER, help="Training shards (make-shards).")
+@option("--out", required=True, type=FOLDER,
         help="Run folder: checkpoint.pt (each epoch end) and metrics.jsonl.")
-@option("--cache", type=click.Path(file_okay=False),
+@option("--cache", type=FOLDER,
         help="Teacher cache (cache-teacher); brings the recipe, the seeds and the targets.")
 @option("--teacher-online", metavar="NAME_OR_CHECKPOINT",
         help="Run this teacher live on the same replayed images instead of reading a cache.")
@@ -58,12 +57,10 @@ def evaluate_default(name: str):
              "(match the cache's setting for bit-identical targets on a GPU). [default: off, as "
              "cache-teacher]")
 @recipe_options
-@option("--num-seeds", type=COUNT,
-        help="Without a cache: cycle through this many augmentation seeds S (default: a new seed "
-             "group every R epochs, never repeating). Epoch e uses seeds R*g..R*g+R-1, g = (e // "
-             "R) mod (S // R), R = --repeated-aug; with R = 1, seed e mod S.")
-@option("--model", default=train_default("model"), show_default=True,
-        help="Any timm model name.")
+@option("--num-seeds", type=COUNT, help="Without a cache: cycle through this many augmentation "
+        "seeds S (default: a new seed group every R epochs, never repeating). Epoch e uses seeds "
+        "R*g..R*g+R-1, g = (e // R) mod (S // R), R = --repeated-aug; with R = 1, seed e mod S.")
+@option("--model", default=train_default("model"), show_default=True, help="Any timm model name.")
 @option("--img-size", type=COUNT, help="Model input size (default: the recipe's).")
 @option("--patch-size", type=COUNT, help="ViT patch size (default: the model's).")
 @option("--embed-dim", type=COUNT, help="ViT width (default: the model's).")
@@ -74,9 +71,8 @@ def evaluate_default(name: str):
 @option("--drop-path", "drop_path_rate", type=FiniteFloatRange(0.0, 1.0, max_open=True),
         default=train_default("drop_path_rate"), show_default=True,
         help="Stochastic depth rate (DeiT: 0.1).")
-@option("--init-from", type=click.Path(dir_okay=False),
-        help="Start from these weights (pos_embed resampled to --img-size; other-class heads left "
-             "fresh).")
+@option("--init-from", type=FILE, help="Start from these weights (pos_embed resampled to "
+        "--img-size; other-class heads left fresh).")
 @option("--distillation-type", type=click.Choice(["none", "soft", "hard"]),
         help="Default: hard with --cache/--teacher-online, none without.")
 @option("--distillation-alpha", type=PROBABILITY, default=train_default("distillation_alpha"),
@@ -121,13 +117,12 @@ def evaluate_default(name: str):
 @option("--workers", type=NON_NEGATIVE, default=train_default("workers"), show_default=True,
         help="Replay worker processes per rank (0: in the main process).")
 @option("--compile", is_flag=True, help="torch.compile the student (as timm's train.py).")
-@option("--val-shards", type=click.Path(file_okay=False),
+@option("--val-shards", type=FOLDER,
         help="Evaluate every epoch on these shards (accuracy per head in metrics.jsonl).")
 @option("--eval-batch-size", type=COUNT, default=train_default("eval_batch_size"),
         show_default=True, help="Batch size of --val-shards.")
-@option("--resume", is_flag=True,
-        help="Continue from OUT/checkpoint.pt (fresh start if there is none yet; nothing to do if "
-             "it holds --epochs epochs).")
+@option("--resume", is_flag=True, help="Continue from OUT/checkpoint.pt (fresh start if there is "
+        "none yet; nothing to do if it holds --epochs epochs).")
 @option("--log-interval", type=COUNT, default=train_default("log_interval"), show_default=True,
         help="Steps between metric lines.")
 @device_option(default=train_default("device"))
@@ -171,15 +166,13 @@ def train_student_cmd(input_size, recipe_source, aug_overrides, model_kwargs, no
 
 
 @main.command("evaluate")
-@option("--checkpoint", required=True, type=click.Path(dir_okay=False),
-        help="A train-student checkpoint.")
-@option("--shards", required=True, type=click.Path(file_okay=False), help="Shards to evaluate on.")
+@option("--checkpoint", required=True, type=FILE, help="A train-student checkpoint.")
+@option("--shards", required=True, type=FOLDER, help="Shards to evaluate on.")
 @option("--teacher", metavar="NAME_OR_CHECKPOINT",
         help="Also run this teacher on the same images: its accuracy and the agreement per head.")
 @option("--teacher-model", metavar="NAME", help="Architecture of a --teacher checkpoint.")
-@option("--cache", type=click.Path(file_okay=False),
-        help="Compare with the cached teacher on the replayed images of --aug-seed (--shards = "
-             "the cache's).")
+@option("--cache", type=FOLDER, help="Compare with the cached teacher on the replayed images of "
+        "--aug-seed (--shards = the cache's).")
 @option("--aug-seed", type=NON_NEGATIVE, default=evaluate_default("aug_seed"), show_default=True,
         help="With --cache: the cached augmentation seed to compare on.")
 @option("--batch-size", type=COUNT, default=evaluate_default("batch_size"), show_default=True,
