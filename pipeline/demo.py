@@ -56,7 +56,8 @@ class DemoSettings:
     teacher_lr: float = 1e-3
     student_epochs: int = 40        # = cached seeds: one seed per student epoch
     batch_size: int = 32            # students: twice DeiT's steps per image, for 1,443 images
-    lr: float = 5e-4                # DeiT's 5e-4 x 32/512 is too low; 1e-3 learns 2x slower, 2e-3 stalls
+    # DeiT's 5e-4 x 32/512 is too low; 1e-3 learns 2x slower, 2e-3 stalls
+    lr: float = 5e-4
     warmup_epochs: int = 2
     drop_path: float = 0.05         # DeiT-Ti's 0.1, halved for a 4-block model
     student_seeds: int = 1          # train each student with seeds 0..N-1 (mean ± spread)
@@ -83,8 +84,7 @@ def phase(title: str, timings: dict[str, float], key: str | None = None):
         timings[key] = timings.get(key, 0.0) + time.time() - started
 
 
-# written into --out: the folder is the demo's, a rerun may replace it
-DEMO_MARKER = ".deit-pipeline-demo"
+DEMO_MARKER = ".deit-pipeline-demo"     # in --out: the folder is the demo's, a rerun may replace it
 
 
 class DemoError(ValueError):
@@ -93,8 +93,7 @@ class DemoError(ValueError):
 
 def prepare_out(out: str | Path, overwrite: bool = False) -> Path:
     """An empty `out` marked as the demo's. An existing folder is replaced only when the demo made
-    it (its marker file) or `overwrite` is given; a folder of someone else's files is refused
-    untouched."""
+    it (its marker file) or `overwrite` is given; someone else's files are refused untouched."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DemoError(f"demo --out {out} exists and is not a folder; choose another --out")
