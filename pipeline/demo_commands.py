@@ -8,36 +8,31 @@ from pathlib import Path
 
 import click
 
-from .group import UserError, main, run_or_explain
-from .options import device_option
+from .group import (COUNT, FOLDER, NON_NEGATIVE, UserError, device_option, main, option,
+                    run_or_explain)
 
 
 @main.command("demo")
-@click.option("--out", default="demo_out", show_default=True, type=click.Path(file_okay=False),
-              help="Folder for shards, checkpoints, the cache and the results. A folder the demo "
-                   "made before is replaced; any other non-empty folder is refused unless "
-                   "--overwrite.")
-@click.option("--overwrite", is_flag=True,
-              help="Replace --out even when the demo did not make it (deletes its files).")
+@option("--out", default="demo_out", show_default=True, type=FOLDER,
+        help="Folder for shards, checkpoints, the cache and the results. A folder the demo made "
+             "before is replaced; any other non-empty folder is refused unless --overwrite.")
+@option("--overwrite", is_flag=True,
+        help="Replace --out even when the demo did not make it (deletes its files).")
 @device_option(help="auto (GPU when there is one), cpu, cuda or cuda:N.")
-@click.option("--quick", is_flag=True,
-              help="Two epochs per model: checks the wiring in about a minute.")
-@click.option("--student-seeds", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Train each student with seeds 0..N-1 from the same cache; results give mean ± "
-                   "spread.")
-@click.option("--workers", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Replay worker processes; the other cores go to torch. 0 is fastest on quiet "
-                   "cores; 1 degrades more gracefully when other jobs share a small machine.")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print results.json instead of the results table.")
+@option("--quick", is_flag=True, help="Two epochs per model: checks the wiring in about a minute.")
+@option("--student-seeds", type=COUNT, default=1, show_default=True, help="Train each student "
+        "with seeds 0..N-1 from the same cache; results give mean ± spread.")
+@option("--workers", type=NON_NEGATIVE, default=0, show_default=True,
+        help="Replay worker processes; the other cores go to torch. 0 is fastest on quiet cores; 1 "
+             "degrades more gracefully when other jobs share a small machine.")
+@option("--json", "as_json", is_flag=True, help="Print results.json instead of the results table.")
 def demo_cmd(out, quick, overwrite, as_json, **options):
     """Whole two-stage flow on scikit-learn's digits: shards, teacher, cache, 3 students, results."""
     from .demo import DemoError, DemoSettings, prepare_out, run_demo
 
     settings = dataclasses.replace(DemoSettings.quick() if quick else DemoSettings(), **options)
     try:
-        # refuses a folder of the user's files; marks it the demo's
-        prepare_out(out, overwrite)
+        prepare_out(out, overwrite)      # refuses a folder of the user's files; marks it the demo's
     except DemoError as exc:
         raise UserError(str(exc)) from None
     command = shlex.join(["deit-pipeline", *sys.argv[1:]])      # as typed (the script's name aside)

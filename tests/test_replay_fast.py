@@ -127,7 +127,7 @@ def test_rand_augment_interpolation_is_validated_and_normalised():
 def test_cli_overrides_reach_the_new_fields():
     import click
 
-    from pipeline.options import recipe_from_options
+    from pipeline.group import recipe_from_options
 
     recipe = recipe_from_options(None, None, ("resize_backend=torch", "rand_augment_interpolation=bilinear"))
     assert recipe == FAST
