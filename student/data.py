@@ -7,7 +7,7 @@ rank, world size, batch size), not on the number of workers.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -23,29 +23,73 @@ from .samplers import EpochPlan
 
 # ----------------------------------------------------------------------------- work items
 
-class _ItemDataset(Dataset):
-    """Map-style over a plan's work items, so DataLoader workers return them in plan order."""
+class _Replay(Dataset):
+    """Replays the work item it is given as index, so a DataLoader's sampler can be any stream
+    of work items and its workers return them in that order."""
 
-    def __init__(self, shard_set: ShardSet, items: list[WorkItem], recipe: AugRecipe):
-        self.shard_set, self.items, self.recipe = shard_set, items, recipe
+    def __init__(self, shard_set: ShardSet, recipe: AugRecipe):
+        self.shard_set, self.recipe = shard_set, recipe
         self._keys: dict[int, list[str]] = {}
 
-    def __len__(self) -> int:
-        return len(self.items)
+    def __getitem__(self, item: WorkItem) -> ReplayItem:
+        return replay_item(self.shard_set, item, self.recipe, self._keys)
 
-    def __getitem__(self, index: int) -> ReplayItem:
-        return replay_item(self.shard_set, self.items[index], self.recipe, self._keys)
+
+def _loader(shard_set: ShardSet, items: Iterable[WorkItem], recipe: AugRecipe, workers: int,
+            pin_memory: bool) -> DataLoader:
+    # batch_size=None: items come as they are. Own generator: a DataLoader draws its worker base
+    # seed from the global RNG otherwise, shifting drop path's random stream by --workers.
+    return DataLoader(_Replay(shard_set, recipe), batch_size=None, sampler=items,
+                      num_workers=workers, prefetch_factor=2 if workers else None,
+                      pin_memory=pin_memory, generator=torch.Generator().manual_seed(0))
 
 
 def iter_items(shard_set: ShardSet, items: list[WorkItem], recipe: AugRecipe,
                workers: int = 0, pin_memory: bool = False) -> Iterator[ReplayItem]:
     """The items replayed in plan order by `workers` processes (0: in this one)."""
     workers = max(0, min(workers, len(items)))
-    # batch_size=None: items come as they are. Own generator: a DataLoader draws its worker base
-    # seed from the global RNG otherwise, shifting drop path's random stream by --workers.
-    return iter(DataLoader(_ItemDataset(shard_set, items, recipe), batch_size=None,
-                           num_workers=workers, prefetch_factor=2 if workers else None,
-                           pin_memory=pin_memory, generator=torch.Generator().manual_seed(0)))
+    return iter(_loader(shard_set, items, recipe, workers, pin_memory))
+
+
+def needed_items(plan: EpochPlan, batch_size: int) -> list[WorkItem]:
+    """The plan's items up to the one that completes its last batch (the rest are surplus)."""
+    need, held = plan.steps * batch_size, 0
+    for count, item in enumerate(plan.items, 1):
+        held += item.stop - item.start
+        if held >= need:
+            return plan.items[:count]
+    return plan.items
+
+
+class ItemStream:
+    """Every epoch's items through one DataLoader whose workers live for the whole run, so the
+    first items of epoch e+1 are replayed while epoch e ends (evaluation, checkpoint): the same
+    items in the same order as one loader per epoch, without a worker start per epoch."""
+
+    def __init__(self, shard_set: ShardSet, recipe: AugRecipe, plan_for: Callable[[int], EpochPlan],
+                 epochs: range, batch_size: int, workers: int = 0, pin_memory: bool = False):
+        self.plan_for, self.epochs, self.batch_size = plan_for, epochs, batch_size
+        self._plans: dict[int, EpochPlan] = {}
+        self._items = iter(_loader(shard_set, self._work_items(), recipe, workers, pin_memory))
+
+    def plan(self, epoch: int) -> EpochPlan:
+        """The epoch's plan, made once for the loop and the loader (which runs up to one ahead)."""
+        if epoch not in self._plans:
+            self._plans = {e: p for e, p in self._plans.items() if e >= epoch - 1}
+            self._plans[epoch] = self.plan_for(epoch)
+        return self._plans[epoch]
+
+    def _work_items(self) -> Iterator[WorkItem]:
+        for epoch in self.epochs:
+            yield from needed_items(self.plan(epoch), self.batch_size)
+
+    def epoch_items(self, epoch: int) -> Iterator[ReplayItem]:
+        """This epoch's replayed items; epochs must be taken in order, each to its end."""
+        for _ in needed_items(self.plan(epoch), self.batch_size):
+            yield next(self._items)
+
+    def close(self) -> None:
+        self._items = None         # the DataLoader iterator's end stops its workers
 
 
 # ----------------------------------------------------------------------------- batches
@@ -60,12 +104,16 @@ class TrainBatch:
 
 def train_batches(shard_set: ShardSet, plan: EpochPlan, recipe: AugRecipe, batch_size: int,
                   teacher=None, workers: int = 0, pin_memory: bool = False,
-                  device: torch.device | str = "cpu") -> Iterator[TrainBatch]:
+                  device: torch.device | str = "cpu",
+                  items: Iterable[ReplayItem] | None = None) -> Iterator[TrainBatch]:
     """Exactly plan.steps batches of batch_size samples for this rank, finished on `device`; targets
-    from `teacher.item_targets(item, images)` (student/teachers.py) when a teacher is given."""
+    from `teacher.item_targets(item, images)` (student/teachers.py) when a teacher is given.
+    `items`: the plan's replayed items from a run's ItemStream (default: a loader of their own)."""
     pending: list[TrainBatch] = []
     held, done = 0, 0
-    for item in iter_items(shard_set, plan.items, recipe, workers, pin_memory):
+    if items is None:
+        items = iter_items(shard_set, needed_items(plan, batch_size), recipe, workers, pin_memory)
+    for item in items:
         images = finish_item(item, recipe, device)
         # dense targets built on the device from (pinned) labels: no per-step host sync or big copy
         targets = mixed_targets(item.labels.to(device, non_blocking=True),

@@ -8,6 +8,7 @@ import logging
 import sys
 from collections import Counter
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ from data_shards.faults import crash_point
 from . import distributed as D
 from .checkpoint import LAST_CHECKPOINT, save_run
 from .config import TrainConfig
-from .data import train_batches
+from .data import ItemStream, train_batches
 from .errors import StudentError
 from .evaluate import evaluate_heads
 from .losses import DistillationLoss
@@ -165,14 +166,16 @@ def train(cfg: TrainConfig) -> dict:
             return nothing_to_do(cfg, resumed, ctx)
         run = setup(cfg, ctx)
         start_epoch, global_step, metrics = start_or_resume(run, resumed)
+        stream = item_stream(run, range(start_epoch, cfg.epochs))
         digests = Counter()            # digest checks of the epochs this process runs (all ranks)
         for epoch in range(start_epoch, cfg.epochs):
-            metrics, global_step = train_one_epoch(run, epoch, global_step)
+            metrics, global_step = train_one_epoch(run, stream, epoch, global_step)
             if run.val_set is not None:
                 metrics["val"] = evaluate(run)
             save_run(run, epoch + 1, global_step, metrics)
             run.log.metrics(metrics)
             digests.update(metrics.get("digests", {}))
+        stream.close()
     finally:
         D.close_distributed()
     if isinstance(run.teacher, CachedTeacher):
@@ -186,13 +189,23 @@ def train(cfg: TrainConfig) -> dict:
             "digests": dict(digests)}
 
 
-def train_one_epoch(run: Run, epoch: int, global_step: int) -> tuple[dict, int]:
+def item_stream(run: Run, epochs: range) -> ItemStream:
+    """This rank's items of all `epochs`, replayed by --workers processes that live for the run."""
+    cfg, ctx = run.cfg, run.ctx
+    online = isinstance(run.teacher, OnlineTeacher)
+    plan_for = partial(plan_epoch, run.shard_set.shard_counts, batch_size=cfg.batch_size,
+                       rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed,
+                       num_seeds=run.num_seeds, repeated_aug=cfg.repeated_aug,
+                       max_steps=cfg.max_steps_per_epoch,
+                       teacher_batch_size=cfg.teacher_batch_size if online else None)
+    return ItemStream(run.shard_set, run.recipe, plan_for, epochs, cfg.batch_size, cfg.workers,
+                      pin_memory=ctx.device.type == "cuda")
+
+
+def train_one_epoch(run: Run, stream: ItemStream, epoch: int, global_step: int) -> tuple[dict, int]:
     """One epoch of steps; -> (the epoch's metrics line, global step after it)."""
     cfg, ctx, device = run.cfg, run.ctx, run.ctx.device
-    online = isinstance(run.teacher, OnlineTeacher)
-    plan = plan_epoch(run.shard_set.shard_counts, epoch, cfg.batch_size, ctx.rank, ctx.world_size,
-                      cfg.seed, run.num_seeds, cfg.repeated_aug, cfg.max_steps_per_epoch,
-                      teacher_batch_size=cfg.teacher_batch_size if online else None)
+    plan = stream.plan(epoch)
     run.scheduler.step(epoch)              # lr of this epoch (timm: per-epoch cosine with warm-up)
     lr = run.optimizer.param_groups[0]["lr"]
     run.model.train()
@@ -200,7 +213,7 @@ def train_one_epoch(run: Run, epoch: int, global_step: int) -> tuple[dict, int]:
         torch.cuda.reset_peak_memory_stats(device)
     meter = EpochMeter(device)
     batches = train_batches(run.shard_set, plan, run.recipe, cfg.batch_size, run.teacher,
-                            cfg.workers, pin_memory=device.type == "cuda", device=device)
+                            device=device, items=stream.epoch_items(epoch))
     bar = tqdm(total=plan.steps, desc=f"epoch {epoch}", unit="step", file=sys.stderr, leave=False,
                disable=not (ctx.is_main and cfg.progress))
     for step, batch in enumerate(meter.timed(batches)):
