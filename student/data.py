@@ -21,8 +21,6 @@ from .errors import DataPlanError
 from .samplers import EpochPlan
 
 
-# ----------------------------------------------------------------------------- work items
-
 class _ItemDataset(Dataset):
     """Map-style over a plan's work items, so DataLoader workers return them in plan order."""
 
@@ -47,8 +45,6 @@ def iter_items(shard_set: ShardSet, items: list[WorkItem], recipe: AugRecipe,
                            num_workers=workers, prefetch_factor=2 if workers else None,
                            pin_memory=pin_memory, generator=torch.Generator().manual_seed(0)))
 
-
-# ----------------------------------------------------------------------------- batches
 
 @dataclass
 class TrainBatch:
@@ -102,8 +98,6 @@ def _rows(batch: TrainBatch, rows: slice) -> TrainBatch:
     teacher = None if batch.teacher is None else batch.teacher.select(rows)
     return TrainBatch(batch.images[rows], batch.targets[rows], teacher, batch.keys[rows])
 
-
-# ----------------------------------------------------------------------------- evaluation data
 
 def eval_batches(shard_set: ShardSet, recipe: AugRecipe, batch_size: int,
                  shards: list[int] | None = None) -> Iterator[tuple]:
