@@ -19,6 +19,7 @@ from data_shards.hashing import text_seed
 
 from . import distributed as D
 from .errors import StudentError
+from .models import SIZE_OPTIONS
 from .samplers import seeds_for_epoch
 
 if TYPE_CHECKING:
@@ -75,8 +76,7 @@ def load_checkpoint(path: str | os.PathLike) -> dict:
 
 
 # Options a checkpoint stores resolved instead: as "recipe" and as the network (arch, model_kwargs).
-RESOLVED_OPTIONS = ("recipe", "aug", "model", "img_size", "patch_size", "embed_dim", "depth",
-                    "num_heads", "model_kwargs")
+RESOLVED_OPTIONS = ("recipe", "aug", "model", *SIZE_OPTIONS, "model_kwargs")
 
 
 def run_record(run: Run) -> dict:

@@ -1,9 +1,6 @@
 """Training and evaluation batches: a plan's work items (student/samplers.py) replayed by loader
-workers in plan order, finished on the device (`finish_item`), with their teacher targets.
-
-Workers return uint8 items in plan order, so the stream depends on (shards, recipe, seed, epoch,
-rank, world size, batch size), not on the number of workers.
-"""
+workers, finished on the device (`finish_item`), with their teacher targets. Workers return uint8
+items in plan order, so the stream does not depend on their number."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -2,8 +2,7 @@
 prediction: the two heads' mean logits, as timm / DeiT at inference), eval transform; with
 --teacher, the teacher on the same images (accuracy, agreement, who is right where they differ);
 with --cache, the student on one seed's replayed training images vs the cached teacher argmax
-(how closely it mimics the teacher where it was taught).
-"""
+(how closely it mimics the teacher where it was taught)."""
 from __future__ import annotations
 
 from collections import Counter

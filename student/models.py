@@ -17,6 +17,8 @@ from teacher_cache.teacher import read_checkpoint
 
 from .errors import CheckpointError, StudentError
 
+SIZE_OPTIONS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads")  # to timm if given
+
 
 @dataclass
 class StudentConfig:
@@ -39,8 +41,7 @@ class StudentConfig:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
     def timm_kwargs(self) -> dict:
-        sizes = {"img_size": self.img_size, "patch_size": self.patch_size,
-                 "embed_dim": self.embed_dim, "depth": self.depth, "num_heads": self.num_heads}
+        sizes = {k: getattr(self, k) for k in SIZE_OPTIONS}
         return {**{k: v for k, v in sizes.items() if v is not None}, **self.model_kwargs}
 
     def network(self) -> dict:

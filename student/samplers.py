@@ -4,8 +4,7 @@ at each step, as work items. Semantics table and reasons: DESIGN.md, "Training s
 Seed groups: epochs g*R .. g*R+R-1 use seeds g*R .. g*R+R-1 (modulo the S // R cached groups).
 R = 1: shards dealt to ranks, every rank runs min over ranks of samples // batch steps (from the
 metadata: no DDP hang on uneven shards), items cut where batches end. R > 1 (RASampler): epoch j
-of a group takes part j of every shard's mixing order; an image's copies share a step.
-"""
+of a group takes part j of every shard's mixing order; an image's copies share a step."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -219,8 +219,9 @@ def check_online_soft_targets(online: OnlineTeacher, cfg: TrainConfig, shard_set
     of each of up to 8 (shard, seed) units spread over the shards and the run's seeds."""
     seeds = cfg.num_seeds or cfg.repeated_aug * -(-cfg.epochs // cfg.repeated_aug)
     units = guard_units(shard_set.num_shards, seeds)
+    counts = shard_set.shard_counts
     firsts = [item for shard, seed in units
-              for item in unit_items(shard_set.shard_counts[shard], shard, seed, online.batch_size)[:1]]
+              for item in unit_items(counts[shard], shard, seed, online.batch_size)[:1]]
     parts = [online.item_targets(item, finish_item(item, recipe, device)).to("cpu")
              for item in iter_items(shard_set, firsts, recipe)]
     where = (f"the online teacher's top-{online.topk} of {shard_set.num_classes} classes "

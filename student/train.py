@@ -1,7 +1,6 @@
 """Train a student (stage two), DeiT's recipe through timm, as DeiT's main.py / engine.py:
 `setup`, then per epoch `train_one_epoch`, `evaluate`, save (RUN/checkpoint.pt and a line of
-RUN/metrics.jsonl). One process or torchrun (DDP, same options); `--resume`: checkpoint.py.
-"""
+RUN/metrics.jsonl). One process or torchrun (DDP, same options); `--resume`: checkpoint.py."""
 from __future__ import annotations
 
 import logging
