@@ -89,31 +89,23 @@ class TrainConfig:
     def check(self) -> None:
         """The ranges train-student parses its options with, for callers that build a TrainConfig
         themselves: StudentError naming the first option out of range, before any work."""
-        whole = [("--epochs", self.epochs, 1), ("--batch-size", self.batch_size, 1),
-                 ("--teacher-topk", self.teacher_topk, 1),
-                 ("--teacher-batch-size", self.teacher_batch_size, 1),
-                 ("--repeated-aug", self.repeated_aug, 1),
-                 ("--eval-batch-size", self.eval_batch_size, 1),
-                 ("--log-interval", self.log_interval, 1), ("--num-seeds", self.num_seeds, 1),
-                 ("--max-steps-per-epoch", self.max_steps_per_epoch, 1),
-                 ("--workers", self.workers, 0), ("--warmup-epochs", self.warmup_epochs, 0),
-                 ("--seed", self.seed, 0)]
-        for option, value, low in whole:
+        values = {**vars(self), "drop_path": self.student.drop_path_rate}     # under CLI names
+        whole = {"epochs": 1, "batch_size": 1, "teacher_topk": 1, "teacher_batch_size": 1,
+                 "repeated_aug": 1, "eval_batch_size": 1, "log_interval": 1, "num_seeds": 1,
+                 "max_steps_per_epoch": 1, "workers": 0, "warmup_epochs": 0, "seed": 0}
+        for name, low in whole.items():
+            value, option = values[name], "--" + name.replace("_", "-")
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                       or value < low):
                 raise StudentError(f"{option} must be a whole number >= {low}, got {value!r}")
         unit, positive = (lambda v: 0 <= v <= 1, "in [0, 1]"), (lambda v: v > 0, "> 0")
         non_negative, below_one = (lambda v: v >= 0, ">= 0"), (lambda v: 0 <= v < 1, "in [0, 1)")
-        numbers = [("--distillation-alpha", self.distillation_alpha, unit),
-                   ("--soft-tail-limit", self.soft_tail_limit, unit),
-                   ("--ema-decay", self.ema_decay, unit),
-                   ("--distillation-tau", self.distillation_tau, positive),
-                   ("--drop-path", self.student.drop_path_rate, below_one),
-                   ("--lr", self.lr, positive), ("--clip-grad", self.clip_grad, positive),
-                   ("--min-lr", self.min_lr, non_negative),
-                   ("--warmup-lr", self.warmup_lr, non_negative),
-                   ("--weight-decay", self.weight_decay, non_negative)]
-        for option, value, (ok, form) in numbers:
+        numbers = {"distillation_alpha": unit, "soft_tail_limit": unit, "ema_decay": unit,
+                   "distillation_tau": positive, "drop_path": below_one, "lr": positive,
+                   "clip_grad": positive, "min_lr": non_negative, "warmup_lr": non_negative,
+                   "weight_decay": non_negative}
+        for name, (ok, form) in numbers.items():
+            value, option = values[name], "--" + name.replace("_", "-")
             finite = isinstance(value, (int, float)) and math.isfinite(value)
             if value is not None and not (finite and ok(value)):
                 raise StudentError(f"{option} must be a number {form}, got {value!r}")

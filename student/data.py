@@ -1,9 +1,6 @@
 """Training and evaluation batches: a plan's work items (student/samplers.py) replayed by loader
-workers in plan order, finished on the device (`finish_item`), with their teacher targets.
-
-Workers return uint8 items in plan order, so the stream depends on (shards, recipe, seed, epoch,
-rank, world size, batch size), not on the number of workers.
-"""
+workers, finished on the device (`finish_item`), with their teacher targets. Workers return uint8
+items in plan order, so the stream does not depend on their number."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,8 +17,6 @@ from teacher_cache.targets import TeacherTargets
 from .errors import DataPlanError
 from .samplers import EpochPlan
 
-
-# ----------------------------------------------------------------------------- work items
 
 class _Replay(Dataset):
     """Replays the work item it is given as index, so a DataLoader's sampler can be any stream
@@ -92,8 +87,6 @@ class ItemStream:
         self._items = None         # the DataLoader iterator's end stops its workers
 
 
-# ----------------------------------------------------------------------------- batches
-
 @dataclass
 class TrainBatch:
     images: torch.Tensor               # (B, 3, H, W) float32, finished, on the training device
@@ -150,8 +143,6 @@ def _rows(batch: TrainBatch, rows: slice) -> TrainBatch:
     teacher = None if batch.teacher is None else batch.teacher.select(rows)
     return TrainBatch(batch.images[rows], batch.targets[rows], teacher, batch.keys[rows])
 
-
-# ----------------------------------------------------------------------------- evaluation data
 
 def eval_batches(shard_set: ShardSet, recipe: AugRecipe, batch_size: int,
                  shards: list[int] | None = None) -> Iterator[tuple]:

@@ -2,9 +2,10 @@
 prediction: the two heads' mean logits, as timm / DeiT at inference), eval transform; with
 --teacher, the teacher on the same images (accuracy, agreement, who is right where they differ);
 with --cache, the student on one seed's replayed training images vs the cached teacher argmax
-(how closely it mimics the teacher where it was taught).
-"""
+(how closely it mimics the teacher where it was taught)."""
 from __future__ import annotations
+
+from collections import Counter
 
 import torch
 from timm.models import clean_state_dict
@@ -91,16 +92,19 @@ def evaluate_checkpoint(checkpoint: str, shards: str, batch_size: int = 128,
         raise StudentError("give either --teacher or --cache, not both")
     teacher_net = (load_online_teacher(teacher, num_classes, dev, teacher_model, "--teacher")
                    if teacher else None)
-    hits, teacher_hits, agree, split, n = {}, 0, {}, dict.fromkeys(SPLIT, 0), 0
+    hits, teacher_hits, agree, split, n = Counter(), 0, Counter(), dict.fromkeys(SPLIT, 0), 0
     for images, labels, _ in eval_batches(shard_set, recipe, batch_size):
         images, labels = images.to(dev), labels.to(dev)
         logits = head_logits(model, images)
         for name, out in logits.items():
-            hits[name] = hits.get(name, 0) + _hits(out, labels)
-        if teacher_net is not None:
+            hits[name] += _hits(out, labels)
+        if teacher_net is not None:        # its accuracy, agreement, who is right (default head)
             t_logits = teacher_net(images).float()
-            teacher_hits = teacher_hits + _hits(t_logits, labels)
-            _compare_with_teacher(logits, t_logits.argmax(dim=1), labels, agree, split)
+            teacher_hits, t_pred = teacher_hits + _hits(t_logits, labels), t_logits.argmax(dim=1)
+            _count_agreement(agree, logits, t_pred)
+            s_ok, t_ok = logits[default_head(logits)].argmax(dim=1) == labels, t_pred == labels
+            for key, mask in zip(SPLIT, (s_ok & t_ok, s_ok & ~t_ok, ~s_ok & t_ok, ~s_ok & ~t_ok)):
+                split[key] += int(mask.sum())
         n += len(labels)
     if n == 0:
         raise StudentError(f"{shards} holds no samples")
@@ -120,18 +124,13 @@ def evaluate_checkpoint(checkpoint: str, shards: str, batch_size: int = 128,
     return report
 
 
-def _compare_with_teacher(logits: dict, t_pred: torch.Tensor, labels: torch.Tensor, agree: dict,
-                          split: dict) -> None:
-    """Add each head's agreement with the teacher's argmax, and who is right (default head)."""
+def default_head(heads) -> str:
+    return "fused" if "fused" in heads else "class"
+
+
+def _count_agreement(agree: Counter, logits: dict, teacher_pred: torch.Tensor) -> None:
     for name, out in logits.items():
-        agree[name] = agree.get(name, 0) + int((out.argmax(dim=1) == t_pred).sum())
-    s_ok, t_ok = logits[default_head(logits)].argmax(dim=1) == labels, t_pred == labels
-    for key, mask in zip(SPLIT, (s_ok & t_ok, s_ok & ~t_ok, ~s_ok & t_ok, ~s_ok & ~t_ok)):
-        split[key] += int(mask.sum())
-
-
-def default_head(logits: dict) -> str:
-    return "fused" if "fused" in logits else "class"
+        agree[name] += int((out.argmax(dim=1) == teacher_pred).sum())
 
 
 @torch.no_grad()
@@ -144,17 +143,16 @@ def cache_agreement(model, shard_set: ShardSet, cache_path: str, aug_seed: int, 
     if not 0 <= aug_seed < cache.num_seeds:
         raise StudentError(f"--aug-seed {aug_seed} is not cached (the cache holds seeds "
                            f"0..{cache.num_seeds - 1})")
-    agree, in_topk, n = {}, {}, 0
+    agree, in_topk, n = Counter(), Counter(), 0
     items = [item for shard in range(shard_set.num_shards)
              for item in unit_items(shard_set.shard_counts[shard], shard, aug_seed, batch_size)]
     teacher = CachedTeacher(cache, device)      # as training reads it: digests checked
     for item in iter_items(shard_set, items, cache.recipe):
         images = finish_item(item, cache.recipe, device)
         t, logits = teacher.item_targets(item, images), head_logits(model, images)
+        _count_agreement(agree, logits, t.label)
         for name, out in logits.items():
-            pred = out.argmax(dim=1)
-            agree[name] = agree.get(name, 0) + int((pred == t.label).sum())
-            in_topk[name] = in_topk.get(name, 0) + int((pred.view(-1, 1) == t.topk_indices).any(dim=1).sum())
+            in_topk[name] += int((out.argmax(dim=1).view(-1, 1) == t.topk_indices).any(dim=1).sum())
         n += len(item)
     return {"cache": str(cache_path), "aug_seed": aug_seed, "num_samples": n, "topk": cache.topk,
             "agreement": {name: a / n for name, a in agree.items()},

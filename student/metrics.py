@@ -132,8 +132,7 @@ def digest_coverage(teacher: CachedTeacher, ctx: D.DistContext) -> dict:
     compared, (shard, seed) units read, and those checked by any rank (the run, not each rank,
     checks a unit: another rank may read its later pieces, in that step at the earliest)."""
     seen, checked, verified = teacher.take_coverage()
-    cache = teacher.cache
-    flags = torch.zeros(2, cache.num_shards, cache.num_seeds, dtype=torch.float64)
+    flags = torch.zeros(2, teacher.cache.num_shards, teacher.cache.num_seeds, dtype=torch.float64)
     for row, units in enumerate((seen, checked)):
         for shard, seed in units:
             flags[row, shard, seed] = 1

@@ -1,8 +1,7 @@
 """Students from the timm registry (any `--model`; DeiT is the main case), sized for the data,
 and initialised from checkpoints. Size overrides reach the constructor only when given, so
 convnets work without them. A distilled DeiT has two heads (`head`: class token, `head_dist`:
-distillation token); a one-head model distils through its only head (losses.py).
-"""
+distillation token); a one-head model distils through its only head (losses.py)."""
 from __future__ import annotations
 
 import math
@@ -17,6 +16,8 @@ from torch import nn
 from teacher_cache.teacher import read_checkpoint
 
 from .errors import CheckpointError, StudentError
+
+SIZE_OPTIONS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads")  # to timm if given
 
 
 @dataclass
@@ -37,12 +38,10 @@ class StudentConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "StudentConfig":
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in d.items() if k in known})
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
     def timm_kwargs(self) -> dict:
-        sizes = {"img_size": self.img_size, "patch_size": self.patch_size,
-                 "embed_dim": self.embed_dim, "depth": self.depth, "num_heads": self.num_heads}
+        sizes = {k: getattr(self, k) for k in SIZE_OPTIONS}
         return {**{k: v for k, v in sizes.items() if v is not None}, **self.model_kwargs}
 
     def network(self) -> dict:
@@ -93,8 +92,6 @@ def student_heads(model: nn.Module, images: torch.Tensor):
     return model.head(model.head_drop(tokens[:, 0])), model.head_dist(model.head_drop(tokens[:, 1]))
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
 def adapt_pos_embed(state: dict[str, torch.Tensor], model: nn.Module) -> list[str]:
     """Resample an absolute position embedding to the model's patch grid (timm's helper), the
     token rows (model.num_prefix_tokens) kept; -> a note per change for the log."""
@@ -110,8 +107,7 @@ def adapt_pos_embed(state: dict[str, torch.Tensor], model: nn.Module) -> list[st
         raise CheckpointError(f"pos_embed of shape {tuple(old.shape)} is not a square grid plus "
                               f"{prefix} token row(s)")
     new_grid = list(model.patch_embed.grid_size)
-    state["pos_embed"] = resample_abs_pos_embed(old, new_size=new_grid,
-                                                old_size=[old_grid, old_grid],
+    state["pos_embed"] = resample_abs_pos_embed(old, new_size=new_grid, old_size=[old_grid] * 2,
                                                 num_prefix_tokens=prefix)
     return [f"pos_embed resampled from {old_grid}x{old_grid} to {new_grid[0]}x{new_grid[1]} "
             "patches"]

@@ -4,8 +4,7 @@ at each step, as work items. Semantics table and reasons: DESIGN.md, "Training s
 Seed groups: epochs g*R .. g*R+R-1 use seeds g*R .. g*R+R-1 (modulo the S // R cached groups).
 R = 1: shards dealt to ranks, every rank runs min over ranks of samples // batch steps (from the
 metadata: no DDP hang on uneven shards), items cut where batches end. R > 1 (RASampler): epoch j
-of a group takes part j of every shard's mixing order; an image's copies share a step.
-"""
+of a group takes part j of every shard's mixing order; an image's copies share a step."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -72,6 +71,16 @@ def plan_rng(*parts: object) -> np.random.Generator:
     return np.random.Generator(np.random.PCG64(seed))
 
 
+def deal_shards(num_shards: int, world_size: int, epoch: int, seed: int) -> list[list[int]]:
+    """Shards of each rank this epoch: a seeded shuffle (same on every rank), dealt round-robin."""
+    if num_shards < world_size:
+        raise DataPlanError(f"{num_shards} shard(s) cannot feed {world_size} ranks (a rank would "
+                            "get no data); re-run make-shards with a smaller --shard-size or use "
+                            "fewer processes")
+    order = [int(i) for i in plan_rng("shard-order", seed, epoch).permutation(num_shards)]
+    return [order[rank::world_size] for rank in range(world_size)]
+
+
 def plan_epoch(shard_counts: list[int], epoch: int, batch_size: int, rank: int, world_size: int,
                seed: int, num_seeds: int | None, repeated_aug: int = 1,
                max_steps: int | None = None, teacher_batch_size: int | None = None) -> EpochPlan:
@@ -84,28 +93,9 @@ def plan_epoch(shard_counts: list[int], epoch: int, batch_size: int, rank: int, 
         return EpochPlan(epoch, seeds_for_epoch(epoch, num_seeds, repeated_aug),
                          [item for step in steps for item in step], len(steps),
                          [len(steps) * batch_size] * world_size)
-    return _dealt_items(shard_counts, epoch, batch_size, rank, world_size, seed, num_seeds,
-                        max_steps, teacher_batch_size)
-
-
-# ----------------------------------------------------------------------------- R = 1
-
-def deal_shards(num_shards: int, world_size: int, epoch: int, seed: int) -> list[list[int]]:
-    """Shards of each rank this epoch: a seeded shuffle (same on every rank), dealt round-robin."""
-    if num_shards < world_size:
-        raise DataPlanError(f"{num_shards} shard(s) cannot feed {world_size} ranks (a rank would "
-                            "get no data); re-run make-shards with a smaller --shard-size or use "
-                            "fewer processes")
-    order = [int(i) for i in plan_rng("shard-order", seed, epoch).permutation(num_shards)]
-    return [order[rank::world_size] for rank in range(world_size)]
-
-
-def _dealt_items(counts: list[int], epoch: int, batch_size: int, rank: int, world_size: int,
-                 seed: int, num_seeds: int | None, max_steps: int | None,
-                 teacher_batch_size: int | None) -> EpochPlan:
-    seeds = seeds_for_epoch(epoch, num_seeds)
-    dealt = deal_shards(len(counts), world_size, epoch, seed)
-    samples = [sum(counts[s] for s in shards) * len(seeds) for shards in dealt]
+    seeds = seeds_for_epoch(epoch, num_seeds)              # R = 1: shards dealt to ranks
+    dealt = deal_shards(len(shard_counts), world_size, epoch, seed)
+    samples = [sum(shard_counts[s] for s in shards) * len(seeds) for shards in dealt]
     steps = min(samples) // batch_size
     if steps == 0:
         raise DataPlanError(f"a rank holds only {min(samples)} samples this epoch, fewer than "
@@ -117,7 +107,7 @@ def _dealt_items(counts: list[int], epoch: int, batch_size: int, rank: int, worl
         for shard in dealt[rank]:
             if offset >= needed:
                 break            # surplus units of the richer ranks are never replayed
-            n, start = counts[shard], 0
+            n, start = shard_counts[shard], 0
             while start < n and offset < needed:
                 if teacher_batch_size:
                     stop = min(n, start + teacher_batch_size)
@@ -129,20 +119,14 @@ def _dealt_items(counts: list[int], epoch: int, batch_size: int, rank: int, worl
     return EpochPlan(epoch, seeds, items, steps, samples)
 
 
-# ----------------------------------------------------------------------------- R > 1
-
 def epoch_segments(shard_counts: list[int], epoch: int, repeated_aug: int,
                    seed: int) -> list[tuple[int, int, int]]:
     """The epoch's images: part (epoch mod R) of every shard's mixing order (order_part of
     data_shards.items, whose starts stage one's digests cover), shards shuffled per group."""
     group, part = divmod(epoch, repeated_aug)
     order = plan_rng("schedule", "shards", seed, group).permutation(len(shard_counts))
-    segments = []
-    for shard in (int(s) for s in order):
-        start, stop = order_part(shard_counts[shard], part, repeated_aug)
-        if stop > start:
-            segments.append((shard, start, stop))
-    return segments
+    segments = [(int(s), *order_part(shard_counts[s], part, repeated_aug)) for s in order]
+    return [(shard, start, stop) for shard, start, stop in segments if stop > start]
 
 
 def _take(segments: list[tuple[int, int, int]], first: int, count: int) -> list[tuple]:
@@ -166,8 +150,7 @@ def repeated_steps(shard_counts: list[int], epoch: int, batch_size: int, rank: i
     seeds = seeds_for_epoch(epoch, num_seeds, repeated_aug)
     segments = epoch_segments(shard_counts, epoch, repeated_aug, seed)
     images = sum(stop - start for _, start, stop in segments)
-    global_batch = batch_size * world_size
-    per_step = -(-global_batch // repeated_aug)
+    per_step = -(-batch_size * world_size // repeated_aug)      # images per step (rounded up)
     steps = images // per_step
     if steps == 0:
         raise DataPlanError(f"epoch {epoch} holds {images} images x {repeated_aug} repeat(s), "

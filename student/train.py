@@ -1,7 +1,6 @@
 """Train a student (stage two), DeiT's recipe through timm, as DeiT's main.py / engine.py:
 `setup`, then per epoch `train_one_epoch`, `evaluate`, save (RUN/checkpoint.pt and a line of
-RUN/metrics.jsonl). One process or torchrun (DDP, same options); `--resume`: resume.py.
-"""
+RUN/metrics.jsonl). One process or torchrun (DDP, same options); `--resume`: checkpoint.py."""
 from __future__ import annotations
 
 import logging
@@ -23,7 +22,8 @@ from data_shards.devices import autocast
 from data_shards.faults import crash_point
 
 from . import distributed as D
-from .checkpoint import LAST_CHECKPOINT, save_run
+from .checkpoint import (LAST_CHECKPOINT, checkpoint_to_resume, nothing_to_do, save_run,
+                         start_or_resume)
 from .config import TrainConfig
 from .data import ItemStream, train_batches
 from .errors import StudentError
@@ -31,10 +31,8 @@ from .evaluate import evaluate_heads
 from .losses import DistillationLoss
 from .metrics import EpochMeter, Logger, digest_coverage
 from .models import StudentConfig, create_student, init_from_checkpoint, is_distilled
-from .resume import checkpoint_to_resume, nothing_to_do, start_or_resume
 from .samplers import plan_epoch
-from .teacher_policy import check_seed_schedule, resolve_teacher
-from .teachers import CachedTeacher, OnlineTeacher
+from .teachers import CachedTeacher, OnlineTeacher, check_seed_schedule, resolve_teacher
 
 
 @dataclass
@@ -65,8 +63,6 @@ class Run:
         return self.cfg.batch_size * self.ctx.world_size
 
 
-# ----------------------------------------------------------------------------- setup
-
 def setup(cfg: TrainConfig, ctx: D.DistContext) -> Run:
     """Everything a run needs, every input checked; nothing written yet (the Logger holds lines)."""
     out = Path(cfg.out)
@@ -87,10 +83,8 @@ def setup(cfg: TrainConfig, ctx: D.DistContext) -> Run:
     precision = _amp_precision(cfg.amp, ctx.device)
     lr = cfg.lr if cfg.lr is not None else 5e-4 * cfg.batch_size * ctx.world_size / 512
     optimisation = create_optimisation(cfg, model, lr, precision, ctx.device)
-    train_model = model
-    if ctx.distributed:
-        device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-        train_model = DistributedDataParallel(model, device_ids=device_ids)
+    train_model = model if not ctx.distributed else DistributedDataParallel(
+        model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
     if cfg.compile:          # as timm's train.py: compile the (DDP-wrapped) module
         train_model = torch.compile(train_model)
     return Run(cfg, ctx, log, checkpoint, shard_set, val_set, recipe, teacher, num_seeds, model,
@@ -106,11 +100,11 @@ def build_student(cfg: TrainConfig, num_classes: int, recipe: AugRecipe, log: Lo
     grid_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     size = recipe.input_size
     if grid_size is not None and config.img_size is None and tuple(grid_size) != (size, size):
-        config.img_size = recipe.input_size
+        config.img_size = size
         model = create_student(config, distilled_training)
-    if grid_size is not None and config.img_size not in (None, recipe.input_size):
+    if grid_size is not None and config.img_size not in (None, size):
         raise StudentError(f"--img-size {config.img_size} differs from the recipe's input size "
-                           f"{recipe.input_size}; make them equal (--input-size sets the recipe's)")
+                           f"{size}; make them equal (--input-size sets the recipe's)")
     if cfg.init_from:
         for note in init_from_checkpoint(model, cfg.init_from):
             log.note(f"--init-from {cfg.init_from}: {note}")
@@ -143,8 +137,7 @@ def create_optimisation(cfg: TrainConfig, model: torch.nn.Module, lr: float, pre
     timm_log.addFilter(quiet)
     try:
         scheduler = CosineLRScheduler(optimizer, t_initial=cfg.epochs, lr_min=cfg.min_lr,
-                                      warmup_t=cfg.warmup_epochs, warmup_lr_init=cfg.warmup_lr,
-                                      t_in_epochs=True)
+                                      warmup_t=cfg.warmup_epochs, warmup_lr_init=cfg.warmup_lr)
     finally:
         timm_log.removeFilter(quiet)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
@@ -152,8 +145,6 @@ def create_optimisation(cfg: TrainConfig, model: torch.nn.Module, lr: float, pre
     loss = DistillationLoss(cfg.distillation_type, cfg.distillation_alpha, cfg.distillation_tau)
     return optimizer, scheduler, scaler, ema, loss
 
-
-# ----------------------------------------------------------------------------- the loop
 
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) a training; returns a summary. Works under torchrun or as one process.
@@ -259,7 +250,6 @@ def evaluate(run: Run) -> dict:
     counts, names = evaluate_heads(run.model, run.val_set, run.recipe, run.cfg.eval_batch_size,
                                    ctx.device, shards, run.precision)
     counts = D.all_reduce_sum(counts.to(ctx.device), ctx).cpu()
-    n = max(int(counts[0, 2].item()), 1)
-    heads = {name: {"top1": counts[i, 0].item() / n, "top5": counts[i, 1].item() / n}
-             for i, name in enumerate(names)}
-    return heads | {"num_samples": int(counts[0, 2].item())}
+    n = int(counts[0, 2].item())
+    return {name: {"top1": counts[i, 0].item() / max(n, 1), "top5": counts[i, 1].item() / max(n, 1)}
+            for i, name in enumerate(names)} | {"num_samples": n}

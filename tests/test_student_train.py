@@ -22,8 +22,7 @@ from data_shards import ShardSet, finish_item
 from data_shards.items import replay_item, unit_items
 from student.errors import DataPlanError, ReplayMismatchError, StudentError, TrainingError
 from student.evaluate import evaluate_checkpoint, head_logits, load_student
-from student.teacher_policy import check_soft_targets
-from student.teachers import OnlineTeacher, load_online_teacher
+from student.teachers import OnlineTeacher, check_soft_targets, load_online_teacher
 from student.train import train
 from teacher_cache import CacheError, TeacherCache
 from teacher_cache.inspection import format_inspection, inspect_cache, soft_target_fit
