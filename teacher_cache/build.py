@@ -2,10 +2,10 @@
 
 A job takes its round-robin share of the units (layout.py), skips the ones already done, locks each
 one it computes (locks.py) and commits it atomically (store.py): rerunning resumes, N jobs fill the
-cache N times faster, a larger --seeds first grows it (store.grow_cache). Stage two's data path (DESIGN.md):
-loader workers replay the locked units' work items (teacher batches) from a shared queue as uint8,
-so all are busy whatever the unit count; the main process finishes each on the teacher's device,
-runs the teacher and commits a unit once all its items are in.
+cache N times faster, a larger --seeds first grows it (store.grow_cache). Stage two's data path
+(DESIGN.md): loader workers replay the locked units' work items (teacher batches) from a shared
+queue as uint8, so all are busy whatever the unit count; the main process finishes each on the
+teacher's device, runs the teacher and commits a unit once all its items are in.
 
 Determinism: a batch never spans two (shard, seed) pairs and always holds the same consecutive
 replayed images (mixing order), so a unit's numbers do not depend on which job, worker or rerun
@@ -304,7 +304,8 @@ class _JobRun:
             unit, lock, acc = self.active[got.unit_slot]
             images, digests = finish_batch(got.item, s.recipe, self.device, acc.count)
             t0 = time.perf_counter()
-            targets = teacher_forward(self.model, images, s.topk, s.store_full, s.precision, s.channels_last)
+            targets = teacher_forward(self.model, images, s.topk, s.store_full, s.precision,
+                                      s.channels_last)
             self.teacher_seconds += time.perf_counter() - t0
             crash_point("teacher-batch")
             acc.add(got.item, digests, targets, got.worker_pid)
@@ -315,7 +316,8 @@ class _JobRun:
     def _finish(self, slot) -> None:
         unit, lock, acc = self.active.pop(slot)
         if lock.still_held():
-            commit_unit(self.root, unit, self.shard_set.rows_per_shard, acc.buffers, self._record(unit, acc))
+            record = self._record(unit, acc)
+            commit_unit(self.root, unit, self.shard_set.rows_per_shard, acc.buffers, record)
             self.committed, self.records = self.committed + 1, self.records + acc.expected
             self.bar.set_postfix(units=self.committed, refresh=False)
         else:
@@ -331,7 +333,8 @@ class _JobRun:
         return {"unit": unit.name, "shard": unit.shard, "seeds": [unit.seed_start, unit.seed_stop - 1],
                 "status": "done", "count": acc.count, "records": acc.expected, "digests": acc.digests,
                 "job": self.job_label, "host": socket.gethostname(), "pid": os.getpid(),
-                "device": str(self.device), "device_kind": device_kind(self.device),  # verify-cache: its own
+                "device": str(self.device),
+                "device_kind": device_kind(self.device),      # verify-cache compares its own
                 "precision": s.precision, "batch_size": s.batch_size, "channels_last": s.channels_last,
                 "items": acc.items,
                 "worker_pids": sorted(acc.worker_pids), "started": acc.started, "finished": time.time(),

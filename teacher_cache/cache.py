@@ -142,7 +142,8 @@ class TeacherCache:
                 f"{self.compute_command()} to recompute them")
 
     def _not_done(self, unit: Unit) -> CacheError:
-        return CacheError(f"teacher cache {self.root}: unit {unit} is not computed yet; {self.fix_command()}")
+        return CacheError(f"teacher cache {self.root}: unit {unit} is not computed yet; "
+                          f"{self.fix_command()}")
 
     def _damaged(self, unit: Unit, what: str) -> CacheError:
         return CacheError(f"teacher cache {self.root}: unit {unit} is damaged ({what}); delete "

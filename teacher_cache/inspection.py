@@ -60,7 +60,8 @@ def _label_stats(cache: TeacherCache, pairs: list[tuple[int, int]], damage: dict
         return {}
     keys_all = index.column("key").to_pylist()
     labels_all = np.asarray(index.column("label").to_numpy(), dtype=np.int64)
-    starts = np.searchsorted(np.asarray(index.column("shard").to_numpy()), np.arange(cache.num_shards + 1))
+    shards = np.asarray(index.column("shard").to_numpy())
+    starts = np.searchsorted(shards, np.arange(cache.num_shards + 1))
     recipe = cache.recipe
     per_seed: dict[int, dict[str, float]] = {}
     for shard, seed in pairs:
@@ -173,7 +174,8 @@ def _seed_row(seed: int, stats: dict | None, done: list[Unit], num_shards: int) 
            "units_total": num_shards, "records_checked": int(stats["records"]) if stats else 0}
     if stats:
         quality = _quality(stats)
-        row |= {k: quality[k] for k in ("top1_vs_label", "agreement_with_dominant_label", "mean_topk_mass")}
+        row |= {k: quality[k]
+                for k in ("top1_vs_label", "agreement_with_dominant_label", "mean_topk_mass")}
     return row
 
 

@@ -132,7 +132,7 @@ def array_specs(num_seeds: int, num_shards: int, rows_per_shard: int, num_classe
               TOPK_LOGPROBS: ("float16", topk, "NaN")}
     if store_full:
         arrays[LOGITS] = ("float16", num_classes, "NaN")
-    elif topk < num_classes:      # the tail's log-sum-exp at targets.TAIL_TAUS, for soft targets at any τ
+    elif topk < num_classes:      # the tail's log-sum-exp at TAIL_TAUS, for soft targets at any τ
         arrays[TAIL_LOGSUMEXP] = ("float16", len(TAIL_TAUS), "NaN")
     return {name: dict(dtype=dtype, fill_value=fill, shape=[num_seeds, rows, width],
                        chunks=[1, rows_per_shard, width], shards=[seeds_per_unit, rows_per_shard, width])

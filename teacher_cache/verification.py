@@ -231,7 +231,8 @@ def _verify_pick(cache: TeacherCache, shard_set: ShardSet, model: torch.nn.Modul
             found.examples.append({"kind": verdict, "shard": pick.shard, "seed": pick.seed,
                                    "position": pos, "batch": pick.batch, "cached_argmax": cached,
                                    "recomputed_argmax": int(recomputed.topk_indices[row, 0]),
-                                   "recomputed_gap": float(full_logprobs[row].max() - full_logprobs[row, cached])})
+                                   "recomputed_gap":
+                                       float(full_logprobs[row].max() - full_logprobs[row, cached])})
         found.max_lp = max(found.max_lp,
                            float((full_logprobs[row, idx].half().float() - lp).abs().max()))
         if stored.tail_logsumexp is not None:
@@ -336,7 +337,8 @@ def _recomputation_lines(r: dict) -> list[str]:
              f"{'/'.join(map(str, r['channels_last']))})",
              f"  argmax agreement {100 * r['argmax_agreement']:.2f}% (min "
              f"{100 * r['min_agreement']:.2f}%), " + diffs,
-             f"  replay digests {r['digests_checked'] - len(r['digest_mismatches'])}/{r['digests_checked']} match",
+             f"  replay digests {r['digests_checked'] - len(r['digest_mismatches'])}/"
+             f"{r['digests_checked']} match",
              f"  real mismatches {r['mismatches']} (always fail), near-ties {r['near_ties']} "
              f"(within {r['near_tie_tolerance']:g} nats; count as disagreement)"]
     for item in r["disagreements"][:5]:
