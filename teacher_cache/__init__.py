@@ -12,10 +12,8 @@ from .errors import CacheError
 from .layout import Unit
 from .targets import TeacherTargets, encode_teacher_logits
 from .teacher import (DEFAULT_TEACHER, TeacherError, load_teacher, read_checkpoint, teacher_forward,
-                      teacher_logits,
-                      weights_sha256)
+                      teacher_logits, weights_sha256)
 
 __all__ = ["CacheError", "CacheOptions", "DEFAULT_TEACHER", "TeacherCache", "TeacherError",
-           "TeacherTargets", "Unit",
-           "cache_teacher", "encode_teacher_logits", "load_teacher", "read_checkpoint",
-           "teacher_forward", "teacher_logits", "weights_sha256"]
+           "TeacherTargets", "Unit", "cache_teacher", "encode_teacher_logits", "load_teacher",
+           "read_checkpoint", "teacher_forward", "teacher_logits", "weights_sha256"]

@@ -1,21 +1,15 @@
 """cache_teacher: compute the teacher's outputs for every (sample, aug seed) as resumable jobs.
 
-Work is cut into units (one shard × `seeds_per_unit` seeds, see layout.py). A job takes
-its round-robin share of the units, skips the ones already done, locks each one it
-computes (locks.py), and commits it atomically (store.py). Rerunning the same command
-resumes; running N jobs with different indices fills the cache N times faster. A larger
---seeds on an existing cache first grows it (growth.py), then computes the new units the same way.
+A job takes its round-robin share of the units (layout.py), skips the ones already done, locks each
+one it computes (locks.py) and commits it atomically (store.py): rerunning resumes, N jobs fill the
+cache N times faster, a larger --seeds first grows it (store.grow_cache). Stage two's data path
+(DESIGN.md): loader workers replay the locked units' work items (teacher batches) from a shared
+queue as uint8, so all are busy whatever the unit count; the main process finishes each on the
+teacher's device, runs the teacher and commits a unit once all its items are in.
 
-Data path (the same as stage two's): the main process expands each unit it locked into work
-items = its teacher batches (consecutive slices of --batch-size of each seed's mixing order);
-DataLoader workers replay items from a shared queue as uint8 (data_shards.replay_item), so all
-workers are busy whatever the unit count; the main process finishes each item on the teacher's
-device (finish_item), runs the teacher and commits a unit once all its items are in.
-
-Determinism: a batch never spans two (shard, seed) pairs and always holds the same
-consecutive replayed images (mixing order), so the numbers of a unit do not depend on
-which job, worker or rerun computed it, nor on the order items arrive in; committing a unit
-twice writes the same bytes.
+Determinism: a batch never spans two (shard, seed) pairs and always holds the same consecutive
+replayed images (mixing order), so a unit's numbers do not depend on which job, worker or rerun
+computed it, nor on the order items arrive in; committing a unit twice writes the same bytes.
 """
 from __future__ import annotations
 
@@ -34,25 +28,21 @@ import torch
 from tqdm import tqdm
 
 from data_shards import (AugRecipe, ReplayItem, ShardSet, WorkItem, finish_item, replay_item,
-                         tensor_digest,
-                         unit_items)
+                         tensor_digest, unit_items)
 from data_shards.devices import device_kind, resolve_device
 from data_shards.faults import crash_point
 from data_shards.files import atomic_path, out_folder
 from data_shards.items import digest_positions
 
 from .errors import CacheError
-from .growth import check_not_shrinking, grow_cache
-from .jobs import JobSlot, resolve_job
 from .layout import INDEX_FILE, MANIFEST_FILE, UNITS_DIR, Unit, all_units, select_units, unit_json_path
 from .locks import HEARTBEAT_SECONDS, LockKeeper, try_lock
-from .options import CacheOptions, check_job_options, refuse_foreign_folder, resolve_settings
-from .manifest import (create_or_match_manifest, read_manifest, refuse_differences,
-                       seed_generations)
-from .store import clean_leftovers, commit_unit, ensure_arrays
+from .manifest import create_or_match_manifest, read_manifest, refuse_differences, seed_generations
+from .options import (CacheOptions, JobSlot, check_job_options, refuse_foreign_folder, resolve_job,
+                      resolve_settings)
+from .store import check_not_shrinking, clean_leftovers, commit_unit, ensure_arrays, grow_cache
 from .teacher import check_precision, load_teacher, teacher_forward
 
-# ----------------------------------------------------------------------------- producing images
 
 @dataclass
 class UnitItem:
@@ -86,34 +76,30 @@ class _QueuedItems(torch.utils.data.IterableDataset):
         self.shards_root, self.recipe, self.tasks = shards_root, recipe, tasks
 
     def __iter__(self):
-        return replay_tasks(ShardSet.open(self.shards_root), AugRecipe.from_dict(self.recipe),
-                            iter(self.tasks.get, None))
+        shard_set, recipe = ShardSet.open(self.shards_root), AugRecipe.from_dict(self.recipe)
+        return replay_tasks(shard_set, recipe, iter(self.tasks.get, None))
 
 
-def replay_tasks(shard_set: ShardSet, recipe: AugRecipe, tasks: Iterable[tuple[int, WorkItem]]) -> Iterator[UnitItem]:
+def replay_tasks(shard_set: ShardSet, recipe: AugRecipe,
+                 tasks: Iterable[tuple[int, WorkItem]]) -> Iterator[UnitItem]:
     """(unit slot, work item) tasks -> their replayed teacher batches, in this process."""
     keys_cache: dict[int, list[str]] = {}
     for slot, work in tasks:
         yield UnitItem(slot, replay_item(shard_set, work, recipe, keys_cache), os.getpid())
 
 
-# ----------------------------------------------------------------------------- accumulating and committing
 
 class UnitAccumulator:
     """In-memory targets of one unit until every record has arrived."""
 
     def __init__(self, unit: Unit, count: int, rows_per_shard: int, specs: dict[str, dict]):
         self.unit, self.count = unit, count
-        self.expected = count * len(unit.seeds)
-        self.received = 0
-        self.items = 0
-        # processes that replayed its items (the record shows them)
-        self.worker_pids: set[int] = set()
+        self.expected, self.received, self.items = count * len(unit.seeds), 0, 0
+        self.worker_pids: set[int] = set()       # processes that replayed its items (recorded)
         self.digests: dict[str, dict[str, str]] = {}
         self.started = time.time()
         self.buffers = {name: np.full((len(unit.seeds), rows_per_shard, spec["shape"][2]),
-                                      np.nan if spec["fill_value"] == "NaN" else 0,
-                                      dtype=spec["dtype"])
+                                      np.nan if spec["fill_value"] == "NaN" else 0, dtype=spec["dtype"])
                         for name, spec in specs.items()}
 
     def add(self, item: ReplayItem, digests: dict[str, str], targets, worker_pid: int) -> None:
@@ -123,8 +109,7 @@ class UnitAccumulator:
             buffer[s, pos] = getattr(targets, name).numpy().astype(buffer.dtype)
         if digests:
             self.digests.setdefault(str(item.aug_seed), {}).update(digests)
-        self.received += len(pos)
-        self.items += 1
+        self.received, self.items = self.received + len(pos), self.items + 1
         self.worker_pids.add(worker_pid)
 
 
@@ -137,15 +122,13 @@ def write_index(root: Path, shard_set: ShardSet) -> None:
                 return
         except (OSError, pa.ArrowException):
             pass                                    # damaged: rewrite below
-    columns = {name: shard_set.manifest.column(name) for name in ("key", "label", "shard",
-                                                                  "position")}
-    row = columns["shard"].to_numpy().astype(np.int64) * shard_set.rows_per_shard + columns["position"].to_numpy()
-    table = pa.table({**columns, "row": pa.array(row, pa.int64())})
+    columns = {name: shard_set.manifest.column(name) for name in ("key", "label", "shard", "position")}
+    row = (columns["shard"].to_numpy().astype(np.int64) * shard_set.rows_per_shard
+           + columns["position"].to_numpy())
     with atomic_path(path) as tmp:
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(pa.table({**columns, "row": pa.array(row, pa.int64())}), tmp, compression="zstd")
 
 
-# ----------------------------------------------------------------------------- the job
 
 def cache_teacher(opts: CacheOptions) -> dict:
     """Compute this job's share of the cache at `opts.out`; returns a summary dict."""
@@ -165,17 +148,14 @@ def cache_teacher(opts: CacheOptions) -> dict:
     if existing is not None:
         known = {**existing["teacher"], "name": s.teacher or existing["teacher"]["name"]}
         refuse_differences(root, existing, s.manifest(shard_set, known))
-    opts.log(f"cache-teacher: loading teacher {s.teacher or '(from checkpoint)'}"
-             f"{' from ' + s.teacher_checkpoint if s.teacher_checkpoint else ' (timm pretrained)'} "
-             f"on {device}")
+    source = ' from ' + s.teacher_checkpoint if s.teacher_checkpoint else ' (timm pretrained)'
+    opts.log(f"cache-teacher: loading teacher {s.teacher or '(from checkpoint)'}{source} on {device}")
     model = load_teacher(s.teacher, s.teacher_checkpoint, num_classes=shard_set.num_classes,
-                         device=device,
-                         model_kwargs=s.teacher_kwargs)
+                         device=device, model_kwargs=s.teacher_kwargs)
     if s.channels_last:
         model = model.to(memory_format=torch.channels_last)
     manifest, created = create_or_match_manifest(root, s.manifest(shard_set, model.teacher_info))
     units = _open_storage(root, shard_set, s, manifest)
-
     mine = select_units(units, job.count, job.index)
     pending = [u for u in mine if not unit_json_path(root, u).exists()]
     todo = pending if opts.max_units is None else pending[:opts.max_units]
@@ -183,11 +163,10 @@ def cache_teacher(opts: CacheOptions) -> dict:
     opts.log(f"cache-teacher: {job}: {len(mine)} of {len(units)} units are this job's, "
              f"{len(mine) - len(pending)} already done, {len(todo)} to compute ({records} images x "
              f"seeds){' [new cache]' if created else ''}")
-    run = _JobRun(root, shard_set, s.specs_for(shard_set, seed_generations(manifest)[0]), model,
-                  device, job, s)
+    specs = s.specs_for(shard_set, seed_generations(manifest)[0])
+    run = _JobRun(root, shard_set, specs, model, device, job, s)
     started = time.time()
-    with tqdm(total=records, unit="img", unit_scale=True, desc=f"cache-teacher "
-              f"{job.index}/{job.count}",
+    with tqdm(total=records, unit="img", unit_scale=True, desc=f"cache-teacher {run.job_label}",
               disable=not opts.progress, smoothing=0.1) as bar:
         run.execute(todo, bar)
     return _summary(run, units, mine, time.time() - started)
@@ -205,11 +184,9 @@ def _open_storage(root: Path, shard_set: ShardSet, s: CacheOptions, manifest: di
     if s.seeds > int(manifest["seeds"]):
         s.log(f"cache-teacher: growing {root} from {manifest['seeds']} to {s.seeds} seeds")
         manifest = grow_cache(root, s.seeds, specs_for, s.lock_stale_after)
-    # another job may have grown it further meanwhile
-    check_not_shrinking(root, manifest, s.seeds)
+    check_not_shrinking(root, manifest, s.seeds)     # another job may have grown it further
     generations = seed_generations(manifest)
-    for gen in generations[1:]:
-        # checks the metadata (created by the growth)
+    for gen in generations[1:]:                       # checks the metadata the growth created
         ensure_arrays(root, specs_for(gen), gen.dir)
     return all_units(shard_set.num_shards, s.seeds, s.seeds_per_unit, generations)
 
@@ -233,8 +210,9 @@ def _summary(run: "_JobRun", units: list[Unit], mine: list[Unit], seconds: float
     run.opts.log(f"cache-teacher: {job}: computed {run.committed} unit(s), {run.records} images x "
                  f"seeds in {seconds:.1f}s ({summary['records_per_s']} /s; teacher forward "
                  f"{run.teacher_seconds:.1f}s); this job's units done {done_mine}/{len(mine)}; "
-                 f"whole cache {summary['cache_units_done']}/{len(units)} units" + (f"; {len(run.skipped_locked)} unit(s) held by another live job"
-                                          if run.skipped_locked else ""))
+                 f"whole cache {summary['cache_units_done']}/{len(units)} units"
+                 + (f"; {len(run.skipped_locked)} unit(s) held by another live job"
+                    if run.skipped_locked else ""))
     return summary
 
 
@@ -274,8 +252,7 @@ class _JobRun:
             else:
                 self._run_with_workers()
         finally:
-            # releases the locks of units not committed (error / interrupt)
-            self.keeper.close()
+            self.keeper.close()        # releases the locks of units not committed (error / interrupt)
 
     def _next_locked(self) -> tuple[int, list[WorkItem]] | None:
         """Lock the next pending unit and return its slot and teacher batches (work items);
@@ -289,13 +266,11 @@ class _JobRun:
                 continue
             self.keeper.add(lock)
             self.slots += 1
-            count, batch_size = self.shard_set.shard_counts[unit.shard], self.opts.batch_size
-            self.active[self.slots] = (unit, lock,
-                                       UnitAccumulator(unit, count, self.shard_set.rows_per_shard,
-                                                                   self.specs))
-            return self.slots, [work for seed in unit.seeds for work in unit_items(count,
-                                                                                   unit.shard, seed,
-                                                                                   batch_size)]
+            count = self.shard_set.shard_counts[unit.shard]
+            acc = UnitAccumulator(unit, count, self.shard_set.rows_per_shard, self.specs)
+            self.active[self.slots] = (unit, lock, acc)
+            return self.slots, [work for seed in unit.seeds
+                                for work in unit_items(count, unit.shard, seed, self.opts.batch_size)]
         return None
 
     def _inline_items(self) -> Iterator[UnitItem]:
@@ -305,31 +280,23 @@ class _JobRun:
 
     def _queue(self, task: tuple[int, list[WorkItem]] | None) -> None:
         """Queue a locked unit's items, or (None) tell the workers to stop."""
-        if task is None:
-            for _ in range(self.opts.workers):
-                self.tasks.put(None)
-            self.sentinels_sent = True
-            return
-        slot, works = task
-        for work in works:
-            self.tasks.put((slot, work))
+        items = [None] * self.opts.workers if task is None else [(task[0], w) for w in task[1]]
+        for item in items:
+            self.tasks.put(item)
+        self.sentinels_sent = task is None
 
     def _run_with_workers(self) -> None:
-        ctx = torch.multiprocessing.get_context("fork" if "fork" in torch.multiprocessing.get_all_start_methods()
-                                                else "spawn")
+        mp = torch.multiprocessing
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
         self.tasks = ctx.Queue()
-        # units in flight (their items queued): no worker waits on a commit
-        for _ in range(2 * self.opts.workers):
+        for _ in range(2 * self.opts.workers):   # units in flight: no worker waits on a commit
             self._queue(self._next_locked())
             if self.sentinels_sent:
                 break
         dataset = _QueuedItems(str(self.shard_set.root), self.opts.recipe.to_dict(), self.tasks)
-        loader = torch.utils.data.DataLoader(dataset, batch_size=None,
-                                             num_workers=self.opts.workers, in_order=False,
-                                             multiprocessing_context=ctx,
-                                             pin_memory=self.device.type == "cuda",
-                                             prefetch_factor=2)
-        self._consume(loader)
+        self._consume(torch.utils.data.DataLoader(
+            dataset, batch_size=None, num_workers=self.opts.workers, in_order=False,
+            multiprocessing_context=ctx, pin_memory=self.device.type == "cuda", prefetch_factor=2))
 
     def _consume(self, arrivals: Iterator[UnitItem]) -> None:
         s = self.opts
@@ -349,31 +316,26 @@ class _JobRun:
     def _finish(self, slot) -> None:
         unit, lock, acc = self.active.pop(slot)
         if lock.still_held():
-            commit_unit(self.root, unit, self.shard_set.rows_per_shard, acc.buffers,
-                        self._record(unit, acc))
-            self.committed += 1
-            self.records += acc.expected
+            record = self._record(unit, acc)
+            commit_unit(self.root, unit, self.shard_set.rows_per_shard, acc.buffers, record)
+            self.committed, self.records = self.committed + 1, self.records + acc.expected
             self.bar.set_postfix(units=self.committed, refresh=False)
         else:
             self.lost.append(unit)   # another job broke our lock (we looked dead): let it commit
         self.keeper.discard(lock)
         lock.release()
-        # with workers: queue the next unit's items
-        if self.tasks is not None and not self.sentinels_sent:
+        if self.tasks is not None and not self.sentinels_sent:     # with workers: the next unit
             self._queue(self._next_locked())
 
     def _record(self, unit: Unit, acc: UnitAccumulator) -> dict:
         """The unit's JSON record (commit_unit adds its files' sha256)."""
         s = self.opts
-        return {"unit": unit.name, "shard": unit.shard,
-                "seeds": [unit.seed_start, unit.seed_stop - 1],
-                "status": "done", "count": acc.count, "records": acc.expected,
-                "digests": acc.digests,
+        return {"unit": unit.name, "shard": unit.shard, "seeds": [unit.seed_start, unit.seed_stop - 1],
+                "status": "done", "count": acc.count, "records": acc.expected, "digests": acc.digests,
                 "job": self.job_label, "host": socket.gethostname(), "pid": os.getpid(),
                 "device": str(self.device),
                 "device_kind": device_kind(self.device),      # verify-cache compares its own
-                "precision": s.precision, "batch_size": s.batch_size,
-                "channels_last": s.channels_last, "items": acc.items,
-                "worker_pids": sorted(acc.worker_pids),
-                "started": acc.started, "finished": time.time(),
+                "precision": s.precision, "batch_size": s.batch_size, "channels_last": s.channels_last,
+                "items": acc.items,
+                "worker_pids": sorted(acc.worker_pids), "started": acc.started, "finished": time.time(),
                 "seconds": round(time.time() - acc.started, 3)}

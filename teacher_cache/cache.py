@@ -27,9 +27,7 @@ from data_shards.hashing import file_sha256
 
 from .errors import CacheError
 from .layout import (INDEX_FILE, LOGITS, TAIL_LOGSUMEXP, TOPK_INDICES, TOPK_LOGPROBS, UNITS_DIR,
-                     Unit, all_units,
-                     array_path,
-                     storage_shard_path, unit_json_path, unit_of)
+                     Unit, all_units, array_path, storage_shard_path, unit_json_path, unit_of)
 from .manifest import (library_versions, other_algorithm_message, read_manifest, recipe_differences,
                        seed_generations)
 from .targets import TeacherTargets
@@ -44,12 +42,9 @@ class TeacherCache:
         self.has_logits = manifest["store_logits"] == "full"
         self.num_shards, self.rows_per_shard = int(shards["num_shards"]), int(shards["rows_per_shard"])
         self.shard_counts = list(shards["shard_counts"])
-        # caches made before the tail summary lack TAIL_LOGSUMEXP
-        self.array_names = list(manifest["arrays"])
-        self._arrays: dict[str, object] = {}
-        self._arrays_pid = None
-        self._done: set[str] = set()
-        self._records: dict[str, dict] = {}
+        self.array_names = list(manifest["arrays"])   # caches before the tail summary lack its array
+        self._arrays, self._arrays_pid = {}, None
+        self._done, self._records = set(), {}         # done unit names, unit records read
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> "TeacherCache":
@@ -59,7 +54,6 @@ class TeacherCache:
                              f"cache-teacher`)")
         return cls(root, read_manifest(root))
 
-    # ------------------------------------------------------------------ description
     @property
     def recipe(self) -> AugRecipe:
         try:
@@ -73,13 +67,11 @@ class TeacherCache:
         return seed_generations(self.manifest)
 
     def units(self) -> list[Unit]:
-        return all_units(self.num_shards, self.num_seeds, self.seeds_per_unit,
-                         self.seed_generations)
+        return all_units(self.num_shards, self.num_seeds, self.seeds_per_unit, self.seed_generations)
 
     def unit_for(self, shard: int, aug_seed: int) -> Unit:
         if not 0 <= shard < self.num_shards:
-            raise CacheError(f"shard {shard} is not in this cache (it has shards "
-                             f"0..{self.num_shards - 1})")
+            raise CacheError(f"shard {shard} is not in this cache (it has shards 0..{self.num_shards - 1})")
         if not 0 <= aug_seed < self.num_seeds:
             raise CacheError(f"aug seed {aug_seed} is not in this cache (it has seeds "
                              f"0..{self.num_seeds - 1}); grow it with `deit-pipeline cache-teacher "
@@ -135,9 +127,8 @@ class TeacherCache:
 
     def compute_command(self) -> str:
         """The command that completes this cache (unset options are taken from the manifest)."""
-        return (f"`deit-pipeline cache-teacher --shards "
-                f"{shlex.quote(self.manifest['shards']['path'])} --out "
-                f"{shlex.quote(str(self.root))}`")
+        return (f"`deit-pipeline cache-teacher --shards {shlex.quote(self.manifest['shards']['path'])}"
+                f" --out {shlex.quote(str(self.root))}`")
 
     def fix_command(self) -> str:
         return f"run {self.compute_command()} to compute it"
@@ -145,10 +136,10 @@ class TeacherCache:
     def repair_advice(self, damaged: bool) -> str:
         """What to do about damaged units (their records must go: a unit with a record counts as
         done) or missing ones."""
-        if damaged:
-            return (f"delete the record {self.root / UNITS_DIR}/UNIT.json of each damaged unit, "
-                    f"then run {self.compute_command()} to recompute them")
-        return f"run {self.compute_command()} to compute the missing units"
+        if not damaged:
+            return f"run {self.compute_command()} to compute the missing units"
+        return (f"delete the record {self.root / UNITS_DIR}/UNIT.json of each damaged unit, then run "
+                f"{self.compute_command()} to recompute them")
 
     def _not_done(self, unit: Unit) -> CacheError:
         return CacheError(f"teacher cache {self.root}: unit {unit} is not computed yet; "
@@ -158,11 +149,9 @@ class TeacherCache:
         return CacheError(f"teacher cache {self.root}: unit {unit} is damaged ({what}); delete "
                           f"{unit_json_path(self.root, unit)} and {self.fix_command()}")
 
-    # ------------------------------------------------------------------ checks
     def check_compatible(self, shard_set, recipe: AugRecipe | None = None) -> None:
         """Raise CacheError naming every difference between this cache and (shard_set, recipe)."""
-        shards = self.manifest["shards"]
-        diffs = []
+        shards, diffs = self.manifest["shards"], []
         if shard_set.content_hash != shards["content_hash"]:
             diffs.append(f"shards content hash: cache {shards['content_hash'][:12]}… "
                          f"({shards.get('path')}), shards {shard_set.content_hash[:12]}… "
@@ -178,16 +167,14 @@ class TeacherCache:
                 raise CacheError(message)
             detail = recipe_differences(self.manifest, {"recipe": recipe.to_dict(),
                                                         "library_versions": library_versions(recipe)})
-            diffs.append("augmentation recipe fingerprint: cache "
+            diffs.append(f"augmentation recipe fingerprint: cache "
                          f"{self.manifest['recipe_fingerprint'][:12]}…, this run "
-                         f"{recipe.fingerprint()[:12]}…"
-                         + "".join("; " + d.strip() for d in detail))
+                         f"{recipe.fingerprint()[:12]}…" + "".join("; " + d.strip() for d in detail))
         if diffs:                 # one line (the CLI's errors are one line each)
             raise CacheError(f"teacher cache {self.root} does not match: " + "; ".join(diffs) +
                              ". Use the shards and recipe the cache was computed from, or compute "
                              "a cache for these with `deit-pipeline cache-teacher`")
 
-    # ------------------------------------------------------------------ reading
     def _array(self, name: str, array_dir: str = ""):
         if self._arrays_pid != os.getpid():      # re-open after fork (DataLoader workers)
             self._arrays, self._arrays_pid = {}, os.getpid()
@@ -201,15 +188,15 @@ class TeacherCache:
         unit = self.unit_for(shard, aug_seed)
         if not self.is_done(unit):
             raise self._not_done(unit)
-        start, stop = shard * self.rows_per_shard, shard * self.rows_per_shard + self.shard_counts[shard]
-        # index in its generation's arrays
-        local_seed = unit.local_seeds.start + aug_seed - unit.seed_start
+        start = shard * self.rows_per_shard
+        rows = slice(start, start + self.shard_counts[shard])
+        local_seed = unit.local_seeds.start + aug_seed - unit.seed_start   # in its generation's arrays
         data = {}
         for name in self.array_names:
             if not (path := storage_shard_path(self.root, name, unit)).is_file():
                 raise self._damaged(unit, f"{path} is missing")
             try:
-                data[name] = np.asarray(self._array(name, unit.array_dir)[local_seed, start:stop])
+                data[name] = np.asarray(self._array(name, unit.array_dir)[local_seed, rows])
             except Exception as exc:  # zarr/numcodecs raise ValueError, RuntimeError, OSError...
                 raise self._damaged(unit, f"{name} chunk for seed {aug_seed} cannot be decoded: "
                                           f"{exc}") from None

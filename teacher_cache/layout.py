@@ -1,18 +1,10 @@
-"""Where things live in a cache folder, and how the work is cut into units.
+"""Where things live in a cache folder, and how the work is cut into units (DESIGN.md, cache layout).
 
-A unit is one shard × one range of `seeds_per_unit` augmentation seeds. In every array it
-is exactly one storage shard of the zarr sharding codec, i.e. one file
-`arrays.zarr/<array>/c/<seed_block>/<shard>/0` (zarr 3 default chunk-key encoding, "/"
-separator; checked against the installed zarr by the tests), so a unit can be committed
-by renaming that one file per array into place.
-
-Growing a cache by seeds never rewrites a committed file. The seeds one run added form a
-*seed generation* (start..stop-1) with its own arrays: the first generation (seeds 0..S1-1)
-lives at `arrays.zarr/<array>`, a growth to S2 adds `arrays.zarr/seeds-<S1>-<S2-1>/<array>`
-of shape (S2-S1, R, K|C) whose seed blocks start at S1. So when S1 is not a multiple of
-seeds_per_unit, the first generation's short last block stays as it is (its storage file is
-never reopened), and no existing array's metadata changes: growth only adds files, and the
-manifest (its `seed_generations` list) is the one file replaced (growth.py).
+A unit is one shard × one range of `seeds_per_unit` augmentation seeds: in every array exactly one
+storage shard of the zarr sharding codec, one file `arrays.zarr/<array>/c/<seed_block>/<shard>/0`
+(zarr 3 default chunk keys, checked against the installed zarr by the tests), so a unit is
+committed by renaming one file per array into place. The seeds each run added (a seed generation)
+have their own arrays, so growing a cache never rewrites a committed file (store.grow_cache).
 """
 from __future__ import annotations
 
@@ -29,6 +21,7 @@ INDEX_FILE = "index.parquet"
 ARRAYS_DIR = "arrays.zarr"
 UNITS_DIR = "units"
 TMP_DIR = "tmp"          # private scratch space of running jobs (same file system, for os.replace)
+CACHE_ENTRIES = (ARRAYS_DIR, INDEX_FILE, MANIFEST_FILE, UNITS_DIR, TMP_DIR)
 
 TOPK_INDICES = "topk_indices"
 TOPK_LOGPROBS = "topk_logprobs"
@@ -55,8 +48,7 @@ class Unit:
     shard: int
     seed_start: int
     seed_stop: int
-    # None: the first (from seed 0)
-    generation: SeedGeneration | None = field(default=None, compare=False)
+    generation: SeedGeneration | None = field(default=None, compare=False)   # None: from seed 0
 
     @property
     def array_dir(self) -> str:
@@ -101,11 +93,9 @@ def unit_of(shard: int, aug_seed: int, num_seeds: int, seeds_per_unit: int,
 
 
 def select_units(units: list[Unit], num_jobs: int, job_index: int) -> list[Unit]:
-    """Job `job_index` of `num_jobs` takes every num_jobs-th unit of the sorted list (round-robin).
-
-    Round-robin rather than contiguous blocks: every job gets early seed blocks first, and the
-    last shard (often shorter) does not all land on one job.
-    """
+    """Job `job_index` of `num_jobs` takes every num_jobs-th unit of the sorted list (round-robin):
+    every job gets early seed blocks first, and the last shard (often shorter) does not all land
+    on one job."""
     if num_jobs < 1 or not 0 <= job_index < num_jobs:
         raise ValueError(f"job index {job_index} is not in 0..{num_jobs - 1}")
     return sorted(units, key=lambda u: (u.seed_start, u.shard))[job_index::num_jobs]
@@ -137,21 +127,16 @@ def array_specs(num_seeds: int, num_shards: int, rows_per_shard: int, num_classe
                 seeds_per_unit: int, store_full: bool) -> dict[str, dict]:
     """Shape, dtype, inner chunk and storage shard of each array (see DESIGN.md)."""
     rows = num_shards * rows_per_shard
-    specs = {
-        TOPK_INDICES: dict(dtype=index_dtype(num_classes).name, width=topk, fill_value=0),
-        # NaN fill: a chunk that was never written reads as NaN, which the reader refuses.
-        TOPK_LOGPROBS: dict(dtype="float16", width=topk, fill_value="NaN"),
-    }
+    # (dtype, width, fill value); NaN fill: a chunk never written reads as NaN, which reading refuses
+    arrays = {TOPK_INDICES: (index_dtype(num_classes).name, topk, 0),
+              TOPK_LOGPROBS: ("float16", topk, "NaN")}
     if store_full:
-        specs[LOGITS] = dict(dtype="float16", width=num_classes, fill_value="NaN")
-    # the tail's log-sum-exp at targets.TAIL_TAUS, for soft targets at any τ
-    elif topk < num_classes:
-        specs[TAIL_LOGSUMEXP] = dict(dtype="float16", width=len(TAIL_TAUS), fill_value="NaN")
-    for spec in specs.values():
-        width = spec.pop("width")
-        spec.update(shape=[num_seeds, rows, width], chunks=[1, rows_per_shard, width],
-                    shards=[seeds_per_unit, rows_per_shard, width])
-    return specs
+        arrays[LOGITS] = ("float16", num_classes, "NaN")
+    elif topk < num_classes:      # the tail's log-sum-exp at TAIL_TAUS, for soft targets at any τ
+        arrays[TAIL_LOGSUMEXP] = ("float16", len(TAIL_TAUS), "NaN")
+    return {name: dict(dtype=dtype, fill_value=fill, shape=[num_seeds, rows, width],
+                       chunks=[1, rows_per_shard, width], shards=[seeds_per_unit, rows_per_shard, width])
+            for name, (dtype, width, fill) in arrays.items()}
 
 
 def compressors(dtype: str) -> list:
@@ -160,4 +145,5 @@ def compressors(dtype: str) -> list:
     Chosen by measurement on digits (bench/bench_cache_teacher.py --sections storage,codecs):
     19.7 B/record at K=10 against 20.8 (zstd level 5), 22.2 (bitshuffle or no shuffle) and
     22.2 (plain zstd, no blosc)."""
-    return [BloscCodec(cname="zstd", clevel=9, shuffle="shuffle", typesize=np.dtype(dtype).itemsize), Crc32cCodec()]
+    return [BloscCodec(cname="zstd", clevel=9, shuffle="shuffle", typesize=np.dtype(dtype).itemsize),
+            Crc32cCodec()]

@@ -1,18 +1,16 @@
 """Per-unit locks so that two jobs never compute (and commit) the same unit at once.
 
-A lock is a file `units/<unit>.lock.<generation>` created exclusively and atomically (written aside,
-then hard-linked into place; see create_exclusive) holding {host, pid, token}. While a job holds it,
-a background thread refreshes its mtime (heartbeat). A lock is stale when its holder is gone: same
-host and the pid no longer exists, or no heartbeat for `stale_after` seconds.
+A lock is a file `units/<unit>.lock.<generation>` created exclusively and atomically
+(create_exclusive) holding {host, pid, token}. While a job holds it, a background thread refreshes
+its mtime (heartbeat). A lock is stale when its holder is gone: same host and the pid no longer
+exists, or no heartbeat for `stale_after` seconds.
 
-Breaking a stale lock never deletes it: the next job creates generation g+1 with O_EXCL,
-so when two jobs find the same stale lock only one of them wins (no check-then-delete
-race). A holder that sees a higher generation appear has lost the unit and does not commit.
-Files are only ever removed from the top generation down, so probing 0, 1, 2 ... until a
-name is missing always finds the highest generation.
-
-Second line of defence: commits are idempotent (same inputs, same bytes), so even two
-holders of one unit would leave a whole, correct unit.
+Breaking a stale lock never deletes it: the next job creates generation g+1 with O_EXCL, so when
+two jobs find the same stale lock only one of them wins (no check-then-delete race). A holder that
+sees a higher generation appear has lost the unit and does not commit. Files are only ever removed
+from the top generation down, so probing 0, 1, 2 ... until a name is missing finds the highest.
+Second line of defence: commits are idempotent (same inputs, same bytes), so even two holders of
+one unit would leave a whole, correct unit.
 """
 from __future__ import annotations
 
@@ -40,10 +38,8 @@ def _lock_path(root: Path, unit: Unit, generation: int) -> Path:
 
 def create_exclusive(path: Path, text: str) -> bool:
     """Create `path` holding `text` unless it exists; atomic: readers never see it partly written.
-
-    Written aside, then hard-linked into place (link fails if the name exists: NFS-safe);
-    on file systems without hard links, falls back to O_CREAT|O_EXCL and a write.
-    """
+    Written aside, then hard-linked into place (link fails if the name exists: NFS-safe); on file
+    systems without hard links, falls back to O_CREAT|O_EXCL and a write."""
     path = Path(path)
     tmp = temp_path(path)
     tmp.write_text(text)
@@ -66,14 +62,6 @@ def create_exclusive(path: Path, text: str) -> bool:
         return True
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _top_generation(root: Path, unit: Unit) -> int:
-    """Highest existing generation, or -1."""
-    g = -1
-    while _lock_path(root, unit, g + 1).exists():
-        g += 1
-    return g
 
 
 def lock_is_stale(path: Path, stale_after: float) -> bool:
@@ -101,10 +89,12 @@ class UnitLock:
     def path(self) -> Path:
         return _lock_path(self.root, self.unit, self.generation)
 
+    def _broken(self) -> bool:
+        return _lock_path(self.root, self.unit, self.generation + 1).exists()
+
     def still_held(self) -> bool:
         """False once another job broke this lock (a higher generation exists)."""
-        if _lock_path(self.root, self.unit, self.generation + 1).exists():
-            self.lost = True
+        self.lost = self.lost or self._broken()
         return not self.lost
 
     def touch(self) -> None:
@@ -116,19 +106,21 @@ class UnitLock:
 
     def release(self) -> None:
         """Remove this generation and the stale ones below it, top down; keep all if we lost it."""
-        if _lock_path(self.root, self.unit, self.generation + 1).exists():
-            return
-        for g in range(self.generation, -1, -1):
-            _lock_path(self.root, self.unit, g).unlink(missing_ok=True)
+        if not self._broken():
+            for g in range(self.generation, -1, -1):
+                _lock_path(self.root, self.unit, g).unlink(missing_ok=True)
 
 
-def try_lock(root: Path, unit: Unit, stale_after: float = DEFAULT_STALE_AFTER, job: str = "") -> UnitLock | None:
+def try_lock(root: Path, unit: Unit, stale_after: float = DEFAULT_STALE_AFTER,
+             job: str = "") -> UnitLock | None:
     """The unit's lock, or None when the unit is done or a live job holds it."""
     root = Path(root)
     for _ in range(100):
         if unit_json_path(root, unit).exists():
             return None
-        top = _top_generation(root, unit)
+        top = -1                                          # the highest existing generation
+        while _lock_path(root, unit, top + 1).exists():
+            top += 1
         if top >= 0 and not lock_is_stale(_lock_path(root, unit, top), stale_after):
             return None
         lock = UnitLock(root, unit, top + 1, uuid.uuid4().hex)
@@ -136,8 +128,7 @@ def try_lock(root: Path, unit: Unit, stale_after: float = DEFAULT_STALE_AFTER, j
                 "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         if not create_exclusive(lock.path, json.dumps(info)):
             continue                  # another job took this generation first: look again
-        # The unit may have been committed between our check and the lock.
-        if unit_json_path(root, unit).exists():
+        if unit_json_path(root, unit).exists():    # committed between our check and the lock
             lock.release()
             return None
         return lock

@@ -1,15 +1,11 @@
 """The cache's manifest.json: what was computed, from what, and how it is laid out.
 
-Written once, by whichever job gets there first, atomically: each job writes its own candidate aside
-and hard-links it to manifest.json (os.link fails if the name exists, so exactly one job wins;
-locks.create_exclusive); every other job reads the winner's and checks it matches its own settings.
-The fields that decide the numbers (IDENTITY_FIELDS) must match for any job to add to the cache; the
-rest is description.
-
-The seed count is not an identity field: `cache-teacher --seeds S2` grows a cache of fewer
-seeds (growth.py replaces the manifest atomically, adding a `seed_generations` entry); a
-smaller --seeds is refused. Manifests written before growth, batch size and channels-last
-were recorded read as MANIFEST_DEFAULTS (see with_defaults).
+Written once, by whichever job gets there first: each job writes its candidate aside and hard-links
+it to manifest.json (locks.create_exclusive: exactly one job wins); every other job checks the
+winner's against its own settings. The fields that decide the numbers (IDENTITY_FIELDS) must match
+for any job to add to the cache; the rest is description. The seed count is not one of them:
+a larger --seeds grows the cache (store.grow_cache), a smaller one is refused. Manifests written before
+growth, batch size and channels-last were recorded read as MANIFEST_DEFAULTS (with_defaults).
 """
 from __future__ import annotations
 
@@ -27,10 +23,8 @@ import pyarrow
 import zarr
 
 from data_shards.files import write_text_atomic
-
-from data_shards.recipe import (LATER_FIELD_DEFAULTS, REPLAY_ALGORITHM_CHANGES,
-                                REPLAY_ALGORITHM_VERSION, RESIZE_KERNEL_KEY, AugRecipe,
-                                fingerprint_of, pixel_library_versions)
+from data_shards.recipe import (LATER_FIELD_DEFAULTS, REPLAY_ALGORITHM_CHANGES, REPLAY_ALGORITHM_VERSION,
+                                RESIZE_KERNEL_KEY, AugRecipe, fingerprint_of, pixel_library_versions)
 
 from .errors import CacheError
 from .layout import MANIFEST_FILE, SeedGeneration, all_units
@@ -41,23 +35,15 @@ FORMAT_VERSION = 1
 
 # (dotted path in the manifest, what to call it in messages)
 IDENTITY_FIELDS = (
-    ("format_version", "cache format version"),
-    ("shards.content_hash", "shards content hash"),
-    ("shards.num_shards", "number of shards"),
-    ("shards.rows_per_shard", "shard size"),
-    ("num_classes", "class count"),
-    ("recipe_fingerprint", "augmentation recipe fingerprint"),
+    ("format_version", "cache format version"), ("shards.content_hash", "shards content hash"),
+    ("shards.num_shards", "number of shards"), ("shards.rows_per_shard", "shard size"),
+    ("num_classes", "class count"), ("recipe_fingerprint", "augmentation recipe fingerprint"),
     ("teacher.name", "teacher"),
     ("teacher.weights_sha256", "teacher weights (sha256 of the state dict)"),
-    ("teacher.model_kwargs", "teacher constructor arguments"),
-    ("precision", "teacher precision"),
+    ("teacher.model_kwargs", "teacher constructor arguments"), ("precision", "teacher precision"),
     ("seeds_per_unit", "seeds per unit"),
     ("batch_size", "--batch-size (batch composition changes GPU results)"),
-    ("channels_last", "--channels-last"),
-    ("topk", "top-k K"),
-    ("store_logits", "--store-logits"),
-)
-
+    ("channels_last", "--channels-last"), ("topk", "top-k K"), ("store_logits", "--store-logits"))
 
 # Older manifests lack these; they were computed with cache-teacher's documented default batch
 # size (64). channels_last was then implicit (on for CUDA): unit records name the device.
@@ -78,45 +64,34 @@ def seed_generations(manifest: dict) -> list[SeedGeneration]:
 
 def library_versions(recipe: AugRecipe | None = None) -> dict[str, str]:
     return {**pixel_library_versions(recipe), "zarr": zarr.__version__,
-            "numcodecs": numcodecs.__version__,
-            "pyarrow": pyarrow.__version__, "python": platform.python_version()}
+            "numcodecs": numcodecs.__version__, "pyarrow": pyarrow.__version__,
+            "python": platform.python_version()}
 
 
 def build_manifest(opts, shard_set, teacher_info: dict, arrays: dict) -> dict:
     """A new cache's manifest; `opts`: resolved CacheOptions (build.resolve_settings)."""
-    num_units = len(all_units(shard_set.num_shards, opts.seeds, opts.seeds_per_unit))
     return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format": FORMAT, "format_version": FORMAT_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "created_by": {"host": socket.gethostname(), "pid": os.getpid(), "argv": sys.argv},
         "teacher": {k: teacher_info.get(k) for k in ("name", "checkpoint", "checkpoint_sha256",
-                                                     "weights_sha256", "pretrained",
-                                                     "model_kwargs")},
-        "num_classes": shard_set.num_classes,
-        "classes": shard_set.metadata.get("classes"),
-        "topk": opts.topk,
-        "store_logits": opts.store_logits,
-        "precision": opts.precision,
-        "seeds": opts.seeds,
-        # growth.py appends [S1, S2] (arrays under arrays.zarr/seeds-…)
-        "seed_generations": [[0, opts.seeds]],
-        "seeds_per_unit": opts.seeds_per_unit,
+                                                     "weights_sha256", "pretrained", "model_kwargs")},
+        "num_classes": shard_set.num_classes, "classes": shard_set.metadata.get("classes"),
+        "topk": opts.topk, "store_logits": opts.store_logits, "precision": opts.precision,
+        "seeds": opts.seeds, "seeds_per_unit": opts.seeds_per_unit,
+        "seed_generations": [[0, opts.seeds]],    # grow_cache appends [S1, S2] (arrays.zarr/seeds-…)
         "batch_size": opts.batch_size,            # verify-cache recomputes records in these batches
         "channels_last": opts.channels_last,
-        "recipe": opts.recipe.to_dict(),
-        "recipe_fingerprint": opts.recipe.fingerprint(),
+        "recipe": opts.recipe.to_dict(), "recipe_fingerprint": opts.recipe.fingerprint(),
         "replay_algorithm": REPLAY_ALGORITHM_VERSION,     # description: the fingerprint covers it
-        "shards": {"path": str(Path(shard_set.root).resolve()),
-                   "content_hash": shard_set.content_hash,
+        "shards": {"path": str(Path(shard_set.root).resolve()), "content_hash": shard_set.content_hash,
                    "num_shards": shard_set.num_shards, "shard_counts": shard_set.shard_counts,
                    "rows_per_shard": shard_set.rows_per_shard,
-                   "num_samples": sum(shard_set.shard_counts),
-                   "split": shard_set.metadata.get("split")},
+                   "num_samples": sum(shard_set.shard_counts), "split": shard_set.metadata.get("split")},
         "arrays": arrays,
-        "units": {"count": num_units, "dir": "units",
-                  "status": "a unit is done when units/<unit>.json exists; see `deit-pipeline "
-                            "inspect-cache`"},
+        "units": {"count": len(all_units(shard_set.num_shards, opts.seeds, opts.seeds_per_unit)),
+                  "dir": "units", "status": "a unit is done when units/<unit>.json exists; see "
+                                            "`deit-pipeline inspect-cache`"},
         "library_versions": library_versions(opts.recipe),
     }
 
@@ -124,9 +99,7 @@ def build_manifest(opts, shard_set, teacher_info: dict, arrays: dict) -> dict:
 def _get(manifest: dict, dotted: str):
     value = manifest
     for part in dotted.split("."):
-        if not isinstance(value, dict):
-            return None
-        value = value.get(part)
+        value = value.get(part) if isinstance(value, dict) else None
     return value
 
 
@@ -138,8 +111,7 @@ def recipe_differences(existing: dict, wanted: dict) -> list[str]:
     new_recipe = {**LATER_FIELD_DEFAULTS, **(wanted.get("recipe") or {})}
     for key in sorted(set(old_recipe) | set(new_recipe)):
         if old_recipe.get(key) != new_recipe.get(key):
-            out.append(f"  recipe {key}: cache {old_recipe.get(key)!r}, this run "
-                       f"{new_recipe.get(key)!r}")
+            out.append(f"  recipe {key}: cache {old_recipe.get(key)!r}, this run {new_recipe.get(key)!r}")
     old_lib, new_lib = existing.get("library_versions") or {}, wanted.get("library_versions") or {}
     for key in sorted(set(pixel_library_versions()) | {RESIZE_KERNEL_KEY}):
         if old_lib.get(key) != new_lib.get(key):
@@ -155,8 +127,7 @@ def replay_algorithm(manifest: dict) -> int | None:
     if manifest.get("replay_algorithm") is not None:
         return int(manifest["replay_algorithm"])
     pixel_keys = set(pixel_library_versions()) | {RESIZE_KERNEL_KEY}
-    versions = manifest.get("library_versions") or {}
-    libraries = {k: v for k, v in versions.items() if k in pixel_keys}
+    libraries = {k: v for k, v in (manifest.get("library_versions") or {}).items() if k in pixel_keys}
     recipe, fingerprint = manifest.get("recipe") or {}, manifest.get("recipe_fingerprint")
     for algorithm in range(REPLAY_ALGORITHM_VERSION, 0, -1):
         if fingerprint_of(recipe, libraries, algorithm) == fingerprint:
@@ -173,8 +144,9 @@ def other_algorithm_message(root: Path, manifest: dict) -> str | None:
     if version > REPLAY_ALGORITHM_VERSION:
         return (f"teacher cache {root} was made with replay algorithm {version}, newer than this "
                 f"version's {REPLAY_ALGORITHM_VERSION}: use a newer deit-pipeline")
-    changes = "; ".join(f"{v}: {REPLAY_ALGORITHM_CHANGES[v]}" for v in range(version + 1,
-                        REPLAY_ALGORITHM_VERSION + 1) if v in REPLAY_ALGORITHM_CHANGES)
+    changes = "; ".join(f"{v}: {REPLAY_ALGORITHM_CHANGES[v]}"
+                        for v in range(version + 1, REPLAY_ALGORITHM_VERSION + 1)
+                        if v in REPLAY_ALGORITHM_CHANGES)
     return (f"teacher cache {root} was made with replay algorithm {version}, this version replays "
             f"algorithm {REPLAY_ALGORITHM_VERSION} ({changes}): its recorded images do not apply. "
             f"Rebuild it (in a new folder) with: {rebuild_command(root, manifest)}")
@@ -184,12 +156,10 @@ def rebuild_command(root: Path, manifest: dict) -> str:
     """The cache-teacher command line computing the cache of `manifest` anew, into ROOT-replayN."""
     m, teacher = with_defaults(manifest), manifest["teacher"]
     out = Path(root).with_name(f"{Path(root).name}-replay{REPLAY_ALGORITHM_VERSION}")
-    args = ["deit-pipeline", "cache-teacher", "--shards", str(m["shards"]["path"]),
-            "--out", str(out)]
-    if teacher.get("name"):
-        args += ["--teacher", teacher["name"]]
-    if teacher.get("checkpoint"):
-        args += ["--teacher-checkpoint", teacher["checkpoint"]]
+    args = ["deit-pipeline", "cache-teacher", "--shards", str(m["shards"]["path"]), "--out", str(out)]
+    for option, key in (("--teacher", "name"), ("--teacher-checkpoint", "checkpoint")):
+        if teacher.get(key):
+            args += [option, teacher[key]]
     if teacher.get("model_kwargs"):
         args += ["--teacher-kwargs", json.dumps(teacher["model_kwargs"], sort_keys=True)]
     args += ["--seeds", str(m["seeds"]), "--seeds-per-unit", str(m["seeds_per_unit"]),
@@ -225,8 +195,7 @@ def read_manifest(root: str | os.PathLike, retries: int = 20) -> dict:
                                  "recreate it in a new folder") from None
             time.sleep(0.1)
     if manifest.get("format") != FORMAT:
-        raise CacheError(f"{path} is not a teacher-cache manifest (format "
-                         f"{manifest.get('format')!r})")
+        raise CacheError(f"{path} is not a teacher-cache manifest (format {manifest.get('format')!r})")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CacheError(f"{path}: cache format version {manifest.get('format_version')} is not "
                          f"{FORMAT_VERSION}; recreate the cache with this version of deit-pipeline")
@@ -240,14 +209,10 @@ def write_json_atomic(path: Path, obj: dict) -> None:
 
 def create_or_match_manifest(root: Path, wanted: dict) -> tuple[dict, bool]:
     """Install `wanted` as root/manifest.json unless one exists; return (manifest in force,
-    created).
-
-    Raises CacheError naming every identity field that differs from an existing manifest.
-    """
+    created). Raises CacheError naming every identity field that differs from an existing one."""
     root.mkdir(parents=True, exist_ok=True)
     path = root / MANIFEST_FILE
-    if not path.exists() and create_exclusive(path,
-                                              json.dumps(wanted, indent=1, sort_keys=True) + "\n"):
+    if not path.exists() and create_exclusive(path, json.dumps(wanted, indent=1, sort_keys=True) + "\n"):
         return wanted, True                # exactly one job wins; the others check theirs below
     existing = read_manifest(root)
     refuse_differences(root, existing, wanted)
@@ -270,6 +235,7 @@ def refuse_differences(root: Path, existing: dict, wanted: dict) -> None:
             if path == "recipe_fingerprint":
                 diffs.extend(recipe_differences(existing, wanted))
     if diffs:                     # one line (the CLI's errors are one line each)
-        raise CacheError(f"{root} already holds a cache computed differently: " + "; ".join(d.strip() for d in diffs)
-                         + f". Use another --out folder, or rerun with the cache's settings "
-                         f"(`deit-pipeline inspect-cache {root}` shows them)")
+        raise CacheError(f"{root} already holds a cache computed differently: "
+                         + "; ".join(d.strip() for d in diffs) + ". Use another --out folder, or "
+                         f"rerun with the cache's settings (`deit-pipeline inspect-cache {root}` "
+                         "shows them)")

@@ -1,15 +1,10 @@
 """What the teacher contributes per (sample, aug seed), exactly as stored in the cache.
 
-`encode_teacher_logits` is the one place where teacher logits become targets: stage one
-stores its output, and stage two's online teacher passes its live logits through it too,
-so a cached run and an online run see identical numbers.
-
-Top-k mode also stores a 4-number summary of the tail (the C-K classes outside the top k):
-its log-sum-exp of log-probs at τ = 1, 2, 3, 4, from which stage two rebuilds the tail's
-mass at any τ (student/losses.py). Chosen by bench/bench_soft_targets.py: without it, a soft
-target at τ = 3 rebuilt from the top 10 puts the wrong mass in the tail (total variation up to
-0.69 on synthetic ImageNet-like logits, gradient pointing the wrong way); with it, only the
-tail's shape is lost (total variation <= the tail's mass, which `soft_tail_mass` reports).
+`encode_teacher_logits` is the one place where teacher logits become targets: stage one stores
+its output, and stage two's online teacher passes its live logits through it too, so a cached run
+and an online run see identical numbers. Top-k mode also stores the tail's log-sum-exp at
+τ = 1, 2, 3, 4 (TAIL_TAUS), from which stage two rebuilds the tail's mass at any τ (DESIGN.md;
+chosen by bench/bench_soft_targets.py); only the tail's shape is lost (`soft_tail_mass`).
 """
 from __future__ import annotations
 
@@ -24,12 +19,10 @@ TAIL_TAUS = (1.0, 2.0, 3.0, 4.0)
 
 @dataclass
 class TeacherTargets:
-    topk_indices: torch.Tensor            # (N, K) int64, descending by teacher score
-    topk_logprobs: torch.Tensor           # (N, K) float32 (values representable in fp16)
-    # (N, C) float32 (values representable in fp16), full mode only
-    logits: torch.Tensor | None = None
-    # (N, len(TAIL_TAUS)) float32 (fp16 values), top-k mode with K < C
-    tail_logsumexp: torch.Tensor | None = None
+    topk_indices: torch.Tensor               # (N, K) int64, descending by teacher score
+    topk_logprobs: torch.Tensor              # (N, K) float32 (values representable in fp16)
+    logits: torch.Tensor | None = None       # (N, C) float32 (fp16 values), full mode only
+    tail_logsumexp: torch.Tensor | None = None   # (N, len(TAIL_TAUS)) (fp16 values), top-k, K < C
 
     @property
     def label(self) -> torch.Tensor:
@@ -40,9 +33,8 @@ class TeacherTargets:
         return self.topk_indices.shape[0]
 
     def _map(self, fn) -> "TeacherTargets":
-        return TeacherTargets(**{f.name: None if getattr(self, f.name) is None else fn(getattr(self,
-                                                                                               f.name))
-                                 for f in fields(self)})
+        return TeacherTargets(**{f.name: None if getattr(self, f.name) is None
+                                 else fn(getattr(self, f.name)) for f in fields(self)})
 
     def select(self, index) -> "TeacherTargets":
         return self._map(lambda t: t[index])
@@ -53,10 +45,12 @@ class TeacherTargets:
     @staticmethod
     def cat(parts: list["TeacherTargets"]) -> "TeacherTargets":
         return TeacherTargets(**{f.name: None if getattr(parts[0], f.name) is None
-                                 else torch.cat([getattr(p, f.name) for p in parts]) for f in fields(parts[0])})
+                                 else torch.cat([getattr(p, f.name) for p in parts])
+                                 for f in fields(parts[0])})
 
 
-def tail_logsumexp(logprobs: torch.Tensor, topk_indices: torch.Tensor, taus=TAIL_TAUS) -> torch.Tensor:
+def tail_logsumexp(logprobs: torch.Tensor, topk_indices: torch.Tensor,
+                   taus=TAIL_TAUS) -> torch.Tensor:
     """(N, len(taus)): log Σ_{j outside the top k} exp(log p_j / τ) for each τ."""
     tail = logprobs.scatter(1, topk_indices, float("-inf"))
     return torch.stack([torch.logsumexp(tail / tau, dim=1) for tau in taus], dim=1)
@@ -66,10 +60,9 @@ def tail_logsumexp_at(targets: TeacherTargets, num_classes: int, tau: float) -> 
     """(N,) L(β) = log Σ_tail exp(β · log p_j) at β = 1/τ: stored at β = 1/τ for τ in TAIL_TAUS, and
     L(0) = log(C - K); linear in β in between (L is convex in β, so the interpolated tail mass is
     never too small; for τ < 1 the last segment is extended and may be)."""
-    points = [(0.0,
-               torch.full((len(targets),), math.log(num_classes - targets.topk_indices.shape[1])))]
-    points += sorted((1.0 / t, v) for t, v in zip(TAIL_TAUS,
-                                                  targets.tail_logsumexp.float().unbind(dim=1)))
+    k = targets.topk_indices.shape[1]
+    points = [(0.0, torch.full((len(targets),), math.log(num_classes - k)))]
+    points += sorted((1.0 / t, v) for t, v in zip(TAIL_TAUS, targets.tail_logsumexp.float().unbind(1)))
     beta = 1.0 / tau
     i = next((i for i in range(len(points) - 1) if beta <= points[i + 1][0]), len(points) - 2)
     (b0, l0), (b1, l1) = points[i], points[i + 1]
@@ -96,12 +89,12 @@ def soft_tail_mass(targets: TeacherTargets, num_classes: int, tau: float) -> tor
 # per-record statistic: a mean lets a minority of flat records (the ones soft targets are for)
 # pass with most of their target unstored.
 GUARD_QUANTILE = 0.99
-# train-student's --soft-tail-limit default; inspect-cache reports the τ fit at it
-DEFAULT_SOFT_TAIL_LIMIT = 0.25
+DEFAULT_SOFT_TAIL_LIMIT = 0.25    # train-student's --soft-tail-limit; inspect-cache reports the fit
 GUARD_UNITS = 8
 
 
-def guard_units(num_shards: int, num_seeds: int, max_units: int = GUARD_UNITS) -> list[tuple[int, int]]:
+def guard_units(num_shards: int, num_seeds: int,
+                max_units: int = GUARD_UNITS) -> list[tuple[int, int]]:
     """Up to `max_units` distinct (shard, seed) pairs, deterministic, spread over both: seeds
     evenly over 0..num_seeds-1, shards evenly (or in turn, when there are fewer than the pairs)."""
     n = min(max_units, num_shards * num_seeds)
@@ -109,13 +102,17 @@ def guard_units(num_shards: int, num_seeds: int, max_units: int = GUARD_UNITS) -
             for i in range(n)]
 
 
+def tail_masses(parts: list[TeacherTargets], num_classes: int, tau: float) -> torch.Tensor | None:
+    """soft_tail_mass at τ of every record of `parts`, concatenated (None: cannot tell)."""
+    masses = [soft_tail_mass(t, num_classes, tau) for t in parts]
+    return None if not masses or any(m is None for m in masses) else torch.cat(masses)
+
+
 def tail_mass_quantile(parts: list[TeacherTargets], num_classes: int, tau: float,
                        q: float = GUARD_QUANTILE) -> float | None:
     """The q-quantile over every record of `parts` of soft_tail_mass at τ (None: cannot tell)."""
-    masses = [soft_tail_mass(t, num_classes, tau) for t in parts]
-    if not masses or any(m is None for m in masses):
-        return None
-    return float(torch.cat(masses).double().quantile(q))
+    masses = tail_masses(parts, num_classes, tau)
+    return None if masses is None else float(masses.double().quantile(q))
 
 
 def largest_fit_tau(parts: list[TeacherTargets], num_classes: int, limit: float,
@@ -142,17 +139,16 @@ def largest_fit_tau(parts: list[TeacherTargets], num_classes: int, limit: float,
     return max(lowest, math.floor(math.exp(lo) * 100) / 100)
 
 
-def encode_teacher_logits(logits: torch.Tensor, topk: int, store_full: bool = False) -> TeacherTargets:
+def encode_teacher_logits(logits: torch.Tensor, topk: int,
+                          store_full: bool = False) -> TeacherTargets:
     """fp32 teacher logits (N, C) -> top-k indices + fp16-rounded top-k log-probs, and either
     the full fp16 logits or (when K < C) the fp16 tail summary `tail_logsumexp`."""
     logits = logits.detach().float()
     if not 1 <= topk <= logits.shape[1]:
-        raise ValueError(f"top-k K={topk} must be between 1 and the number of classes "
-                         f"{logits.shape[1]}")
+        raise ValueError(f"top-k K={topk} must be between 1 and the number of classes {logits.shape[1]}")
     logprobs = torch.log_softmax(logits, dim=1)
     values, indices = torch.topk(logprobs, topk, dim=1, largest=True, sorted=True)
     full = logits.half().float() if store_full else None
-    tail = None
-    if not store_full and topk < logits.shape[1]:
-        tail = tail_logsumexp(logprobs, indices).half().float()
+    has_tail = not store_full and topk < logits.shape[1]
+    tail = tail_logsumexp(logprobs, indices).half().float() if has_tail else None
     return TeacherTargets(indices.long(), values.half().float(), full, tail)

@@ -1,13 +1,10 @@
 """Loading a teacher and running it on replayed images (shared by the cache and the online teacher).
 
-`load_teacher` builds a timm model by name and either takes timm's pretrained weights
-(needs internet or a filled Hugging Face cache) or loads a local checkpoint: DeiT's format
-(a dict whose "model" key holds the state dict), timm's ("state_dict"), a plain state dict,
-or a .safetensors file. Files are read with `torch.load(weights_only=True)` or safetensors:
-never unpickled.
-
-`teacher_forward` is the one function that turns a batch of replayed images into
-`TeacherTargets`; stage one stores its result and stage two's online teacher calls it too.
+`load_teacher` builds a timm model by name and either takes timm's pretrained weights (needs
+internet or a filled Hugging Face cache) or loads a local checkpoint: DeiT's format (a dict whose
+"model" key holds the state dict), timm's ("state_dict"), a plain state dict, or a .safetensors
+file. Files are read with `torch.load(weights_only=True)` or safetensors: never unpickled.
+`teacher_forward` turns a batch of replayed images into `TeacherTargets`, for both stages.
 """
 from __future__ import annotations
 
@@ -53,11 +50,9 @@ def weights_sha256(model: torch.nn.Module) -> str:
 
 def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str | None, dict]:
     """A checkpoint file -> (state dict, architecture name if recorded, timm kwargs if recorded).
-
     The architecture may be recorded under "arch" / "model_name" (top-level key, or safetensors
     metadata); constructor arguments under a top-level "model_kwargs" dict (safetensors: a JSON
-    string), e.g. {"img_size": 32} for a DeiT trained on small images.
-    """
+    string), e.g. {"img_size": 32} for a DeiT trained on small images."""
     path = Path(path)
     if not path.is_file():
         raise TeacherError(f"checkpoint {path} not found")
@@ -75,8 +70,7 @@ def read_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], s
         raise TeacherError(f"checkpoint {path} has no tensors (top-level keys: "
                            f"{', '.join(sorted(map(str, obj))[:8])}); expected a state dict or "
                            "a dict with a 'model' state dict (DeiT's format)")
-    # DDP's / torch.compile's prefixes dropped
-    return clean_state_dict(tensors), arch, dict(kwargs)
+    return clean_state_dict(tensors), arch, dict(kwargs)    # DDP's, torch.compile's prefixes dropped
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str | None, dict]:
@@ -93,20 +87,20 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], str | None, 
     except ValueError:
         raise TeacherError(f"{path}: metadata model_kwargs is not JSON: "
                            f"{metadata['model_kwargs']!r}") from None
-    return clean_state_dict(state), next((metadata[k] for k in _ARCH_KEYS if metadata.get(k)), None), kwargs
+    arch = next((metadata[k] for k in _ARCH_KEYS if metadata.get(k)), None)
+    return clean_state_dict(state), arch, kwargs
 
 
-def load_teacher(name: str | None, checkpoint: str | os.PathLike | None = None, num_classes: int | None = None,
-                 device: str | torch.device = "cpu", model_kwargs: dict | None = None,
+def load_teacher(name: str | None, checkpoint: str | os.PathLike | None = None,
+                 num_classes: int | None = None, device: str | torch.device = "cpu",
+                 model_kwargs: dict | None = None,
                  options: tuple[str, str] = ("--teacher", "--teacher-checkpoint")) -> torch.nn.Module:
-    """A timm teacher in eval mode with grads off, on `device`.
-
-    name: timm model name (a pretrained tag like ".deit_in1k" is allowed); None means the name
-    recorded in the checkpoint, or DEFAULT_TEACHER when there is no checkpoint. checkpoint: local
-    weights file; without it timm's pretrained weights are used. num_classes: the head size (the
-    shards' class count); a checkpoint must match it. options: the command's options for the name
-    and the checkpoint, named in messages. The returned module carries `teacher_info` (name,
-    checkpoint, checkpoint_sha256, weights_sha256). """
+    """A timm teacher in eval mode with grads off, on `device`, carrying `teacher_info` (name,
+    checkpoint, checkpoint_sha256, weights_sha256, ...). name: timm model name (a pretrained tag
+    like ".deit_in1k" is allowed); None means the name recorded in the checkpoint, or
+    DEFAULT_TEACHER when there is no checkpoint (then timm's pretrained weights are used).
+    num_classes: the head size (the shards' class count); a checkpoint must match it. options: the
+    command's options for the name and the checkpoint, named in messages."""
     state, arch, checkpoint_sha, recorded_kwargs = None, None, None, {}
     if checkpoint is not None:
         state, arch, recorded_kwargs = read_checkpoint(checkpoint)
@@ -132,8 +126,7 @@ def load_teacher(name: str | None, checkpoint: str | os.PathLike | None = None, 
     model.eval().requires_grad_(False).to(device)
     model.teacher_info = {"name": name,
                           "checkpoint": None if checkpoint is None else str(Path(checkpoint).resolve()),
-                          "checkpoint_sha256": checkpoint_sha,
-                          "weights_sha256": weights_sha256(model),
+                          "checkpoint_sha256": checkpoint_sha, "weights_sha256": weights_sha256(model),
                           "pretrained": checkpoint is None, "num_classes": num_classes,
                           "model_kwargs": {k: v for k, v in kwargs.items() if k != "num_classes"}}
     return model
@@ -141,18 +134,16 @@ def load_teacher(name: str | None, checkpoint: str | os.PathLike | None = None, 
 
 def _load_state(model: torch.nn.Module, state: dict[str, torch.Tensor], checkpoint, name: str) -> None:
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
     wrong_shape = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
     parts = [f"{what} {len(keys)} key(s) e.g. {', '.join(keys[:3])}"
-             for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+             for what, keys in (("missing", sorted(set(expected) - set(state))),
+                                ("unexpected", sorted(set(state) - set(expected)))) if keys]
     parts += ["shape mismatch " + ", ".join(f"{k} {tuple(state[k].shape)} vs model "
-                                            f"{tuple(expected[k].shape)}"
-                                            for k in wrong_shape[:3])] if wrong_shape else []
+                                            f"{tuple(expected[k].shape)}" for k in wrong_shape[:3])
+              ] if wrong_shape else []
     if parts:
         raise TeacherError(f"checkpoint {checkpoint} does not fit timm model {name!r} "
-                           f"(num_classes={getattr(model, 'num_classes', '?')}): "
-                           f"{'; '.join(parts)}. "
+                           f"(num_classes={getattr(model, 'num_classes', '?')}): {'; '.join(parts)}. "
                            "Check --teacher and that the checkpoint was trained on these classes")
     model.load_state_dict(state, strict=True)
 
@@ -161,8 +152,7 @@ def check_precision(precision: str, device: torch.device) -> None:
     if precision not in PRECISIONS:
         raise TeacherError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "fp16" and torch.device(device).type != "cuda":
-        raise TeacherError("fp16 autocast needs a CUDA device; use --precision bf16 or fp32 on the "
-                           "CPU")
+        raise TeacherError("fp16 autocast needs a CUDA device; use --precision bf16 or fp32 on the CPU")
 
 
 @torch.no_grad()
@@ -184,8 +174,7 @@ def teacher_logits(model: torch.nn.Module, images: torch.Tensor, precision: str 
 
 def teacher_forward(model: torch.nn.Module, images: torch.Tensor, topk: int, store_full: bool = False,
                     precision: str = "fp32", channels_last: bool = False) -> TeacherTargets:
-    """Replayed images -> TeacherTargets (top-k indices + fp16 log-probs [+ fp16 logits]) on the
-    CPU; channels_last: feed NHWC (for a model converted with
-    `model.to(memory_format=torch.channels_last)`)."""
+    """Replayed images -> TeacherTargets on the CPU; channels_last: feed NHWC (for a model converted
+    with `model.to(memory_format=torch.channels_last)`)."""
     logits = teacher_logits(model, images, precision, channels_last)
     return encode_teacher_logits(logits, topk, store_full).to("cpu")

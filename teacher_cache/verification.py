@@ -1,27 +1,14 @@
 """verify_cache: recompute sampled cached records in the very batches that produced them, and
-compare.
+compare (DESIGN.md, verify-cache).
 
-cache-teacher runs the teacher on consecutive slices of --batch-size replayed images of one (shard,
-seed), in mixing order (build.py: one work item per batch). On a GPU, bf16 results depend on the
-batch a record sat in, so recomputing records in other batches disagrees on a healthy cache. Here
-each sampled record's original batch is rebuilt as cache-teacher builds it (the same work item,
-replay_item + finish_item: same shard, seed, order and the unit's recorded batch size) and run with
-the cache's precision and the unit's channels-last setting: on the same machine and precision a
-healthy cache reproduces exactly.
-
-Before any recomputation, every done unit's storage files are checked against its record (present,
-same size, same sha256: cheap next to the teacher) and the units not computed yet are listed;
-damaged units are reported and left out of the sample. Each sampled (shard, seed) also gets its
-recorded replay digests checked. A record whose recomputed argmax differs from the cached one is a
-*near-tie* when the recomputation itself puts the two classes within `near_tie_tolerance` (nats) and
-the stored top-1 log-prob is that class's recomputed value within the same tolerance; any other
-difference is a *real mismatch* and always fails. Near-ties count against --min-agreement (exact
-argmax agreement, default 1.0): they fail by default, because on the same kind of device a healthy
-cache is bit-exact. Records recomputed on another kind of device than their unit's (`device_kind` in
-the unit record: GPU model, or CPU architecture and kernel capability) are expected to flip
-near-ties: there they are reported and do not fail, and --min-agreement applies to same-kind records
-only; the verdict then rests on the digests (finishing is exact on every device), the file hashes
-and real mismatches. """
+On a GPU, bf16 results depend on the batch a record sat in, so each sampled record's original
+batch is rebuilt as cache-teacher built it (the same work item, the unit's batch size and
+channels-last, the cache's precision): on the same machine a healthy cache reproduces exactly. A
+differing argmax is a *near-tie* when the recomputation puts the two classes within
+`near_tie_tolerance` nats and the stored top-1 log-prob is its class's recomputed value within the
+same tolerance, else a *real mismatch* (always fails). Near-ties fail on the unit's kind of device
+(`device_kind` in its record); on another kind they are expected, reported and do not fail.
+"""
 from __future__ import annotations
 
 import math
@@ -47,6 +34,7 @@ from .teacher import check_precision, load_teacher, teacher_logits
 RECORDS_PER_PAIR = 8
 # nats; about the spread of bf16 logits between GPU kernels of different shapes
 NEAR_TIE_TOLERANCE = 0.05
+VERDICTS = ("match", "near-tie", "mismatch")
 
 
 @dataclass
@@ -71,7 +59,8 @@ def unit_batch_settings(cache: TeacherCache, unit: Unit) -> tuple[int, bool]:
     return batch_size, bool(channels_last)
 
 
-def sample_records(cache: TeacherCache, samples: int, seed: int = 0, units: list[Unit] | None = None) -> list[Pick]:
+def sample_records(cache: TeacherCache, samples: int, seed: int = 0,
+                   units: list[Unit] | None = None) -> list[Pick]:
     """About `samples` records over `units` (default: the done ones): random (shard, seed) pairs,
     one random batch of each, up to RECORDS_PER_PAIR random rows of that batch (small caches:
     further batches of the pairs). Empty when there is no unit."""
@@ -86,11 +75,9 @@ def sample_records(cache: TeacherCache, samples: int, seed: int = 0, units: list
             if remaining <= 0:
                 break
             unit, aug_seed = pairs[i]
-            # unit records are read once
-            batch_size, channels_last = unit_batch_settings(cache, unit)
+            batch_size, channels_last = unit_batch_settings(cache, unit)   # records read once
             count = cache.shard_counts[unit.shard]
-            free = sorted(set(range(math.ceil(count / batch_size))) - used.setdefault(int(i),
-                                                                                      set()))
+            free = sorted(set(range(math.ceil(count / batch_size))) - used.setdefault(int(i), set()))
             if not free:
                 continue
             batch = int(free[rng.integers(len(free))])
@@ -105,8 +92,8 @@ def sample_records(cache: TeacherCache, samples: int, seed: int = 0, units: list
     return sorted(picks, key=lambda p: (p.shard, p.seed, p.batch))
 
 
-def classify(stored_indices: torch.Tensor, stored_logprobs: torch.Tensor, recomputed_logprobs: torch.Tensor,
-             tolerance: float) -> str:
+def classify(stored_indices: torch.Tensor, stored_logprobs: torch.Tensor,
+             recomputed_logprobs: torch.Tensor, tolerance: float) -> str:
     """'match', 'near-tie' or 'mismatch' for one record (stored top-k vs recomputed full log-probs)."""
     cached, best = int(stored_indices[0]), int(torch.argmax(recomputed_logprobs))
     if cached == best:
@@ -116,8 +103,9 @@ def classify(stored_indices: torch.Tensor, stored_logprobs: torch.Tensor, recomp
     return "near-tie" if gap <= tolerance and stored_off <= tolerance else "mismatch"
 
 
-def verify_cache(path: str | os.PathLike, shards: str | os.PathLike, samples: int = 64, min_agreement: float = 1.0,
-                 max_logprob_diff: float | None = None, device: str = "auto", precision: str | None = None,
+def verify_cache(path: str | os.PathLike, shards: str | os.PathLike, samples: int = 64,
+                 min_agreement: float = 1.0, max_logprob_diff: float | None = None,
+                 device: str = "auto", precision: str | None = None,
                  teacher_checkpoint: str | None = None, seed: int = 0,
                  near_tie_tolerance: float = NEAR_TIE_TOLERANCE, allow_incomplete: bool = False) -> dict:
     """Check every done unit's files against its record (existence, size, sha256), list the units
@@ -142,8 +130,7 @@ def verify_cache(path: str | os.PathLike, shards: str | os.PathLike, samples: in
     picks = sample_records(cache, samples, seed, [u for u in done if u.name not in found.damaged])
     model = _load_cache_teacher(cache, teacher_checkpoint, torch_device) if picks else None
     for pick in picks:
-        _verify_pick(cache, shard_set, model, pick, precision, near_tie_tolerance, found,
-                     torch_device)
+        _verify_pick(cache, shard_set, model, pick, precision, near_tie_tolerance, found, torch_device)
     tally, other = found.tally, found.other_kind
     records = sum(tally.values())
     agreement = tally["match"] / records if records else None
@@ -155,15 +142,13 @@ def verify_cache(path: str | os.PathLike, shards: str | os.PathLike, samples: in
     pairs = sorted({(p.shard, p.seed) for p in picks})
     return {"cache": str(cache.root), "records": records, "pairs": len(pairs),
             "units_total": len(done) + len(missing), "units_done": len(done),
-            "units_missing": len(missing),
-            "missing_units": [u.name for u in missing[:20]], "complete": not missing,
-            "allow_incomplete": allow_incomplete,
-            "damaged_units": [{"unit": name, "problem": problem} for name, problem in found.damaged.items()],
+            "units_missing": len(missing), "missing_units": [u.name for u in missing[:20]],
+            "complete": not missing, "allow_incomplete": allow_incomplete,
+            "damaged_units": [{"unit": name, "problem": why} for name, why in found.damaged.items()],
             "fix": cache.repair_advice(bool(found.damaged)) if missing or found.damaged else None,
             "argmax_agreement": agreement, "near_ties": tally["near-tie"],
-            "mismatches": tally["mismatch"],
-            "near_tie_tolerance": near_tie_tolerance, "disagreements": found.examples,
-            "pairs_checked": [list(p) for p in pairs],
+            "mismatches": tally["mismatch"], "near_tie_tolerance": near_tie_tolerance,
+            "disagreements": found.examples, "pairs_checked": [list(p) for p in pairs],
             "batch_sizes": sorted({p.batch_size for p in picks}),
             "channels_last": sorted({p.channels_last for p in picks}),
             "max_logprob_diff": found.max_lp,
@@ -181,29 +166,26 @@ def verify_cache(path: str | os.PathLike, shards: str | os.PathLike, samples: in
 def _check_verify_options(samples: int, min_agreement: float, near_tie_tolerance: float,
                           max_logprob_diff: float | None, seed: int) -> None:
     """The ranges verify-cache's options are parsed with, for callers that do not go through the CLI."""
-    if samples < 1:
-        raise CacheError(f"--samples must be >= 1, got {samples}")
-    if not 0.0 <= min_agreement <= 1.0:
-        raise CacheError(f"--min-agreement must be in [0, 1], got {min_agreement}")
-    if not near_tie_tolerance >= 0.0:
-        raise CacheError(f"--near-tie-tolerance must be >= 0, got {near_tie_tolerance}")
-    if max_logprob_diff is not None and not max_logprob_diff >= 0.0:
-        raise CacheError(f"--max-logprob-diff must be >= 0, got {max_logprob_diff}")
-    if seed < 0:
-        raise CacheError(f"--seed must be >= 0, got {seed}")
+    for valid, option, rule, value in (
+            (samples >= 1, "--samples", ">= 1", samples),
+            (0.0 <= min_agreement <= 1.0, "--min-agreement", "in [0, 1]", min_agreement),
+            (near_tie_tolerance >= 0.0, "--near-tie-tolerance", ">= 0", near_tie_tolerance),
+            (max_logprob_diff is None or max_logprob_diff >= 0.0, "--max-logprob-diff", ">= 0",
+             max_logprob_diff),
+            (seed >= 0, "--seed", ">= 0", seed)):
+        if not valid:
+            raise CacheError(f"{option} must be {rule}, got {value}")
 
 
 @dataclass
 class _Findings:
     """What the recomputation found so far, over every pick."""
     kind: str                                                 # device_kind of the recomputation
-    tally: dict[str, int] = field(default_factory=lambda: {"match": 0, "near-tie": 0,
-                                                           "mismatch": 0})
-    other_kind: dict[str, int] = field(default_factory=lambda: {"match": 0, "near-tie": 0,
-                                                                "mismatch": 0})
+    tally: dict[str, int] = field(default_factory=lambda: dict.fromkeys(VERDICTS, 0))
+    other_kind: dict[str, int] = field(default_factory=lambda: dict.fromkeys(VERDICTS, 0))
     recorded_kinds: set[str] = field(default_factory=set)     # the sampled units' device kinds
-    examples: list[dict] = field(default_factory=list)       # the first 20 disagreements
-    damaged: dict[str, str] = field(default_factory=dict)   # unit name -> what is wrong
+    examples: list[dict] = field(default_factory=list)        # the first 20 disagreements
+    damaged: dict[str, str] = field(default_factory=dict)     # unit name -> what is wrong
     checked_pairs: set[tuple[int, int]] = field(default_factory=set)   # (shard, seed): digests seen
     files_checked: int = 0
     bad_files: list[str] = field(default_factory=list)
@@ -214,8 +196,8 @@ class _Findings:
     max_tail: float = 0.0            # the soft targets' tail summary (top-k mode with K < C)
 
 
-def _verify_pick(cache: TeacherCache, shard_set: ShardSet, model: torch.nn.Module, pick: Pick, precision: str,
-                 tolerance: float, found: _Findings, device: torch.device) -> None:
+def _verify_pick(cache: TeacherCache, shard_set: ShardSet, model: torch.nn.Module, pick: Pick,
+                 precision: str, tolerance: float, found: _Findings, device: torch.device) -> None:
     """Rebuild and rerun the pick's batch; check its seed's replay digests and its records against
     the cache (a unit that cannot be read is recorded as damaged)."""
     unit = cache.unit_for(pick.shard, pick.seed)
@@ -245,11 +227,12 @@ def _verify_pick(cache: TeacherCache, shard_set: ShardSet, model: torch.nn.Modul
         if not same_kind:
             found.other_kind[verdict] += 1
         if verdict != "match" and len(found.examples) < 20:
+            cached = int(idx[0])
             found.examples.append({"kind": verdict, "shard": pick.shard, "seed": pick.seed,
-                                   "position": pos,
-                                   "batch": pick.batch, "cached_argmax": int(idx[0]),
+                                   "position": pos, "batch": pick.batch, "cached_argmax": cached,
                                    "recomputed_argmax": int(recomputed.topk_indices[row, 0]),
-                                   "recomputed_gap": float(full_logprobs[row].max() - full_logprobs[row, int(idx[0])])})
+                                   "recomputed_gap":
+                                       float(full_logprobs[row].max() - full_logprobs[row, cached])})
         found.max_lp = max(found.max_lp,
                            float((full_logprobs[row, idx].half().float() - lp).abs().max()))
         if stored.tail_logsumexp is not None:
@@ -260,7 +243,8 @@ def _verify_pick(cache: TeacherCache, shard_set: ShardSet, model: torch.nn.Modul
                                   float((recomputed.logits[row] - stored.logits[pos]).abs().max()))
 
 
-def _load_cache_teacher(cache: TeacherCache, teacher_checkpoint, device: torch.device) -> torch.nn.Module:
+def _load_cache_teacher(cache: TeacherCache, teacher_checkpoint,
+                        device: torch.device) -> torch.nn.Module:
     t = cache.manifest["teacher"]
     checkpoint = teacher_checkpoint or t.get("checkpoint")
     if checkpoint is not None and not os.path.isfile(checkpoint):
@@ -302,10 +286,8 @@ def _original_batch(shard_set: ShardSet, unit: Unit, pick: Pick, recipe, device:
     works = unit_items(count, unit.shard, pick.seed, pick.batch_size)
     if pick.batch >= len(works):
         raise CacheError(f"shard {pick.shard} replays fewer than {pick.batch + 1} batches of "
-                         f"{pick.batch_size}: "
-                         "the shards changed since the cache was computed")
-    keys_cache: dict[int, list[str]] = {}
-    item = replay_item(shard_set, works[pick.batch], recipe, keys_cache)
+                         f"{pick.batch_size}: the shards changed since the cache was computed")
+    item = replay_item(shard_set, works[pick.batch], recipe, {})
     images, digests = finish_batch(item, recipe, device, count)
     return item, images, digests
 
@@ -318,8 +300,7 @@ def _replayed_digests(shard_set: ShardSet, pick: Pick, recipe, item, digests: di
     count, keys_cache, digests = shard_set.shard_counts[pick.shard], {}, dict(digests)
     for k in digest_positions(count, recipe.pairing_seeds):
         if not item.start <= k < item.stop:
-            work = WorkItem(pick.shard, pick.seed, k, k + 1)
-            one = replay_item(shard_set, work, recipe, keys_cache)
+            one = replay_item(shard_set, WorkItem(pick.shard, pick.seed, k, k + 1), recipe, keys_cache)
             digests.update(finish_batch(one, recipe, device, count)[1])
     return digests
 
@@ -330,9 +311,8 @@ def format_verification(report: dict) -> str:
     allowed = " (allowed: --allow-incomplete)" if r["units_missing"] and r["allow_incomplete"] else ""
     lines = [f"verify-cache {r['cache']}: units {r['units_done']}/{r['units_total']} computed, "
              f"{r['units_missing']} missing{allowed}",
-             f"  storage files "
-             f"{r['files_checked'] - len(r['file_hash_mismatches'])}/{r['files_checked']} "
-             "present and matching their sha256 (every computed unit)"]
+             f"  storage files {r['files_checked'] - len(r['file_hash_mismatches'])}/"
+             f"{r['files_checked']} present and matching their sha256 (every computed unit)"]
     lines += [f"  missing unit (not computed yet): {name}" for name in r["missing_units"][:5]]
     lines += [f"  DAMAGED unit {d['unit']}: {d['problem']}" for d in r["damaged_units"][:10]]
     if r["records"]:
@@ -356,18 +336,17 @@ def _recomputation_lines(r: dict) -> list[str]:
              f"{'/'.join(map(str, r['batch_sizes']))}, channels-last "
              f"{'/'.join(map(str, r['channels_last']))})",
              f"  argmax agreement {100 * r['argmax_agreement']:.2f}% (min "
-             f"{100 * r['min_agreement']:.2f}%), "
-             + diffs,
-             f"  replay digests "
-             f"{r['digests_checked'] - len(r['digest_mismatches'])}/{r['digests_checked']} match",
+             f"{100 * r['min_agreement']:.2f}%), " + diffs,
+             f"  replay digests {r['digests_checked'] - len(r['digest_mismatches'])}/"
+             f"{r['digests_checked']} match",
              f"  real mismatches {r['mismatches']} (always fail), near-ties {r['near_ties']} "
              f"(within {r['near_tie_tolerance']:g} nats; count as disagreement)"]
     for item in r["disagreements"][:5]:
         lines.append(f"  {item['kind']}: shard {item['shard']} seed {item['seed']} position "
                      f"{item['position']}: cached class {item['cached_argmax']}, recomputed "
-                     f"{item['recomputed_argmax']} (recomputed gap {item['recomputed_gap']:.4g} "
-                     f"nats)")
-    lines += [f"  replayed image differs from the cached one: {item}" for item in r["digest_mismatches"][:5]]
+                     f"{item['recomputed_argmax']} (recomputed gap {item['recomputed_gap']:.4g} nats)")
+    lines += [f"  replayed image differs from the cached one: {item}"
+              for item in r["digest_mismatches"][:5]]
     if r["other_kind_records"]:
         lines.append(f"  {r['other_kind_records']} of {r['records']} records recomputed on "
                      f"{r['device_kind']}, not on cache-teacher's "

@@ -16,7 +16,7 @@ from cache_fixtures import (GROWN, SEEDS, all_at_once, assert_grown_like, assert
                             cache_options, cli_args, copy_cache, copy_to_grow, file_states, job_summaries, leftovers)
 from cli_runner import CLI, run_cli
 from teacher_cache import CacheError, CacheOptions, TeacherCache, cache_teacher
-from teacher_cache.growth import grow_cache
+from teacher_cache.store import grow_cache
 from teacher_cache.inspection import inspect_cache
 from teacher_cache.layout import SeedGeneration, array_specs
 from teacher_cache.verification import verify_cache

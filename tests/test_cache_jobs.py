@@ -16,7 +16,7 @@ from cache_fixtures import (REPO, SEEDS, SEEDS_PER_UNIT, TEACHER_ARCH, all_at_on
                             cache_options, cli_args, job_summaries, leftovers)
 from cli_runner import CLI, run_cli
 from teacher_cache import CacheError, CacheOptions, TeacherCache, build, cache_teacher
-from teacher_cache.jobs import resolve_job
+from teacher_cache.options import resolve_job
 from teacher_cache.layout import Unit, all_units, select_units
 from teacher_cache.locks import lock_is_stale, try_lock
 from teacher_cache.manifest import create_or_match_manifest
