@@ -43,11 +43,12 @@ MUTANTS = {
         ["tests/test_make_shards.py", "-k", "covers_the_pixels"]),
     "issue-3-evaluate-counts-zero": (
         "student/evaluate.py",
-        "agree[name] = agree.get(name, 0) + int((pred == t.label).sum())\n"
-        "            in_topk[name] = in_topk.get(name, 0) + "
-        "int((pred.view(-1, 1) == t.topk_indices).any(dim=1).sum())",
-        "agree[name] = agree.get(name, 0) + 0\n"
-        "            in_topk[name] = in_topk.get(name, 0) + 0",
+        "_count_agreement(agree, logits, t.label)\n"
+        "        for name, out in logits.items():\n"
+        "            in_topk[name] += int((out.argmax(dim=1).view(-1, 1) == t.topk_indices).any(dim=1).sum())",
+        "_count_agreement(agree, {name: 0 * out for name, out in logits.items()}, -1)\n"
+        "        for name, out in logits.items():\n"
+        "            in_topk[name] += 0",
         ["tests/test_student_train.py", "-k", "evaluate_against_the_cache"]),
     "issue-4-overwrite-deletes-first": (
         "data_shards/writer.py",
@@ -151,8 +152,10 @@ MUTANTS = {
         "return self._units[unit].select(torch.arange(len(item)).to(self.device))", DATA),
     "teacher-coverage-never-reset": (
         "student/teachers.py",
+        "        coverage = self.units_seen, self.units_checked, self.digests_checked\n"
         "        self.units_seen, self.units_checked, self.digests_checked = set(), set(), 0\n",
-        "", ["tests/test_student_train.py", "-k", "repeated_aug_checks"]),
+        "        coverage = self.units_seen, self.units_checked, self.digests_checked\n",
+        ["tests/test_student_train.py", "-k", "repeated_aug_checks"]),
     "train-coverage-per-rank": (
         "student/metrics.py", '"units_checked": int((read & checked_any).sum())}',
         '"units_checked": int((read & checked_any).sum())\n'
