@@ -116,14 +116,14 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), overwrite
     """The whole demo into `out` (see prepare_out); `echo` shows the results table. `command`: the
     command line as run, for results.md (default: this Python call)."""
     out = prepare_out(out, overwrite)
-    run = {"command": command or f"python: pipeline.demo.run_demo({str(out)!r}, {settings})",
-           "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-           "machine": machine_info(settings.device)}
     if settings.device in ("auto", "cpu") and not torch.cuda.is_available():
         # One core per replay worker, the rest for torch: oversubscribed OpenMP threads spin against
         # the workers (and against other jobs: with 2 threads and another job on one of 2 cores a
         # teacher step took 1.7 s instead of 0.2 s; --workers 1 keeps torch on one core then).
         torch.set_num_threads(max(1, (os.cpu_count() or 1) - settings.workers))
+    run = {"command": command or f"python: pipeline.demo.run_demo({str(out)!r}, {settings})",
+           "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+           "machine": machine_info(settings.device)}         # after the thread count is set
     timings: dict[str, float] = {}
     started = time.time()
     shards = {split: out / "shards" / split for split in ("train", "val")}

@@ -14,9 +14,15 @@ from pipeline.cli import main
 
 @pytest.mark.slow
 def test_quick_demo_writes_results(tmp_path):
-    out = tmp_path / "demo"
-    result = CliRunner().invoke(main, ["demo", "--out", str(out), "--quick", "--device", "cpu", "--student-seeds", "2"])
+    out, threads = tmp_path / "demo", torch.get_num_threads()
+    try:     # --workers 1: the demo gives torch the other cores, and says so in results.md
+        result = CliRunner().invoke(main, ["demo", "--out", str(out), "--quick", "--device", "cpu",
+                                           "--student-seeds", "2", "--workers", "1"])
+        ran_with = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)     # the demo set this process's thread count
     assert result.exit_code == 0, result.output + repr(result.exception)
+    assert ran_with == max(1, (os.cpu_count() or 1) - 1)
     results = json.loads((out / "results.json").read_text())
     assert set(results["students"]) == {"none", "soft", "hard"}
     for kind, report in results["students"].items():
@@ -48,6 +54,7 @@ def test_quick_demo_writes_results(tmp_path):
     # the artefact says how it was made: command, machine, date, wall time, before the tables
     run = results["run"]
     assert table.index(run["command"]) < table.index(run["machine"]["cpu"]) < table.index("| student | top-1 mean")
+    assert run["machine"]["torch_threads"] == ran_with and f"({ran_with} torch threads)" in table
     assert f"{os.cpu_count()} cores" in table and f"torch {torch.__version__}, timm {timm.__version__}" in table
     assert run["started"][:10] in table and f"wall time {results['total_s']:.0f} s" in table
 
